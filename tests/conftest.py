@@ -1,0 +1,48 @@
+"""Shared fixtures: a real broker, unique topic prefixes, signing keys, tiny models."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support.broker import Broker, start_broker
+
+
+def pytest_report_header(config):
+    from tests.support.broker import mosquitto_binary
+
+    mq = mosquitto_binary()
+    return f"mqtt broker for tests: {mq or 'embedded amqtt (no mosquitto binary found)'}"
+
+
+@pytest.fixture(scope="session")
+def broker() -> Broker:
+    """Our own mosquitto on a free loopback port for the whole session."""
+    b = start_broker()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """A topic prefix no other test uses."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def keypair(tmp_path_factory) -> tuple[Path, Path]:
+    """(private, public) Ed25519 key paths, made once per session."""
+    from agent.bundle import generate_keypair
+
+    pair = generate_keypair(tmp_path_factory.mktemp("keys"), "test")
+    return pair.private_path, pair.public_path
+
+
+@pytest.fixture(scope="session")
+def other_keypair(tmp_path_factory) -> tuple[Path, Path]:
+    from agent.bundle import generate_keypair
+
+    pair = generate_keypair(tmp_path_factory.mktemp("keys-other"), "other")
+    return pair.private_path, pair.public_path

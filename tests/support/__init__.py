@@ -1,0 +1,1 @@
+"""Test support: real brokers, tiny models, bundles. Imported by tests and bench scripts."""

@@ -1,0 +1,1 @@
+"""The workstation role: Hugging Face model (or GGUF) -> optimized, quantized, validated, signed bundle."""

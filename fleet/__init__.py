@@ -1,0 +1,1 @@
+"""The controller role: device and bundle registry, staged rollouts gated by health."""

@@ -1,0 +1,118 @@
+"""Target profiles: configs/targets/<name>.toml -> TargetProfile.
+
+A profile says, for one kind of hardware, how to export: precision and quantization recipe per
+task, opset, static or dynamic shapes, execution providers in order with their options, thread
+defaults and quality thresholds. Users read, copy and edit them; `--profile PATH` takes a copy.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.bundle import ExecutionProvider
+
+TARGETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "targets"
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be found or read."""
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Shapes(_M):
+    static: bool = False  # NPUs compile fixed shapes; CPUs run dynamic ones
+    sequence_length: int | None = None  # static: tokens per call
+    max_context: int | None = None  # static LMs: KV-cache length
+
+
+class QuantRecipe(_M):
+    """One quantization choice. `method` picks the recipe; the rest are its knobs."""
+
+    method: Literal["none", "fp16", "int8-dynamic", "int4", "qdq-static"] = "none"
+    per_channel: bool = True
+    block_size: int = 32  # int4 MatMulNBits
+    accuracy_level: int = 4  # MatMulNBits: 0 = exact math, 4 = int8 activations (fast on CPU)
+    symmetric: bool = False
+    exclude: list[str] = []  # node/initializer name patterns kept in float (e.g. "lm_head")
+    activation_type: Literal["uint8", "uint16", "int8", "int16"] = "uint8"  # qdq-static
+    weight_type: Literal["uint8", "int8"] = "int8"  # qdq-static / int8-dynamic
+    mixed_precision: bool = False  # keep the most sensitive layers in float until the gate passes
+    calibration_samples: int = 32
+
+
+class Thresholds(_M):
+    """Quality gate: each metric present is checked. min_* are lower bounds, max_* upper bounds."""
+
+    min_top1_agreement: float | None = None  # LM next-token argmax agreement with reference
+    min_greedy_match: float | None = None  # fraction of greedy tokens identical to reference
+    max_ppl_delta: float | None = None  # relative perplexity change, e.g. 0.05 = +5%
+    min_logits_cosine: float | None = None
+    max_logits_abs_diff: float | None = None
+    min_cosine_mean: float | None = None  # embeddings
+    min_cosine_min: float | None = None
+    min_label_agreement: float | None = None  # classification
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class TaskSettings(_M):
+    quantization: QuantRecipe = QuantRecipe()
+    thresholds: Thresholds = Thresholds()
+
+
+class TargetProfile(_M):
+    name: str
+    description: str = ""
+    device_class: Literal["cpu", "npu", "gpu"] = "cpu"
+    arch: list[str] = ["x86_64", "aarch64"]
+    cpu_features: list[str] = []
+    opset: int = 17
+    shapes: Shapes = Shapes()
+    execution_providers: list[ExecutionProvider] = [ExecutionProvider(name="CPUExecutionProvider")]
+    intra_op_threads: int = 0  # 0: the agent uses the CPUs it may really use
+    onnxruntime: str = ">=1.20"
+    tasks: dict[Literal["text-generation", "embedding", "text-classification"], TaskSettings] = Field(default_factory=dict)
+
+    def task(self, task: str) -> TaskSettings:
+        try:
+            return self.tasks[task]  # type: ignore[index]
+        except KeyError:
+            raise ProfileError(
+                f"profile {self.name!r} has no settings for task {task!r}; it covers: {', '.join(self.tasks) or 'none'}"
+            ) from None
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+
+
+def load_profile(name_or_path: str | Path) -> TargetProfile:
+    """A built-in profile by name (`cpu-x86-avx2`) or a TOML file by path."""
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = TARGETS_DIR / f"{name_or_path}.toml"
+        if not p.exists():
+            raise ProfileError(
+                f"unknown target profile {str(name_or_path)!r}; built-in: {', '.join(available_profiles())} "
+                "(or pass a path to a .toml profile)"
+            )
+    try:
+        data: dict[str, Any] = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ProfileError(f"profile file {p} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"profile {p} is not valid TOML: {exc}") from None
+    data.setdefault("name", p.stem)
+    try:
+        return TargetProfile.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ProfileError(f"profile {p}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None

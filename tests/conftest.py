@@ -46,3 +46,14 @@ def other_keypair(tmp_path_factory) -> tuple[Path, Path]:
 
     pair = generate_keypair(tmp_path_factory.mktemp("keys-other"), "other")
     return pair.private_path, pair.public_path
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Path]:
+    """Tiny random models of real architectures (llama, qwen2, mistral, phi3, gemma, bert), built once."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tests.support.models import TINY_CONFIGS, tiny_model
+
+    return {arch: tiny_model(arch) for arch in TINY_CONFIGS}

@@ -1,0 +1,325 @@
+"""The ONNX decoder graph, built with onnx.helper from GGUF weights.
+
+Quantized weights stay in their GGUF blocks: `MatMulNBits` (+ `blocksum(x) @ offsets^T` for the
+types with a per-block min), and a Q8_0 embedding table is read with `GatherBlockQuantized`.
+Everything else is plain ONNX ops plus `SimplifiedLayerNormalization` (RMSNorm), so the I/O is the
+exporter's LM bundle layout (docs/ARCHITECTURE.md): input_ids, attention_mask, position_ids,
+past_key_values.{i}.key/value [b, kv_heads, past, head_dim] -> logits, present.{i}.key/value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from exporter.gguf.repack import BlockWeight
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+Weight = BlockWeight | np.ndarray
+
+
+class ExternalData:
+    """Initializers appended to one external data file as they are made (no 2 GB protobuf limit)."""
+
+    ALIGN = 64
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.location = path.name
+        self._file = open(path, "wb")
+        self._offset = 0
+
+    def tensor(self, name: str, array: np.ndarray) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        pad = -self._offset % self.ALIGN
+        self._file.write(b"\0" * pad)
+        self._offset += pad
+        data = array.tobytes()
+        self._file.write(data)
+        t = TensorProto(name=name, dims=list(array.shape), data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(self._offset)), ("length", str(len(data)))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        self._offset += len(data)
+        return t
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class GraphBuilder:
+    """Nodes and initializers of one graph, with unique names."""
+
+    name: str
+    accuracy_level: int = 4
+    external: ExternalData | None = None
+    nodes: list = field(default_factory=list)
+    initializers: list = field(default_factory=list)
+    inputs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    _count: int = 0
+
+    def _unique(self, stem: str) -> str:
+        self._count += 1
+        return f"{stem}_{self._count}"
+
+    def const(self, array: np.ndarray, stem: str = "const") -> str:
+        name = self._unique(stem)
+        if self.external is not None and array.nbytes >= 1024:
+            self.initializers.append(self.external.tensor(name, array))
+        else:
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def ints(self, *values: int) -> str:
+        return self.const(np.array(values, dtype=np.int64), "ints")
+
+    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> str | list[str]:
+        names = outputs if isinstance(outputs, list) else [self._unique(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self._unique(op_type), domain=domain, **attrs))
+        return names[0] if len(names) == 1 else names
+
+    def linear(self, x: str, weight: Weight, stem: str, *, bias: np.ndarray | None = None, rank: int = 3) -> str:
+        """x @ weight^T (+ bias) for x of `rank`; weight is [N, K]: GGUF blocks (MatMulNBits) or float."""
+        if isinstance(weight, BlockWeight):
+            n, k = weight.shape
+            ins = [x, self.const(weight.packed(), f"{stem}.qweight"), self.const(weight.scales, f"{stem}.scales")]
+            zp = weight.zero_points()
+            if zp is not None:
+                ins.append(self.const(zp, f"{stem}.zero_points"))
+            y = self.op("MatMulNBits", *ins, domain=MS_DOMAIN, K=k, N=n, bits=weight.bits,
+                        block_size=weight.block_size, accuracy_level=self.accuracy_level)
+            if weight.offsets is not None:
+                # w = scale*q + offset per block, so x @ w^T = MatMulNBits(x) + blocksum(x) @ offsets^T
+                blocks = self.op("Reshape", x, self.ints(*[0] * (rank - 1), weight.n_blocks, weight.block_size))
+                sums = self.op("ReduceSum", blocks, self.ints(-1), keepdims=0)
+                y = self.op("Add", y, self.op("MatMul", sums, self.const(weight.offsets.T.copy(), f"{stem}.offsets")))
+        else:
+            y = self.op("MatMul", x, self.const(np.asarray(weight, dtype=np.float32).T.copy(), f"{stem}.weight"))
+        if bias is not None:
+            y = self.op("Add", y, self.const(bias.astype(np.float32), f"{stem}.bias"))
+        return y
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        return helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+            producer_name="edgeship-gguf",
+        )
+
+
+def linear_model(weight: BlockWeight, *, accuracy_level: int = 0) -> onnx.ModelProto:
+    """One linear layer y = x @ w^T over x float32 [M, K] (for tests and benchmarks)."""
+    b = GraphBuilder("gguf_linear", accuracy_level=accuracy_level)
+    n, k = weight.shape
+    b.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k]))
+    y = b.linear("x", weight, "w", rank=2)
+    b.nodes.append(helper.make_node("Identity", [y], ["y"]))
+    b.outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n]))
+    return b.model()
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """What the graph needs to know about a decoder-only transformer."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_eps: float
+    rope_theta: float
+    rope_dim: int
+    max_context: int
+    activation: Literal["silu", "gelu_tanh"] = "silu"
+    embed_scale: float | None = None  # gemma multiplies embeddings by sqrt(hidden)
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim)
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    o: Weight
+    down: Weight
+    q: Weight | None = None  # separate q/k/v, or one fused qkv
+    k: Weight | None = None
+    v: Weight | None = None
+    qkv: Weight | None = None
+    q_bias: np.ndarray | None = None
+    k_bias: np.ndarray | None = None
+    v_bias: np.ndarray | None = None
+    gate: Weight | None = None  # separate gate/up, or one fused gate_up (gate first)
+    up: Weight | None = None
+    gate_up: Weight | None = None
+
+
+@dataclass(frozen=True)
+class DecoderWeights:
+    embedding: Weight  # [vocab, hidden]
+    layers: list[LayerWeights]
+    final_norm: np.ndarray
+    lm_head: Weight  # [vocab, hidden]; the embedding itself when tied
+    rope_freq_factors: np.ndarray | None = None  # llama3-style scaling, as llama.cpp stores it
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    for i in range(num_layers):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
+
+
+def build_decoder(cfg: DecoderConfig, weights: DecoderWeights, *, accuracy_level: int,
+                  external: ExternalData | None = None,
+                  progress: Callable[[str], None] | None = None) -> onnx.ModelProto:
+    """The decoder-with-past graph of `cfg` over `weights`."""
+    b = GraphBuilder(f"{cfg.architecture}_decoder", accuracy_level=accuracy_level, external=external)
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    b.inputs += [
+        helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", i64, ["batch_size", "total_sequence_length"]),
+        helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]),
+    ]
+    kv_shape = ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]
+    present_shape = ["batch_size", cfg.num_kv_heads, "total_sequence_length", cfg.head_dim]
+    for i in range(cfg.num_layers):
+        b.inputs += [helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32, kv_shape) for kv in ("key", "value")]
+    b.outputs.append(helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", cfg.vocab_size]))
+    for i in range(cfg.num_layers):
+        b.outputs += [helper.make_tensor_value_info(f"present.{i}.{kv}", f32, present_shape) for kv in ("key", "value")]
+
+    x = _embed(b, cfg, weights.embedding)
+    cos, sin = _rotary(b, cfg, weights.rope_freq_factors)
+    mask = _attention_mask(b, cfg)
+    for i, layer in enumerate(weights.layers):
+        if progress:
+            progress(f"layer {i + 1}/{cfg.num_layers}")
+        h = _rms_norm(b, x, layer.attn_norm, cfg.rms_eps)
+        x = b.op("Add", x, _attention(b, cfg, i, h, layer, cos, sin, mask))
+        h = _rms_norm(b, x, layer.ffn_norm, cfg.rms_eps)
+        x = b.op("Add", x, _mlp(b, cfg, h, layer))
+    x = _rms_norm(b, x, weights.final_norm, cfg.rms_eps)
+    b.op("Identity", b.linear(x, weights.lm_head, "lm_head"), outputs=["logits"])
+    return b.model()
+
+
+def _embed(b: GraphBuilder, cfg: DecoderConfig, table: Weight) -> str:
+    if isinstance(table, BlockWeight):
+        if table.offsets is not None or table.zero_points() is not None:
+            table = table.dequantize()  # GatherBlockQuantized has no per-block min; a float table is exact
+    if isinstance(table, BlockWeight):
+        data = b.const(table.codes if table.bits == 8 else table.packed().reshape(table.shape[0], -1), "embed.qweight")
+        x = b.op("GatherBlockQuantized", data, "input_ids", b.const(table.scales, "embed.scales"), domain=MS_DOMAIN,
+                 bits=table.bits, block_size=table.block_size, gather_axis=0, quantize_axis=1)
+    else:
+        x = b.op("Gather", b.const(np.asarray(table, dtype=np.float32), "embed.weight"), "input_ids")
+    if cfg.embed_scale is not None:
+        x = b.op("Mul", x, b.const(np.array(cfg.embed_scale, dtype=np.float32)))
+    return x
+
+
+def _rms_norm(b: GraphBuilder, x: str, weight: np.ndarray, eps: float) -> str:
+    return b.op("SimplifiedLayerNormalization", x, b.const(weight.astype(np.float32), "norm.weight"),
+                axis=-1, epsilon=float(eps), stash_type=1)
+
+
+def _rotary(b: GraphBuilder, cfg: DecoderConfig, freq_factors: np.ndarray | None) -> tuple[str, str]:
+    """cos, sin [b, 1, s, rope_dim] from position_ids, as HF's rotate-half rotary computes them."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.rope_dim, 2, dtype=np.int64).astype(np.float32) / cfg.rope_dim))
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.astype(np.float32)
+    pos = b.op("Unsqueeze", b.op("Cast", "position_ids", to=TensorProto.FLOAT), b.ints(-1))
+    freqs = b.op("Mul", pos, b.const(inv_freq.astype(np.float32), "rope.inv_freq"))
+    emb = b.op("Unsqueeze", b.op("Concat", freqs, freqs, axis=-1), b.ints(1))
+    return b.op("Cos", emb), b.op("Sin", emb)
+
+
+def _apply_rotary(b: GraphBuilder, cfg: DecoderConfig, x: str, cos: str, sin: str) -> str:
+    if cfg.rope_dim != cfg.head_dim:  # partial rotary: only the first rope_dim features turn
+        rot, rest = b.op("Split", x, b.ints(cfg.rope_dim, cfg.head_dim - cfg.rope_dim), axis=-1, outputs=2)
+        return b.op("Concat", _apply_rotary_full(b, rot, cos, sin, cfg.rope_dim), rest, axis=-1)
+    return _apply_rotary_full(b, x, cos, sin, cfg.rope_dim)
+
+
+def _apply_rotary_full(b: GraphBuilder, x: str, cos: str, sin: str, dim: int) -> str:
+    x1, x2 = b.op("Split", x, b.ints(dim // 2, dim // 2), axis=-1, outputs=2)
+    rotated = b.op("Concat", b.op("Neg", x2), x1, axis=-1)
+    return b.op("Add", b.op("Mul", x, cos), b.op("Mul", rotated, sin))
+
+
+def _attention_mask(b: GraphBuilder, cfg: DecoderConfig) -> str:
+    """bool [b, 1, groups*s, t]: causal over absolute positions and not padding, rows ordered (group, query)."""
+    total = b.op("Gather", b.op("Shape", "attention_mask"), b.ints(1), axis=0)
+    seq = b.op("Gather", b.op("Shape", "input_ids"), b.ints(1), axis=0)
+    zero, one = b.const(np.array(0, dtype=np.int64)), b.const(np.array(1, dtype=np.int64))
+    keys = b.op("Range", zero, b.op("Squeeze", total), one)  # [t]
+    queries = b.op("Range", b.op("Squeeze", b.op("Sub", total, seq)), b.op("Squeeze", total), one)  # [s]
+    causal = b.op("LessOrEqual", b.op("Unsqueeze", keys, b.ints(0)), b.op("Unsqueeze", queries, b.ints(1)))  # [s, t]
+    not_pad = b.op("Unsqueeze", b.op("Cast", "attention_mask", to=TensorProto.BOOL), b.ints(1, 2))  # [b, 1, 1, t]
+    mask = b.op("And", not_pad, causal)  # [b, 1, s, t]
+    groups = cfg.num_heads // cfg.num_kv_heads
+    return mask if groups == 1 else b.op("Tile", mask, b.ints(1, 1, groups, 1))
+
+
+def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: LayerWeights,
+               cos: str, sin: str, mask: str) -> str:
+    nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if layer.qkv is not None:
+        qkv = b.linear(h, layer.qkv, f"layers.{i}.attn.qkv")
+        q, k, v = b.op("Split", qkv, b.ints(nq * hd, nkv * hd, nkv * hd), axis=-1, outputs=3)
+    else:
+        q = b.linear(h, layer.q, f"layers.{i}.attn.q", bias=layer.q_bias)
+        k = b.linear(h, layer.k, f"layers.{i}.attn.k", bias=layer.k_bias)
+        v = b.linear(h, layer.v, f"layers.{i}.attn.v", bias=layer.v_bias)
+
+    def heads(t: str, n: int) -> str:  # [b, s, n*hd] -> [b, n, s, hd]
+        return b.op("Transpose", b.op("Reshape", t, b.ints(0, 0, n, hd)), perm=[0, 2, 1, 3])
+
+    q = _apply_rotary(b, cfg, heads(q, nq), cos, sin)
+    k = _apply_rotary(b, cfg, heads(k, nkv), cos, sin)
+    k = b.op("Concat", f"past_key_values.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])
+    v = b.op("Concat", f"past_key_values.{i}.value", heads(v, nkv), axis=2, outputs=[f"present.{i}.value"])
+
+    # GQA without copying the cache: query heads of one kv head become extra query rows
+    scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(hd)
+    q = b.op("Mul", q, b.const(np.array(scale, dtype=np.float32)))
+    q = b.op("Reshape", q, b.ints(0, nkv, -1, hd))  # [b, nkv, groups*s, hd]
+    scores = b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2]))  # [b, nkv, groups*s, t]
+    scores = b.op("Where", mask, scores, b.const(np.array(np.finfo(np.float32).min, dtype=np.float32)))
+    out = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)  # [b, nkv, groups*s, hd]
+    out = b.op("Transpose", b.op("Reshape", out, b.ints(0, nq, -1, hd)), perm=[0, 2, 1, 3])
+    out = b.op("Reshape", out, b.ints(0, 0, nq * hd))
+    return b.linear(out, layer.o, f"layers.{i}.attn.o")
+
+
+def _mlp(b: GraphBuilder, cfg: DecoderConfig, h: str, layer: LayerWeights) -> str:
+    if layer.gate_up is not None:
+        gate_up = b.linear(h, layer.gate_up, "mlp.gate_up")
+        half = layer.gate_up.shape[0] // 2
+        gate, up = b.op("Split", gate_up, b.ints(half, half), axis=-1, outputs=2)
+    else:
+        gate, up = b.linear(h, layer.gate, "mlp.gate"), b.linear(h, layer.up, "mlp.up")
+    if cfg.activation == "silu":
+        act = b.op("Mul", gate, b.op("Sigmoid", gate))
+    else:  # gelu, tanh approximation
+        cube = b.op("Mul", b.op("Mul", gate, gate), gate)
+        inner = b.op("Add", gate, b.op("Mul", cube, b.const(np.array(0.044715, dtype=np.float32))))
+        t = b.op("Tanh", b.op("Mul", inner, b.const(np.array(math.sqrt(2 / math.pi), dtype=np.float32))))
+        act = b.op("Mul", b.op("Mul", gate, b.op("Add", t, b.const(np.array(1.0, dtype=np.float32)))),
+                   b.const(np.array(0.5, dtype=np.float32)))
+    return b.linear(b.op("Mul", act, up), layer.down, "mlp.down")

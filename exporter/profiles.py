@@ -7,6 +7,7 @@ defaults and quality thresholds. Users read, copy and edit them; `--profile PATH
 
 from __future__ import annotations
 
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.bundle import ExecutionProvider
 
-TARGETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "targets"
+# A source checkout / editable install reads configs/targets; a wheel install gets the same files
+# under <prefix>/share/edgeship (pyproject.toml [tool.setuptools.data-files]).
+_CANDIDATES = (
+    Path(__file__).resolve().parent.parent / "configs" / "targets",
+    Path(sys.prefix) / "share" / "edgeship" / "configs" / "targets",
+)
+TARGETS_DIR = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
 
 
 class ProfileError(ValueError):

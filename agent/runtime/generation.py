@@ -1,0 +1,241 @@
+"""Text generation with a KV cache on optimum's decoder-with-past graph.
+
+Prefill runs the prompt (minus any prefix the cache already holds) in one call; decode then feeds
+one token at a time, handing each step's `present.*` OrtValues straight back as the next step's
+`past_key_values.*` through IO binding, so the KV never round-trips through numpy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.runtime.errors import Cancelled, InputError, LoadError
+from agent.runtime.model import LoadedModel
+from agent.runtime.prefix_cache import PrefixCache
+from agent.runtime.sampling import Sampler, SamplingParams
+from agent.runtime.text import IncrementalDecoder, StopMatcher, TextCodec
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One step of a stream: text to show (may be empty), the token, and why it ended (last chunk)."""
+
+    text: str
+    token_id: int | None = None
+    finish_reason: str | None = None  # "stop" | "length"
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    prefilled_tokens: int = 0  # prompt tokens the model really ran
+    completion_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: str | None = None
+
+    @property
+    def prefill_tok_s(self) -> float | None:
+        return self.prefilled_tokens / self.prefill_s if self.prefill_s > 0 else None
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        steps = self.completion_tokens - 1  # the first token comes out of prefill
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else None
+
+
+@dataclass
+class Generation:
+    """An iterator of Chunks; `stats` fills in as it runs. close() (or `cancel`) stops it."""
+
+    _chunks: Iterator[Chunk]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    text: str = ""
+
+    def __iter__(self) -> Iterator[Chunk]:
+        for chunk in self._chunks:
+            self.text += chunk.text
+            yield chunk
+
+    def close(self) -> None:
+        self._chunks.close()
+
+    def run(self) -> str:
+        """Consume the whole stream and return the text."""
+        for _ in self:
+            pass
+        return self.text
+
+
+class TextGenerationModel(LoadedModel):
+    def __init__(self, bundle, choice, *, prefix_cache_bytes: int = 256 << 20) -> None:
+        super().__init__(bundle, choice)
+        cfg = self.manifest.model.config
+        try:
+            self.num_layers = int(cfg["num_layers"])
+            self.max_context = int(cfg["max_context"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LoadError(f"{self.ref}: manifest model.config needs num_layers and max_context ({exc})") from None
+        self.codec = TextCodec.from_dir(self.path)
+        eos = cfg.get("eos_token_ids", [])
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
+        if not self.eos_token_ids and (tid := self.codec.token_id(self.codec.special("eos_token"))) is not None:
+            self.eos_token_ids = frozenset([tid])
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        missing = [n for n in ["input_ids", "attention_mask", *self.past_names] if n not in inputs]
+        if missing:
+            raise LoadError(f"{self.ref}: the LM graph lacks inputs {missing[:4]}; "
+                            "re-export with the decoder-with-past layout (docs/ARCHITECTURE.md)")
+        first = inputs[self.past_names[0]]
+        self.kv_dtype = _DTYPES.get(first.type, np.float32)
+        self.num_kv_heads = int(cfg.get("num_kv_heads") or first.shape[1])
+        self.head_dim = int(cfg.get("head_dim") or first.shape[3])
+        self.has_position_ids = "position_ids" in inputs
+        self.prefix_cache = PrefixCache(max_bytes=prefix_cache_bytes)
+        self._mask = np.ones((1, self.max_context), np.int64)
+        self._empty_kv = np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.kv_dtype)
+        self._lock = threading.Lock()  # one generation at a time per session (2 cores: no gain in more)
+
+    # ---- prompts ------------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of the chat template rendered with a generation prompt (as transformers does)."""
+        text = self.codec.render_chat(messages, add_generation_prompt=True)
+        return self.codec.encode(text, add_special_tokens=False)
+
+    def text_prompt(self, prompt: str) -> list[int]:
+        return self.codec.encode(prompt, add_special_tokens=True)
+
+    def check_prompt(self, ids: list[int], *, param: str = "prompt") -> None:
+        if not ids:
+            raise InputError("the prompt is empty; send at least one token of text", param=param)
+        if len(ids) >= self.max_context:
+            raise InputError(f"the prompt is {len(ids)} tokens; this model's context is {self.max_context} "
+                             "tokens including the answer: shorten the prompt",
+                             param=param, code="context_length_exceeded")
+
+    # ---- the model ----------------------------------------------------------------------------
+
+    def _step(self, binding, ids: list[int], past_len: int, past: list) -> tuple[np.ndarray, list]:
+        """Run `ids` after `past_len` cached positions; return last-position logits and the new KV."""
+        import onnxruntime as ort
+
+        if self.closed:
+            raise Cancelled(f"model {self.ref} was closed (swapped out) during generation")
+        n = len(ids)
+        binding.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
+        binding.bind_cpu_input("attention_mask", self._mask[:, : past_len + n])
+        if self.has_position_ids:
+            binding.bind_cpu_input("position_ids", np.arange(past_len, past_len + n, dtype=np.int64)[None])
+        for name, value in zip(self.past_names, past):
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, value)
+        binding.clear_binding_outputs()
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        logits = outs[0].numpy()[0, -1]
+        return logits, outs[1:]
+
+    def generate(self, prompt: str | list[int] | None = None, *, messages: list[dict[str, Any]] | None = None,
+                 max_tokens: int = 256, sampling: SamplingParams | None = None, stop: list[str] | tuple = (),
+                 stop_token_ids: list[int] | tuple = (), cancel: threading.Event | None = None,
+                 deadline: float | None = None, use_prefix_cache: bool = True) -> Generation:
+        """Stream a completion of `prompt` (text or token ids) or of chat `messages`.
+
+        Prompt problems raise InputError here, before anything runs. The returned Generation runs
+        lazily; `cancel` (an Event) or `deadline` (time.monotonic()) stop it with Cancelled.
+        """
+        if self.closed:
+            raise LoadError(f"model {self.ref} is closed")
+        if messages is not None:
+            ids, param = self.chat_prompt(messages), "messages"
+        elif isinstance(prompt, str):
+            ids, param = self.text_prompt(prompt), "prompt"
+        elif prompt is not None:
+            ids, param = [int(t) for t in prompt], "prompt"
+        else:
+            raise InputError("give a prompt or messages", param="prompt")
+        self.check_prompt(ids, param=param)
+        if max_tokens < 1:
+            raise InputError(f"max_tokens {max_tokens} must be at least 1", param="max_tokens")
+        gen = Generation(iter(()))
+        gen._chunks = self._run(gen.stats, ids, max_tokens=max_tokens, sampler=Sampler(sampling or SamplingParams()),
+                                stop=list(stop), stop_ids=self.eos_token_ids | set(stop_token_ids), cancel=cancel,
+                                deadline=deadline, use_prefix_cache=use_prefix_cache)
+        gen.stats.prompt_tokens = len(ids)
+        return gen
+
+    def _run(self, stats: GenerationStats, ids: list[int], *, max_tokens: int, sampler: Sampler, stop: list[str],
+             stop_ids: set[int], cancel: threading.Event | None, deadline: float | None,
+             use_prefix_cache: bool) -> Iterator[Chunk]:
+        def check() -> None:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("generation cancelled")
+            if deadline is not None and time.monotonic() > deadline:
+                raise Cancelled("generation ran past its deadline")
+
+        budget = min(max_tokens, self.max_context - len(ids))
+        while not self._lock.acquire(timeout=0.05):
+            check()
+        past: list = []
+        fed: list[int] = []
+        try:
+            check()
+            binding = self.session.io_binding()
+            cached, kv = (self.prefix_cache.lookup(ids, limit=len(ids) - 1) if use_prefix_cache else (0, None))
+            if kv is None:
+                cached, kv = 0, (self._empty_kv,) * len(self.past_names)
+            stats.cached_tokens, stats.prefilled_tokens = cached, len(ids) - cached
+            t0 = time.perf_counter()
+            logits, past = self._step(binding, ids[cached:], cached, list(kv))
+            fed = list(ids)
+            stats.prefill_s = time.perf_counter() - t0
+            decoder, matcher = IncrementalDecoder(self.codec), StopMatcher(stop)
+            finish, by_string = "length", False
+            t_decode = time.perf_counter()
+            for produced in range(1, budget + 1):
+                token = sampler(logits)
+                stats.completion_tokens = produced
+                if token in stop_ids:
+                    finish = "stop"
+                    break
+                text, stopped = matcher.feed(decoder.push(token))
+                if stopped:
+                    finish, by_string = "stop", True
+                    if text:
+                        yield Chunk(text, token)
+                    break
+                yield Chunk(text, token)
+                if produced == budget:
+                    break
+                check()
+                logits, past = self._step(binding, [token], len(fed), past)
+                fed.append(token)
+                stats.decode_s = time.perf_counter() - t_decode
+            if not by_string:  # text held back for a possible stop string, or a last partial character
+                tail, stopped = matcher.feed(decoder.flush())
+                tail = tail if stopped else tail + matcher.flush()
+                if tail:
+                    yield Chunk(tail)
+            stats.finish_reason = finish
+            yield Chunk("", None, finish)
+        finally:
+            self._lock.release()
+            if use_prefix_cache and fed:
+                self.prefix_cache.store(fed, tuple(v.numpy() for v in past))

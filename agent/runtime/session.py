@@ -1,0 +1,112 @@
+"""Turn a verified bundle into an onnxruntime session: threads, graph options, EP ordered fallback."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from agent.bundle import Manifest, VerifiedBundle
+from agent.runtime.cpu import usable_cpus
+from agent.runtime.errors import LoadError, ProviderUnavailable
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+QNN = "QNNExecutionProvider"
+
+
+@dataclass(frozen=True)
+class SessionChoice:
+    session: object  # onnxruntime.InferenceSession
+    execution_provider: str
+    threads: int
+    tried: tuple[str, ...]  # "EP: why it was skipped", in order
+
+
+def session_options(threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return so
+
+
+def resolve_threads(manifest: Manifest, threads: int | None) -> int:
+    if threads is not None:
+        if threads < 1:
+            raise LoadError(f"threads={threads} is not a thread count; use 1 or more, or None for auto")
+        return threads
+    return manifest.runtime.intra_op_threads or usable_cpus()
+
+
+def _register_qnn() -> str | None:
+    """Make the QNN plugin EP available; return why not, or None when it is."""
+    try:
+        from agent.runtime import qnn
+    except ImportError as exc:
+        return f"no QNN support in this agent ({exc})"
+    register = getattr(qnn, "register_qnn_ep", None)
+    if register is None:
+        return "agent.runtime.qnn has no register_qnn_ep()"
+    try:
+        register()
+    except Exception as exc:  # the plugin library can fail in many ways; fall back, say why
+        return f"registering the QNN plugin failed: {exc}"
+    return None
+
+
+def create_session(bundle: VerifiedBundle, *, threads: int | None = None,
+                   providers: list[str] | None = None) -> SessionChoice:
+    """Try the bundle's execution providers in order (e.g. QNN, then CPU); CPU is the last resort."""
+    import onnxruntime as ort
+
+    manifest = bundle.manifest
+    n = resolve_threads(manifest, threads)
+    wanted: list[tuple[str, dict[str, str]]] = (
+        [(p, {}) for p in providers] if providers is not None
+        else [(ep.name, dict(ep.options)) for ep in manifest.runtime.execution_providers]
+    )
+    if CPU not in [name for name, _ in wanted]:
+        wanted.append((CPU, {}))
+    model_path = str(bundle.file_path(manifest.model.entry))
+    tried: list[str] = []
+    for name, options in wanted:
+        if name == QNN:
+            why = _register_qnn()
+            if why:
+                tried.append(f"{name}: {why}")
+                continue
+        if name not in ort.get_available_providers() and not _plugin_has(name):
+            tried.append(f"{name}: not available in this onnxruntime ({', '.join(ort.get_available_providers())})")
+            continue
+        chain = [(name, options)] + ([] if name == CPU else [(CPU, {})])
+        so = session_options(n)
+        try:
+            if name in ort.get_available_providers():
+                session = ort.InferenceSession(model_path, sess_options=so, providers=[c[0] for c in chain],
+                                               provider_options=[c[1] for c in chain])
+            else:  # a plugin EP (onnxruntime >= 1.22): attach it by device, CPU stays the fallback
+                so.add_provider_for_devices([d for d in ort.get_ep_devices() if d.ep_name == name], options)
+                session = ort.InferenceSession(model_path, sess_options=so)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            tried.append(f"{name}: session creation failed: {str(exc).splitlines()[0][:300]}")
+            log.warning("execution provider %s failed for %s: %s", name, manifest.ref, exc)
+            continue
+        got = session.get_providers()[0]
+        if got != name:
+            tried.append(f"{name}: onnxruntime fell back to {got}")
+        return SessionChoice(session, got, n, tuple(tried))
+    raise ProviderUnavailable(f"no execution provider could run {manifest.ref}: " + "; ".join(tried))
+
+
+def _plugin_has(name: str) -> bool:
+    import onnxruntime as ort
+
+    try:
+        return any(d.ep_name == name for d in ort.get_ep_devices())
+    except AttributeError:
+        return False

@@ -1,0 +1,338 @@
+"""The production broker example (configs/mosquitto/) on a real Mosquitto: TLS, per-device
+identities from `edgeship fleet device enroll`, and the ACL that keeps devices to their own topics.
+
+The broker runs the shipped mosquitto.conf and acl, with only paths, ports and logging changed.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import ssl
+import stat
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from click.testing import CliRunner
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.protocol import Channel, Topics
+from fleet.enroll import device as device_cli
+from fleet.enroll import enroll
+from fleet.pki import CONTROLLER_IDENTITY, CertificateAuthority, PkiError
+from tests.support.broker import free_port, mosquitto_binary, start_broker
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "configs" / "mosquitto"
+TOPICS = Topics("edgeship")  # the ACL example is written for the default prefix
+QUIET = 1.0  # seconds a subscriber waits to be sure something did NOT arrive, after a marker did
+
+
+def render_conf(workdir: Path, cert_port: int, password_port: int) -> str:
+    """configs/mosquitto/mosquitto.conf with paths, ports and logging for a test run."""
+    text = (EXAMPLE / "mosquitto.conf").read_text()
+    swaps = {
+        "/etc/mosquitto/edgeship/": f"{workdir}/",
+        "/var/lib/mosquitto/": f"{workdir}/",
+        "listener 8883\n": f"listener {cert_port} 127.0.0.1\n",
+        "listener 8884\n": f"listener {password_port} 127.0.0.1\n",
+        "log_dest syslog\n": f"log_dest file {workdir}/mosquitto.log\n",
+    }
+    for old, new in swaps.items():
+        assert old in text, f"configs/mosquitto/mosquitto.conf no longer has {old!r}; update this test"
+        text = text.replace(old, new)
+    # As root, mosquitto drops to the 'mosquitto' user, which cannot read a pytest temp dir.
+    return text + "user root\n"
+
+
+@dataclass
+class Fleet:
+    workdir: Path
+    cert_port: int
+    password_port: int
+    ca: CertificateAuthority
+    devices: dict[str, Path] = field(default_factory=dict)  # device id -> enrolment directory
+    passwords: dict[str, str] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, keypair) -> Fleet:
+    assert mosquitto_binary(), "these tests need the mosquitto binary (apt-get install mosquitto)"
+    work = tmp_path_factory.mktemp("secure-broker")
+    ca = CertificateAuthority.init(work / "ca")
+    cert, key = ca.issue("127.0.0.1", server_names=["127.0.0.1", "localhost"])
+    (work / "server.crt").write_bytes(cert)
+    (work / "server.key").write_bytes(key)
+    (work / "ca.crt").write_bytes(ca.cert_path.read_bytes())
+    cert, key = ca.issue(CONTROLLER_IDENTITY)
+    (work / "controller.crt").write_bytes(cert)
+    (work / "controller.key").write_bytes(key)
+    (work / "acl").write_text((EXAMPLE / "acl").read_text())
+    f = Fleet(work, free_port(), free_port(), ca)
+    for dev in ("dev-a", "dev-b"):
+        f.devices[dev] = enroll(dev, ca_dir=work / "ca", out_dir=work / "enrolled", trusted_keys=[keypair[1]],
+                                broker_url=f"mqtts://127.0.0.1:{f.cert_port}").directory
+    e = enroll("dev-c", ca_dir=work / "ca", out_dir=work / "enrolled", trusted_keys=[keypair[1]],
+               broker_url=f"mqtts://127.0.0.1:{f.password_port}", password_file=work / "passwd")
+    f.devices["dev-c"] = e.directory
+    import tomllib
+
+    f.passwords["dev-c"] = tomllib.loads(e.agent_toml.read_text())["broker"]["password"]
+    broker = start_broker(extra_config=render_conf(work, f.cert_port, f.password_port), port=f.cert_port)
+    yield f
+    broker.stop()
+
+
+class Client:
+    """A paho client (MQTT 5) that records what it receives and the reason codes it is given."""
+
+    def __init__(self, fleet: Fleet, *, identity: str | None, cert: tuple[Path, Path] | None = None,
+                 password: str | None = None, port: int | None = None):
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.connack: queue.Queue = queue.Queue()
+        self.subacks: queue.Queue = queue.Queue()
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{identity or 'anon'}-{uuid.uuid4().hex[:6]}",
+                             protocol=mqtt.MQTTv5)
+        self.c.tls_set(ca_certs=str(fleet.workdir / "ca.crt"),
+                       certfile=str(cert[0]) if cert else None, keyfile=str(cert[1]) if cert else None)
+        if password is not None or (identity and cert is None):
+            self.c.username_pw_set(identity, password)
+        self.c.on_connect = lambda c, u, flags, rc, props: self.connack.put(rc)
+        # the server may drop a TLS 1.3 connection after the client's handshake ended: no CONNACK then
+        self.c.on_disconnect = lambda c, u, flags, rc, props: self.connack.put(None)
+        self.c.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
+        self.c.on_subscribe = lambda c, u, mid, rcs, props: self.subacks.put(rcs)
+        self.port = port or fleet.cert_port
+
+    def connect(self):
+        self.c.connect("127.0.0.1", self.port, keepalive=30)
+        self.c.loop_start()
+        rc = self.connack.get(timeout=10)
+        if rc is None:
+            self.c.loop_stop()
+            raise ConnectionError("the broker closed the connection before CONNACK")
+        if rc.is_failure:
+            self.close()
+        return rc
+
+    def subscribe(self, topic: str) -> list:
+        self.c.subscribe(topic, qos=1)
+        return self.subacks.get(timeout=10)
+
+    def publish(self, topic: str, payload: bytes | str) -> None:
+        info = self.c.publish(topic, payload, qos=1)
+        info.wait_for_publish(timeout=10)
+
+    def received(self, *, until: bytes, timeout: float = 10.0) -> list[tuple[str, bytes]]:
+        """Everything received up to and including the payload `until` (a marker sent last)."""
+        got = []
+        while True:
+            topic, payload = self.messages.get(timeout=timeout)
+            got.append((topic, payload))
+            if payload == until:
+                return got
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def device(fleet: Fleet, dev: str) -> Client:
+    d = fleet.devices[dev]
+    if dev in fleet.passwords:
+        c = Client(fleet, identity=dev, password=fleet.passwords[dev], port=fleet.password_port)
+    else:
+        c = Client(fleet, identity=dev, cert=(d / "device.crt", d / "device.key"))
+    assert not c.connect().is_failure
+    return c
+
+
+def controller(fleet: Fleet) -> Client:
+    c = Client(fleet, identity=CONTROLLER_IDENTITY, cert=(fleet.workdir / "controller.crt", fleet.workdir / "controller.key"))
+    assert not c.connect().is_failure
+    for ch in (Channel.STATE, Channel.HEALTH, Channel.ACK, Channel.EVENTS):
+        assert not c.subscribe(TOPICS.all_devices(ch))[0].is_failure
+    return c
+
+
+def marker() -> bytes:
+    return json.dumps({"marker": uuid.uuid4().hex}).encode()
+
+
+@pytest.mark.parametrize("dev", ["dev-a", "dev-c"])  # certificate identity, password identity
+def test_a_device_cannot_publish_as_another_device(fleet, dev):
+    ctl, d = controller(fleet), device(fleet, dev)
+    try:
+        for ch in (Channel.STATE, Channel.HEALTH, Channel.ACK, Channel.EVENTS):
+            d.publish(TOPICS.device("dev-b", ch), b'{"spoofed": true}')
+        end = marker()
+        d.publish(TOPICS.device(dev, Channel.HEALTH), end)
+        got = ctl.received(until=end)
+        assert got == [(TOPICS.device(dev, Channel.HEALTH), end)], got
+    finally:
+        ctl.close()
+        d.close()
+
+
+def test_a_device_publishes_every_channel_of_its_own(fleet):
+    ctl, d = controller(fleet), device(fleet, "dev-a")
+    try:
+        sent = [(TOPICS.device("dev-a", ch), marker()) for ch in (Channel.STATE, Channel.HEALTH, Channel.ACK, Channel.EVENTS)]
+        for topic, payload in sent:
+            d.publish(topic, payload)
+        got = ctl.received(until=sent[-1][1])
+        # retained state from earlier tests may come first; everything we sent arrives, in order
+        assert [m for m in got if m in sent] == sent
+    finally:
+        ctl.close()
+        d.close()
+
+
+def test_a_device_cannot_send_commands(fleet):
+    ctl, a, b = controller(fleet), device(fleet, "dev-a"), device(fleet, "dev-b")
+    try:
+        b.subscribe(TOPICS.device("dev-b", Channel.CMD))
+        a.subscribe(TOPICS.device("dev-a", Channel.CMD))
+        a.publish(TOPICS.device("dev-b", Channel.CMD), b'{"forged": "command"}')
+        a.publish(TOPICS.device("dev-a", Channel.CMD), b'{"forged": "to itself"}')
+        end = marker()
+        ctl.publish(TOPICS.device("dev-b", Channel.CMD), end)
+        assert b.received(until=end) == [(TOPICS.device("dev-b", Channel.CMD), end)]
+        end_a = marker()
+        ctl.publish(TOPICS.device("dev-a", Channel.CMD), end_a)
+        assert a.received(until=end_a) == [(TOPICS.device("dev-a", Channel.CMD), end_a)]
+    finally:
+        for c in (ctl, a, b):
+            c.close()
+
+
+@pytest.mark.parametrize("pattern", ["{root}/dev-b/cmd", "{root}/+/cmd", "{root}/#", "#"])
+def test_a_device_cannot_read_other_devices_commands(fleet, pattern):
+    ctl, a = controller(fleet), device(fleet, "dev-a")
+    try:
+        a.subscribe(pattern.format(root=TOPICS.root))
+        a.subscribe(TOPICS.device("dev-a", Channel.CMD))
+        ctl.publish(TOPICS.device("dev-b", Channel.CMD), b'{"secret": "for dev-b"}')
+        end = marker()
+        ctl.publish(TOPICS.device("dev-a", Channel.CMD), end)
+        got = a.received(until=end)
+        assert all(topic == TOPICS.device("dev-a", Channel.CMD) for topic, _ in got), got
+    finally:
+        ctl.close()
+        a.close()
+
+
+def test_a_device_cannot_read_other_devices_reports(fleet):
+    a, b = device(fleet, "dev-a"), device(fleet, "dev-b")
+    try:
+        a.subscribe(f"{TOPICS.root}/+/health")
+        a.subscribe(TOPICS.device("dev-a", Channel.CMD))
+        b.publish(TOPICS.device("dev-b", Channel.HEALTH), b'{"private": 1}')
+        ctl = controller(fleet)
+        end = marker()
+        ctl.publish(TOPICS.device("dev-a", Channel.CMD), end)
+        ctl.close()
+        assert a.received(until=end) == [(TOPICS.device("dev-a", Channel.CMD), end)]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_controller_reads_all_and_commands_all(fleet):
+    ctl, a, c = controller(fleet), device(fleet, "dev-a"), device(fleet, "dev-c")
+    try:
+        a.subscribe(TOPICS.device("dev-a", Channel.CMD))
+        c.subscribe(TOPICS.device("dev-c", Channel.CMD))
+        ma, mc = marker(), marker()
+        a.publish(TOPICS.device("dev-a", Channel.EVENTS), ma)
+        c.publish(TOPICS.device("dev-c", Channel.ACK), mc)
+        got = ctl.received(until=ma) + ctl.received(until=mc)
+        assert (TOPICS.device("dev-a", Channel.EVENTS), ma) in got
+        assert (TOPICS.device("dev-c", Channel.ACK), mc) in got
+        ca_, cc = marker(), marker()
+        ctl.publish(TOPICS.device("dev-a", Channel.CMD), ca_)
+        ctl.publish(TOPICS.device("dev-c", Channel.CMD), cc)
+        assert a.received(until=ca_)[-1] == (TOPICS.device("dev-a", Channel.CMD), ca_)
+        assert c.received(until=cc)[-1] == (TOPICS.device("dev-c", Channel.CMD), cc)
+    finally:
+        for x in (ctl, a, c):
+            x.close()
+
+
+def test_a_client_without_credentials_is_refused(fleet, tmp_path):
+    # no client certificate on the certificate listener: the TLS handshake fails
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        c = Client(fleet, identity=None)
+        try:
+            c.connect()
+        finally:
+            c.c.loop_stop()
+    # no username on the password listener
+    c = Client(fleet, identity=None, port=fleet.password_port)
+    assert c.connect().is_failure
+    # a wrong password
+    c = Client(fleet, identity="dev-c", password="wrong", port=fleet.password_port)
+    assert c.connect().is_failure
+    # a device with a certificate only has no password: claiming its name on the password listener fails
+    c = Client(fleet, identity="dev-a", password="", port=fleet.password_port)
+    assert c.connect().is_failure
+
+
+def test_a_certificate_from_another_ca_is_refused(fleet, tmp_path):
+    rogue = CertificateAuthority.init(tmp_path / "rogue")
+    cert, key = rogue.issue(CONTROLLER_IDENTITY)
+    (tmp_path / "c.crt").write_bytes(cert)
+    (tmp_path / "c.key").write_bytes(key)
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        c = Client(fleet, identity=CONTROLLER_IDENTITY, cert=(tmp_path / "c.crt", tmp_path / "c.key"))
+        try:
+            c.connect()
+        finally:
+            c.c.loop_stop()
+
+
+def test_enrolment_directory_is_private_and_loads_as_agent_settings(fleet):
+    from agent.config import load_settings
+
+    d = fleet.devices["dev-a"]
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    for name in ("device.key", "agent.toml"):
+        assert stat.S_IMODE((d / name).stat().st_mode) == 0o600
+    settings = load_settings(d / "agent.toml")
+    assert settings.device_id == "dev-a"
+    assert settings.broker.tls and settings.broker.cert_file == d.resolve() / "device.crt"
+    assert [p.name for p in settings.trusted_keys] == ["test.pub"]
+    settings_c = load_settings(fleet.devices["dev-c"] / "agent.toml")
+    assert settings_c.broker.username == "dev-c" and settings_c.broker.password.get_secret_value() == fleet.passwords["dev-c"]
+    assert stat.S_IMODE((fleet.workdir / "passwd").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("bad, fix", [
+    (CONTROLLER_IDENTITY, "invalid device id"),
+    ("a/b", "invalid device id"),
+    ("+", "invalid device id"),
+])
+def test_enrol_refuses_names_that_would_widen_the_acl(fleet, keypair, bad, fix):
+    with pytest.raises(PkiError, match=fix):
+        enroll(bad, ca_dir=fleet.workdir / "ca", out_dir=fleet.workdir / "x", trusted_keys=[keypair[1]],
+               broker_url="mqtts://127.0.0.1:8883")
+
+
+def test_enrol_cli(fleet, keypair, tmp_path):
+    runner = CliRunner()
+    args = ["enroll", "dev-cli", "--ca-dir", str(fleet.workdir / "ca"), "--trusted-key", str(keypair[1]),
+            "--broker", "mqtts://broker.example:8883", "--out", str(tmp_path), "--json"]
+    r = runner.invoke(device_cli, args)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert Path(out["certificate"]).is_file() and out["password"] is False
+    again = runner.invoke(device_cli, args)
+    assert again.exit_code == 2 and "was enrolled already" in again.output
+    plain = runner.invoke(device_cli, args[:-1] + ["--overwrite"])
+    assert plain.exit_code == 0
+    bad = runner.invoke(device_cli, ["enroll", "dev-x", "--ca-dir", str(tmp_path / "nope"), "--trusted-key",
+                                     str(keypair[1]), "--broker", "mqtt://broker:1883", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "mqtts://" in bad.output

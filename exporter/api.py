@@ -1,0 +1,342 @@
+"""`exporter.export(...)`: model in, signed bundle out, with the quality report.
+
+Order matters: everything that can be checked cheaply (profile, key, output directory, task,
+architecture, target/precision, disk space) is checked before any weights are read. The bundle
+is built in a staging directory next to `out` and moved into place only when it is complete and
+sealed, so a failure never leaves a half bundle (nor destroys the previous one).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.bundle import (
+    Benchmark,
+    Manifest,
+    ModelSpec,
+    QualityReport,
+    QualityStatus,
+    Runtime,
+    Target,
+    Task,
+    load_private_key,
+    seal_bundle,
+)
+from agent.bundle.signing import KeyError_
+from exporter.errors import ExportError, MissingKey, NotEnoughDisk, OutputNotEmpty, QualityGateFailed, TaskNotSupported
+from exporter.profiles import QuantRecipe, TargetProfile, Thresholds, load_profile
+from exporter.progress import Progress
+from exporter.quantize import QUANT_CHOICES, check_target, free_bytes, model_size, quantize
+from exporter.source import ResolvedSource, infer_task, load_config, resolve_source
+
+TASKS = ("text-generation", "embedding", "text-classification")
+DISK_MARGIN = 256 * 1024**2
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    bundle: Path
+    manifest: Manifest
+    report: QualityReport
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bundle_name(spec: str) -> str:
+    stem = Path(spec.rstrip("/")).name
+    stem = stem[: -len(".gguf")] if stem.endswith(".gguf") else stem
+    name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")
+    return (name or "model")[:64]
+
+
+def build_recipe(
+    base: QuantRecipe,
+    *,
+    quant: str | None,
+    block_size: int | None,
+    accuracy_level: int | None,
+    symmetric: bool | None,
+    exclude: list[str] | None,
+) -> QuantRecipe:
+    """The profile's recipe with the user's flags on top."""
+    update: dict[str, Any] = {}
+    if quant is not None:
+        if quant not in QUANT_CHOICES:
+            raise ExportError(f"unknown --quant {quant!r}; choose one of: {', '.join(QUANT_CHOICES)}")
+        update["method"] = QUANT_CHOICES[quant]
+        if update["method"] != base.method and exclude is None and update["method"] in ("int4", "int8-dynamic"):
+            update["exclude"] = base.exclude or ["lm_head"]
+    if block_size is not None:
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ExportError(f"--block-size {block_size} must be a power of two >= 16 (e.g. 32, 64, 128)")
+        update["block_size"] = block_size
+    if accuracy_level is not None:
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise ExportError(f"--accuracy-level {accuracy_level} must be 0-4 (0 exact, 4 int8 activations)")
+        update["accuracy_level"] = accuracy_level
+    if symmetric is not None:
+        update["symmetric"] = symmetric
+    if exclude is not None:
+        update["exclude"] = list(exclude)
+    return base.model_copy(update=update)
+
+
+def load_key(path: Path) -> Any:
+    try:
+        return load_private_key(Path(path))
+    except KeyError_ as exc:
+        raise MissingKey(str(exc)) from None
+
+
+def check_output(out: Path, *, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputNotEmpty(f"--out {out} is a file; pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputNotEmpty(f"output directory {out} is not empty; pass --overwrite to replace it or choose another --out")
+
+
+def estimate_parameters(config: Any) -> int:
+    """Parameter count from the config alone (meta tensors, no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_disk(out: Path, need: int) -> None:
+    free = free_bytes(out.parent)
+    if free < need + DISK_MARGIN:
+        raise NotEnoughDisk(
+            f"not enough disk space next to {out}: {free / 1e9:.1f} GB free, the export needs about "
+            f"{(need + DISK_MARGIN) / 1e9:.1f} GB (float32 ONNX + quantized copy); free space or choose another --out"
+        )
+
+
+def export(
+    model: str | Path,
+    *,
+    out: str | Path,
+    key: str | Path,
+    profile: str | Path | TargetProfile = "cpu-x86-avx2",
+    task: str | None = None,
+    quant: str | None = None,
+    block_size: int | None = None,
+    accuracy_level: int | None = None,
+    symmetric: bool | None = None,
+    exclude: list[str] | None = None,
+    thresholds: dict[str, float] | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    name: str | None = None,
+    version: str = "1.0.0",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    adapter: str | Path | None = None,
+    eval_text: str | Path | None = None,
+    calibration_text: str | Path | None = None,
+    requantize: bool = False,
+    benchmark: bool = True,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export `model` (hub id, local directory or .gguf file) to a signed bundle in `out`.
+
+    Raises QualityGateFailed (with the report) when the gate fails and `force` is not set;
+    with `force` the bundle is written with quality status failed-quality.
+    """
+    from exporter.quality import merge_thresholds
+
+    t_start = time.perf_counter()
+    progress = progress or Progress()
+    prof = profile if isinstance(profile, TargetProfile) else load_profile(profile)
+    private_key = load_key(Path(key))
+    out = Path(out).expanduser().resolve()
+    check_output(out, overwrite=overwrite)
+    if task is not None and task not in TASKS:
+        raise TaskNotSupported(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+
+    with progress.step("resolve", str(model)):
+        src = resolve_source(model, revision=revision, trust_remote_code=trust_remote_code, adapter=adapter)
+        config = load_config(src)
+    natural = infer_task(config) if task is None or task == "text-generation" else task
+    task = task or natural
+    settings = prof.task(task)
+    recipe = build_recipe(settings.quantization, quant=quant, block_size=block_size,
+                          accuracy_level=accuracy_level, symmetric=symmetric, exclude=exclude)
+    check_target(recipe, device_class=prof.device_class, profile=prof.name, task=task)
+    limits = merge_thresholds(settings.thresholds, thresholds)
+    common = dict(out=out, private_key=private_key, profile=prof, recipe=recipe, thresholds=limits, force=force,
+                  name=name or bundle_name(src.spec), version=version, progress=progress,
+                  t_start=t_start)
+
+    if task == "text-generation":
+        if natural != "text-generation":
+            raise TaskNotSupported(
+                f"{src.spec} is a {config.model_type} model for {natural} "
+                f"({', '.join(config.architectures or [])}); it cannot do text-generation; use --task {natural}"
+            )
+        from exporter.lm import check_architecture
+
+        check_architecture(config)
+        return _export_lm(src, config, eval_text=eval_text, benchmark=benchmark, requantize=requantize, **common)
+    raise TaskNotSupported(
+        f"task {task!r} is not supported by this exporter yet; text-generation is (pass --task text-generation)"
+    )
+
+
+def _staging(out: Path) -> Path:
+    stage = out.parent / f".{out.name}.staging-{os.getpid()}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the sealed bundle into `out`; an old `out` is removed only after the move succeeded."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_lm(
+    src: ResolvedSource,
+    config: Any,
+    *,
+    out: Path,
+    private_key: Any,
+    profile: TargetProfile,
+    recipe: QuantRecipe,
+    thresholds: Thresholds,
+    force: bool,
+    name: str,
+    version: str,
+    progress: Progress,
+    t_start: float,
+    eval_text: str | Path | None,
+    benchmark: bool,
+    requantize: bool,
+) -> ExportResult:
+    from exporter import lm, quality
+    from exporter.golden import write_lm_golden
+    from exporter.source import load_causal_lm, load_tokenizer, write_tokenizer
+
+    text = quality.read_texts(Path(eval_text) if eval_text else None)
+    params = estimate_parameters(config)
+    check_disk(out, params * 4 * 2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = _staging(out)
+    work = out.parent / f".{out.name}.work-{os.getpid()}"
+    try:
+        with progress.step("load", f"{config.model_type}, {params / 1e6:,.1f}M parameters"):
+            model = load_causal_lm(src)
+            tokenizer = load_tokenizer(src)
+        max_context = profile.shapes.max_context
+        with progress.step("reference", "PyTorch float32 on the evaluation text"):
+            ref = quality.lm_reference(model, tokenizer, text, max_context=max_context)
+        spec_config = lm.decoder_spec(model, tokenizer, max_context=max_context)
+        with progress.step("export", f"ONNX opset {profile.opset}, KV cache"):
+            fp32 = lm.export_decoder(model, work, opset=profile.opset)
+        model.config.save_pretrained(stage)
+        write_tokenizer(src, tokenizer, stage)
+        del model
+        gc.collect()
+        fp32_bytes = _dir_onnx_bytes(work)
+        entry = stage / "model.onnx"
+        with progress.step("quantize", recipe.method):
+            quant = quantize(fp32, entry, recipe)
+        shutil.rmtree(work, ignore_errors=True)
+        with progress.step("validate", "against PyTorch"):
+            metrics, details = quality.lm_metrics(entry, ref)
+            reference = "pytorch float32" + (" + merged adapter" if src.adapter else "") + \
+                (" (dequantized GGUF)" if src.gguf_file else "")
+            report = quality.gate(metrics, thresholds, reference=reference, details=details)
+        progress.note(f"quality {report.status.value}" + (f": {'; '.join(report.failures)}" if report.failures else ""))
+        if report.status is QualityStatus.FAILED and not force:
+            raise QualityGateFailed(_gate_message(report), report=report)
+        golden = write_lm_golden(stage, entry, ref.sequences[0], quantized=recipe.method != "none")
+        bench = Benchmark()
+        if benchmark:
+            with progress.step("benchmark", f"{profile.intra_op_threads or 'all'} threads"):
+                bench = _lm_benchmark(entry, profile, spec_config)
+        stats = {
+            "fp32_bytes": fp32_bytes,
+            "model_bytes": model_size(entry),
+            "precision": quant.precision,
+            "parameters": params,
+            "export_seconds": round(time.perf_counter() - t_start, 2),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "steps_seconds": dict(progress.timings),
+            **bench.metrics,
+        }
+        bench = Benchmark(host=bench.host, metrics={
+            **bench.metrics,
+            "export_seconds": stats["export_seconds"],
+            "export_peak_rss_mb": stats["peak_rss_mb"],
+        })
+        import onnxruntime
+
+        dec = lm.OrtDecoder(entry)
+        manifest = seal_bundle(
+            stage,
+            private_key=private_key,
+            name=name,
+            version=version,
+            task=Task.TEXT_GENERATION,
+            target=Target(profile=profile.name, arch=profile.arch, cpu_features=profile.cpu_features,
+                          device_class=profile.device_class),
+            runtime=Runtime(onnxruntime=profile.onnxruntime, execution_providers=profile.execution_providers,
+                            intra_op_threads=profile.intra_op_threads or None),
+            model=ModelSpec(entry="model.onnx", inputs=dec.input_names, outputs=dec.output_names,
+                            architecture=config.model_type, config=spec_config),
+            quantization=quant,
+            quality=report,
+            benchmark=bench,
+            golden=golden,
+            created_by=f"edgeship-export (onnxruntime {onnxruntime.__version__})",
+            source=src.describe(),
+        )
+        del dec
+        stats["bundle_bytes"] = manifest.total_size
+        _publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return ExportResult(out, manifest, report, stats)
+
+
+def _dir_onnx_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("model.onnx"))
+
+
+def _lm_benchmark(entry: Path, profile: TargetProfile, spec: dict[str, Any]) -> Benchmark:
+    from exporter.benchmark import benchmark_lm
+
+    return benchmark_lm(entry, threads=profile.intra_op_threads, vocab_size=spec["vocab_size"],
+                        max_context=spec["max_context"])
+
+
+def _gate_message(report: QualityReport) -> str:
+    return (
+        f"quality gate failed: {'; '.join(report.failures)}. No bundle was written; "
+        "choose a gentler recipe (e.g. --quant int8 or a smaller --block-size), relax the threshold "
+        "(--threshold NAME=VALUE), or pass --force to write it marked failed-quality"
+    )

@@ -1,0 +1,202 @@
+"""Weight quantization of an exported float32 ONNX graph, one function per recipe.
+
+    none          float32, unchanged
+    fp16          float16 weights and math, float32 inputs/outputs (the KV cache stays float32)
+    int8-dynamic  MatMul weights int8 (per-channel by default), activations quantized at run time
+    int4          MatMulNBits: 4-bit weight blocks of `block_size`, `accuracy_level` picks the kernel
+
+Every recipe writes `<out>` plus one external-data file `<out>.data` (the agent loads both), and
+leaves the MatMuls named by `exclude` patterns (default: the lm_head) in float.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from agent.bundle import Quantization
+from exporter.errors import ConversionError, IncompatibleTarget
+from exporter.profiles import QuantRecipe
+
+# CLI --quant names -> recipe methods
+QUANT_CHOICES = {"int4": "int4", "int8": "int8-dynamic", "fp16": "fp16", "none": "none"}
+
+# What each device class can run. int8-dynamic uses CPU integer kernels; MatMulNBits has CPU and
+# CUDA kernels; the HTP NPU runs only static QDQ graphs.
+ALLOWED_METHODS = {
+    "cpu": {"none", "fp16", "int8-dynamic", "int4", "qdq-static"},
+    "gpu": {"none", "fp16", "int4"},
+    "npu": {"qdq-static"},
+}
+
+
+def check_target(recipe: QuantRecipe, *, device_class: str, profile: str, task: str) -> None:
+    allowed = ALLOWED_METHODS.get(device_class, set())
+    if recipe.method not in allowed:
+        raise IncompatibleTarget(
+            f"precision {recipe.method!r} does not run on target {profile!r} ({device_class}); "
+            f"it takes: {', '.join(sorted(allowed))}"
+        )
+    if task == "text-generation" and recipe.method == "qdq-static":
+        raise IncompatibleTarget(
+            f"static QDQ (profile {profile!r}) is not available for text-generation yet; "
+            "use a CPU or GPU profile (int4, int8, fp16) for language models"
+        )
+
+
+def recipe_name(recipe: QuantRecipe) -> str:
+    if recipe.method == "int4":
+        sym = "sym" if recipe.symmetric else "asym"
+        return f"int4-matmulnbits-b{recipe.block_size}-acc{recipe.accuracy_level}-{sym}"
+    if recipe.method == "int8-dynamic":
+        return f"int8-dynamic-{'per-channel' if recipe.per_channel else 'per-tensor'}"
+    return {"none": "fp32", "fp16": "fp16"}.get(recipe.method, recipe.method)
+
+
+def _matmul_names(model: Any) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type == "MatMul"]
+
+
+def excluded_nodes(model: Any, patterns: list[str]) -> list[str]:
+    """MatMul nodes whose name matches a pattern (glob, or plain substring like 'lm_head')."""
+    out = []
+    for name in _matmul_names(model):
+        for pat in patterns:
+            if (fnmatch.fnmatchcase(name, pat) if any(c in pat for c in "*?[") else pat in name):
+                out.append(name)
+                break
+    return out
+
+
+def save_model(model: Any, path: Path) -> None:
+    """Write `model` as path + path.data (every tensor over 1 KiB in the data file)."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    for p in (path, data):
+        if p.exists():
+            p.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+def model_size(path: Path) -> int:
+    """Bytes of an ONNX file plus its external-data file."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def quantize(src: Path, out: Path, recipe: QuantRecipe) -> Quantization:
+    """Write the `recipe` form of float32 graph `src` to `out`; returns what the manifest says about it."""
+    import onnx
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    details: dict[str, Any] = {"method": recipe.method}
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # onnxruntime.quantization logs every skipped node at INFO
+    try:
+        if recipe.method == "none":
+            save_model(onnx.load(str(src)), out)
+            precision = "fp32"
+        elif recipe.method == "fp16":
+            _fp16(src, out)
+            precision = "fp16"
+        elif recipe.method == "int8-dynamic":
+            details.update(_int8_dynamic(src, out, recipe))
+            precision = "int8"
+        elif recipe.method == "int4":
+            details.update(_int4(src, out, recipe))
+            precision = "int4"
+        else:
+            raise IncompatibleTarget(f"quantization method {recipe.method!r} is not available for this export")
+    except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
+        if isinstance(exc, IncompatibleTarget):
+            raise
+        raise ConversionError(f"{recipe.method} quantization failed: {exc}") from exc
+    finally:
+        root.setLevel(level)
+    details["op_counts"] = op_counts(out)
+    details["size_bytes"] = model_size(out)
+    return Quantization(recipe=recipe_name(recipe), precision=precision, details=details)
+
+
+def _fp16(src: Path, out: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    # float32 I/O keeps the bundle's I/O contract (float32 KV cache) for every precision.
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    save_model(model, out)
+
+
+def _int8_dynamic(src: Path, out: Path, recipe: QuantRecipe) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    header = onnx.load(str(src), load_external_data=False)
+    exclude = excluded_nodes(header, recipe.exclude)
+    tmp = out.with_name(out.stem + ".int8-tmp.onnx")
+    quantize_dynamic(
+        str(src),
+        str(tmp),
+        op_types_to_quantize=["MatMul"],
+        per_channel=recipe.per_channel,
+        weight_type=QuantType.QInt8 if recipe.weight_type == "int8" else QuantType.QUInt8,
+        nodes_to_exclude=exclude,
+        use_external_data_format=True,
+        extra_options={"MatMulConstBOnly": True},
+    )
+    save_model(onnx.load(str(tmp)), out)
+    for p in tmp.parent.glob(tmp.name + "*"):
+        p.unlink()
+    data = tmp.parent / (tmp.stem + ".onnx.data")
+    if data.exists():
+        data.unlink()
+    return {"per_channel": recipe.per_channel, "weight_type": recipe.weight_type, "excluded_nodes": exclude}
+
+
+def _int4(src: Path, out: Path, recipe: QuantRecipe) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))
+    exclude = excluded_nodes(model, recipe.exclude)
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=4,
+        block_size=recipe.block_size,
+        is_symmetric=recipe.symmetric,
+        accuracy_level=recipe.accuracy_level,
+        nodes_to_exclude=exclude,
+    )
+    quantizer.process()
+    del model
+    save_model(quantizer.model.model, out)
+    return {
+        "block_size": recipe.block_size,
+        "accuracy_level": recipe.accuracy_level,
+        "symmetric": recipe.symmetric,
+        "excluded_nodes": exclude,
+    }
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize

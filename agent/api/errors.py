@@ -1,0 +1,64 @@
+"""HTTP API errors, each rendered as an OpenAI-style body {"error": {message, type, param, code}}.
+
+    ApiError(Exception)              .status, .type, .code, .param
+    ├── BadRequest(ValueError)       400 invalid_request_error (malformed JSON, wrong types, ranges)
+    ├── NotFound(LookupError)        404 (unknown route or model)
+    ├── PayloadTooLarge(ValueError)  413
+    ├── Overloaded                   503 with Retry-After (queue full, no model, shutting down)
+    └── Timeout(TimeoutError)        504 (request_timeout_s passed)
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class ApiError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def encode(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+
+class BadRequest(ApiError, ValueError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class NotFound(ApiError, LookupError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(ApiError, ValueError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class Overloaded(ApiError):
+    status = 503
+    type = "server_error"
+    code = "overloaded"
+
+
+class Timeout(ApiError, TimeoutError):
+    status = 504
+    type = "server_error"
+    code = "timeout"

@@ -1,0 +1,116 @@
+"""`edgeship export MODEL --profile P --out DIR --key KEY`: parse, call exporter.api.export, print.
+
+Exit codes: 0 bundle written (also with --force when the gate failed: the manifest says
+failed-quality), 1 quality gate failed (no bundle), 2 bad input (one line saying what to change).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from exporter.profiles import available_profiles
+
+EXIT_GATE = 1
+EXIT_INPUT = 2
+
+
+def _threshold(values: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip().replace("-", "_")] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: write NAME=NUMBER, e.g. min_top1_agreement=0.9") from None
+    return out
+
+
+@click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
+@click.option("--profile", default="cpu-x86-avx2", show_default=True,
+              help=f"Target profile: {', '.join(available_profiles())}, or a path to a .toml profile.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option("--key", default="keys/edgeship.key", show_default=True, type=click.Path(path_type=Path),
+              help="Ed25519 signing key (edgeship keys generate).")
+@click.option("--task", type=click.Choice(["text-generation", "embedding", "text-classification"]),
+              help="Default: what the checkpoint was trained for.")
+@click.option("--quant", type=click.Choice(["int4", "int8", "fp16", "none"]), help="Override the profile's precision.")
+@click.option("--block-size", type=int, help="int4: weights per quantization block (power of two, >= 16).")
+@click.option("--accuracy-level", type=int, help="int4: MatMulNBits kernel, 0 exact math .. 4 int8 activations.")
+@click.option("--symmetric/--asymmetric", default=None, help="int4: symmetric (no zero points) or asymmetric weights.")
+@click.option("--exclude", multiple=True, help="Keep MatMuls whose node name contains this in float (repeatable).")
+@click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
+              help="Override a quality threshold, e.g. min_top1_agreement=0.9 or max_ppl_delta=0.05 (repeatable).")
+@click.option("--eval-text", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Evaluation text (.txt, or .jsonl with a \"text\" field); default: a built-in English text.")
+@click.option("--calibration-text", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Calibration text for static quantization (NPU profiles).")
+@click.option("--adapter", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="LoRA/PEFT adapter directory merged into the model before export.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) of a hub model.")
+@click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (hub models).")
+@click.option("--requantize", is_flag=True,
+              help="GGUF: dequantize with transformers and requantize with the profile's recipe instead of importing the GGUF weights as they are.")
+@click.option("--name", help="Bundle name (default: from the model).")
+@click.option("--version", "version", default="1.0.0", show_default=True, help="Bundle version (semver).")
+@click.option("--force", is_flag=True, help="Write the bundle even if the quality gate fails (marked failed-quality).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out directory.")
+@click.option("--no-benchmark", is_flag=True, help="Skip the host speed benchmark.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (no progress).")
+def cli(model: str, profile: str, out: Path, key: Path, task: str | None, quant: str | None, block_size: int | None,
+        accuracy_level: int | None, symmetric: bool | None, exclude: tuple[str, ...], thresholds: tuple[str, ...],
+        eval_text: Path | None, calibration_text: Path | None, adapter: Path | None, revision: str | None,
+        trust_remote_code: bool, requantize: bool, name: str | None, version: str, force: bool, overwrite: bool,
+        no_benchmark: bool, as_json: bool) -> None:
+    """Export MODEL (hub id, local directory or .gguf file) to a signed, validated bundle in --out."""
+    from exporter.api import export
+    from exporter.errors import ExportError, QualityGateFailed
+    from exporter.profiles import ProfileError
+    from exporter.progress import Progress, RichProgress, summary_table
+
+    progress = Progress() if as_json else RichProgress()
+    try:
+        result = export(
+            model, out=out, key=key, profile=profile, task=task, quant=quant, block_size=block_size,
+            accuracy_level=accuracy_level, symmetric=symmetric, exclude=list(exclude) if exclude else None,
+            thresholds=_threshold(thresholds), force=force, overwrite=overwrite, name=name, version=version,
+            revision=revision, trust_remote_code=trust_remote_code, adapter=adapter, eval_text=eval_text,
+            calibration_text=calibration_text, requantize=requantize, benchmark=not no_benchmark, progress=progress,
+        )
+    except QualityGateFailed as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": str(exc), "quality": exc.report.model_dump(mode="json")}))
+        else:
+            from rich.console import Console
+
+            Console(stderr=True).print(summary_table({}, exc.report))
+            click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_GATE)
+    except (ExportError, ProfileError) as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": str(exc)}))
+        else:
+            click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_INPUT)
+    if as_json:
+        click.echo(json.dumps({
+            "ok": True,
+            "bundle": str(result.bundle),
+            "manifest": result.manifest.model_dump(mode="json"),
+            "stats": result.stats,
+        }))
+        return
+    from rich.console import Console
+
+    console = Console()
+    console.print(summary_table(result.stats, result.report))
+    status = result.report.status.value
+    console.print(f"bundle {result.manifest.ref} written to {result.bundle} (quality: {status})")
+    if status != "passed":
+        console.print("[red]warning:[/] this bundle FAILED its quality gate; agents refuse to deploy it")

@@ -1,0 +1,262 @@
+"""Decoder-LM export: every architecture x int4/int8 makes a verified bundle that passes its gate,
+with asserted structure (which MatMuls are quantized) and numbers against PyTorch."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from agent.bundle import QualityStatus, TrustedKeys, open_bundle  # noqa: E402
+from tests.support.models import DECODERS, smollm2_gguf_path, tiny_model  # noqa: E402
+
+QUANTS = ("int4", "int8")
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, keypair):
+    """Exports made once per module, keyed by (arch, quant)."""
+    from exporter import export
+
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("lm-exports")
+
+    def get(arch: str, quant: str):
+        if (arch, quant) not in cache:
+            cache[arch, quant] = export(tiny_model(arch), out=root / f"{arch}-{quant}", key=keypair[0], quant=quant)
+        return cache[arch, quant]
+
+    return get
+
+
+def linear_count(arch: str) -> int:
+    """nn.Linear layers of the PyTorch model except the lm_head: what int4/int8 must quantize."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(arch))
+    return sum(isinstance(m, torch.nn.Linear) and name != "lm_head" for name, m in model.named_modules())
+
+
+def graph(bundle):
+    import onnx
+
+    return onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("arch", DECODERS)
+def test_every_decoder_exports_a_verified_bundle_that_passes_its_gate(arch, quant, exports, keypair):
+    result = exports(arch, quant)
+    verified = open_bundle(result.bundle, TrustedKeys.from_paths([keypair[1]]))
+    m = verified.manifest
+    assert m.quality.status is QualityStatus.PASSED, m.quality.failures
+    assert m.task.value == "text-generation" and m.model.architecture == arch
+    cfg = m.model.config
+    assert cfg["num_layers"] == 2 and cfg["num_kv_heads"] == 2 and cfg["head_dim"] == 16
+    assert cfg["max_context"] == 256 and cfg["eos_token_ids"] and "bos_token_id" in cfg
+    # the I/O contract of docs/ARCHITECTURE.md, in one merged graph
+    assert m.model.inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert m.model.inputs[3:] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert m.model.outputs == ["logits"] + [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    paths = {f.path for f in m.files}
+    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "golden/inputs.npz", "golden/outputs.npz"} <= paths
+    assert [p for p in paths if p.endswith(".onnx")] == ["model.onnx"]
+    assert "chat_template.jinja" in paths or "chat_template" in (result.bundle / "tokenizer_config.json").read_text()
+    for metric in ("top1_agreement", "ppl_delta", "greedy_match", "logits_cosine", "logits_abs_diff"):
+        assert metric in m.quality.metrics
+    assert m.quality.thresholds["min_top1_agreement"] == 0.8
+    assert m.benchmark.metrics["decode_tok_s"] > 0 and m.benchmark.metrics["prefill_tok_s"] > 0
+    assert m.quantization.precision == quant
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_int4_quantizes_every_linear_but_the_lm_head(arch, exports):
+    result = exports(arch, "int4")
+    g = graph(result.bundle)
+    nbits = [n for n in g.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == linear_count(arch)
+    assert not any("lm_head" in n.name for n in nbits)
+    lm_head = [n for n in g.graph.node if n.name == "/lm_head/MatMul"]
+    assert lm_head and lm_head[0].op_type == "MatMul"  # left in float
+    attrs = {a.name: a.i for a in nbits[0].attribute}
+    assert attrs["block_size"] == 32 and attrs["accuracy_level"] == 4 and attrs["bits"] == 4
+    q = result.manifest.quantization
+    assert q.recipe == "int4-matmulnbits-b32-acc4-asym"
+    assert q.details["excluded_nodes"] == ["/lm_head/MatMul"]
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_int8_quantizes_every_linear_but_the_lm_head(arch, exports):
+    g = graph(exports(arch, "int8").bundle)
+    assert sum(n.op_type == "MatMulInteger" for n in g.graph.node) == linear_count(arch)
+    assert [n.op_type for n in g.graph.node if n.name == "/lm_head/MatMul"] == ["MatMul"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_float_export_matches_pytorch_in_prefill_and_decode(arch, exports):
+    """fp32: prefill logits equal PyTorch's, and decoding through the KV cache equals a full forward."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from exporter.lm import OrtDecoder
+
+    result = exports(arch, "none")
+    assert result.report.metrics["logits_abs_diff"] < 1e-4
+    assert result.report.metrics["greedy_match"] == 1.0 and result.report.metrics["top1_agreement"] == 1.0
+    dec = OrtDecoder(result.bundle / "model.onnx")
+    ids = np.random.default_rng(1).integers(3, 500, (1, 12), dtype=np.int64)
+    _, past = dec.run(ids[:, :8], dec.empty_past())
+    step_logits = []
+    for t in range(8, 12):
+        logits, past = dec.run(ids[:, t : t + 1], past)
+        step_logits.append(logits[0, -1])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(arch)).eval()
+    with torch.inference_mode():
+        full = model(torch.from_numpy(ids)).logits[0, 8:].numpy()
+    np.testing.assert_allclose(np.stack(step_logits), full, atol=1e-4)
+
+
+def test_golden_files_reproduce_with_the_bundle_model(exports):
+    import onnxruntime as ort
+
+    result = exports("qwen2", "int4")
+    g = result.manifest.golden
+    inputs = dict(np.load(result.bundle / g.inputs))
+    expected = dict(np.load(result.bundle / g.outputs))
+    sess = ort.InferenceSession(str(result.bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = dict(zip(expected, sess.run(list(expected), inputs)))
+    np.testing.assert_allclose(got["logits"], expected["logits"], atol=g.atol, rtol=g.rtol)
+    assert inputs["past_key_values.0.key"].shape[2] == 0  # a prefill call
+
+
+def test_lora_adapter_changes_the_export_exactly_as_it_changes_pytorch(tmp_path, keypair):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from exporter import export
+    from exporter.lm import OrtDecoder
+
+    base_dir = tiny_model("llama")
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = np.random.default_rng(2).integers(3, 500, (1, 16), dtype=np.int64)
+    with torch.inference_mode():
+        merged_logits = peft_model.eval().merge_and_unload()(torch.from_numpy(ids)).logits[0].numpy()
+        base_logits = base(torch.from_numpy(ids)).logits[0].numpy()
+
+    result = export(base_dir, out=tmp_path / "bundle", key=keypair[0], quant="none", adapter=tmp_path / "adapter",
+                    benchmark=False)
+    dec = OrtDecoder(result.bundle / "model.onnx")
+    got = dec.run(ids, dec.empty_past())[0][0]
+    np.testing.assert_allclose(got, merged_logits, atol=1e-4)
+    assert np.abs(got - base_logits).max() > 100 * np.abs(got - merged_logits).max()
+    assert np.abs(merged_logits - base_logits).max() > 1e-2
+    assert result.manifest.source["adapter"] == str((tmp_path / "adapter").resolve())
+    assert "adapter" in result.report.reference
+
+
+def test_impossible_threshold_fails_the_gate_and_writes_nothing(tmp_path, keypair):
+    from exporter import export
+    from exporter.errors import QualityGateFailed
+
+    with pytest.raises(QualityGateFailed) as info:
+        export(tiny_model("llama"), out=tmp_path / "b", key=keypair[0], quant="int4",
+               thresholds={"max_logits_abs_diff": 1e-9}, benchmark=False)
+    report = info.value.report
+    assert report.status is QualityStatus.FAILED
+    assert len(report.failures) == 1 and report.failures[0].startswith("logits_abs_diff")
+    assert "above the maximum 1e-09" in report.failures[0]
+    assert "--force" in str(info.value)
+    assert not (tmp_path / "b").exists()
+    assert list(tmp_path.iterdir()) == []  # no staging or work directories left behind
+
+
+def test_huge_block_symmetric_recipe_with_strict_threshold_fails(tmp_path, keypair):
+    from exporter import export
+    from exporter.errors import QualityGateFailed
+
+    with pytest.raises(QualityGateFailed) as info:
+        export(tiny_model("qwen2"), out=tmp_path / "b", key=keypair[0], quant="int4", block_size=256,
+               symmetric=True, accuracy_level=4, thresholds={"min_logits_cosine": 0.9999}, benchmark=False)
+    assert any(f.startswith("logits_cosine") for f in info.value.report.failures)
+
+
+def test_force_writes_a_verified_bundle_marked_failed_quality(tmp_path, keypair):
+    from exporter import export
+
+    result = export(tiny_model("llama"), out=tmp_path / "b", key=keypair[0], quant="int4",
+                    thresholds={"max_logits_abs_diff": 1e-9}, force=True, benchmark=False)
+    m = open_bundle(result.bundle, TrustedKeys.from_paths([keypair[1]])).manifest
+    assert m.quality.status is QualityStatus.FAILED and m.quality.failures
+    assert m.quality.thresholds["max_logits_abs_diff"] == 1e-9
+
+
+def test_early_errors_name_the_problem_and_the_fix(tmp_path, keypair):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from exporter import export
+    from exporter.api import check_disk
+    from exporter.errors import (
+        IncompatibleTarget,
+        MissingKey,
+        NotEnoughDisk,
+        OutputNotEmpty,
+        TaskNotSupported,
+        UnsupportedArchitecture,
+    )
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    with pytest.raises(UnsupportedArchitecture, match=r"'gpt2'.*supported: llama, qwen2, mistral, phi3, gemma"):
+        export(gpt2, out=tmp_path / "o1", key=keypair[0])
+    with pytest.raises(TaskNotSupported, match="cannot do text-generation; use --task embedding"):
+        export(tiny_model("bert"), out=tmp_path / "o2", key=keypair[0], task="text-generation")
+    with pytest.raises(IncompatibleTarget, match="'int4' does not run on target 'npu-qnn-htp'"):
+        export(tiny_model("llama"), out=tmp_path / "o3", key=keypair[0], profile="npu-qnn-htp", quant="int4")
+    with pytest.raises(IncompatibleTarget, match="'int8-dynamic' does not run on target 'gpu-cuda'"):
+        export(tiny_model("llama"), out=tmp_path / "o3", key=keypair[0], profile="gpu-cuda", quant="int8")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    with pytest.raises(OutputNotEmpty, match="--overwrite"):
+        export(tiny_model("llama"), out=tmp_path / "full", key=keypair[0])
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
+    with pytest.raises(MissingKey, match="edgeship keys generate"):
+        export(tiny_model("llama"), out=tmp_path / "o4", key=tmp_path / "no.key")
+    with pytest.raises(NotEnoughDisk, match="GB free"):
+        check_disk(tmp_path / "o5", 10**18)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "gpt2"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_exports(tmp_path_factory, keypair):
+    from exporter import export
+
+    root = tmp_path_factory.mktemp("smollm2")
+    return {q: export(smollm2_gguf_path(), out=root / q, key=keypair[0], quant=q, requantize=True)
+            for q in QUANTS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", QUANTS)
+def test_real_smollm2_gguf_exports_with_a_quality_report_on_real_text(quant, smollm2_exports, keypair):
+    result = smollm2_exports[quant]
+    m = open_bundle(result.bundle, TrustedKeys.from_paths([keypair[1]])).manifest
+    q = m.quality
+    assert q.status is QualityStatus.PASSED, q.failures
+    assert m.source["gguf_file"].endswith(".gguf") and "dequantized GGUF" in q.reference
+    # real weights on real English: perplexity is that of a language model, and barely moves
+    assert 1 < q.metrics["ppl_reference"] < 100
+    assert abs(q.metrics["ppl_delta"]) < (0.10 if quant == "int4" else 0.03)
+    assert q.metrics["greedy_match"] >= (0.5 if quant == "int4" else 0.8)
+    assert q.metrics["top1_agreement"] >= (0.85 if quant == "int4" else 0.95)
+    assert m.model.config["num_layers"] == 30 and m.model.config["max_context"] >= 2048
+    assert "chat_template" in (result.bundle / "tokenizer_config.json").read_text() or \
+        (result.bundle / "chat_template.jinja").exists()

@@ -1,0 +1,140 @@
+"""Device facts (once per process, in the retained state) and health readings (every heartbeat).
+
+Everything comes from /proc, /sys and os.statvfs: no psutil on the device. A reading the OS does
+not expose is None, never a guess.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+from agent.protocol import DeviceFacts
+from agent.runtime.cpu import cpu_facts
+
+THERMAL_ROOT = Path("/sys/class/thermal")
+
+
+def os_name() -> str:
+    """'Debian GNU/Linux 12 (bookworm), Linux 6.1.0' (PRETTY_NAME from os-release, kernel release)."""
+    pretty = ""
+    for path in (Path("/etc/os-release"), Path("/usr/lib/os-release")):
+        try:
+            for line in path.read_text().splitlines():
+                if line.startswith("PRETTY_NAME="):
+                    pretty = line.partition("=")[2].strip().strip('"')
+                    break
+        except OSError:
+            continue
+        if pretty:
+            break
+    kernel = f"{platform.system()} {platform.release()}"
+    return f"{pretty}, {kernel}" if pretty else kernel
+
+
+def meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
+    """/proc/meminfo in bytes, e.g. {'MemTotal': ..., 'MemAvailable': ...}; {} when unreadable."""
+    out = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[key.strip()] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return out
+
+
+def execution_providers() -> tuple[list[str], str]:
+    """(available EPs, onnxruntime version); ([], '') when onnxruntime cannot be imported."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return [], ""
+    return list(ort.get_available_providers()), ort.__version__
+
+
+def device_facts() -> DeviceFacts:
+    """What the retained state says about the hardware; read once at start (it does not change)."""
+    cpu = cpu_facts()
+    eps, ort_version = execution_providers()
+    return DeviceFacts(
+        arch=cpu["arch"],
+        os=os_name(),
+        cpu_model=cpu["model"][:128],
+        cores=cpu["cores_usable"],
+        cpu_features=cpu["flags"],
+        ram_bytes=meminfo().get("MemTotal", 0),
+        execution_providers=eps,
+        onnxruntime=ort_version,
+    )
+
+
+def temperature_c(root: Path = THERMAL_ROOT) -> float | None:
+    """The hottest thermal zone in °C, None where /sys exposes none (VMs, containers)."""
+    best = None
+    for zone in sorted(root.glob("thermal_zone*")):
+        try:
+            milli = int((zone / "temp").read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if -50_000 < milli < 200_000:  # drivers report garbage like -273000 or 0x7fffffff
+            best = milli / 1000 if best is None else max(best, milli / 1000)
+    return best
+
+
+def disk_free(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the file system holding `path`."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def process_rss() -> int | None:
+    """This process's resident set size in bytes."""
+    try:
+        resident = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident * os.sysconf("SC_PAGE_SIZE")
+
+
+class CpuMeter:
+    """Whole-device CPU busy % between successive `percent()` calls (from /proc/stat)."""
+
+    def __init__(self, path: Path = Path("/proc/stat")):
+        self._path = path
+        self._last = self._read()
+
+    def _read(self) -> tuple[int, int] | None:
+        try:
+            first = self._path.read_text().splitlines()[0].split()
+            values = [int(v) for v in first[1:]]
+        except (OSError, ValueError, IndexError):
+            return None
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values[:8]), idle
+
+    def percent(self) -> float | None:
+        now = self._read()
+        last, self._last = self._last, now
+        if now is None or last is None or now[0] <= last[0]:
+            return None
+        total, idle = now[0] - last[0], now[1] - last[1]
+        return round(100.0 * (total - idle) / total, 1)
+
+
+class Uptime:
+    """Seconds since the agent started (monotonic)."""
+
+    def __init__(self) -> None:
+        self._start = time.monotonic()
+
+    def seconds(self) -> float:
+        return round(time.monotonic() - self._start, 1)

@@ -1,0 +1,159 @@
+"""Pure decisions of the update machinery: which commands to accept, which manifests this device
+can run, and whether a watched model regressed. No I/O: every input is passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from agent.bundle import Manifest, QualityStatus, semver_key
+from agent.bundle.manifest import agent_version_satisfies
+from agent.protocol import BundleRef, DeployCommand, UpdateState, WatchPolicy
+from agent.update.state import is_rest
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    code: str = ""
+    reason: str = ""
+
+
+OK = Verdict(True)
+
+
+def _no(code: str, reason: str) -> Verdict:
+    return Verdict(False, code, reason)
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What the device runs now: the facts a deploy decision depends on."""
+
+    state: UpdateState
+    active_sha: str | None = None
+    active_version: str | None = None
+    active_name: str | None = None
+    previous_sha: str | None = None
+    free_bytes: int = 0
+
+
+def bytes_needed(archive_size: int, *, margin: int) -> int:
+    """Archive on disk + its unpacked copy + a margin for the system."""
+    return 2 * archive_size + margin
+
+
+def check_deploy(cmd: DeployCommand, now: Installed, *, at: datetime, margin: int) -> Verdict:
+    """Accept or refuse a deploy from the command alone (nothing downloaded yet)."""
+    ref = cmd.bundle
+    if not is_rest(now.state):
+        return _no("busy", f"an update is in progress ({now.state.value}); cancel it or wait for it to finish")
+    if cmd.deadline is not None:
+        deadline = cmd.deadline if cmd.deadline.tzinfo else cmd.deadline.replace(tzinfo=timezone.utc)
+        if deadline <= at:
+            return _no("deadline_passed", f"the deploy deadline {deadline.isoformat()} has passed")
+    try:
+        new_key = semver_key(ref.version)
+    except ValueError:
+        return _no("invalid_version", f"bundle version {ref.version!r} is not a semantic version (e.g. 1.2.0)")
+    if ref.manifest_sha256 == now.active_sha:
+        return _no("already_active", f"{ref.ref} ({ref.manifest_sha256[:12]}) is already the active bundle")
+    if now.active_version is not None and now.active_name == ref.name:
+        old_key = semver_key(now.active_version)
+        if new_key < old_key:
+            return _no("downgrade_refused",
+                       f"{ref.ref} is older than the committed {now.active_name}@{now.active_version}; "
+                       "send a rollback command to return to the previous bundle")
+        if new_key == old_key:
+            return _no("version_conflict",
+                       f"{ref.ref} has the committed version but a different manifest; bump the version")
+    if cmd.size is not None and now.free_bytes < bytes_needed(cmd.size, margin=margin):
+        return _no("insufficient_disk", f"{cmd.size} byte bundle needs {bytes_needed(cmd.size, margin=margin)} "
+                                        f"bytes free, the device has {now.free_bytes}")
+    return OK
+
+
+@dataclass(frozen=True)
+class DeviceTarget:
+    arch: str
+    agent_version: str
+    execution_providers: tuple[str, ...]
+    profiles: tuple[str, ...] = ()  # accepted target profiles; empty = any
+    cpu_features: frozenset[str] | None = None  # None = not checked
+
+
+def check_manifest(m: Manifest, want: BundleRef, device: DeviceTarget, *, free_bytes: int,
+                   margin: int) -> Verdict:
+    """Can this device run the (signed, sha-checked) manifest the command names? Before any payload byte."""
+    if (m.name, m.version) != (want.name, want.version):
+        return _no("bundle_mismatch", f"the manifest is {m.ref}, the command asked for {want.ref}")
+    if device.profiles and m.target.profile not in device.profiles:
+        return _no("target_mismatch", f"bundle targets profile {m.target.profile!r}; this device takes "
+                                      f"{', '.join(device.profiles)}")
+    if device.arch not in m.target.arch:
+        return _no("arch_mismatch", f"bundle runs on {', '.join(m.target.arch)}; this device is {device.arch}")
+    if device.cpu_features is not None:
+        missing = sorted(set(m.target.cpu_features) - device.cpu_features)
+        if missing:
+            return _no("cpu_features_missing", f"bundle needs CPU features {', '.join(missing)} this device lacks")
+    wanted = [ep.name for ep in m.runtime.execution_providers]
+    if wanted and not set(wanted) & set(device.execution_providers):
+        return _no("ep_unavailable", f"bundle runs on {', '.join(wanted)}; this device has "
+                                     f"{', '.join(device.execution_providers)}")
+    if not agent_version_satisfies(device.agent_version, m.min_agent_version):
+        return _no("agent_too_old", f"bundle needs agent >= {m.min_agent_version}, this is "
+                                    f"{device.agent_version}; upgrade the agent first")
+    if m.quality.status == QualityStatus.FAILED:
+        return _no("quality_failed", f"bundle {m.ref} failed its quality gate at export; it is never deployed")
+    need = bytes_needed(m.total_size, margin=margin)
+    if free_bytes < need:
+        return _no("insufficient_disk", f"bundle of {m.total_size} bytes needs {need} bytes free, the device has {free_bytes}")
+    return OK
+
+
+@dataclass(frozen=True)
+class WatchSample:
+    requests: int
+    errors: int
+    p95_ms: float | None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+@dataclass(frozen=True)
+class WatchVerdict:
+    done: bool
+    breach: bool
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def judge_watch(policy: WatchPolicy, *, baseline: WatchSample, current: WatchSample, elapsed_s: float,
+                max_watch_s: float, min_sample: int) -> WatchVerdict:
+    """Compare the new model (since the switch) with the old one's baseline."""
+    metrics = {"requests": float(current.requests), "errors": float(current.errors),
+               "error_rate": round(current.error_rate, 4), "elapsed_s": round(elapsed_s, 2),
+               "baseline_requests": float(baseline.requests), "baseline_error_rate": round(baseline.error_rate, 4),
+               "max_error_rate": policy.max_error_rate, "max_p95_ratio": policy.max_p95_ratio}
+    if current.p95_ms is not None:
+        metrics["p95_ms"] = round(current.p95_ms, 3)
+    if baseline.p95_ms is not None:
+        metrics["baseline_p95_ms"] = round(baseline.p95_ms, 3)
+    enough = current.requests >= max(1, min_sample)
+    if enough and current.error_rate > policy.max_error_rate:
+        return WatchVerdict(True, True, f"error rate {current.error_rate:.1%} over {current.requests} requests "
+                                        f"exceeds {policy.max_error_rate:.1%} (old model: {baseline.error_rate:.1%})", metrics)
+    if enough and current.p95_ms is not None and baseline.p95_ms and baseline.requests >= max(1, min_sample):
+        ratio = current.p95_ms / baseline.p95_ms
+        metrics["p95_ratio"] = round(ratio, 3)
+        if ratio > policy.max_p95_ratio:
+            return WatchVerdict(True, True, f"p95 latency {current.p95_ms:.1f} ms is {ratio:.2f}x the old model's "
+                                            f"{baseline.p95_ms:.1f} ms (limit {policy.max_p95_ratio}x)", metrics)
+    if elapsed_s >= policy.window_s and current.requests >= policy.min_requests:
+        return WatchVerdict(True, False, f"watched {elapsed_s:.0f}s, {current.requests} requests, no regression", metrics)
+    if elapsed_s >= max(max_watch_s, policy.window_s):
+        return WatchVerdict(True, False, f"watch ended after {elapsed_s:.0f}s with only {current.requests} of "
+                                         f"{policy.min_requests} requests; no regression seen", metrics)
+    return WatchVerdict(False, False, "", metrics)

@@ -1,0 +1,152 @@
+"""BundleStore: a content-addressed store of verified bundles and an atomically switched pointer.
+
+    <state_dir>/bundles/<manifest sha256>/   one unpacked, verified bundle per directory
+    <state_dir>/downloads/<sha>.tar.part     archives being downloaded (resumed with Range)
+    <state_dir>/pointer.json                 {"active": sha, "previous": sha}: ONE file, replaced
+                                             atomically, so a crash leaves the old or the new pair
+
+The previous committed bundle is kept for rollback; every other bundle is garbage-collected.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from agent.bundle import BundleError, TrustedKeys, VerifiedBundle, open_bundle, unpack
+from agent.bundle.manifest import SHA256_RE
+from agent.update.crashpoint import crash_point
+from agent.update.errors import StoreError
+from agent.update.persist import atomic_write
+
+POINTER_SCHEMA = 1
+
+
+def _check_sha(sha: str) -> str:
+    if not isinstance(sha, str) or not SHA256_RE.match(sha):
+        raise StoreError(f"bundle id {sha!r} is not a manifest sha256 (64 lowercase hex digits)")
+    return sha
+
+
+class BundleStore:
+    """Bundles by manifest sha256, plus the active/previous pointer."""
+
+    def __init__(self, state_dir: Path, *, trusted: TrustedKeys):
+        self.root = Path(state_dir)
+        self.trusted = trusted
+        self.bundles_dir = self.root / "bundles"
+        self.downloads_dir = self.root / "downloads"
+        self.pointer_path = self.root / "pointer.json"
+        for d in (self.root, self.bundles_dir, self.downloads_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # ---- the pointer ---------------------------------------------------------------------------
+
+    def pointer(self) -> tuple[str | None, str | None]:
+        """(active sha, previous sha) as last switched."""
+        try:
+            data = json.loads(self.pointer_path.read_bytes())
+        except FileNotFoundError:
+            return None, None
+        except ValueError as exc:
+            raise StoreError(f"{self.pointer_path} is not JSON ({exc}); the store is damaged") from None
+        if not isinstance(data, dict) or data.get("schema_version") != POINTER_SCHEMA:
+            raise StoreError(f"{self.pointer_path} has an unknown schema_version; upgrade the agent")
+        return data.get("active"), data.get("previous")
+
+    def active_sha(self) -> str | None:
+        return self.pointer()[0]
+
+    def previous_sha(self) -> str | None:
+        return self.pointer()[1]
+
+    def switch(self, active: str | None, previous: str | None) -> None:
+        """Point at `active` (and keep `previous` for rollback) in one atomic rename."""
+        for sha in (active, previous):
+            if sha is not None and not self.has(_check_sha(sha)):
+                raise StoreError(f"cannot switch to bundle {sha[:12]}: it is not in the store")
+        crash_point("switch:before_rename")
+        body = {"schema_version": POINTER_SCHEMA, "active": active, "previous": previous}
+        atomic_write(self.pointer_path, json.dumps(body).encode())
+        crash_point("switch:after_rename")
+
+    # ---- bundles -------------------------------------------------------------------------------
+
+    def path(self, sha: str) -> Path:
+        return self.bundles_dir / _check_sha(sha)
+
+    def has(self, sha: str) -> bool:
+        return (self.bundles_dir / sha / "manifest.json").is_file()
+
+    def bundle(self, sha: str, *, check_hashes: bool = False) -> VerifiedBundle:
+        """The stored bundle `sha`, its signature re-verified (and every file hash if asked)."""
+        try:
+            vb = open_bundle(self.path(sha), self.trusted, check_hashes=check_hashes)
+        except BundleError as exc:
+            raise StoreError(f"stored bundle {sha[:12]} is damaged: {exc}", code=exc.code) from None
+        if vb.manifest_sha256 != sha:
+            raise StoreError(f"stored bundle {sha[:12]} has manifest sha256 {vb.manifest_sha256[:12]}; store damaged")
+        return vb
+
+    def active(self) -> VerifiedBundle | None:
+        sha = self.active_sha()
+        return self.bundle(sha) if sha else None
+
+    def previous(self) -> VerifiedBundle | None:
+        sha = self.previous_sha()
+        return self.bundle(sha) if sha else None
+
+    def download_path(self, sha: str) -> Path:
+        return self.downloads_dir / f"{_check_sha(sha)}.tar.part"
+
+    def add_archive(self, archive: Path, sha: str) -> VerifiedBundle:
+        """Unpack and verify `archive` as bundle `sha` (idempotent: a complete copy is reused).
+
+        Raises BundleError (with its wire code) for a bad archive, StoreError when the archive's
+        manifest is not the expected one.
+        """
+        dest = self.path(sha)
+        if dest.exists():
+            try:
+                return self.bundle(sha, check_hashes=True)
+            except StoreError:
+                shutil.rmtree(dest)  # a damaged copy: unpack again
+        vb = unpack(archive, dest, self.trusted)
+        if vb.manifest_sha256 != sha:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise StoreError(
+                f"archive's manifest sha256 is {vb.manifest_sha256}, the command said {sha}; refusing it",
+                code="manifest_sha_mismatch",
+            )
+        return vb
+
+    def add_directory(self, directory: Path) -> VerifiedBundle:
+        """Install a bundle directory (first install, tests): copied in, then verified."""
+        vb = open_bundle(Path(directory), self.trusted)
+        dest = self.path(vb.manifest_sha256)
+        if not dest.exists():
+            tmp = self.bundles_dir / f".{vb.manifest_sha256}.copy"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(directory, tmp)
+            tmp.rename(dest)
+        return self.bundle(vb.manifest_sha256, check_hashes=True)
+
+    def remove(self, sha: str) -> None:
+        shutil.rmtree(self.path(sha), ignore_errors=True)
+
+    def gc(self, *, keep: tuple[str, ...] = ()) -> list[str]:
+        """Delete bundles and downloads other than active, previous and `keep`; returns removed ids."""
+        wanted = {s for s in (*self.pointer(), *keep) if s}
+        removed = []
+        for p in self.bundles_dir.iterdir():
+            if p.name not in wanted:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+        for p in self.downloads_dir.iterdir():
+            if p.name.split(".", 1)[0] not in wanted:
+                p.unlink(missing_ok=True)
+        return removed
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free

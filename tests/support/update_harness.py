@@ -1,0 +1,180 @@
+"""Test harness for agent/update: a controller-side MQTT client and an in-process device.
+
+Both talk through the real broker: the controller publishes commands on .../cmd and collects
+every ack, event and state message the device publishes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+
+from agent.bundle import TrustedKeys, pack
+from agent.protocol import Channel, StateMessage, Topics, encode, parse_device_message
+from tests.support.bundles import make_bundle
+
+CHANNEL_OF = {"state": Channel.STATE, "ack": Channel.ACK, "event": Channel.EVENTS, "health": Channel.HEALTH}
+
+
+class Controller:
+    """Publishes commands, records what devices say."""
+
+    def __init__(self, port: int, prefix: str):
+        self.topics = Topics(prefix)
+        self.messages: list[Any] = []
+        self.raw: list[tuple[str, bytes]] = []
+        self._cond = threading.Condition()
+        ready = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"ctl-{prefix}")
+
+        def on_connect(c, u, f, rc, p=None):
+            c.subscribe(f"{self.topics.root}/#", qos=1)
+
+        def on_subscribe(*a):
+            ready.set()
+
+        def on_message(c, u, msg):
+            parsed = self.topics.parse(msg.topic)
+            if parsed is None or parsed[1] == Channel.CMD:
+                return
+            m = parse_device_message(msg.payload, channel=parsed[1], device_id=parsed[0])
+            with self._cond:
+                self.raw.append((msg.topic, msg.payload))
+                self.messages.append(m)
+                self._cond.notify_all()
+
+        self.client.on_connect, self.client.on_subscribe, self.client.on_message = on_connect, on_subscribe, on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert ready.wait(10), "controller could not subscribe"
+
+    def send_raw(self, device_id: str, payload: bytes) -> None:
+        self.client.publish(self.topics.device(device_id, Channel.CMD), payload, qos=1).wait_for_publish(5)
+
+    def send(self, command) -> None:
+        self.send_raw(command.device_id, encode(command))
+
+    def wait(self, pred: Callable[[Any], bool], timeout: float = 60.0, what: str = "message") -> Any:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for m in self.messages:
+                    if pred(m):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = [(m.type, getattr(m, "state", ""), getattr(m, "code", "")) for m in self.messages[-15:]]
+                    raise AssertionError(f"no {what} within {timeout}s; last messages: {seen}")
+                self._cond.wait(left)
+
+    def ack(self, command_id: str, timeout: float = 30.0):
+        return self.wait(lambda m: m.type == "ack" and m.command_id == command_id, timeout, f"ack {command_id}")
+
+    def final_event(self, command_id: str, timeout: float = 90.0):
+        rest = {"committed", "failed", "rolled_back"}
+        return self.wait(lambda m: m.type == "event" and m.command_id == command_id and m.state.value in rest,
+                         timeout, f"final event of {command_id}")
+
+    def events(self, command_id: str) -> list:
+        with self._cond:
+            return [m for m in self.messages if m.type == "event" and m.command_id == command_id]
+
+    def states(self) -> list[StateMessage]:
+        with self._cond:
+            return [m for m in self.messages if m.type == "state"]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@dataclass
+class Bundles:
+    """Signed test bundles packed as .tar, served over HTTP."""
+
+    root: Path
+    private_key: Path
+    made: dict[str, tuple[Path, Path, str]] = field(default_factory=dict)  # label -> (dir, tar, sha)
+
+    def make(self, label: str, **kw) -> tuple[Path, Path, str]:
+        from agent.bundle import open_bundle, load_public_key  # noqa: F401
+
+        d = self.root / label
+        make_bundle(d, self.private_key, **kw)
+        tar = pack(d, self.root / f"{label}.tar")
+        import hashlib
+
+        sha = hashlib.sha256((d / "manifest.json").read_bytes()).hexdigest()
+        self.made[label] = (d, tar, sha)
+        return d, tar, sha
+
+
+class InProcessDevice:
+    """BundleStore + ModelHost + UpdateManager in this process, linked to the broker with paho."""
+
+    def __init__(self, state_dir: Path, port: int, prefix: str, trusted: TrustedKeys, *, install: Path | None = None,
+                 device_id: str = "dev1", **config_kw):
+        from agent.runtime import ModelHost, load_model
+        from agent.update.manager import UpdateConfig, UpdateManager
+        from agent.update.store import BundleStore
+
+        self.device_id = device_id
+        self.store = BundleStore(state_dir, trusted=trusted)
+        if self.store.active_sha() is None and install is not None:
+            vb = self.store.add_directory(install)
+            self.store.switch(vb.manifest_sha256, None)
+        active = self.store.active()
+        self.host = ModelHost(load_model(active) if active else None)
+        self.topics = Topics(prefix)
+        self.seq = itertools.count().__next__
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{device_id}-{prefix}")
+        self.inbox: queue.Queue[bytes | None] = queue.Queue()
+        ready = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(self.topics.device(device_id, Channel.CMD), qos=1)
+        self.client.on_subscribe = lambda *a: ready.set()
+        self.client.on_message = lambda c, u, msg: self.inbox.put(msg.payload)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert ready.wait(10)
+        cfg = dict(state_dir=state_dir, device_id=device_id, agent_version="0.1.0", watch_poll_s=0.05,
+                   drain_timeout_s=5, max_watch_s=20)
+        cfg.update(config_kw)
+        self.manager = UpdateManager(config=UpdateConfig(**cfg), store=self.store, host=self.host,
+                                     publish=self.publish, trusted=trusted, next_seq=self.seq,
+                                     on_state_change=self.publish_state)
+        self.manager.recover()
+        self._owner = threading.Thread(target=self._serve, daemon=True)
+        self._owner.start()
+
+    def publish(self, msg) -> None:
+        self.client.publish(self.topics.device(self.device_id, CHANNEL_OF[msg.type]), encode(msg), qos=1,
+                            retain=msg.type == "state").wait_for_publish(5)
+
+    def publish_state(self) -> None:
+        snap = self.manager.snapshot()
+        self.publish(StateMessage(device_id=self.device_id, session=self.manager.config.session, seq=self.seq(),
+                                  agent_version="0.1.0", **snap))
+
+    def _serve(self) -> None:  # the owner thread: commands are handled here, never on paho's thread
+        while (payload := self.inbox.get()) is not None:
+            self.publish(self.manager.handle_payload(payload))
+
+    def serving_sha(self) -> str | None:
+        cur = self.host.current
+        return Path(cur.path).name if cur is not None else None
+
+    def close(self) -> None:
+        self.inbox.put(None)
+        self.manager.close()
+        self.client.loop_stop()
+        self.client.disconnect()
+        cur = self.host.current
+        if cur is not None:
+            cur.close()

@@ -139,8 +139,14 @@ def infer_task(config: Any) -> str:
         return "text-classification"
     if archs and all(a.endswith("Model") for a in archs):
         return "embedding"
-    if getattr(config, "model_type", "") in ("bert", "xlm-roberta", "roberta", "mpnet", "distilbert"):
+    model_type = getattr(config, "model_type", "")
+    if model_type in ("bert", "xlm-roberta", "roberta", "mpnet", "distilbert"):
         return "embedding"
+    if not archs:  # GGUF configs carry no `architectures`; a decoder model_type says enough
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            return "text-generation"
     raise TaskNotSupported(
         f"cannot tell the task of this {getattr(config, 'model_type', '?')} model (architectures: {archs or 'none'}); "
         "pass --task text-generation, embedding or text-classification"

@@ -61,7 +61,8 @@ class StatsCollector:
             p = self._period
             p.requests += 1
             p.errors += 0 if ok else 1
-            p.latencies.append(latency_ms)
+            if ok:  # a failure's latency says nothing about serving speed
+                p.latencies.append(latency_ms)
             p.prefill_tokens += prefill_tokens
             p.prefill_s += prefill_s
             p.decode_tokens += decode_tokens

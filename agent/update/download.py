@@ -65,16 +65,23 @@ def fetch_head(url: str, opts: DownloadOptions = DownloadOptions()) -> tuple[byt
         code = "download_timeout" if isinstance(reason, (TimeoutError, socket.timeout)) else "download_failed"
         raise DownloadError(f"GET {_short(url)}: {reason}", code=code) from None
     found: dict[str, bytes] = {}
+    cut = False
     try:
         with tarfile.open(fileobj=io.BytesIO(body), mode="r|") as tar:
             for member in tar:
                 if member.name in (MANIFEST_NAME, SIGNATURE_NAME) and member.isfile():
                     f = tar.extractfile(member)
-                    found[member.name] = f.read() if f else b""
+                    data = f.read() if f else b""
+                    if len(data) != member.size:
+                        raise EOFError
+                    found[member.name] = data
                 if len(found) == 2:
                     break
     except (tarfile.TarError, EOFError):
-        pass
+        cut = len(body) < limit and len(body) > 0
+    if len(found) < 2 and cut:
+        raise DownloadError(f"{_short(url)} ended after {len(body)} bytes, inside the bundle's manifest",
+                            code="download_truncated")
     if MANIFEST_NAME not in found:
         raise DownloadError(f"{_short(url)} does not start with a bundle manifest; is it an edgeship bundle .tar?",
                             code="not_a_bundle")

@@ -30,6 +30,7 @@ from agent.protocol import (
     BundleRef,
     CancelCommand,
     DeployCommand,
+    MAX_PAYLOAD_BYTES,
     EventMessage,
     ProtocolError,
     ReportCommand,
@@ -102,6 +103,8 @@ def _ref(vb: VerifiedBundle | None) -> BundleRef | None:
 
 def _command_id(payload: bytes | str) -> str:
     """Best effort: the id of a command we could not parse, so the ack can name it."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return "unknown"  # not worth parsing
     try:
         cid = json.loads(payload).get("id")
         if isinstance(cid, str) and 0 < len(cid) <= 64:
@@ -127,6 +130,7 @@ class UpdateManager:
         self._rollback = threading.Event()
         self._work: queue.Queue[str | None] = queue.Queue()
         self._worker: threading.Thread | None = None
+        self._running = threading.Event()
         self._closed = False
 
     # ---- public ----------------------------------------------------------------------------------
@@ -212,7 +216,7 @@ class UpdateManager:
         """Block until no update is in progress (for tests and clean shutdown)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if is_rest(self.state) and self._work.empty():
+            if is_rest(self.state) and self._work.empty() and not self._running.is_set():
                 return True
             time.sleep(0.05)
         return False
@@ -305,6 +309,7 @@ class UpdateManager:
         if self._worker is None or not self._worker.is_alive():
             self._worker = threading.Thread(target=self._worker_loop, name="edgeship-update", daemon=True)
             self._worker.start()
+        self._running.set()
         self._work.put("run")
 
     def _worker_loop(self) -> None:
@@ -312,10 +317,14 @@ class UpdateManager:
             item = self._work.get()
             if item is None:
                 return
+            self._running.set()
             try:
                 self._run()
             except Exception:  # the worker must survive anything, leaving a consistent state
                 log.exception("update worker failed")
+            finally:
+                if self._work.empty():
+                    self._running.clear()
 
     def _run(self) -> None:
         if getattr(self, "_pending_event", False):

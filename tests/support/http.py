@@ -51,7 +51,7 @@ class FileServer:
         self.httpd.daemon_threads = True
 
     def start(self) -> FileServer:
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
     def stop(self) -> None:

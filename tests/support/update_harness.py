@@ -6,6 +6,7 @@ every ack, event and state message the device publishes.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import queue
 import threading
@@ -91,8 +92,8 @@ class Controller:
             return [m for m in self.messages if m.type == "state"]
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 @dataclass
@@ -104,13 +105,9 @@ class Bundles:
     made: dict[str, tuple[Path, Path, str]] = field(default_factory=dict)  # label -> (dir, tar, sha)
 
     def make(self, label: str, **kw) -> tuple[Path, Path, str]:
-        from agent.bundle import open_bundle, load_public_key  # noqa: F401
-
         d = self.root / label
         make_bundle(d, self.private_key, **kw)
         tar = pack(d, self.root / f"{label}.tar")
-        import hashlib
-
         sha = hashlib.sha256((d / "manifest.json").read_bytes()).hexdigest()
         self.made[label] = (d, tar, sha)
         return d, tar, sha
@@ -173,8 +170,8 @@ class InProcessDevice:
     def close(self) -> None:
         self.inbox.put(None)
         self.manager.close()
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
         cur = self.host.current
         if cur is not None:
             cur.close()

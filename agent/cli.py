@@ -47,3 +47,69 @@ def verify(bundle: Path, keys: tuple[Path, ...], as_json: bool) -> None:
     else:
         click.echo(f"ok: {m.ref} ({m.task.value}, target {m.target.profile}), {len(m.files)} files, "
                    f"signed by {vb.key_id}, manifest sha256 {vb.manifest_sha256}")
+
+
+@cli.command("run")
+@click.option("--config", "config", type=click.Path(path_type=Path), default=None,
+              help="TOML config file (default /etc/edgeship/agent.toml, or $EDGESHIP_AGENT_CONFIG).")
+@click.option("--device-id", default=None, help="Override the device id (default: /etc/machine-id).")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="A label (repeatable); replaces configured labels.")
+@click.option("--broker-url", default=None, help="mqtt://host:port or mqtts://host:port.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="Bundles and update state (default /var/lib/edgeship).")
+@click.option("--api-bind", default=None, help="host:port or unix:/path for the local API.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path), help="Pinned public key (repeatable).")
+@click.option("--log-level", default=None, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--set", "sets", multiple=True, metavar="PATH=VALUE", help="Any option by dotted path, e.g. broker.keepalive_s=60.")
+@click.option("--check-config", is_flag=True, help="Print the resolved config as JSON (password masked) and exit.")
+def run(config, device_id, labels, broker_url, state_dir, api_bind, trusted_keys, log_level, sets, check_config) -> None:
+    """Run the agent: serve the active bundle locally, report to the fleet, apply updates.
+
+    Sources, highest first: these options, EDGESHIP_AGENT_* environment variables, the TOML file, defaults.
+    """
+    from agent.config import ConfigError, load_settings, merge, parse_override
+    from agent.service import StartupError, run_agent
+
+    try:
+        overrides: dict = {}
+        for item in sets:
+            overrides = merge(overrides, parse_override(item))
+        flags = {"device_id": device_id, "broker": {"url": broker_url} if broker_url else None, "state_dir": state_dir,
+                 "api": {"bind": api_bind} if api_bind else None, "log_level": log_level,
+                 "labels": ",".join(labels) if labels else None, "trusted_keys": list(trusted_keys) or None}
+        overrides = merge(overrides, {k: v for k, v in flags.items() if v is not None})
+        if check_config:
+            click.echo(json.dumps(load_settings(config, overrides).redacted(), indent=2))
+            return
+        sys.exit(run_agent(config, overrides))
+    except ConfigError as exc:
+        for line in exc.lines:
+            click.echo(line, err=True)
+        sys.exit(2)
+    except StartupError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+@cli.command("install-service")
+@click.option("--dry-run", is_flag=True, help="Print the unit instead of writing it.")
+@click.option("--unit-dir", type=click.Path(path_type=Path), default=Path("/etc/systemd/system"), show_default=True)
+@click.option("--user", default=None, help="Run as this existing system user (default: DynamicUser=yes).")
+@click.option("--config", "config", type=click.Path(path_type=Path), default=Path("/etc/edgeship/agent.toml"), show_default=True,
+              help="Config path the unit passes to `edgeship agent run`.")
+@click.option("--watchdog", "watchdog_s", type=int, default=60, show_default=True, help="WatchdogSec= in seconds.")
+@click.option("--allow-device", "devices", multiple=True, metavar="/dev/...", help="Device node an NPU/GPU needs (repeatable).")
+def install_service(dry_run, unit_dir, user, config, watchdog_s, devices) -> None:
+    """Write a hardened systemd unit for the agent (edgeship-agent.service)."""
+    from agent.systemd import UnitError, UnitOptions, default_exec_start, install_unit, render_unit
+
+    try:
+        text = render_unit(UnitOptions(exec_start=default_exec_start(config), user=user,
+                                       watchdog_s=watchdog_s, devices=list(devices)))
+        if dry_run:
+            click.echo(text, nl=False)
+            return
+        path = install_unit(text, unit_dir)
+    except UnitError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"wrote {path}\nnext: systemctl daemon-reload && systemctl enable --now edgeship-agent")

@@ -1,0 +1,327 @@
+"""AgentService: `edgeship agent run`. Wires settings -> BundleStore -> active model -> ModelHost ->
+ApiServer -> MqttLink -> UpdateManager, and runs the owner loop.
+
+Threads:
+
+    main (owner)   signals, commands, heartbeats, watchdog, state publishing: one inbox, one loop
+    paho           MqttLink's network thread; hands parsed commands to the inbox
+    api            the ApiServer's threads (inference)
+    update worker  UpdateManager's own thread (publishes events through MqttLink.publish)
+
+Start-up order: config (invalid -> exit 2 before anything is touched) -> state dir and store ->
+update recovery -> load the active bundle (hashes and signature verified) -> API listening ->
+READY=1 -> MQTT (in the background; inference never waits for the broker).
+
+Errors: StartupError(RuntimeError) — the agent cannot start (state dir, keys, store); one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeship import __version__
+from agent.api import ApiServer
+from agent.bundle import TrustedKeys, open_bundle
+from agent.bundle.signing import KeyError_
+from agent.config import AgentSettings, ConfigError, load_settings
+from agent.facts import CpuMeter, Uptime, cpu_flags, device_facts, disk_free, meminfo, process_rss, temperature_c
+from agent.link import MqttLink
+from agent.protocol import AckMessage, BundleRef, HealthMessage, ReportCommand, StateMessage, UpdateState, WatchPolicy
+from agent.runtime import ModelHost, load_model
+from agent.systemd import Notifier
+from agent.update.errors import StoreError
+from agent.update.manager import UpdateConfig, UpdateManager
+from agent.update.store import BundleStore
+
+log = logging.getLogger("edgeship.agent")
+
+
+class StartupError(RuntimeError):
+    """The agent cannot start; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class _Connected:
+    """The link is (re)connected and subscribed: publish the retained state."""
+
+
+@dataclass(frozen=True)
+class _StateChanged:
+    """Something in the retained state changed (an update event)."""
+
+
+def bundle_ref(vb: Any) -> BundleRef | None:
+    if vb is None:
+        return None
+    return BundleRef(name=vb.manifest.name, version=vb.manifest.version, manifest_sha256=vb.manifest_sha256)
+
+
+def configure_logging(level: str) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        # journald stamps the time; a terminal user can read the order.
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("edgeship").setLevel(level)
+
+
+class AgentService:
+    """The device service. `run()` blocks until SIGTERM/SIGINT and returns the exit code."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        reload: Callable[[], AgentSettings] | None = None,
+        notifier: Notifier | None = None,
+    ):
+        self.settings = settings
+        self._reload = reload
+        self.notifier = notifier or Notifier()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # SimpleQueue.put is safe in signal handlers
+        self.uptime = Uptime()
+        self.cpu = CpuMeter()
+        self.host = ModelHost()
+        self.store = None
+        self.api = None
+        self.link: MqttLink | None = None
+        self.manager = None
+        self.facts = None
+        self.trusted = TrustedKeys([])
+        self._hash_checked: set[str] = set()
+
+    # ---- start-up -----------------------------------------------------------------------------
+
+    def _open_store(self) -> None:
+        s = self.settings
+        try:
+            s.state_dir.mkdir(parents=True, exist_ok=True)
+            probe = s.state_dir / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StartupError(f"state_dir {s.state_dir} is not writable ({exc.strerror}); "
+                               "fix its permissions or set state_dir") from None
+        try:
+            self.trusted = TrustedKeys.from_paths(s.trusted_keys)
+        except KeyError_ as exc:
+            raise StartupError(f"trusted_keys: {exc}") from None
+        if not len(self.trusted):
+            log.warning("no trusted_keys configured: every deploy will be refused until one is added")
+        try:
+            self.store = BundleStore(s.state_dir, trusted=self.trusted)
+        except (StoreError, OSError) as exc:
+            raise StartupError(f"bundle store in {s.state_dir}: {exc}") from None
+
+    def _load(self, vb: Any, **kw: Any) -> Any:
+        """load_model, with every file hash checked the first time this process loads a bundle."""
+        if vb.manifest_sha256 not in self._hash_checked:
+            vb = open_bundle(vb.path, self.trusted, check_hashes=True)
+            self._hash_checked.add(vb.manifest_sha256)
+        return load_model(vb, **kw)
+
+    def _start_updates(self) -> None:
+        """The update manager finishes or undoes an interrupted update and loads the active bundle."""
+        s = self.settings
+        config = UpdateConfig(
+            state_dir=s.state_dir,
+            device_id=s.device_id,
+            agent_version=__version__,
+            session=self.link.session,
+            arch=self.facts.arch,
+            execution_providers=tuple(self.facts.execution_providers),
+            cpu_features=cpu_flags() or None,
+            providers=s.runtime.providers or None,
+            threads=s.runtime.threads or None,
+            default_watch=WatchPolicy(**s.watch.model_dump()),
+            drain_timeout_s=s.api.drain_timeout_s,
+        )
+        self.manager = UpdateManager(config=config, store=self.store, host=self.host, publish=self._publish,
+                                     trusted=self.trusted, load=self._load,
+                                     on_state_change=lambda: self.inbox.put(_StateChanged()))
+        try:
+            self.manager.recover()
+        except Exception as exc:
+            # Serving nothing beats crash-looping: /readyz says not ready, the state shows no model.
+            log.error("cannot load the active bundle: %s", exc)
+        model = self.host.current
+        if model is not None:
+            log.info("serving %s on %s with %d threads", model.ref, model.execution_provider, model.threads)
+        elif self.store.active_sha() is None:
+            log.info("no bundle installed yet; waiting for a deploy")
+
+    def _start_api(self) -> None:
+        a = self.settings.api
+        self.api = ApiServer(
+            self.host,
+            host_addr=a.host or "127.0.0.1",
+            port=a.port,
+            unix_socket=a.unix_socket,
+            queue_size=a.queue_size,
+            request_timeout_s=a.request_timeout_s,
+        )
+        try:
+            self.api.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on api.bind {a.bind!r}: {exc.strerror or exc}") from None
+
+    # ---- what the device says -----------------------------------------------------------------
+
+    def state_message(self) -> StateMessage:
+        model = self.host.current
+        try:
+            slots = self.manager.snapshot() if self.manager is not None else {}
+        except Exception as exc:  # a damaged store must not stop the device from reporting
+            log.error("cannot read the bundle store for the state: %s", exc)
+            slots = {}
+        return StateMessage(
+            device_id=self.settings.device_id, session="-", seq=0, agent_version=__version__,
+            facts=self.facts, labels=self.settings.labels, **slots,
+            execution_provider=model.execution_provider if model is not None else None,
+        )
+
+    def health_message(self) -> HealthMessage:
+        mem = meminfo()
+        model = self.host.current
+        update = self.manager.status if self.manager is not None else None
+        if self.api is not None:
+            self.host.stats.queue_depth = self.api.admission.depth
+        return HealthMessage(
+            device_id=self.settings.device_id, session="-", seq=0,
+            uptime_s=self.uptime.seconds(), cpu_percent=self.cpu.percent(), rss_bytes=process_rss(),
+            mem_available_bytes=mem.get("MemAvailable"), disk_free_bytes=disk_free(self.settings.state_dir),
+            temperature_c=temperature_c(),
+            active=bundle_ref(model.bundle) if model is not None else None,
+            update_state=update.state if update is not None else UpdateState.IDLE,
+            inference=self.host.stats.snapshot_and_reset(),
+        )
+
+    def _publish(self, msg: Any) -> None:
+        """UpdateManager's publish (any thread): the link stamps session and seq."""
+        if self.link is not None:
+            self.link.publish(msg)
+
+    def status_line(self) -> str:
+        model = self.host.current
+        serving = f"serving {model.ref} on {model.execution_provider}" if model else "no model"
+        broker = "broker connected" if self.link and self.link.connected else "broker offline"
+        return f"{serving}; {broker}"
+
+    # ---- the owner loop -----------------------------------------------------------------------
+
+    def _handle_command(self, cmd: Any) -> None:
+        try:
+            result = self.manager.handle(cmd)  # answers at once; updates run on its worker thread
+        except Exception as exc:  # the loop must survive any one command
+            log.exception("update manager failed on command %s", cmd.id)
+            result = AckMessage(device_id=self.settings.device_id, session="-", seq=0, command_id=cmd.id,
+                                accepted=False, code="internal_error", reason=f"{type(exc).__name__}: {exc}"[:500])
+        self.link.publish(result)
+        if isinstance(cmd, ReportCommand):  # the manager re-publishes the state; add a fresh heartbeat
+            self.link.publish(self.health_message())
+
+    def _reload_settings(self) -> None:
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            new = self._reload() if self._reload else self.settings
+        except ConfigError as exc:
+            for line in exc.lines:
+                log.error("reload refused, keeping the running config: %s", line)
+            self.notifier.send("READY=1", f"STATUS={self.status_line()} (reload refused: bad config)")
+            return
+        # Only these change live; the rest needs a restart (and says so).
+        live = {"labels", "heartbeat_interval_s", "log_level"}
+        needs_restart = sorted(k for k in new.model_fields if k not in live and getattr(new, k) != getattr(self.settings, k))
+        self.settings = self.settings.model_copy(update={k: getattr(new, k) for k in live})
+        configure_logging(self.settings.log_level)
+        if needs_restart:
+            log.warning("config reloaded; changes to %s take effect after a restart", ", ".join(needs_restart))
+        log.info("config reloaded: labels=%s heartbeat=%ss log_level=%s", self.settings.labels,
+                 self.settings.heartbeat_interval_s, self.settings.log_level)
+        self.link.publish(self.state_message())
+        self.notifier.send("READY=1", f"STATUS={self.status_line()}")
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.inbox.put(signal.Signals(signum))
+
+    def run(self) -> int:
+        """Start everything, loop until SIGTERM/SIGINT, shut down cleanly. Returns the exit code."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self.notifier.status("starting")
+        self._open_store()
+        self.facts = device_facts()
+        # Built before the update manager so what recovery publishes is buffered, sent on connect.
+        self.link = MqttLink(self.settings.broker, device_id=self.settings.device_id,
+                             on_command=self.inbox.put, on_connected=lambda: self.inbox.put(_Connected()))
+        self._start_updates()
+        self._start_api()
+        self.link.start()
+        self.notifier.ready(self.status_line())
+        log.info("ready: %s; device %s", self.status_line(), self.settings.device_id)
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _loop(self) -> None:
+        now = time.monotonic()
+        next_beat = now + self.settings.heartbeat_interval_s
+        wd = self.notifier.watchdog_interval_s
+        next_wd = now + wd if wd else float("inf")
+        while True:
+            timeout = max(0.0, min(next_beat, next_wd) - time.monotonic())
+            try:
+                item = self.inbox.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if item is signal.SIGTERM or item is signal.SIGINT:
+                log.info("%s: shutting down", item.name)
+                return
+            if item is signal.SIGHUP:
+                self._reload_settings()
+                next_beat = min(next_beat, time.monotonic() + self.settings.heartbeat_interval_s)
+            elif isinstance(item, (_Connected, _StateChanged)):
+                self.link.publish(self.state_message())
+                self.notifier.status(self.status_line())
+            elif item is not None:
+                self._handle_command(item)
+            now = time.monotonic()
+            if now >= next_beat:
+                self.link.publish(self.health_message())
+                next_beat = now + self.settings.heartbeat_interval_s
+            if now >= next_wd:
+                self.notifier.watchdog()
+                next_wd = now + wd
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping("draining requests")
+        if self.api is not None:
+            self.api.stop(self.settings.api.drain_timeout_s)
+        if self.manager is not None:
+            self.manager.close()
+        if self.link is not None:
+            sent = self.link.stop()
+            log.info("offline state %s", "published" if sent else "not published (broker unreachable)")
+        model = self.host.swap(None)
+        if model is not None:
+            model.close()
+
+
+def run_agent(config: Path | None, overrides: dict[str, Any]) -> int:
+    """`edgeship agent run`: load the config (exit 2 on any bad field), then run the service."""
+    settings = load_settings(config, overrides)  # ConfigError is printed by the CLI
+    configure_logging(settings.log_level)
+    service = AgentService(settings, reload=lambda: load_settings(config, overrides))
+    return service.run()

@@ -3,6 +3,7 @@
     ApiError(Exception)              .status, .type, .code, .param
     ├── BadRequest(ValueError)       400 invalid_request_error (malformed JSON, wrong types, ranges)
     ├── NotFound(LookupError)        404 (unknown route or model)
+    ├── MethodNotAllowed             405
     ├── PayloadTooLarge(ValueError)  413
     ├── Overloaded                   503 with Retry-After (queue full, no model, shutting down)
     └── Timeout(TimeoutError)        504 (request_timeout_s passed)
@@ -44,6 +45,12 @@ class NotFound(ApiError, LookupError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
 
 
 class PayloadTooLarge(ApiError, ValueError):

@@ -53,6 +53,7 @@ class _Generate(_Body):
     frequency_penalty: Annotated[Number, Field(ge=0, le=0)] | None = None
     logprobs: Literal[False] | None = None
     user: StrictStr | None = None
+    ignore_eos: StrictBool = False  # extension (vLLM): keep going past end-of-sequence tokens
 
     def stops(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)

@@ -13,6 +13,7 @@ import base64
 import json
 import logging
 import os
+import re
 import select
 import socket
 import socketserver
@@ -30,7 +31,15 @@ from pydantic import BaseModel, ValidationError
 
 from agent.api import metrics
 from agent.api.admission import Admission
-from agent.api.errors import ApiError, BadRequest, NotFound, Overloaded, PayloadTooLarge, Timeout
+from agent.api.errors import (
+    ApiError,
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    Timeout,
+)
 from agent.api.schemas import (
     ChatCompletionRequest,
     ClassificationRequest,
@@ -45,6 +54,8 @@ from agent.runtime.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 << 20
+# pydantic names the union member in an error's loc ("temperature.int"); the param is the field
+_UNION_TAG = re.compile(r"^(int|float|str|bool|none|list|dict)$|[\[\-]")
 
 
 class ClientGone(Exception):
@@ -130,6 +141,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         self.server.api._dispatch(self, "POST")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self.server.api._dispatch(self, "PUT")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self.server.api._dispatch(self, "DELETE")
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        self.server.api._dispatch(self, "PATCH")
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         log.debug("api: " + format, *args)
@@ -264,6 +284,9 @@ class ApiServer:
         with self._lock:
             self._active += 1
         try:
+            if route is None and any(p == path for _, p in routes):
+                allowed = ", ".join(sorted(m for m, p in routes if p == path))
+                raise MethodNotAllowed(f"{method} is not allowed on {path}; use {allowed}")
             if route is None:
                 known = sorted({p for _, p in routes})
                 raise NotFound(f"no route {method} {path}; this server has {', '.join(known)}", code="unknown_route")
@@ -308,7 +331,7 @@ class ApiServer:
             return schema.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
+            loc = ".".join(str(p) for p in first["loc"] if not _UNION_TAG.match(str(p)))
             got = json.dumps(first.get("input"), default=str)[:80]
             raise BadRequest(f"{loc or 'body'}: {first['msg']} (got {got})", param=loc or None,
                              code="invalid_value") from None
@@ -359,7 +382,7 @@ class ApiServer:
             cancel = threading.Event()
             try:
                 gen = model.generate(prompt, messages=messages, max_tokens=limit, sampling=sampling,
-                                     stop=req.stops(), cancel=cancel, deadline=deadline)
+                                     stop=req.stops(), cancel=cancel, deadline=deadline, ignore_eos=req.ignore_eos)
             except InputError as exc:
                 raise BadRequest(str(exc), param=getattr(exc, "param", None), code=exc.code) from None
             started = time.perf_counter()

@@ -155,7 +155,8 @@ class TextGenerationModel(LoadedModel):
     def generate(self, prompt: str | list[int] | None = None, *, messages: list[dict[str, Any]] | None = None,
                  max_tokens: int = 256, sampling: SamplingParams | None = None, stop: list[str] | tuple = (),
                  stop_token_ids: list[int] | tuple = (), cancel: threading.Event | None = None,
-                 deadline: float | None = None, use_prefix_cache: bool = True) -> Generation:
+                 deadline: float | None = None, use_prefix_cache: bool = True,
+                 ignore_eos: bool = False) -> Generation:
         """Stream a completion of `prompt` (text or token ids) or of chat `messages`.
 
         Prompt problems raise InputError here, before anything runs. The returned Generation runs
@@ -176,7 +177,7 @@ class TextGenerationModel(LoadedModel):
             raise InputError(f"max_tokens {max_tokens} must be at least 1", param="max_tokens")
         gen = Generation(iter(()))
         gen._chunks = self._run(gen.stats, ids, max_tokens=max_tokens, sampler=Sampler(sampling or SamplingParams()),
-                                stop=list(stop), stop_ids=self.eos_token_ids | set(stop_token_ids), cancel=cancel,
+                                stop=list(stop), stop_ids=(set() if ignore_eos else set(self.eos_token_ids)) | set(stop_token_ids), cancel=cancel,
                                 deadline=deadline, use_prefix_cache=use_prefix_cache)
         gen.stats.prompt_tokens = len(ids)
         return gen

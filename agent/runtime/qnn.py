@@ -26,7 +26,7 @@ class QnnUnavailable(RuntimeError):
     """onnxruntime-qnn is missing or its EP cannot be registered on this host."""
 
 
-def register_qnn() -> None:
+def register_qnn_ep() -> None:
     """Register the QNN EP plugin with onnxruntime (idempotent, thread-safe)."""
     global _registered
     with _lock:
@@ -50,7 +50,7 @@ def register_qnn() -> None:
 
 def qnn_devices() -> list:
     """The OrtEpDevice entries the QNN plugin offers (registers it first)."""
-    register_qnn()
+    register_qnn_ep()
     devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
     if not devices:
         raise QnnUnavailable(f"{EP_NAME} is registered but offers no device on this host")
@@ -66,6 +66,16 @@ def htp_backend_path() -> str:
     return onnxruntime_qnn.get_qnn_htp_path()
 
 
+def plugin_options(options: dict[str, str]) -> dict[str, str]:
+    """Profile/manifest QNN options as the plugin wants them: `backend_type` becomes `backend_path`."""
+    opts = {k: str(v) for k, v in options.items()}
+    backend = opts.pop("backend_type", "htp")
+    if backend != "htp":
+        raise QnnUnavailable(f"QNN backend_type {backend!r} is not supported here; use 'htp'")
+    opts.setdefault("backend_path", htp_backend_path())
+    return opts
+
+
 def qnn_session_options(
     *,
     cpu_fallback: bool = True,
@@ -78,11 +88,7 @@ def qnn_session_options(
     into the backend library path, which is what the plugin wants.
     """
     so = sess_options or ort.SessionOptions()
-    opts = {k: str(v) for k, v in (provider_options or {}).items()}
-    backend = opts.pop("backend_type", "htp")
-    if backend != "htp":
-        raise QnnUnavailable(f"QNN backend_type {backend!r} is not supported here; use 'htp'")
-    opts.setdefault("backend_path", htp_backend_path())
+    opts = plugin_options(provider_options or {})
     if not cpu_fallback:
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     so.add_provider_for_devices(qnn_devices()[:1], opts)

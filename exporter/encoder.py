@@ -1,0 +1,619 @@
+"""Encoders (BERT/MiniLM family): sentence embeddings and text classification -> ONNX files of a bundle.
+
+    export_encoder(model, out_dir, task=..., profile=..., recipe=..., thresholds=...) -> EncoderResult
+
+Embedding graphs end in the final vector: mean pooling over the attention mask (or CLS, as the
+checkpoint's sentence-transformers config says) and L2 normalization happen inside the graph,
+output `sentence_embedding` [batch, dim]. Classification graphs output `logits` [batch, labels].
+CPU profiles get dynamic batch and sequence axes; static profiles (the NPU) get [1, sequence_length].
+
+Steps: PyTorch reference on the evaluation sentences -> ONNX fp32 (checked against the reference)
+-> quantization per recipe (int8 dynamic per-channel with automatic mixed precision, fp16, or
+static QDQ for QNN HTP, verified on the HTP backend) -> quality gate -> golden files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from agent.bundle import Golden, ModelSpec, QualityReport, QualityStatus, Quantization
+from exporter import calibration, mixed_precision
+from exporter.errors import ConversionError, IncompatibleTarget, TaskNotSupported, UnsupportedArchitecture
+from exporter.profiles import QuantRecipe, TargetProfile, Thresholds
+from exporter.progress import Progress
+
+ENCODER_TASKS = ("embedding", "text-classification")
+SUPPORTED_ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra")
+ENCODER_METHODS = ("none", "fp16", "int8-dynamic", "qdq-static")
+# Additive attention-mask value. The exported graph fills masked keys with float32's minimum;
+# quantizing that Add to 16 bits would spend the whole range on the mask and leave the attention
+# scores no resolution. exp(-100) is 4e-44: masked keys still get no weight.
+MASK_FILL = -100.0
+ONNX_NAME = "model.onnx"
+GOLDEN_DIR = "golden"
+GOLDEN_ROWS = 4
+# The mixed-precision search must beat the thresholds on calibration text by this share of the
+# distance to 1.0, so that the unseen evaluation text passes too.
+SEARCH_MARGIN = 0.25
+DEFAULT_EMBED_THRESHOLDS = {"min_cosine_mean": 0.995, "min_cosine_min": 0.98}
+DEFAULT_CLS_THRESHOLDS = {"min_label_agreement": 0.95}
+
+
+@dataclass(frozen=True)
+class EncoderResult:
+    onnx_path: Path  # inside out_dir
+    files: list[Path]  # every file written into out_dir
+    model_spec: ModelSpec
+    quantization: Quantization
+    quality: QualityReport
+    golden: Golden
+    size_fp32_bytes: int
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """Tokenized text as the ONNX graph takes it. Static graphs take one row per call."""
+
+    feeds: list[dict[str, np.ndarray]]
+
+    @property
+    def rows(self) -> int:
+        return sum(len(next(iter(f.values()))) for f in self.feeds)
+
+
+def export_encoder(
+    model: str | Path,
+    out_dir: Path,
+    *,
+    task: str,
+    profile: TargetProfile,
+    recipe: QuantRecipe,
+    thresholds: Thresholds,
+    eval_texts: list[str] | None = None,
+    calibration_texts: list[str] | None = None,
+    progress: Progress | None = None,
+    ep_context: bool = False,
+) -> EncoderResult:
+    """Export an encoder checkpoint to `out_dir` (model, tokenizer, golden files) and judge it."""
+    progress = progress or Progress()
+    if task not in ENCODER_TASKS:
+        raise TaskNotSupported(f"encoder export does task embedding or text-classification, not {task!r}")
+    if recipe.method not in ENCODER_METHODS:
+        raise IncompatibleTarget(
+            f"quantization {recipe.method!r} is not available for encoders; use one of: {', '.join(ENCODER_METHODS)}"
+        )
+    static = profile.shapes.static
+    if recipe.method == "qdq-static" and not static:
+        raise IncompatibleTarget(f"qdq-static is the NPU recipe and needs a static-shape profile; {profile.name} is dynamic")
+    if ep_context and profile.device_class != "npu":
+        raise IncompatibleTarget(f"an EP context binary is an NPU artefact; profile {profile.name} is {profile.device_class}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    evals = eval_texts or calibration.eval_texts()
+    calib = calibration_texts or calibration.calibration_texts(limit=max(recipe.calibration_samples, 32))
+
+    with progress.step("load", str(model)):
+        src = _resolve(model)
+        torch_model, tokenizer, config = _load(src, task)
+        pooling = _pooling_mode(src.path) if task == "embedding" else None
+        seq_len = _sequence_length(profile, tokenizer, config)
+        input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.model_input_names]
+        graph = _graph_module(torch_model, input_names, task=task, pooling=pooling)
+    with progress.step("reference", f"PyTorch float32 on {len(evals)} evaluation texts"):
+        eval_in = _tokenize(tokenizer, evals, input_names, static=static, seq_len=seq_len)
+        calib_in = _tokenize(tokenizer, calib, input_names, static=static, seq_len=seq_len)
+        reference = _torch_outputs(graph, eval_in)
+
+    with tempfile.TemporaryDirectory(prefix="edgeship-encoder-") as tmp:
+        work = Path(tmp)
+        fp32_path = work / "fp32.onnx"
+        with progress.step("export", f"ONNX opset {profile.opset}, {'static [1, %d]' % seq_len if static else 'dynamic'} shapes"):
+            _export_onnx(graph, eval_in.feeds[0], fp32_path, input_names=input_names, task=task,
+                         opset=profile.opset, static=static)
+            fp32_out = _run(fp32_path, eval_in)
+            drift = float(np.abs(fp32_out - reference).max())
+            if drift > 1e-3 * max(1.0, float(np.abs(reference).max())):
+                raise ConversionError(f"the float32 ONNX graph differs from PyTorch by {drift:.3g}; the export is broken")
+        size_fp32 = _model_bytes(fp32_path)
+
+        final = work / ONNX_NAME
+        details: dict[str, Any] = {}
+        qnn_report = None
+        with progress.step("quantize", recipe.method):
+            if recipe.method == "none":
+                shutil.copyfile(fp32_path, final)
+                quant = Quantization(recipe="fp32", precision="fp32")
+            elif recipe.method == "fp16":
+                details = _to_fp16(fp32_path, final)
+                quant = Quantization(recipe="fp16", precision="fp16", details=details)
+            elif recipe.method == "int8-dynamic":
+                details = _int8_dynamic(fp32_path, final, task=task, recipe=recipe, thresholds=thresholds,
+                                        calib=calib_in, evals=eval_in, reference=reference, progress=progress)
+                quant = Quantization(recipe=_int8_recipe_name(recipe, details), precision="int8", details=details)
+            else:
+                from exporter import npu
+
+                details = npu.quantize_qdq(fp32_path, final, recipe=recipe, feeds=calib_in.feeds[: recipe.calibration_samples])
+                quant = Quantization(recipe=f"qdq-a{recipe.activation_type}-w{recipe.weight_type}",
+                                     precision=f"{recipe.activation_type}/{recipe.weight_type}", details=details)
+        outputs = _run(final, eval_in)
+        if recipe.method == "qdq-static":
+            from exporter import npu
+
+            qnn_ep = next((ep for ep in profile.execution_providers if ep.name == "QNNExecutionProvider"), None)
+            with progress.step("verify", "QNN HTP backend, CPU fallback disabled"):
+                qnn_report = npu.verify_on_qnn(final, eval_in.feeds, provider_options=dict(qnn_ep.options) if qnn_ep else None)
+            if qnn_report.ok:
+                outputs = np.concatenate(qnn_report.outputs)
+        with progress.step("validate", f"{task} gate vs PyTorch"):
+            quality = _quality(task, outputs, reference, thresholds, qnn=qnn_report,
+                               reference_name="pytorch fp32", texts=len(evals))
+            if qnn_report is not None:
+                quant = Quantization(recipe=quant.recipe, precision=quant.precision,
+                                     details={**quant.details, "qnn": _qnn_details(qnn_report)})
+
+        # Everything below writes into out_dir.
+        files: list[Path] = []
+        onnx_path = out_dir / ONNX_NAME
+        files += _save_model(final, onnx_path)
+        golden, golden_files = _write_golden(out_dir, onnx_path, eval_in, quantized=recipe.method != "none",
+                                             qnn_outputs=qnn_report.outputs if qnn_report and qnn_report.ok else None)
+        files += golden_files
+        files += _write_tokenizer(tokenizer, out_dir)
+        if ep_context and qnn_report is not None and qnn_report.ok:
+            from exporter import npu
+
+            ctx = npu.write_ep_context(onnx_path, out_dir / "model_ctx.onnx",
+                                       provider_options=dict(qnn_ep.options) if qnn_ep else None)
+            files.append(ctx)
+
+    spec_config: dict[str, Any] = {"max_length": seq_len, "static_shapes": static}
+    if task == "embedding":
+        spec_config |= {"pooling": pooling, "normalize": True, "dim": int(reference.shape[1])}
+    else:
+        spec_config["labels"] = _labels(config)
+    if ep_context and (out_dir / "model_ctx.onnx").exists():
+        spec_config["ep_context"] = "model_ctx.onnx"
+    spec = ModelSpec(entry=ONNX_NAME, inputs=input_names,
+                     outputs=["sentence_embedding" if task == "embedding" else "logits"],
+                     architecture=config.model_type, config=spec_config)
+    return EncoderResult(onnx_path=onnx_path, files=files, model_spec=spec, quantization=quant, quality=quality,
+                         golden=golden, size_fp32_bytes=size_fp32, size_bytes=_model_bytes(onnx_path))
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _resolve(model: str | Path):
+    from exporter.source import resolve_source
+
+    return resolve_source(model)
+
+
+def _load(src, task: str):
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from exporter.source import load_config, load_tokenizer
+
+    config = load_config(src)
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitecture(
+            f"unsupported encoder architecture {config.model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if task == "text-classification":
+        archs = config.architectures or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise TaskNotSupported(
+                f"{src.spec} has no sequence-classification head (architectures: {', '.join(archs) or 'none'}); "
+                "use --task embedding or a checkpoint fine-tuned for classification"
+            )
+        cls = AutoModelForSequenceClassification
+    else:
+        cls = AutoModel
+    tokenizer = load_tokenizer(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls.from_pretrained(src.path, dtype=torch.float32, **src.load_kwargs)
+    model.eval()
+    return model, tokenizer, config
+
+
+def _pooling_mode(path: Path) -> str:
+    """'mean' or 'cls', from a sentence-transformers checkpoint's 1_Pooling/config.json; mean otherwise."""
+    cfg = path / "1_Pooling" / "config.json"
+    if not cfg.exists():
+        return "mean"
+    data = json.loads(cfg.read_text())
+    if data.get("pooling_mode_cls_token"):
+        return "cls"
+    if data.get("pooling_mode_mean_tokens", True):
+        return "mean"
+    modes = [k for k, v in data.items() if k.startswith("pooling_mode") and v]
+    raise TaskNotSupported(f"{cfg}: pooling {modes} is not supported; edgeship exports mean or cls pooling")
+
+
+def _sequence_length(profile: TargetProfile, tokenizer, config) -> int:
+    limit = min(int(getattr(config, "max_position_embeddings", 512) or 512), 512)
+    if getattr(tokenizer, "model_max_length", None) and tokenizer.model_max_length < limit:
+        limit = int(tokenizer.model_max_length)
+    if not profile.shapes.static:
+        return limit
+    n = profile.shapes.sequence_length
+    if not n:
+        raise IncompatibleTarget(f"profile {profile.name} has static shapes but no shapes.sequence_length; set it")
+    if n > limit:
+        raise IncompatibleTarget(
+            f"profile {profile.name} wants sequence_length {n} but the model takes at most {limit} tokens; "
+            f"set shapes.sequence_length <= {limit} in a copy of the profile"
+        )
+    return n
+
+
+def _labels(config) -> list[str]:
+    id2label = getattr(config, "id2label", None) or {}
+    return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(config.num_labels)]
+
+
+def _graph_module(model, input_names: list[str], *, task: str, pooling: str | None):
+    import torch
+
+    class EncoderGraph(torch.nn.Module):
+        """The HF model plus what the device should not have to do: pooling and normalization."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs):
+            kw = dict(zip(input_names, inputs))
+            out = self.model(**kw)
+            if task == "text-classification":
+                return out.logits
+            hidden = out.last_hidden_state
+            if pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = kw["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+    return EncoderGraph().eval()
+
+
+def _tokenize(tokenizer, texts: Sequence[str], names: list[str], *, static: bool, seq_len: int) -> _Prepared:
+    if static:
+        enc = tokenizer(list(texts), padding="max_length", max_length=seq_len, truncation=True, return_tensors="np")
+        arrays = {n: enc[n].astype(np.int64) for n in names}
+        return _Prepared([{n: a[i : i + 1] for n, a in arrays.items()} for i in range(len(texts))])
+    enc = tokenizer(list(texts), padding=True, max_length=seq_len, truncation=True, return_tensors="np")
+    return _Prepared([{n: enc[n].astype(np.int64) for n in names}])
+
+
+def _torch_outputs(graph, prepared: _Prepared) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        outs = [graph(*(torch.from_numpy(v) for v in f.values())).numpy() for f in prepared.feeds]
+    return np.concatenate(outs).astype(np.float32)
+
+
+# --- export and quantization -----------------------------------------------------------------
+
+
+def _export_onnx(graph, sample: dict[str, np.ndarray], path: Path, *, input_names: list[str], task: str,
+                 opset: int, static: bool) -> None:
+    import torch
+
+    output = "sentence_embedding" if task == "embedding" else "logits"
+    axes = None if static else {**{n: {0: "batch", 1: "sequence"} for n in input_names}, output: {0: "batch"}}
+    args = tuple(torch.from_numpy(v) for v in sample.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(graph, args, str(path), input_names=input_names, output_names=[output],
+                              dynamic_axes=axes, opset_version=opset, dynamo=False)
+        except Exception as exc:  # torch raises many kinds; the message is what the user needs
+            raise ConversionError(f"ONNX export of the encoder failed: {exc}") from exc
+    model = onnx.load(str(path))
+    if _soften_mask(model):
+        onnx.save(model, str(path))
+
+
+def _soften_mask(model: onnx.ModelProto) -> int:
+    """Replace float32-minimum attention-mask fill constants by MASK_FILL; returns how many."""
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Constant":
+            continue
+        for attr in node.attribute:
+            if attr.name == "value" and attr.t.data_type == onnx.TensorProto.FLOAT:
+                value = numpy_helper.to_array(attr.t)
+                if value.size and np.all(value < -1e30):
+                    attr.t.CopyFrom(numpy_helper.from_array(np.full_like(value, MASK_FILL), attr.t.name))
+                    changed += 1
+    return changed
+
+
+def _to_fp16(src: Path, dst: Path) -> dict:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = convert_float_to_float16(model, keep_io_types=True)
+    onnx.save(half, str(dst))
+    return {"keep_io_types": True}
+
+
+def _dynamic_quantize(src: Path | onnx.ModelProto, dst: Path, *, recipe: QuantRecipe, exclude: Sequence[str]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        quantize_dynamic(
+            src if isinstance(src, onnx.ModelProto) else str(src),
+            str(dst),
+            per_channel=recipe.per_channel,
+            weight_type=QuantType.QUInt8 if recipe.weight_type == "uint8" else QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=list(exclude),
+            # activation x activation MatMuls (attention scores) stay float: quantizing both sides
+            # of a product of two dynamic ranges costs much accuracy for little speed.
+            extra_options={"MatMulConstBOnly": True},
+        )
+    except Exception as exc:
+        raise ConversionError(f"int8 dynamic quantization failed: {exc}") from exc
+
+
+def _int8_dynamic(src: Path, dst: Path, *, task: str, recipe: QuantRecipe, thresholds: Thresholds,
+                  calib: _Prepared, evals: _Prepared, reference: np.ndarray, progress: Progress) -> dict:
+    fp32 = onnx.load(str(src))
+    candidates = mixed_precision.weight_matmuls(fp32)
+    user_excluded = [n.name for n in fp32.graph.node if n.name in candidates and _matches(n, recipe.exclude)]
+    details: dict[str, Any] = {
+        "per_channel": recipe.per_channel,
+        "weight_type": recipe.weight_type,
+        "matmuls": len(candidates),
+        "mixed_precision": recipe.mixed_precision,
+    }
+    limits = _limits(task, thresholds)
+    float_nodes = list(user_excluded)
+    if recipe.mixed_precision:
+        all_q = src.parent / "int8-all.onnx"
+        _dynamic_quantize(fp32, all_q, recipe=recipe, exclude=user_excluded)
+        calib_ref = _run(src, calib)
+        judge = _judge(task, calib_ref, limits, margin=SEARCH_MARGIN)
+        found = mixed_precision.search(fp32, onnx.load(str(all_q)), feeds=calib.feeds, judge=judge,
+                                       progress=progress.note)
+        float_nodes += [n for n in found.float_nodes if n not in float_nodes]
+        # Confirm on the evaluation text; if the unseen text still fails, keep the next most
+        # sensitive MatMuls in float while the float budget lasts.
+        budget = max(1, int(len(candidates) * 0.34))
+        spare = [n for n in found.ranking if n not in float_nodes]
+        while True:
+            _dynamic_quantize(fp32, dst, recipe=recipe, exclude=float_nodes)
+            ok = _judge(task, reference, limits, margin=0.0)([_run(dst, evals)])[1]
+            if ok or not spare or len(float_nodes) >= budget or not found.ranking:
+                break
+            float_nodes.append(spare.pop(0))
+        details |= {
+            "search_trials": found.trials,
+            "search_score_all_int8": round(found.base_score, 5),
+            "search_score": round(found.score, 5),
+            "sensitivity_top": {n: round(found.sensitivity[n], 5) for n in found.ranking[:8]},
+        }
+    else:
+        _dynamic_quantize(fp32, dst, recipe=recipe, exclude=float_nodes)
+    q = onnx.load(str(dst), load_external_data=False)
+    ops = Counter(n.op_type for n in q.graph.node)
+    details |= {
+        "float_nodes": float_nodes,
+        "quantized_matmuls": ops.get("MatMulInteger", 0),
+        "float_matmuls": ops.get("MatMul", 0),
+        "dynamic_quantize_linear": ops.get("DynamicQuantizeLinear", 0),
+    }
+    details |= _speed(src, dst, evals)
+    return details
+
+
+def _int8_recipe_name(recipe: QuantRecipe, details: dict) -> str:
+    name = "int8-dynamic-" + ("per-channel" if recipe.per_channel else "per-tensor")
+    if details.get("float_nodes"):
+        name += f"-mixed-{len(details['float_nodes'])}float"
+    return name
+
+
+def _matches(node: onnx.NodeProto, patterns: Sequence[str]) -> bool:
+    return any(p in node.name or any(p in i for i in node.input) for p in patterns)
+
+
+def _speed(fp32: Path, quantized: Path, prepared: _Prepared, *, repeats: int = 3) -> dict:
+    """Host timing of the evaluation batch, fp32 vs quantized (best of `repeats`); informational."""
+    import onnxruntime as ort
+
+    def best(path: Path) -> float:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        for f in prepared.feeds:
+            sess.run(None, f)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for f in prepared.feeds:
+                sess.run(None, f)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t32, tq = best(fp32), best(quantized)
+    return {"host_ms_fp32": round(t32 * 1e3, 2), "host_ms": round(tq * 1e3, 2), "speedup_vs_fp32": round(t32 / tq, 3)}
+
+
+# --- quality ------------------------------------------------------------------------------------
+
+
+def _run(path: Path, prepared: _Prepared) -> np.ndarray:
+    return np.concatenate(mixed_precision.run_model(str(path), prepared.feeds)).astype(np.float32)
+
+
+def _limits(task: str, thresholds: Thresholds) -> dict[str, float]:
+    keys = ("min_cosine_mean", "min_cosine_min") if task == "embedding" else ("min_label_agreement", "min_logits_cosine")
+    have = {k: v for k, v in thresholds.as_dict().items() if k in keys}
+    return have or dict(DEFAULT_EMBED_THRESHOLDS if task == "embedding" else DEFAULT_CLS_THRESHOLDS)
+
+
+def encoder_metrics(task: str, outputs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Embedding: cosine mean/min per row; classification: label agreement and logits cosine."""
+    a, b = outputs.astype(np.float64), reference.astype(np.float64)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    metrics = {"max_abs_diff": float(np.abs(a - b).max())}
+    if task == "embedding":
+        metrics |= {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+    else:
+        metrics |= {"label_agreement": float((a.argmax(1) == b.argmax(1)).mean()), "logits_cosine": float(cos.mean())}
+    return metrics
+
+
+_METRIC_OF = {
+    "min_cosine_mean": "cosine_mean",
+    "min_cosine_min": "cosine_min",
+    "min_label_agreement": "label_agreement",
+    "min_logits_cosine": "logits_cosine",
+}
+
+
+def gate_failures(metrics: dict[str, float], limits: dict[str, float]) -> list[str]:
+    """One line per metric below its lower bound."""
+    out = []
+    for key, bound in limits.items():
+        value = metrics[_METRIC_OF[key]]
+        if value < bound:
+            out.append(f"{_METRIC_OF[key]} {value:.4f} < {bound} ({key})")
+    return out
+
+
+def _judge(task: str, reference: np.ndarray, limits: dict[str, float], *, margin: float):
+    """A mixed-precision judge: score = minus the summed, threshold-normalized distances to perfect."""
+
+    def judge(outputs: list[np.ndarray]) -> tuple[float, bool]:
+        m = encoder_metrics(task, np.concatenate(outputs), reference)
+        score, ok = 0.0, True
+        for key, bound in limits.items():
+            value, room = m[_METRIC_OF[key]], max(1.0 - bound, 1e-6)
+            score -= (1.0 - value) / room
+            ok &= value >= bound + margin * room
+        if task == "text-classification":
+            score += m["logits_cosine"]  # agreement moves in steps; the cosine ranks candidates between them
+        return score, ok
+
+    return judge
+
+
+def _quality(task: str, outputs: np.ndarray, reference: np.ndarray, thresholds: Thresholds, *, qnn,
+             reference_name: str, texts: int) -> QualityReport:
+    limits = _limits(task, thresholds)
+    metrics = encoder_metrics(task, outputs, reference)
+    failures = gate_failures(metrics, limits)
+    details: dict[str, Any] = {"eval_texts": texts}
+    if qnn is not None:
+        details["qnn"] = qnn.summary()
+        if not qnn.ok:
+            failures.insert(0, qnn.summary())
+            failures += [f"  {r}" for r in qnn.reasons[:5]]
+            if qnn.error and not qnn.rejected:
+                failures.append(f"  {qnn.error.splitlines()[0][:300]}")
+        else:
+            details["measured_on"] = "QNN HTP (onnxruntime-qnn, CPU fallback disabled)"
+    return QualityReport(
+        status=QualityStatus.FAILED if failures else QualityStatus.PASSED,
+        reference=reference_name,
+        metrics={k: round(v, 6) for k, v in metrics.items()},
+        thresholds=limits,
+        failures=failures,
+        details=details,
+    )
+
+
+def _qnn_details(report) -> dict:
+    return {
+        "ok": report.ok,
+        "rejected_nodes": report.rejected,
+        "reasons": report.reasons,
+        "error": report.error,
+        "compile_seconds": round(report.compile_seconds, 2),
+        "run_seconds": round(report.run_seconds, 2),
+    }
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def _model_bytes(path: Path) -> int:
+    model = onnx.load(str(path), load_external_data=False)
+    extra = {
+        e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"
+    }
+    return path.stat().st_size + sum((path.parent / x).stat().st_size for x in extra)
+
+
+def _save_model(src: Path, dst: Path) -> list[Path]:
+    """Write the model; weights over 2 GB go to `<name>.data` (protobuf's limit)."""
+    model = onnx.load(str(src))
+    if model.ByteSize() < 2**31 - 2**20:
+        onnx.save(model, str(dst))
+        return [dst]
+    data = dst.with_name(dst.name + ".data")
+    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    return [dst, data]
+
+
+def _write_golden(out_dir: Path, model_path: Path, prepared: _Prepared, *, quantized: bool,
+                  qnn_outputs: list[np.ndarray] | None) -> tuple[Golden, list[Path]]:
+    """A few evaluation rows and the model's CPU outputs; the tolerance covers other kernels and the NPU."""
+    import onnxruntime as ort
+
+    feeds = prepared.feeds[0] if len(prepared.feeds) == 1 else prepared.feeds[0]
+    feeds = {k: v[:GOLDEN_ROWS] for k, v in feeds.items()}
+    outs = []
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(model_path), sess_options=so, providers=["CPUExecutionProvider"])
+        output_name = sess.get_outputs()[0].name
+        outs.append(sess.run(None, feeds)[0])
+    spread = float(np.abs(outs[0] - outs[1]).max())
+    if qnn_outputs:
+        spread = max(spread, float(np.abs(qnn_outputs[0][: len(outs[0])] - outs[0]).max()))
+    floor = 5e-3 if quantized else 1e-4
+    atol = max(floor, 2 * spread)
+    gdir = out_dir / GOLDEN_DIR
+    gdir.mkdir(parents=True, exist_ok=True)
+    np.savez(gdir / "inputs.npz", **feeds)
+    np.savez(gdir / "outputs.npz", **{output_name: outs[0]})
+    golden = Golden(inputs=f"{GOLDEN_DIR}/inputs.npz", outputs=f"{GOLDEN_DIR}/outputs.npz",
+                    atol=round(atol, 6), rtol=1e-2 if quantized else 1e-3)
+    return golden, [gdir / "inputs.npz", gdir / "outputs.npz"]
+
+
+def _write_tokenizer(tokenizer, out_dir: Path) -> list[Path]:
+    before = set(out_dir.iterdir())
+    tokenizer.save_pretrained(out_dir)
+    written = sorted(p for p in out_dir.iterdir() if p not in before and p.is_file())
+    if not (out_dir / "tokenizer.json").exists():
+        raise ConversionError("the tokenizer has no fast (tokenizer.json) form; the device needs one")
+    return written

@@ -31,7 +31,15 @@ from agent.bundle import (
     seal_bundle,
 )
 from agent.bundle.signing import KeyError_
-from exporter.errors import ExportError, MissingKey, NotEnoughDisk, OutputNotEmpty, QualityGateFailed, TaskNotSupported
+from exporter.errors import (
+    ExportError,
+    MissingKey,
+    NotEnoughDisk,
+    OutputNotEmpty,
+    QualityGateFailed,
+    SourceError,
+    TaskNotSupported,
+)
 from exporter.profiles import QuantRecipe, TargetProfile, Thresholds, load_profile
 from exporter.progress import Progress
 from exporter.quantize import QUANT_CHOICES, check_target, free_bytes, model_size, quantize
@@ -192,9 +200,12 @@ def export(
 
         check_architecture(config)
         return _export_lm(src, config, eval_text=eval_text, benchmark=benchmark, requantize=requantize, **common)
-    raise TaskNotSupported(
-        f"task {task!r} is not supported by this exporter yet; text-generation is (pass --task text-generation)"
-    )
+    if adapter is not None:
+        raise TaskNotSupported(f"--adapter is supported for text-generation only, not for {task}")
+    if src.gguf_file:
+        raise TaskNotSupported(f"GGUF files are exported as text-generation models, not {task}")
+    return _export_encoder(src, config, task=task, eval_text=eval_text, calibration_text=calibration_text,
+                           benchmark=benchmark, **common)
 
 
 def _staging(out: Path) -> Path:
@@ -291,29 +302,13 @@ def _export_lm(
             "export_seconds": stats["export_seconds"],
             "export_peak_rss_mb": stats["peak_rss_mb"],
         })
-        import onnxruntime
-
         dec = lm.OrtDecoder(entry)
-        manifest = seal_bundle(
-            stage,
-            private_key=private_key,
-            name=name,
-            version=version,
-            task=Task.TEXT_GENERATION,
-            target=Target(profile=profile.name, arch=profile.arch, cpu_features=profile.cpu_features,
-                          device_class=profile.device_class),
-            runtime=Runtime(onnxruntime=profile.onnxruntime, execution_providers=profile.execution_providers,
-                            intra_op_threads=profile.intra_op_threads or None),
-            model=ModelSpec(entry="model.onnx", inputs=dec.input_names, outputs=dec.output_names,
-                            architecture=config.model_type, config=spec_config),
-            quantization=quant,
-            quality=report,
-            benchmark=bench,
-            golden=golden,
-            created_by=f"edgeship-export (onnxruntime {onnxruntime.__version__})",
-            source=src.describe(),
-        )
+        spec = ModelSpec(entry="model.onnx", inputs=dec.input_names, outputs=dec.output_names,
+                         architecture=config.model_type, config=spec_config)
         del dec
+        manifest = _seal(stage, private_key, profile=profile, name=name, version=version,
+                         task=Task.TEXT_GENERATION, model=spec, quantization=quant, quality=report, benchmark=bench,
+                         golden=golden, source=src.describe())
         stats["bundle_bytes"] = manifest.total_size
         _publish(stage, out)
     except BaseException:
@@ -321,6 +316,89 @@ def _export_lm(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return ExportResult(out, manifest, report, stats)
+
+
+def _export_encoder(
+    src: ResolvedSource,
+    config: Any,
+    *,
+    task: str,
+    out: Path,
+    private_key: Any,
+    profile: TargetProfile,
+    recipe: QuantRecipe,
+    thresholds: Thresholds,
+    force: bool,
+    name: str,
+    version: str,
+    progress: Progress,
+    t_start: float,
+    eval_text: str | Path | None,
+    calibration_text: str | Path | None,
+    benchmark: bool,
+) -> ExportResult:
+    """Embeddings and classification: exporter.encoder builds and judges the files; this seals them."""
+    import numpy as np
+
+    from exporter import calibration
+    from exporter.benchmark import benchmark_latency
+    from exporter.encoder import export_encoder
+
+    try:
+        evals = calibration.eval_texts(eval_text) if eval_text else None
+        calib = calibration.calibration_texts(calibration_text) if calibration_text else None
+    except calibration.CalibrationError as exc:
+        raise SourceError(str(exc)) from None
+    check_disk(out, 4 * sum(p.stat().st_size for p in src.path.glob("*.safetensors")))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = _staging(out)
+    try:
+        result = export_encoder(src.path, stage, task=task, profile=profile, recipe=recipe, thresholds=thresholds,
+                                eval_texts=evals, calibration_texts=calib, progress=progress)
+        report = result.quality
+        progress.note(f"quality {report.status.value}" + (f": {'; '.join(report.failures)}" if report.failures else ""))
+        if report.status is QualityStatus.FAILED and not force:
+            raise QualityGateFailed(_gate_message(report), report=report)
+        bench = Benchmark()
+        if benchmark and profile.device_class == "cpu":
+            with progress.step("benchmark", f"{profile.intra_op_threads or 'all'} threads"):
+                feed = dict(np.load(stage / result.golden.inputs))
+                bench = benchmark_latency(result.onnx_path, feed, threads=profile.intra_op_threads)
+        stats = {
+            "fp32_bytes": result.size_fp32_bytes,
+            "model_bytes": result.size_bytes,
+            "precision": result.quantization.precision,
+            "export_seconds": round(time.perf_counter() - t_start, 2),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "steps_seconds": dict(progress.timings),
+            **bench.metrics,
+        }
+        bench = Benchmark(host=bench.host, metrics={**bench.metrics, "export_seconds": stats["export_seconds"],
+                                                    "export_peak_rss_mb": stats["peak_rss_mb"]})
+        manifest = _seal(stage, private_key, profile=profile, name=name, version=version, task=Task(task),
+                         model=result.model_spec, quantization=result.quantization, quality=report, benchmark=bench,
+                         golden=result.golden, source=src.describe())
+        stats["bundle_bytes"] = manifest.total_size
+        _publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return ExportResult(out, manifest, report, stats)
+
+
+def _seal(stage: Path, private_key: Any, *, profile: TargetProfile, **fields: Any) -> Manifest:
+    import onnxruntime
+
+    return seal_bundle(
+        stage,
+        private_key=private_key,
+        target=Target(profile=profile.name, arch=profile.arch, cpu_features=profile.cpu_features,
+                      device_class=profile.device_class),
+        runtime=Runtime(onnxruntime=profile.onnxruntime, execution_providers=profile.execution_providers,
+                        intra_op_threads=profile.intra_op_threads or None),
+        created_by=f"edgeship-export (onnxruntime {onnxruntime.__version__})",
+        **fields,
+    )
 
 
 def _dir_onnx_bytes(directory: Path) -> int:

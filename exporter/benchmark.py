@@ -63,3 +63,27 @@ def benchmark_lm(model_path: Path, *, threads: int, prefill_tokens: int = 64, de
             "decode_tok_s": round(decode_tokens / best_decode, 2),
         },
     )
+
+
+def benchmark_latency(model_path: Path, feed: dict[str, np.ndarray], *, threads: int, runs: int = 20) -> Benchmark:
+    """Median and p90 latency of one call with `feed` (encoders: the golden batch)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    batch = len(next(iter(feed.values())))
+    median = float(np.median(times))
+    return Benchmark(host=host_info(threads), metrics={
+        "batch": batch,
+        "latency_ms": round(median * 1e3, 3),
+        "latency_p90_ms": round(float(np.percentile(times, 90)) * 1e3, 3),
+        "items_per_s": round(batch / median, 2),
+    })

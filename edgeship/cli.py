@@ -31,7 +31,7 @@ GROUPS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
     "fleet": (
         "fleet.cli",
         "fleet",
-        ("sqlalchemy", "alembic", "paho.mqtt", "httpx", "rich"),
+        ("sqlalchemy", "alembic", "paho.mqtt", "httpx", "rich", "fastapi", "uvicorn"),
         "Run and drive the fleet controller.",
     ),
     "keys": (

@@ -61,7 +61,11 @@ def _register_qnn() -> str | None:
 
 def create_session(bundle: VerifiedBundle, *, threads: int | None = None,
                    providers: list[str] | None = None) -> SessionChoice:
-    """Try the bundle's execution providers in order (e.g. QNN, then CPU); CPU is the last resort."""
+    """Try the bundle's execution providers in order (e.g. QNN, then CPU); CPU is the last resort.
+
+    A plugin EP (QNN) must take the whole graph; otherwise the next EP in the list is used and the
+    reason is kept in `tried`.
+    """
     import onnxruntime as ort
 
     manifest = bundle.manifest
@@ -86,11 +90,18 @@ def create_session(bundle: VerifiedBundle, *, threads: int | None = None,
         chain = [(name, options)] + ([] if name == CPU else [(CPU, {})])
         so = session_options(n)
         try:
-            if name in ort.get_available_providers():
+            if name == CPU or not _plugin_has(name):
                 session = ort.InferenceSession(model_path, sess_options=so, providers=[c[0] for c in chain],
                                                provider_options=[c[1] for c in chain])
-            else:  # a plugin EP (onnxruntime >= 1.22): attach it by device, CPU stays the fallback
-                so.add_provider_for_devices([d for d in ort.get_ep_devices() if d.ep_name == name], options)
+            else:  # a plugin EP (onnxruntime >= 1.22), attached by device
+                # All or nothing: a graph the NPU takes only in part would report the NPU while the CPU
+                # does the work, so any node it cannot run makes this EP fail and the next one is tried.
+                so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+                if name == QNN:
+                    from agent.runtime.qnn import plugin_options
+
+                    options = plugin_options(options)
+                so.add_provider_for_devices([d for d in ort.get_ep_devices() if d.ep_name == name][:1], options)
                 session = ort.InferenceSession(model_path, sess_options=so)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             tried.append(f"{name}: session creation failed: {str(exc).splitlines()[0][:300]}")

@@ -74,6 +74,19 @@ def device_facts() -> DeviceFacts:
     )
 
 
+def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """Every CPU feature flag the kernel lists (x86 'flags', Arm 'Features'); empty if unreadable."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
 def temperature_c(root: Path = THERMAL_ROOT) -> float | None:
     """The hottest thermal zone in °C, None where /sys exposes none (VMs, containers)."""
     best = None

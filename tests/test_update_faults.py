@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import tarfile
 import threading
@@ -17,15 +16,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from agent.bundle import Golden, ModelSpec, Target, Task, TrustedKeys, load_private_key, open_bundle, pack, seal_bundle
+from agent.bundle import ModelSpec, Target, Task, TrustedKeys, load_private_key, open_bundle, pack, seal_bundle
 from agent.protocol import BundleRef, CancelCommand, DeployCommand, ReportCommand, RollbackCommand, WatchPolicy
 from agent.update.download import DownloadOptions
-from tests.support.bundles import tiny_onnx
 from tests.support.http import Fault, FileServer
-from tests.support.update_harness import Bundles, Controller, InProcessDevice
+from tests.support.update_harness import Bundles, Controller, InProcessDevice, regressing_bundle
 
 FAST_DL = DownloadOptions(timeout_s=0.5, retries=1, backoff_s=0.01)
 
@@ -279,25 +276,6 @@ def test_cancel_during_a_slow_download(env):
 
 # ---- after the switch ---------------------------------------------------------------------------
 
-def _dim16_bundle(env: Env, private_key: Path) -> tuple[Path, str]:
-    """A bundle that passes its smoke test but rejects the 8-float inputs clients send."""
-    d = env.tmp / "dim16"
-    d.mkdir()
-    tiny_onnx(d / "model.onnx", dim=16, seed=5)
-    import onnxruntime as ort
-
-    x = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
-    y = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    (d / "golden").mkdir()
-    np.savez(d / "golden" / "inputs.npz", x=x)
-    np.savez(d / "golden" / "outputs.npz", y=y)
-    seal_bundle(d, private_key=load_private_key(private_key), name="tiny", version="1.1.0", task=Task.EMBEDDING,
-                target=Target(profile="cpu-x86-avx2"),
-                model=ModelSpec(entry="model.onnx", inputs=["x"], outputs=["y"], config={"kind": "raw"}),
-                golden=Golden(inputs="golden/inputs.npz", outputs="golden/outputs.npz", atol=1e-4, rtol=1e-4))
-    return pack(d, env.tmp / "dim16.tar"), hashlib.sha256((d / "manifest.json").read_bytes()).hexdigest()
-
-
 def _traffic(env: Env, stop: threading.Event, failures: list, served: set) -> None:
     while not stop.is_set():
         t0 = time.perf_counter()
@@ -320,7 +298,7 @@ def test_watch_breach_rolls_back_automatically_with_the_numbers(env, keypair):
         t.start()
     try:
         time.sleep(0.3)  # a baseline for the old model
-        tar, sha = _dim16_bundle(env, keypair[0])
+        tar, sha = regressing_bundle(env.tmp / "dim16", keypair[0])
         cid = env.deploy("dim16", tar=tar, sha=sha, watch=WatchPolicy(window_s=10, max_error_rate=0.05))
         ev = env.failed_with(cid, "watch_regression", state="rolled_back")
     finally:

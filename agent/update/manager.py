@@ -458,10 +458,9 @@ class UpdateManager:
             req, err, p95 = self.host.stats.window(time.time() - self.config.baseline_window_s)
             rec.baseline = {"requests": float(req), "errors": float(err), **({"p95_ms": p95} if p95 is not None else {})}
         new = self._load(vb, threads=self.config.threads, providers=self.config.providers)  # loaded BEFORE the swap
-        if rec.kind == "deploy":
-            self.store.switch(sha, rec.restore_sha)
-        else:
-            self.store.switch(sha, None)
+        crash_point("switch:before_rename")
+        self.store.switch(sha, rec.restore_sha if rec.kind == "deploy" else None)
+        crash_point("switch:after_rename")
         rec.switched_at = time.time()
         old = self.host.swap(new)
         drained = self.host.drain(old, self.config.drain_timeout_s)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from agent.bundle import BundleError, TrustedKeys, VerifiedBundle, open_bundle, unpack
 from agent.bundle.manifest import SHA256_RE
-from agent.update.crashpoint import crash_point
 from agent.update.errors import StoreError
 from agent.update.persist import atomic_write
 
@@ -66,10 +65,8 @@ class BundleStore:
         for sha in (active, previous):
             if sha is not None and not self.has(_check_sha(sha)):
                 raise StoreError(f"cannot switch to bundle {sha[:12]}: it is not in the store")
-        crash_point("switch:before_rename")
         body = {"schema_version": POINTER_SCHEMA, "active": active, "previous": previous}
         atomic_write(self.pointer_path, json.dumps(body).encode())
-        crash_point("switch:after_rename")
 
     # ---- bundles -------------------------------------------------------------------------------
 

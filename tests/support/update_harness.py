@@ -175,3 +175,26 @@ class InProcessDevice:
         cur = self.host.current
         if cur is not None:
             cur.close()
+
+
+def regressing_bundle(directory: Path, private_key: Path, *, version: str = "1.1.0") -> tuple[Path, str]:
+    """(archive, manifest sha) of a bundle that passes its smoke test but rejects the 8-float inputs
+    clients send (it takes 16): after the switch every request fails, so the watcher must roll back."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from agent.bundle import Golden, ModelSpec, Target, Task, load_private_key, seal_bundle
+    from tests.support.bundles import tiny_onnx
+
+    d = Path(directory)
+    (d / "golden").mkdir(parents=True)
+    tiny_onnx(d / "model.onnx", dim=16, seed=5)
+    x = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
+    y = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.savez(d / "golden" / "inputs.npz", x=x)
+    np.savez(d / "golden" / "outputs.npz", y=y)
+    seal_bundle(d, private_key=load_private_key(private_key), name="tiny", version=version, task=Task.EMBEDDING,
+                target=Target(profile="cpu-x86-avx2"),
+                model=ModelSpec(entry="model.onnx", inputs=["x"], outputs=["y"], config={"kind": "raw"}),
+                golden=Golden(inputs="golden/inputs.npz", outputs="golden/outputs.npz", atol=1e-4, rtol=1e-4))
+    return pack(d, d.with_suffix(".tar")), hashlib.sha256((d / "manifest.json").read_bytes()).hexdigest()

@@ -135,6 +135,7 @@ class MqttLink:
         self._buffer: deque[_Out] = deque()
         self.dropped = 0  # buffered messages lost to the bound
         self.connects = 0
+        self.refusals = 0  # CONNACKs that said no (bad credentials, not authorised)
         self._backoff = Backoff(min_s=settings.reconnect_min_s, max_s=settings.reconnect_max_s)
         self._client = self._make_client()
 
@@ -241,6 +242,7 @@ class MqttLink:
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            self.refusals += 1
             log.warning("broker %s refused the connection: %s", self.settings.url, reason_code)
             client.reconnect_delay_set(min_delay=self._backoff.next(), max_delay=self.settings.reconnect_max_s)
             return

@@ -258,3 +258,55 @@ def test_heartbeat_is_small(broker, topic_prefix):
                         inference=InferenceStats(requests=10**9, errors=10**9, p50_ms=123456.789, p95_ms=123456.789,
                                                  prefill_tok_s=12345.6789, decode_tok_s=12345.6789, queue_depth=10**4))
     assert len(encode(dev.link.stamp(big))) < 1024
+
+
+# ---- TLS, mTLS and passwords: the production broker example with enrolled devices ---------------------
+
+from tests.test_broker_security import controller, fleet  # noqa: E402,F401  (the secure broker fixture)
+
+
+@pytest.mark.parametrize("dev", ["dev-a", "dev-c"], ids=["mtls-certificate", "tls-password"])
+def test_enrolled_device_talks_over_tls(fleet, dev):  # noqa: F811
+    """The agent.toml `edgeship fleet device enroll` writes is all MqttLink needs; the ACL lets it
+    publish its state and receive its own commands."""
+    from agent.config import load_settings
+
+    settings = load_settings(fleet.devices[dev] / "agent.toml")
+    assert settings.broker.tls and settings.device_id == dev
+    ctl = controller(fleet)
+    commands: queue.Queue = queue.Queue()
+    connected: queue.Queue = queue.Queue()
+    link = MqttLink(settings.broker, device_id=dev, on_command=commands.put, on_connected=lambda: connected.put(1))
+    link.start()
+    try:
+        connected.get(timeout=15)
+        link.publish(StateMessage(device_id=dev, session="x", seq=0, agent_version="0.1.0"))
+        want = Topics("edgeship").device(dev, Channel.STATE)
+        while True:  # skip what other devices left retained
+            topic, payload = ctl.messages.get(timeout=10)
+            if topic == want and json.loads(payload)["type"] == "state":
+                break
+        ctl.publish(Topics("edgeship").device(dev, Channel.CMD), command(dev, "tls-1"))
+        assert commands.get(timeout=10).id == "tls-1"
+    finally:
+        assert link.stop() is True  # the offline state went out over TLS too
+        ctl.close()
+
+
+def test_wrong_password_keeps_retrying_without_crashing(fleet):  # noqa: F811
+    from agent.config import load_settings
+
+    settings = load_settings(fleet.devices["dev-c"] / "agent.toml")
+    from pydantic import SecretStr
+
+    bad = settings.broker.model_copy(update={"password": SecretStr("wrong"), "reconnect_min_s": 0.2,
+                                             "reconnect_max_s": 0.5})
+    link = MqttLink(bad, device_id="dev-c", on_command=lambda c: None, on_connected=lambda: None)
+    link.start()
+    try:
+        deadline = time.monotonic() + 10
+        while link.refusals < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert link.refusals >= 2 and not link.connected and link.connects == 0  # refused, and still trying
+    finally:
+        link.stop()

@@ -353,3 +353,29 @@ def test_explicit_rollback_after_commit_and_report(env):
     assert env.ctl.ack("rep1").accepted
     st = env.ctl.wait(lambda m: m.type == "state" and m.update and m.update.command_id == "rb1", 10, "state")
     assert st.active.manifest_sha256 == env.v1_sha and not os.path.exists(env.dev.store.path(v2))
+
+
+def test_an_unreadable_or_future_state_file_is_set_aside_and_the_old_model_serves(tmp_path, broker, topic_prefix,
+                                                                                   keypair):
+    bundles = Bundles(tmp_path / "bundles", keypair[0])
+    v1_dir, _, v1_sha = bundles.make("v1", version="1.0.0")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "update.json").write_text('{"schema_version": 42, "update": {"state": "hyperspace"}}')
+    dev = InProcessDevice(state, broker.port, topic_prefix, TrustedKeys.from_paths([keypair[1]]), install=v1_dir)
+    try:
+        assert dev.serving_sha() == v1_sha and dev.manager.status is None
+        aside = list(state.glob("update.json.rejected-*"))
+        assert len(aside) == 1 and "hyperspace" in aside[0].read_text()  # kept for a human, not guessed at
+    finally:
+        dev.close()
+
+
+def test_a_deadline_that_passes_mid_update_stops_it(env):
+    from datetime import datetime, timedelta, timezone
+
+    env.srv.fault = Fault("slow", limit_bps=100_000)
+    _, tar, sha = env.bundles.make("big", version="1.1.0", extra_files={"pad.bin": os.urandom(300_000)})
+    cid = env.deploy("big", tar=tar, sha=sha, deadline=datetime.now(timezone.utc) + timedelta(seconds=1.5))
+    env.failed_with(cid, "deadline_passed")
+    env.assert_old_serving()

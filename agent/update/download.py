@@ -77,8 +77,10 @@ def fetch_head(url: str, opts: DownloadOptions = DownloadOptions()) -> tuple[byt
                     found[member.name] = data
                 if len(found) == 2:
                     break
-    except (tarfile.TarError, EOFError):
-        cut = len(body) < limit and len(body) > 0
+    except EOFError:
+        cut = True
+    except tarfile.TarError as exc:  # junk says "invalid header"; a cut stream says "unexpected end"
+        cut = "unexpected end" in str(exc) or bool(found)
     if len(found) < 2 and cut:
         raise DownloadError(f"{_short(url)} ended after {len(body)} bytes, inside the bundle's manifest",
                             code="download_truncated")

@@ -3,11 +3,11 @@
     UpdateError(RuntimeError)
     ├── StateFileError        persisted state unreadable or of an unknown schema version
     ├── StoreError            the bundle store is inconsistent or a bundle is not in it
-    ├── DownloadError         every URL failed (404/500/timeouts/truncation), after retries
-    │   ├── DiskFull          ENOSPC while writing, or not enough free space to start
-    │   └── Cancelled         a cancel command stopped the download
-    ├── Rejected              a command or manifest that this device refuses (downgrade, target...)
-    └── SmokeTestFailed       the new bundle failed its smoke test (wrong outputs, crash, too slow)
+    └── DownloadError         every URL failed (404/500/timeouts/truncation), after retries
+        ├── DiskFull          ENOSPC while writing
+        └── Cancelled         a cancel command stopped the download
+
+Refusals (downgrade, wrong target, bad smoke test...) are UpdateError with their own `code`.
 """
 
 from __future__ import annotations
@@ -40,11 +40,3 @@ class DiskFull(DownloadError):
 
 class Cancelled(DownloadError):
     code = "cancelled"
-
-
-class Rejected(UpdateError):
-    code = "rejected"
-
-
-class SmokeTestFailed(UpdateError):
-    code = "smoke_failed"

@@ -43,7 +43,7 @@ from agent.protocol import (
 from agent.update import decide
 from agent.update.crashpoint import crash_point
 from agent.update.download import DownloadOptions, download, fetch_head
-from agent.update.errors import Cancelled, DownloadError, StoreError, UpdateError
+from agent.update.errors import Cancelled, DownloadError, StateFileError, StoreError, UpdateError
 from agent.update.persist import AckRecord, PersistedState, StateFile, UpdateRecord
 from agent.update.smoke import run_smoke_test
 from agent.update.state import BEFORE_SWITCH, Event, is_rest, next_state, recovery_event
@@ -124,7 +124,8 @@ class UpdateManager:
         self._publish, self._load, self._on_state_change = publish, load, on_state_change
         self._seq = next_seq or itertools.count().__next__
         self._file = StateFile(Path(config.state_dir) / "update.json")
-        self._state: PersistedState = self._file.load()
+        self._state: PersistedState = self._load_state()
+        self._announce = False  # the first state of a just-accepted update is published by the worker
         self._lock = threading.RLock()
         self._cancel = threading.Event()
         self._rollback = threading.Event()
@@ -282,7 +283,7 @@ class UpdateManager:
         record.attempts = {record.state.value: 1}
         record.updated_at = time.time()
         self._state.update = record  # saved together with the ack by handle()
-        self._pending_event = True
+        self._announce = True
 
     def _enter(self, state: UpdateState, *, code: str = "", reason: str = "",
                metrics: dict[str, float] | None = None) -> None:
@@ -327,8 +328,8 @@ class UpdateManager:
                     self._running.clear()
 
     def _run(self) -> None:
-        if getattr(self, "_pending_event", False):
-            self._pending_event = False
+        if self._announce:  # after handle() returned the ack
+            self._announce = False
             self._event(self._state.update)
             crash_point(f"state:{self.state.value}")
         while not self._closed:
@@ -339,6 +340,9 @@ class UpdateManager:
                 state = rec.state
             if state in BEFORE_SWITCH and self._cancel.is_set():
                 outcome = _Outcome(Event.CANCEL, "cancelled", "cancelled by a cancel command; old model kept")
+            elif state in BEFORE_SWITCH and self._deadline_passed(rec):
+                outcome = _Outcome(Event.FAIL, "deadline_passed",
+                                   f"the deploy deadline {rec.deadline.isoformat()} passed while {state.value}")
             else:
                 outcome = self._action(rec)
             with self._lock:
@@ -557,6 +561,17 @@ class UpdateManager:
                 log.exception("on_state_change failed")
 
     # ---- helpers ---------------------------------------------------------------------------------
+
+    def _load_state(self) -> PersistedState:
+        """The persisted state; an unreadable or unknown-version file is moved aside, never guessed at."""
+        try:
+            return self._file.load()
+        except StateFileError as exc:
+            aside = self._file.path.with_name(f"{self._file.path.name}.rejected-{int(time.time())}")
+            self._file.path.rename(aside)
+            log.error("%s; kept as %s, starting with no update in progress (the bundle pointer is unchanged)",
+                      exc, aside)
+            return PersistedState()
 
     def _save(self) -> None:
         self._file.save(self._state)

@@ -173,6 +173,7 @@ class AgentService:
         try:
             self.api.start()
         except OSError as exc:
+            self.api = None
             raise StartupError(f"cannot listen on api.bind {a.bind!r}: {exc.strerror or exc}") from None
 
     # ---- what the device says -----------------------------------------------------------------
@@ -259,13 +260,18 @@ class AgentService:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         self.notifier.status("starting")
-        self._open_store()
-        self.facts = device_facts()
-        # Built before the update manager so what recovery publishes is buffered, sent on connect.
-        self.link = MqttLink(self.settings.broker, device_id=self.settings.device_id,
-                             on_command=self.inbox.put, on_connected=lambda: self.inbox.put(_Connected()))
-        self._start_updates()
-        self._start_api()
+        try:
+            self._open_store()
+            self.facts = device_facts()
+            # Built before the update manager so what recovery publishes is buffered, sent on connect.
+            self.link = MqttLink(self.settings.broker, device_id=self.settings.device_id,
+                                 on_command=self.inbox.put, on_connected=lambda: self.inbox.put(_Connected()))
+            self._start_updates()
+            self._start_api()
+        except BaseException:
+            self.link = None  # never started: nothing to say goodbye on
+            self._shutdown()
+            raise
         self.link.start()
         self.notifier.ready(self.status_line())
         log.info("ready: %s; device %s", self.status_line(), self.settings.device_id)
@@ -302,7 +308,11 @@ class AgentService:
                 self.link.publish(self.health_message())
                 next_beat = now + self.settings.heartbeat_interval_s
             if now >= next_wd:
-                self.notifier.watchdog()
+                # A dead API thread stops the pings: systemd restarts the agent.
+                if self.api is None or self.api.listening:
+                    self.notifier.watchdog()
+                else:
+                    log.error("the API server thread died; withholding WATCHDOG=1 so systemd restarts the agent")
                 next_wd = now + wd
 
     def _shutdown(self) -> None:

@@ -201,6 +201,29 @@ def test_device_without_bundle_comes_up_reports_and_answers(tmp_path, broker, to
         w.close()
 
 
+@pytest.mark.parametrize("problem", ["api-port-taken", "state-dir-is-a-file"])
+def test_startup_failure_is_one_line_and_exit_1(tmp_path, broker, topic_prefix, problem):
+    a = Agent(tmp_path, broker.port, topic_prefix)
+    blocker = socket.socket()
+    if problem == "api-port-taken":
+        blocker.bind(("127.0.0.1", a.api_port))
+        blocker.listen()
+        expected = f"error: cannot listen on api.bind '127.0.0.1:{a.api_port}'"
+    else:
+        (tmp_path / "file").write_text("")
+        a.config.write_text(a.config.read_text().replace(str(a.state_dir), str(tmp_path / "file" / "state")))
+        expected = f"error: state_dir {tmp_path / 'file' / 'state'} is not writable"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edgeship.cli", "agent", "run", "--config", str(a.config)],
+                              capture_output=True, text=True, env=a.env, cwd=ROOT, timeout=60)
+    finally:
+        blocker.close()
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 # ---- what the device reports --------------------------------------------------------------------
 
 
@@ -251,9 +274,14 @@ def test_birth_heartbeats_and_clean_sigterm(tmp_path, broker, topic_prefix, keyp
 
 
 def test_sigterm_lets_an_inflight_stream_finish_and_refuses_new_work(tmp_path, broker, topic_prefix, keypair, agents):
-    from tests.support.lm_bundle import make_lm_bundle
+    from tests.support.lm_bundle import make_lm_bundle, seal_lm_bundle
+    from tests.support.models import cache_dir
 
-    make_lm_bundle(tmp_path / "lm", keypair[0])
+    cached = cache_dir() / "onnx-tiny-llama-lm"  # make_lm_bundle's export cache
+    if (cached / "model.onnx").exists():  # skips tiny_model()'s torch import (~10 s on 2 busy cores)
+        seal_lm_bundle(cached, tmp_path / "lm", keypair[0], name="tiny-llama")
+    else:
+        make_lm_bundle(tmp_path / "lm", keypair[0])
     notify = NotifySocket()
     a = Agent(tmp_path, broker.port, topic_prefix, public_key=keypair[1], env={"NOTIFY_SOCKET": notify.env})
     a.install(tmp_path / "lm", keypair[1])

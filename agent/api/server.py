@@ -293,7 +293,7 @@ class ApiServer:
             route(ex)
         except ApiError as exc:
             self._send_error(ex, exc)
-        except ClientGone:
+        except (ClientGone, Cancelled):  # the client left (possibly while queued): nobody to answer
             pass
         except Exception as exc:  # the service keeps serving; the client gets a 500 with the reason
             log.exception("API request %s %s failed", method, path)

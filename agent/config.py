@@ -365,11 +365,12 @@ def load_settings(config: Path | None = None, overrides: dict[str, Any] | None =
     path, required = config_path(config)
     if required and not path.is_file():
         raise ConfigError([f"config error: config file {path} does not exist (pass an existing --config or EDGESHIP_AGENT_CONFIG)"])
+    unknown = unknown_env()
     token = _toml_path.set(path)
     try:
-        return AgentSettings(**(overrides or {}))
+        settings = AgentSettings(**(overrides or {}))
     except ValidationError as exc:
-        raise ConfigError(error_lines(exc)) from None
+        raise ConfigError(unknown + error_lines(exc)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"config error: {path} is not valid TOML: {exc}"]) from None
     except PermissionError as exc:
@@ -379,3 +380,17 @@ def load_settings(config: Path | None = None, overrides: dict[str, Any] | None =
         raise ConfigError([f"config error: {str(exc).splitlines()[0]}"]) from None
     finally:
         _toml_path.reset(token)
+    if unknown:
+        raise ConfigError(unknown)
+    return settings
+
+
+def unknown_env() -> list[str]:
+    """EDGESHIP_AGENT_* variables that name no option (pydantic-settings would ignore them silently)."""
+    known = set(AgentSettings.model_fields) | {"config"}
+    return [
+        f"config error: environment {key}: unknown option (misspelt? every option is listed in configs/agent.toml) "
+        f"(got {_show(value)})"
+        for key, value in sorted(os.environ.items())
+        if key.upper().startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].split("__")[0].lower() not in known
+    ]

@@ -173,6 +173,19 @@ def test_bad_environment_value_names_the_variable_path(tmp_path):
     assert proc.stderr.strip() == "config error: api.queue_size: Input should be a valid integer, unable to parse string as an integer (got 'many')"
 
 
+def test_misspelt_environment_variable_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGESHIP_AGENT_DEVICEID", "x")  # DEVICE_ID was meant
+    monkeypatch.setenv("EDGESHIP_AGENT_BROKER__URLL", "mqtt://x")
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, ""), {"device_id": "d"})
+    assert info.value.lines == [
+        "config error: environment EDGESHIP_AGENT_DEVICEID: unknown option (misspelt? every option is listed in "
+        "configs/agent.toml) (got 'x')",
+        "config error: broker.urll: unknown option (misspelt? every option is listed in configs/agent.toml) "
+        "(got 'mqtt://x')",
+    ]
+
+
 def test_check_config_shows_resolved_values(tmp_path):
     cfg = write(tmp_path, '[broker]\nusername = "u"\npassword = "s3cret"\n')
     proc = agent_cmd("run", "--config", str(cfg), "--device-id", "d", "--label", "site=x", "--label", "line=2",

@@ -379,3 +379,17 @@ def test_a_deadline_that_passes_mid_update_stops_it(env):
     cid = env.deploy("big", tar=tar, sha=sha, deadline=datetime.now(timezone.utc) + timedelta(seconds=1.5))
     env.failed_with(cid, "deadline_passed")
     env.assert_old_serving()
+
+
+def test_a_full_disk_when_persisting_the_command_refuses_it_and_forgets_it(env):
+    tmp = env.dev.store.root / ".update.json.tmp"
+    os.symlink("/dev/full", tmp)  # the next state write hits ENOSPC
+    cid = env.deploy("v2")
+    ack = env.ctl.ack(cid)
+    assert (ack.accepted, ack.code) == (False, "state_not_saved") and "No space left" in ack.reason
+    assert env.dev.manager.status is None and env.srv.requests == []
+    env.assert_old_serving()
+    env.ctl.send(DeployCommand(id="again", device_id="dev1", rollout_id="r1", urls=[env.srv.url("v2.tar")],
+                               bundle=BundleRef(name="tiny", version="1.1.0", manifest_sha256=env.bundles.made["v2"][2]),
+                               watch=WatchPolicy(window_s=0.3)))
+    assert env.ctl.final_event("again").state.value == "committed"

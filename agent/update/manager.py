@@ -43,7 +43,7 @@ from agent.protocol import (
 from agent.update import decide
 from agent.update.crashpoint import crash_point
 from agent.update.download import DownloadOptions, download, fetch_head
-from agent.update.errors import Cancelled, DownloadError, StateFileError, StoreError, UpdateError
+from agent.update.errors import Cancelled, DiskFull, DownloadError, StateFileError, StoreError, UpdateError
 from agent.update.persist import AckRecord, PersistedState, StateFile, UpdateRecord
 from agent.update.smoke import run_smoke_test
 from agent.update.state import BEFORE_SWITCH, Event, is_rest, next_state, recovery_event
@@ -192,7 +192,12 @@ class UpdateManager:
                 verdict = decide.Verdict(False, "unknown_command", f"unknown command {type(command).__name__}")
             record = AckRecord(accepted=verdict.ok, code=verdict.code, reason=verdict.reason)
             self._state.acks[command.id] = record
-            self._save()  # the id (and any new update record) is durable before anyone hears "accepted"
+            try:
+                self._save()  # the id (and any new update record) is durable before anyone hears "accepted"
+            except OSError as exc:  # e.g. disk full: forget the command, as the file on disk does
+                self._state, self._announce = self._file.load(), False
+                return self._ack(command.id, AckRecord(accepted=False, code="state_not_saved", reason=(
+                    f"cannot persist the command ({exc.strerror or exc}); free disk space and resend it")))
         if verdict.ok and isinstance(command, (DeployCommand, RollbackCommand)) and self._state.update \
                 and self._state.update.command_id == command.id:
             self._start_worker()
@@ -294,9 +299,16 @@ class UpdateManager:
         rec.code, rec.reason = code, reason
         rec.metrics = dict(metrics or {})
         rec.updated_at = time.time()
-        self._save()
+        try:
+            self._save()
+        except OSError as exc:  # e.g. ENOSPC: the file on disk still holds the last state; so must memory
+            self._state = self._file.load()
+            raise UpdateError(f"cannot persist state {state.value}: {exc.strerror or exc}; "
+                              "not taking the step", code="state_not_saved") from None
         self._event(rec)
         crash_point(f"state:{state.value}")
+        if not is_rest(state):
+            self._changed()  # rest states report once their effect is done (see _fire)
 
     def _fire(self, outcome: _Outcome) -> None:
         rec = self._state.update
@@ -346,7 +358,17 @@ class UpdateManager:
             else:
                 outcome = self._action(rec)
             with self._lock:
-                self._fire(outcome)
+                try:
+                    self._fire(outcome)
+                except UpdateError as exc:
+                    log.error("%s", exc)
+                    self.store.gc(keep=())  # free what this update wrote, then try to end it
+                    if not is_rest(self.state):
+                        try:
+                            self._fire(_Outcome(Event.FAIL, exc.code, str(exc)))
+                        except UpdateError:
+                            log.error("cannot end the update either; recover() will on the next start")
+                            return
 
     def _action(self, rec: UpdateRecord) -> _Outcome:
         """Run the entry action of `rec.state`; every failure becomes a FAIL outcome with a code."""
@@ -388,8 +410,12 @@ class UpdateManager:
                 last[0] = frac
                 self._emit(EventMessage(**self._base(rec), state=S.DOWNLOADING, bytes_done=done, bytes_total=total))
 
-        download(rec.urls, part, expected_size=rec.size, opts=self.config.download, progress=progress,
-                 cancelled=self._cancel.is_set)
+        try:
+            download(rec.urls, part, expected_size=rec.size, opts=self.config.download, progress=progress,
+                     cancelled=self._cancel.is_set)
+        except DiskFull:
+            part.unlink(missing_ok=True)  # give the space back before persisting the failure
+            raise
         return _Outcome(Event.DOWNLOADED, metrics={"bytes": float(part.stat().st_size)})
 
     def _check_head(self, rec: UpdateRecord) -> None:

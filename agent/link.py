@@ -193,19 +193,26 @@ class MqttLink:
 
     def stamp(self, msg: BaseModel) -> BaseModel:
         """The message with this session and the next seq (OfflineMessage has no seq)."""
+        with self._lock:
+            return self._stamp(msg)
+
+    def _stamp(self, msg: BaseModel) -> BaseModel:
         if isinstance(msg, OfflineMessage):
             return msg.model_copy(update={"session": self.session})
-        with self._lock:
-            self._seq += 1
-            seq = self._seq
-        return msg.model_copy(update={"session": self.session, "seq": seq, "device_id": self.device_id})
+        self._seq += 1
+        return msg.model_copy(update={"session": self.session, "seq": self._seq, "device_id": self.device_id})
 
     def publish(self, msg: BaseModel) -> BaseModel:
-        """Send a device message on its channel; returns it as stamped. Never raises for the network."""
-        msg = self.stamp(msg)
+        """Send a device message on its channel; returns it as stamped. Never raises for the network.
+
+        Stamping and queueing happen under one lock, so messages leave in seq order whichever
+        thread sends them (receivers drop a seq that is not newer than the last one seen).
+        """
         channel = _CHANNEL[type(msg)]
-        out = _Out(self.topic(channel), encode(msg), 0 if channel is Channel.HEALTH else 1, channel is Channel.STATE)
+        topic = self.topic(channel)
         with self._lock:
+            msg = self._stamp(msg)
+            out = _Out(topic, encode(msg), 0 if channel is Channel.HEALTH else 1, channel is Channel.STATE)
             if self._connected:
                 info = self._client.publish(out.topic, out.payload, qos=out.qos, retain=out.retain)
                 # NO_CONN: paho keeps a QoS 1 message and re-sends it after the reconnect itself.

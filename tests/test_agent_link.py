@@ -199,6 +199,33 @@ def test_commands_sent_while_offline_arrive_after_reconnect(broker, topic_prefix
         w.close()
 
 
+def test_messages_leave_in_seq_order_whichever_thread_sends(broker, topic_prefix):
+    """Receivers drop a seq that is not newer than the last: concurrent senders must not reorder."""
+    import threading
+
+    dev = Device(broker.port, topic_prefix)
+    w = Watcher(broker.port, topic_prefix)
+    dev.link.start()
+    try:
+        dev.connects.get(timeout=10)
+        per_thread = 150
+
+        def burst(k: int) -> None:
+            for n in range(per_thread):
+                dev.link.publish(dev.event(UpdateState.DOWNLOADING, k * 1000 + n))
+
+        threads = [threading.Thread(target=burst, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seqs = [w.next(Channel.EVENTS)[1]["seq"] for _ in range(4 * per_thread)]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    finally:
+        dev.link.stop()
+        w.close()
+
+
 def test_clean_stop_publishes_retained_offline(broker, topic_prefix):
     dev = Device(broker.port, topic_prefix)
     dev.link.start()

@@ -224,6 +224,34 @@ def test_startup_failure_is_one_line_and_exit_1(tmp_path, broker, topic_prefix, 
     assert "Traceback" not in proc.stderr
 
 
+def test_api_on_a_unix_socket(tmp_path, broker, topic_prefix):
+    sock_dir = tempfile.mkdtemp(prefix="esa", dir="/tmp")
+    path = os.path.join(sock_dir, "api.sock")
+    notify = NotifySocket()
+    a = Agent(tmp_path, broker.port, topic_prefix, env={"NOTIFY_SOCKET": notify.env})
+    a.config.write_text(a.config.read_text().replace(f'bind = "127.0.0.1:{a.api_port}"', f'bind = "unix:{path}"'))
+    a.start()
+    try:
+        notify.wait_for("READY=1")
+
+        class UnixConnection(http.client.HTTPConnection):
+            def connect(self):
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+
+        conn = UnixConnection("localhost", timeout=10)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().status == 200
+        conn.close()
+        a.signal(signal.SIGTERM)
+        assert a.wait() == 0
+        assert not os.path.exists(path)  # removed on the way out
+    finally:
+        a.stop()
+        notify.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
 # ---- what the device reports --------------------------------------------------------------------
 
 

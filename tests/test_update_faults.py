@@ -393,3 +393,28 @@ def test_a_full_disk_when_persisting_the_command_refuses_it_and_forgets_it(env):
                                bundle=BundleRef(name="tiny", version="1.1.0", manifest_sha256=env.bundles.made["v2"][2]),
                                watch=WatchPolicy(window_s=0.3)))
     assert env.ctl.final_event("again").state.value == "committed"
+
+
+def test_deploying_the_active_bundle_again_is_a_committed_no_op(env):
+    cid = env.deploy("v2")
+    assert env.ctl.final_event(cid).state.value == "committed"
+    env.dev.manager.wait_idle(10)
+    requests_before = len(env.srv.requests)
+    env.ctl.send(DeployCommand(id="same", device_id="dev1", rollout_id="r2", urls=[env.srv.url("v2.tar")],
+                               bundle=BundleRef(name="tiny", version="1.1.0", manifest_sha256=env.bundles.made["v2"][2])))
+    assert env.ctl.ack("same").accepted
+    ev = env.ctl.final_event("same")
+    assert ev.state.value == "committed" and "already the active bundle" in ev.reason
+    assert len(env.srv.requests) == requests_before
+    assert env.dev.store.pointer() == (env.bundles.made["v2"][2], env.v1_sha)
+
+
+def test_rolling_back_a_rollout_that_already_rolled_back_changes_nothing(env):
+    cid = env.deploy("v2", make={"golden_scale": 2.0})
+    env.failed_with(cid, "golden_mismatch")
+    env.ctl.send(RollbackCommand(id="rb-r1", device_id="dev1", rollout_id="r1"))
+    assert env.ctl.ack("rb-r1").accepted
+    ev = env.ctl.final_event("rb-r1")
+    assert ev.state.value == "rolled_back" and "nothing to roll back" in ev.reason
+    env.dev.manager.wait_idle(10)
+    env.assert_old_serving()

@@ -83,7 +83,6 @@ INSTALLED = decide.Installed(state=S.COMMITTED, active_sha=SHA_A, active_version
 @pytest.mark.parametrize("cmd,installed,code", [
     (deploy(version="0.9.0"), INSTALLED, "downgrade_refused"),
     (deploy(version="1.0.0"), INSTALLED, "version_conflict"),
-    (deploy(sha=SHA_A), INSTALLED, "already_active"),
     (deploy(), decide.Installed(state=S.DOWNLOADING), "busy"),
     (deploy(deadline=NOW - timedelta(seconds=1)), INSTALLED, "deadline_passed"),
     (deploy(size=10**9), INSTALLED, "insufficient_disk"),
@@ -95,8 +94,11 @@ def test_deploys_refused_before_a_byte_is_downloaded(cmd, installed, code):
     assert v.reason
 
 
-def test_a_newer_version_is_accepted():
+def test_a_newer_version_is_accepted_and_the_active_one_is_a_no_op():
     assert decide.check_deploy(deploy(size=1000), INSTALLED, at=NOW, margin=0).ok
+    v = decide.check_deploy(deploy(sha=SHA_A), INSTALLED, at=NOW, margin=0)
+    assert (v.ok, v.code) == (True, "already_active")
+    assert next_state(S.ROLLED_BACK, Event.ALREADY_ACTIVE) == S.COMMITTED
 
 
 def test_manifest_checks(tmp_path, keypair):

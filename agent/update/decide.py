@@ -56,8 +56,8 @@ def check_deploy(cmd: DeployCommand, now: Installed, *, at: datetime, margin: in
         new_key = semver_key(ref.version)
     except ValueError:
         return _no("invalid_version", f"bundle version {ref.version!r} is not a semantic version (e.g. 1.2.0)")
-    if ref.manifest_sha256 == now.active_sha:
-        return _no("already_active", f"{ref.ref} ({ref.manifest_sha256[:12]}) is already the active bundle")
+    if ref.manifest_sha256 == now.active_sha:  # accepted: the controller's goal already holds
+        return Verdict(True, "already_active", f"{ref.ref} is already the active bundle; nothing to do")
     if now.active_version is not None and now.active_name == ref.name:
         old_key = semver_key(now.active_version)
         if new_key < old_key:

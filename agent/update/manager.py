@@ -198,8 +198,7 @@ class UpdateManager:
                 self._state, self._announce = self._file.load(), False
                 return self._ack(command.id, AckRecord(accepted=False, code="state_not_saved", reason=(
                     f"cannot persist the command ({exc.strerror or exc}); free disk space and resend it")))
-        if verdict.ok and isinstance(command, (DeployCommand, RollbackCommand)) and self._state.update \
-                and self._state.update.command_id == command.id:
+        if verdict.ok and self._state.update is not None and self._state.update.command_id == command.id:
             self._start_worker()
         if isinstance(command, ReportCommand):
             if self._state.update is not None:
@@ -244,6 +243,12 @@ class UpdateManager:
     def _accept_deploy(self, cmd: DeployCommand) -> decide.Verdict:
         verdict = decide.check_deploy(cmd, self._installed(), at=datetime.now(timezone.utc),
                                       margin=self.config.disk_margin_bytes)
+        if verdict.ok and verdict.code == "already_active":
+            active, previous = self.store.pointer()
+            self._begin(UpdateRecord(command_id=cmd.id, kind="deploy", rollout_id=cmd.rollout_id, state=self.state,
+                                     bundle=cmd.bundle, restore_sha=active, restore_previous_sha=previous,
+                                     reason=verdict.reason), Event.ALREADY_ACTIVE)
+            return decide.OK
         if verdict.ok:
             active, previous = self.store.pointer()
             watch = cmd.watch if (self.config.default_watch is None or "watch" in cmd.model_fields_set) \
@@ -263,6 +268,14 @@ class UpdateManager:
         if not is_rest(state):
             return decide.Verdict(False, "busy", f"an update is {state.value}; cancel it instead of rolling back")
         active, previous = self.store.pointer()
+        last = self._state.update
+        if cmd.rollout_id and last is not None and last.rollout_id == cmd.rollout_id and last.kind == "deploy" \
+                and last.state in (S.FAILED, S.ROLLED_BACK):
+            self._begin(UpdateRecord(command_id=cmd.id, kind="rollback", rollout_id=cmd.rollout_id, state=state,
+                                     bundle=self._ref_of(active), restore_sha=active, restore_previous_sha=previous,
+                                     reason=f"rollout {cmd.rollout_id} is not active here (its update ended "
+                                            f"{last.state.value}); nothing to roll back"), Event.ALREADY_ROLLED_BACK)
+            return decide.OK
         target = self._safe_bundle(previous)
         if target is None:
             return decide.Verdict(False, "no_previous", "there is no previous bundle to roll back to")
@@ -288,7 +301,7 @@ class UpdateManager:
         record.attempts = {record.state.value: 1}
         record.updated_at = time.time()
         self._state.update = record  # saved together with the ack by handle()
-        self._announce = True
+        self._announce = True  # the worker publishes the first state once the ack is out
 
     def _enter(self, state: UpdateState, *, code: str = "", reason: str = "",
                metrics: dict[str, float] | None = None) -> None:
@@ -342,8 +355,13 @@ class UpdateManager:
     def _run(self) -> None:
         if self._announce:  # after handle() returned the ack
             self._announce = False
-            self._event(self._state.update)
-            crash_point(f"state:{self.state.value}")
+            rec = self._state.update
+            self._event(rec)
+            crash_point(f"state:{rec.state.value}")
+            if is_rest(rec.state):  # a no-op command: its rest effect, then the new retained state
+                with self._lock:
+                    self._rest_action(rec)
+                self._changed()
         while not self._closed:
             with self._lock:
                 rec = self._state.update

@@ -6,6 +6,7 @@
     before the switch: fail | cancel ──▶ failed          (the old model never stopped serving)
     after the switch:  fail | breach | rollback | crashed ──▶ rolled_back
     rest ──rollback──▶ switching ──reverted──▶ rolled_back   (explicit rollback to the previous bundle)
+    rest ──already_active──▶ committed; rest ──already_rolled_back──▶ rolled_back   (idempotent no-ops)
 
 The manager (agent/update/manager.py) persists the new state BEFORE carrying out its entry action,
 so a crash at any point leaves a record of what was in progress; `recovery_event` decides what to
@@ -34,6 +35,8 @@ class Event(StrEnum):
     ROLLBACK = "rollback"
     REVERTED = "reverted"
     CRASHED = "crashed"  # the agent restarted while this state was in progress
+    ALREADY_ACTIVE = "already_active"  # a deploy of the bundle already serving: nothing to do
+    ALREADY_ROLLED_BACK = "already_rolled_back"  # a rollback of a rollout that is not active here
 
 
 REST = frozenset({S.IDLE, S.COMMITTED, S.FAILED, S.ROLLED_BACK})
@@ -44,6 +47,8 @@ E = Event
 TRANSITIONS: dict[tuple[S, Event], S] = {
     **{(rest, E.DEPLOY): S.DOWNLOADING for rest in REST},
     **{(rest, E.ROLLBACK): S.SWITCHING for rest in REST},
+    **{(rest, E.ALREADY_ACTIVE): S.COMMITTED for rest in REST},
+    **{(rest, E.ALREADY_ROLLED_BACK): S.ROLLED_BACK for rest in REST},
     (S.DOWNLOADING, E.DOWNLOADED): S.VERIFYING,
     (S.VERIFYING, E.VERIFIED): S.STAGING,
     (S.STAGING, E.STAGED): S.SMOKE_TESTING,

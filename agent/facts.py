@@ -6,6 +6,7 @@ not expose is None, never a guess.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -15,6 +16,7 @@ from agent.protocol import DeviceFacts
 from agent.runtime.cpu import cpu_facts
 
 THERMAL_ROOT = Path("/sys/class/thermal")
+log = logging.getLogger("edgeship.agent.facts")
 
 
 def os_name() -> str:
@@ -49,13 +51,42 @@ def meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
     return out
 
 
+# Plugin EPs worth a probe, by the machines where they can mean an accelerator. onnxruntime-qnn on
+# x86_64 is the Hexagon simulator the exporter verifies with, not an NPU: registering it there
+# would cost ~1 s and ~28 MB at every start to report nothing real.
+PLUGIN_EPS = {"QNNExecutionProvider": ("onnxruntime_qnn", frozenset({"aarch64", "arm64"}))}
+
+
+def plugin_execution_providers(machine: str | None = None) -> list[str]:
+    """Plugin EPs (onnxruntime >= 1.22) that offer a non-CPU device here; registering them is the probe."""
+    import importlib.util
+
+    machine = machine or platform.machine()
+    found = []
+    for name, (package, machines) in PLUGIN_EPS.items():
+        if machine not in machines or importlib.util.find_spec(package) is None:
+            continue
+        try:
+            import onnxruntime as ort
+
+            from agent.runtime.qnn import register_qnn_ep
+
+            register_qnn_ep()
+            if any(d.ep_name == name and d.device.type != ort.OrtHardwareDeviceType.CPU for d in ort.get_ep_devices()):
+                found.append(name)
+        except Exception as exc:  # a broken driver stack must not stop the agent from starting
+            log.warning("%s is installed but unusable here: %s", name, exc)
+    return found
+
+
 def execution_providers() -> tuple[list[str], str]:
-    """(available EPs, onnxruntime version); ([], '') when onnxruntime cannot be imported."""
+    """(available EPs, accelerators first; onnxruntime version); ([], '') without onnxruntime."""
     try:
         import onnxruntime as ort
     except ImportError:
         return [], ""
-    return list(ort.get_available_providers()), ort.__version__
+    builtin = list(ort.get_available_providers())
+    return [*plugin_execution_providers(), *builtin], ort.__version__
 
 
 def device_facts() -> DeviceFacts:

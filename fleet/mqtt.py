@@ -60,9 +60,11 @@ class ControllerLink:
         self.client.on_message = self._on_message
 
     def filters(self) -> list[str]:
-        out = [self.topics.all_devices(ch) for ch in SUBSCRIBED]
-        if self.shared_group:
-            out = [f"$share/{self.shared_group}/{f}" for f in out]
+        out = []
+        for ch in SUBSCRIBED:
+            f = self.topics.all_devices(ch)
+            # state stays a plain subscription: brokers send no retained messages to shared ones
+            out.append(f"$share/{self.shared_group}/{f}" if self.shared_group and ch != Channel.STATE else f)
         return out
 
     def start(self, timeout: float = 15.0) -> None:

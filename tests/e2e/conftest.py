@@ -102,6 +102,12 @@ def wait_rollout(client, rollout_id: str, *, states=TERMINAL, timeout: float = 9
         time.sleep(0.3)
 
 
+def explain(r: dict) -> str:
+    """A rollout's outcome in one readable line, for assertion messages."""
+    return (f"{r['state']}: {r['reason']}; gates {[g.get('reason') for g in r.get('gate', [])]}; devices "
+            f"{[(d['device'], d['state'], d['code'], d['reason'][:120]) for d in r.get('devices', [])]}")
+
+
 def wait_for(check, *, timeout: float = 60, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:

@@ -380,3 +380,11 @@ _operation("pause", "Stop sending new deploys (devices already updating finish).
 _operation("resume", "Continue a paused rollout (after a failed gate: accept that wave and go on).")
 _operation("abort", "Stop the rollout and cancel updates not yet committed.")
 _operation("rollback", "Roll every device this rollout updated back to its previous bundle.")
+
+
+# ---- broker credentials (fleet/enroll.py): the fleet CA, `device enroll` ----------------------
+
+from fleet.enroll import ca as _ca_group, enroll_command as _enroll_command  # noqa: E402
+
+cli.add_command(_ca_group)
+device.add_command(_enroll_command)

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol import Channel, Topics
-from fleet.enroll import device as device_cli
+from fleet.cli import cli as fleet_cli
 from fleet.enroll import enroll
 from fleet.pki import CONTROLLER_IDENTITY, CertificateAuthority, PkiError
 from tests.support.broker import free_port, mosquitto_binary, start_broker
@@ -323,16 +323,24 @@ def test_enrol_refuses_names_that_would_widen_the_acl(fleet, keypair, bad, fix):
 
 def test_enrol_cli(fleet, keypair, tmp_path):
     runner = CliRunner()
-    args = ["enroll", "dev-cli", "--ca-dir", str(fleet.workdir / "ca"), "--trusted-key", str(keypair[1]),
+    args = ["device", "enroll", "dev-cli", "--ca-dir", str(fleet.workdir / "ca"), "--trusted-key", str(keypair[1]),
             "--broker", "mqtts://broker.example:8883", "--out", str(tmp_path), "--json"]
-    r = runner.invoke(device_cli, args)
+    r = runner.invoke(fleet_cli, args)
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert Path(out["certificate"]).is_file() and out["password"] is False
-    again = runner.invoke(device_cli, args)
+    again = runner.invoke(fleet_cli, args)
     assert again.exit_code == 2 and "was enrolled already" in again.output
-    plain = runner.invoke(device_cli, args[:-1] + ["--overwrite"])
+    plain = runner.invoke(fleet_cli, args[:-1] + ["--overwrite"])
     assert plain.exit_code == 0
-    bad = runner.invoke(device_cli, ["enroll", "dev-x", "--ca-dir", str(tmp_path / "nope"), "--trusted-key",
+    bad = runner.invoke(fleet_cli, ["device", "enroll", "dev-x", "--ca-dir", str(tmp_path / "nope"), "--trusted-key",
                                      str(keypair[1]), "--broker", "mqtt://broker:1883", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "mqtts://" in bad.output
+    ca_dir = tmp_path / "ca2"
+    assert runner.invoke(fleet_cli, ["ca", "init", "--dir", str(ca_dir)]).exit_code == 0
+    assert runner.invoke(fleet_cli, ["ca", "server-cert", "--dir", str(ca_dir), "broker.example", "10.0.0.5"]).exit_code == 0
+    assert runner.invoke(fleet_cli, ["ca", "client-cert", "--dir", str(ca_dir)]).exit_code == 0
+    assert stat.S_IMODE((ca_dir / "ca.key").stat().st_mode) == 0o600
+    assert {p.name for p in ca_dir.iterdir()} == {"ca.key", "ca.crt", "server.crt", "server.key", "controller.crt", "controller.key"}
+    again = runner.invoke(fleet_cli, ["ca", "init", "--dir", str(ca_dir)])
+    assert again.exit_code == 2 and "already exists" in again.output

@@ -22,7 +22,7 @@ from agent.bundle import ModelSpec, Target, Task, TrustedKeys, load_private_key,
 from agent.protocol import BundleRef, CancelCommand, DeployCommand, ReportCommand, RollbackCommand, WatchPolicy
 from agent.update.download import DownloadOptions
 from tests.support.http import Fault, FileServer
-from tests.support.update_harness import Bundles, Controller, InProcessDevice, regressing_bundle
+from tests.support.update_harness import Bundles, Controller, InProcessDevice, regressing_bundle, slow_bundle
 
 FAST_DL = DownloadOptions(timeout_s=0.5, retries=1, backoff_s=0.01)
 
@@ -417,4 +417,30 @@ def test_rolling_back_a_rollout_that_already_rolled_back_changes_nothing(env):
     ev = env.ctl.final_event("rb-r1")
     assert ev.state.value == "rolled_back" and "nothing to roll back" in ev.reason
     env.dev.manager.wait_idle(10)
+    env.assert_old_serving()
+
+
+def test_p95_latency_regression_rolls_back(env, keypair):
+    stop, failures, served = threading.Event(), [], set()
+    t = threading.Thread(target=_traffic, args=(env, stop, failures, served))
+    t.start()
+    try:
+        time.sleep(0.5)  # the old model's baseline
+        tar, sha = slow_bundle(env.tmp / "slow", keypair[0])
+        cid = env.deploy("slow", tar=tar, sha=sha, watch=WatchPolicy(window_s=20, max_p95_ratio=3.0))
+        ev = env.failed_with(cid, "watch_regression", state="rolled_back")
+    finally:
+        stop.set()
+        t.join()
+    assert failures == [] and sha in served
+    assert "p95 latency" in ev.reason and ev.metrics["p95_ratio"] > 3.0
+    assert ev.metrics["p95_ms"] > ev.metrics["baseline_p95_ms"], ev.metrics
+    env.assert_old_serving()
+
+
+def test_a_smoke_test_over_the_device_latency_budget_fails(env):
+    env.dev.manager.config.smoke_latency_budget_ms = 1e-6
+    cid = env.deploy("v2")
+    ev = env.failed_with(cid, "smoke_too_slow")
+    assert "over the device budget" in ev.reason and ev.metrics["latency_ms"] > 0
     env.assert_old_serving()

@@ -198,3 +198,41 @@ def regressing_bundle(directory: Path, private_key: Path, *, version: str = "1.1
                 model=ModelSpec(entry="model.onnx", inputs=["x"], outputs=["y"], config={"kind": "raw"}),
                 golden=Golden(inputs="golden/inputs.npz", outputs="golden/outputs.npz", atol=1e-4, rtol=1e-4))
     return pack(d, d.with_suffix(".tar")), hashlib.sha256((d / "manifest.json").read_bytes()).hexdigest()
+
+
+def slow_bundle(directory: Path, private_key: Path, *, version: str = "1.1.0", width: int = 1024) -> tuple[Path, str]:
+    """(archive, manifest sha) of a correct bundle with the same 8-float I/O as `make_bundle`'s but
+    far more work per request (a width x width outer product through tanh): a p95 latency regression."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from agent.bundle import Golden, ModelSpec, Target, Task, load_private_key, seal_bundle
+
+    d = Path(directory)
+    (d / "golden").mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    inits = {"W0": (rng.standard_normal((8, width)) / np.sqrt(8)).astype(np.float32),
+             "R": rng.standard_normal((1, width)).astype(np.float32),
+             "W1": (rng.standard_normal((width, 8)) / np.sqrt(width)).astype(np.float32),
+             "axis": np.array([2], np.int64)}
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["m0"]), helper.make_node("Tanh", ["m0"], ["t0"]),
+             helper.make_node("Unsqueeze", ["t0", "axis"], ["u"]),  # [b, width, 1]
+             helper.make_node("MatMul", ["u", "R"], ["o"]),  # [b, width, width]: the expensive part
+             helper.make_node("Tanh", ["o"], ["to"]),
+             helper.make_node("ReduceMean", ["to"], ["r"], axes=[2], keepdims=0),
+             helper.make_node("MatMul", ["r", "W1"], ["m1"]), helper.make_node("Tanh", ["m1"], ["y"])]
+    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), d / "model.onnx")
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    y = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.savez(d / "golden" / "inputs.npz", x=x)
+    np.savez(d / "golden" / "outputs.npz", y=y)
+    seal_bundle(d, private_key=load_private_key(private_key), name="tiny", version=version, task=Task.EMBEDDING,
+                target=Target(profile="cpu-x86-avx2"),
+                model=ModelSpec(entry="model.onnx", inputs=["x"], outputs=["y"], config={"kind": "raw"}),
+                golden=Golden(inputs="golden/inputs.npz", outputs="golden/outputs.npz", atol=1e-3, rtol=1e-3))
+    return pack(d, d.with_suffix(".tar")), hashlib.sha256((d / "manifest.json").read_bytes()).hexdigest()

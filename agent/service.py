@@ -18,7 +18,6 @@ Errors: StartupError(RuntimeError) — the agent cannot start (state dir, keys, 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import signal
 import time

@@ -30,7 +30,7 @@ from edgeship import __version__
 from agent.api import ApiServer
 from agent.bundle import TrustedKeys, open_bundle
 from agent.bundle.signing import KeyError_
-from agent.config import AgentSettings, ConfigError, load_settings
+from agent.config import AgentSettings, ConfigError, config_path, load_settings
 from agent.facts import CpuMeter, Uptime, cpu_flags, device_facts, disk_free, meminfo, process_rss, temperature_c
 from agent.link import MqttLink
 from agent.protocol import AckMessage, BundleRef, HealthMessage, ReportCommand, StateMessage, UpdateState, WatchPolicy
@@ -332,5 +332,8 @@ def run_agent(config: Path | None, overrides: dict[str, Any]) -> int:
     """`edgeship agent run`: load the config (exit 2 on any bad field), then run the service."""
     settings = load_settings(config, overrides)  # ConfigError is printed by the CLI
     configure_logging(settings.log_level)
+    path, _ = config_path(config)
+    log.info("config: %s%s; device %s", path, "" if path.is_file() else " (absent: defaults, environment and options only)",
+             settings.device_id)
     service = AgentService(settings, reload=lambda: load_settings(config, overrides))
     return service.run()

@@ -154,6 +154,9 @@ def main() -> None:
                 break
             time.sleep(0.25)
         elapsed = time.monotonic() - t_start
+        detail = api.get(f"/v1/rollouts/{r['id']}").json()["devices"]
+        (work / "rollout_devices.json").write_text(json.dumps(detail))
+        print(f"per-device detail: {work / 'rollout_devices.json'}", flush=True)
         s1 = api.get("/v1/status").json()["engine"]
         db_path = work / "data" / "fleet.db"
         results["part1"] = {

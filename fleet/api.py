@@ -285,7 +285,8 @@ def create_app(*, engine: Engine, store: BundleStore, token: str, sessions, uplo
         rows = list(s.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id)
                               .order_by(RolloutDevice.wave, RolloutDevice.device_id)))
         detail = [{"device": rd.device_id, "wave": rd.wave + 1, "state": rd.state, "update_state": rd.update_state,
-                   "code": rd.code, "reason": rd.reason, "sends": rd.sends, "bytes_done": rd.bytes_done}
+                   "code": rd.code, "reason": rd.reason, "sends": rd.sends, "bytes_done": rd.bytes_done,
+                   "sent_at": rd.sent_at, "acked_at": rd.acked_at, "committed_at": rd.committed_at, "done_at": rd.done_at}
                   for rd in rows] if devices else None
         return rollout_dict(r, dict(Counter(rd.state for rd in rows)), devices=detail)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -122,6 +123,7 @@ class Simulator:
         self._control: queue.Queue = queue.Queue()
         self._dirty: set[str] = set()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sim-download")
+        self._http = httpx.Client(timeout=30)  # one client: connection reuse, one TLS context
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.sent = 0
@@ -142,6 +144,7 @@ class Simulator:
         if self._thread is not None:
             self._thread.join(15)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._http.close()
 
     def go_online(self, ids: list[str]) -> None:
         self._control.put(("online", list(ids)))
@@ -357,7 +360,7 @@ class Simulator:
         d.job = cmd.id
         self._event(d, cmd.id, cmd.rollout_id, UpdateState.DOWNLOADING, cmd.bundle, bytes_done=0, bytes_total=cmd.size)
         if self.behaviour.download:
-            fut = self._pool.submit(_download, cmd.urls, cmd.bundle.manifest_sha256)
+            fut = self._pool.submit(_download, self._http, cmd.urls, cmd.bundle.manifest_sha256)
             fut.add_done_callback(lambda f: self._control.put(("call", lambda: self._downloaded(d, cmd, f))))
         else:
             self._later(self.behaviour.step_delay_s, lambda: self._step(d, cmd, 1))
@@ -417,21 +420,19 @@ class Simulator:
         self._publish_state(d)
 
 
-def _download(urls: list[str], manifest_sha256: str) -> str | None:
+def _download(http: httpx.Client, urls: list[str], manifest_sha256: str) -> str | None:
     """Fetch the archive (first URL that works); None if its manifest.json has the expected sha256."""
-    import httpx
-
     last = "no URL"
     give_up = time.monotonic() + 60  # keep trying for a minute, backing off: servers restart
     for attempt, url in enumerate(itertools.cycle(urls)):
         try:
-            resp = httpx.get(url, timeout=30)
+            resp = http.get(url)
             resp.raise_for_status()
         except httpx.HTTPError as exc:
             last = f"{url}: {exc}"
             if time.monotonic() > give_up:
                 break
-            time.sleep(min(0.25 * 2**attempt, 4.0))
+            time.sleep(min(0.25 * 2**attempt, 1.0))
             continue
         try:
             with tarfile.open(fileobj=io.BytesIO(resp.content), mode="r:") as tar:

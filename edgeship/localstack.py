@@ -249,7 +249,7 @@ class LocalFleet:
     """A controller and agents on loopback against one broker, each a real `edgeship` process."""
 
     def __init__(self, workdir: Path, processes: Processes, *, broker_url: str, trusted_keys: list[Path],
-                 topic_prefix: str = "edgeship", token: str | None = None,
+                 topic_prefix: str = "edgeship", token: str | None = None, controller_mqtt_url: str | None = None,
                  controller_env: dict[str, str] | None = None, agent_env: dict[str, str] | None = None):
         import json
         import secrets
@@ -257,6 +257,7 @@ class LocalFleet:
         self.workdir = Path(workdir)
         self.processes = processes
         self.broker_url = broker_url
+        self.controller_mqtt_url = controller_mqtt_url or broker_url  # e.g. another listener of the broker
         self.trusted_keys = [Path(k).resolve() for k in trusted_keys]
         self.topic_prefix = topic_prefix
         self.token = token or secrets.token_hex(16)
@@ -295,7 +296,7 @@ class LocalFleet:
     def start_controller(self, *, env: dict[str, str] | None = None, wait: float = 60) -> Proc:
         """Start (or start again, same port and data) `edgeship fleet serve`; waits for /healthz."""
         argv = edgeship_argv("fleet", "serve", "--http-host", "127.0.0.1", "--http-port", str(self.http_port),
-                             "--mqtt-url", self.broker_url, "--data-dir", str(self.data_dir))
+                             "--mqtt-url", self.controller_mqtt_url, "--data-dir", str(self.data_dir))
         self.controller = self.processes.start("controller", argv, log=self.workdir / "logs" / "controller.log",
                                                env={**self._controller_env, **(env or {})})
         wait_until(lambda: _http_ok(f"{self.url}/healthz"), timeout=wait, what="the controller's /healthz",
@@ -303,13 +304,14 @@ class LocalFleet:
         return self.controller
 
     def start_agent(self, device_id: str, *, labels: dict[str, str] | None = None, env: dict[str, str] | None = None,
-                    settings: dict[str, str] | None = None, wait: bool = True) -> Agent:
+                    settings: dict[str, str] | None = None, broker_url: str | None = None,
+                    wait: bool = True) -> Agent:
         """Start `edgeship agent run` as device `device_id` (again, with the same state, if it ran before)."""
         old = self.agents.get(device_id)
         labels = labels if labels is not None else (old.labels if old else {})
         api_port = old.api_port if old else free_port()
         state_dir = self.workdir / "agents" / device_id
-        argv = edgeship_argv("agent", "run", "--device-id", device_id, "--broker-url", self.broker_url,
+        argv = edgeship_argv("agent", "run", "--device-id", device_id, "--broker-url", broker_url or self.broker_url,
                              "--state-dir", str(state_dir), "--api-bind", f"127.0.0.1:{api_port}",
                              "--set", f"broker.topic_prefix={self.topic_prefix}",
                              "--set", "heartbeat_interval_s=2", "--set", "broker.reconnect_max_s=2")

@@ -11,7 +11,6 @@ import queue
 import ssl
 import stat
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -23,73 +22,22 @@ from agent.protocol import Channel, Topics
 from fleet.cli import cli as fleet_cli
 from fleet.enroll import enroll
 from fleet.pki import CONTROLLER_IDENTITY, CertificateAuthority, PkiError
-from tests.support.broker import free_port, mosquitto_binary, start_broker
+from tests.support.secure_broker import SecureBroker, start_secure_broker
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "configs" / "mosquitto"
 TOPICS = Topics("edgeship")  # the ACL example is written for the default prefix
-QUIET = 1.0  # seconds a subscriber waits to be sure something did NOT arrive, after a marker did
-
-
-def render_conf(workdir: Path, cert_port: int, password_port: int) -> str:
-    """configs/mosquitto/mosquitto.conf with paths, ports and logging for a test run."""
-    text = (EXAMPLE / "mosquitto.conf").read_text()
-    swaps = {
-        "/etc/mosquitto/edgeship/": f"{workdir}/",
-        "/var/lib/mosquitto/": f"{workdir}/",
-        "listener 8883\n": f"listener {cert_port} 127.0.0.1\n",
-        "listener 8884\n": f"listener {password_port} 127.0.0.1\n",
-        "log_dest syslog\n": f"log_dest file {workdir}/mosquitto.log\n",
-    }
-    for old, new in swaps.items():
-        assert old in text, f"configs/mosquitto/mosquitto.conf no longer has {old!r}; update this test"
-        text = text.replace(old, new)
-    # As root, mosquitto drops to the 'mosquitto' user, which cannot read a pytest temp dir.
-    return text + "user root\n"
-
-
-@dataclass
-class Fleet:
-    workdir: Path
-    cert_port: int
-    password_port: int
-    ca: CertificateAuthority
-    devices: dict[str, Path] = field(default_factory=dict)  # device id -> enrolment directory
-    passwords: dict[str, str] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, keypair) -> Fleet:
-    assert mosquitto_binary(), "these tests need the mosquitto binary (apt-get install mosquitto)"
-    work = tmp_path_factory.mktemp("secure-broker")
-    ca = CertificateAuthority.init(work / "ca")
-    cert, key = ca.issue("127.0.0.1", server_names=["127.0.0.1", "localhost"])
-    (work / "server.crt").write_bytes(cert)
-    (work / "server.key").write_bytes(key)
-    (work / "ca.crt").write_bytes(ca.cert_path.read_bytes())
-    cert, key = ca.issue(CONTROLLER_IDENTITY)
-    (work / "controller.crt").write_bytes(cert)
-    (work / "controller.key").write_bytes(key)
-    (work / "acl").write_text((EXAMPLE / "acl").read_text())
-    f = Fleet(work, free_port(), free_port(), ca)
-    for dev in ("dev-a", "dev-b"):
-        f.devices[dev] = enroll(dev, ca_dir=work / "ca", out_dir=work / "enrolled", trusted_keys=[keypair[1]],
-                                broker_url=f"mqtts://127.0.0.1:{f.cert_port}").directory
-    e = enroll("dev-c", ca_dir=work / "ca", out_dir=work / "enrolled", trusted_keys=[keypair[1]],
-               broker_url=f"mqtts://127.0.0.1:{f.password_port}", password_file=work / "passwd")
-    f.devices["dev-c"] = e.directory
-    import tomllib
-
-    f.passwords["dev-c"] = tomllib.loads(e.agent_toml.read_text())["broker"]["password"]
-    broker = start_broker(extra_config=render_conf(work, f.cert_port, f.password_port), port=f.cert_port)
-    yield f
-    broker.stop()
+def fleet(tmp_path_factory, keypair) -> SecureBroker:
+    s = start_secure_broker(tmp_path_factory.mktemp("secure-broker"), keypair[1])
+    yield s
+    s.stop()
 
 
 class Client:
     """A paho client (MQTT 5) that records what it receives and the reason codes it is given."""
 
-    def __init__(self, fleet: Fleet, *, identity: str | None, cert: tuple[Path, Path] | None = None,
+    def __init__(self, fleet: SecureBroker, *, identity: str | None, cert: tuple[Path, Path] | None = None,
                  password: str | None = None, port: int | None = None):
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.connack: queue.Queue = queue.Queue()
@@ -140,7 +88,7 @@ class Client:
         self.c.loop_stop()
 
 
-def device(fleet: Fleet, dev: str) -> Client:
+def device(fleet: SecureBroker, dev: str) -> Client:
     d = fleet.devices[dev]
     if dev in fleet.passwords:
         c = Client(fleet, identity=dev, password=fleet.passwords[dev], port=fleet.password_port)
@@ -150,7 +98,7 @@ def device(fleet: Fleet, dev: str) -> Client:
     return c
 
 
-def controller(fleet: Fleet) -> Client:
+def controller(fleet: SecureBroker) -> Client:
     c = Client(fleet, identity=CONTROLLER_IDENTITY, cert=(fleet.workdir / "controller.crt", fleet.workdir / "controller.key"))
     assert not c.connect().is_failure
     for ch in (Channel.STATE, Channel.HEALTH, Channel.ACK, Channel.EVENTS):

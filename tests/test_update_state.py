@@ -172,3 +172,23 @@ def test_store_pointer_switch_keeps_previous_and_gcs_older(tmp_path, keypair):
     assert store.previous().manifest.version == "1.1.0" and not store.has(shas[0])
     with pytest.raises(StoreError, match="not in the store"):
         store.switch(shas[0], None)
+
+
+def test_store_stage_is_one_rename_and_gc_clears_half_done_work(tmp_path, keypair):
+    from agent.bundle import open_bundle
+
+    trusted = TrustedKeys.from_paths([keypair[1]])
+    store = BundleStore(tmp_path / "state", trusted=trusted)
+    make_bundle(tmp_path / "b", keypair[0])
+    sha = open_bundle(tmp_path / "b", trusted).manifest_sha256
+    with pytest.raises(StoreError) as err:
+        store.stage(sha)
+    assert err.value.code == "staging_lost"
+    import shutil
+
+    shutil.copytree(tmp_path / "b", store.staging_path(sha))
+    assert store.stage(sha).manifest_sha256 == sha and store.stage(sha).manifest_sha256 == sha  # idempotent
+    shutil.copytree(tmp_path / "b", store.staging_path("c" * 64))
+    store.download_path("d" * 64).write_bytes(b"partial")
+    store.gc()
+    assert list(store.downloads_dir.iterdir()) == [] and not store.has(sha)

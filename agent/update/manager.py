@@ -409,17 +409,12 @@ class UpdateManager:
 
     # ---- entry actions ---------------------------------------------------------------------------
 
-    def _paths(self, rec: UpdateRecord) -> tuple[Path, Path]:
-        sha = rec.bundle.manifest_sha256
-        part = self.store.download_path(sha)
-        return part, part.with_name(f"{sha}.unpacked")
-
     def _do_download(self, rec: UpdateRecord) -> _Outcome:
         sha = rec.bundle.manifest_sha256
         if self.store.has(sha):  # already in the store (e.g. the previous bundle): nothing to fetch
             return _Outcome(Event.DOWNLOADED)
         self._check_head(rec)
-        part, _ = self._paths(rec)
+        part = self.store.download_path(sha)
         last = [-1.0]
 
         def progress(done: int, total: int | None) -> None:
@@ -469,7 +464,7 @@ class UpdateManager:
         if self.store.has(sha):
             self.store.bundle(sha, check_hashes=True)
             return _Outcome(Event.VERIFIED)
-        part, unpacked = self._paths(rec)
+        part, unpacked = self.store.download_path(sha), self.store.staging_path(sha)
         shutil.rmtree(unpacked, ignore_errors=True)  # a half-verified copy from before a crash
         vb = unpack(part, unpacked, self.trusted)  # defensive unpack + signature + every file's sha256
         if vb.manifest_sha256 != sha:
@@ -480,13 +475,8 @@ class UpdateManager:
 
     def _do_stage(self, rec: UpdateRecord) -> _Outcome:
         sha = rec.bundle.manifest_sha256
-        part, unpacked = self._paths(rec)
-        if not self.store.has(sha):
-            if not unpacked.exists():
-                raise StoreError("the verified bundle vanished before staging; download it again", code="staging_lost")
-            unpacked.rename(self.store.path(sha))
-        part.unlink(missing_ok=True)
-        self.store.bundle(sha)
+        self.store.stage(sha)
+        self.store.download_path(sha).unlink(missing_ok=True)
         self.store.gc(keep=(sha,))  # keeps active + previous + the new one
         return _Outcome(Event.STAGED)
 
@@ -558,9 +548,7 @@ class UpdateManager:
             self.store.gc()
         elif rec.state == S.FAILED:
             self._ensure_serving()
-            self.store.gc()
-            if rec.bundle is not None:
-                shutil.rmtree(self._paths(rec)[1], ignore_errors=True)
+            self.store.gc()  # the new bundle, its download and its staging copy
         elif rec.state == S.COMMITTED:
             self.store.gc()
 

@@ -2,6 +2,7 @@
 
     <state_dir>/bundles/<manifest sha256>/   one unpacked, verified bundle per directory
     <state_dir>/downloads/<sha>.tar.part     archives being downloaded (resumed with Range)
+    <state_dir>/downloads/<sha>.unpacked/    an archive unpacked and verified, about to be staged
     <state_dir>/pointer.json                 {"active": sha, "previous": sha}: ONE file, replaced
                                              atomically, so a crash leaves the old or the new pair
 
@@ -14,10 +15,10 @@ import json
 import shutil
 from pathlib import Path
 
-from agent.bundle import BundleError, TrustedKeys, VerifiedBundle, open_bundle, unpack
+from agent.bundle import BundleError, TrustedKeys, VerifiedBundle, open_bundle
 from agent.bundle.manifest import SHA256_RE
 from agent.update.errors import StoreError
-from agent.update.persist import atomic_write
+from agent.update.persist import atomic_write, fsync_dir
 
 POINTER_SCHEMA = 1
 
@@ -97,26 +98,20 @@ class BundleStore:
     def download_path(self, sha: str) -> Path:
         return self.downloads_dir / f"{_check_sha(sha)}.tar.part"
 
-    def add_archive(self, archive: Path, sha: str) -> VerifiedBundle:
-        """Unpack and verify `archive` as bundle `sha` (idempotent: a complete copy is reused).
+    def staging_path(self, sha: str) -> Path:
+        """Where a downloaded archive is unpacked and verified before it joins the store."""
+        return self.downloads_dir / f"{_check_sha(sha)}.unpacked"
 
-        Raises BundleError (with its wire code) for a bad archive, StoreError when the archive's
-        manifest is not the expected one.
-        """
-        dest = self.path(sha)
-        if dest.exists():
-            try:
-                return self.bundle(sha, check_hashes=True)
-            except StoreError:
-                shutil.rmtree(dest)  # a damaged copy: unpack again
-        vb = unpack(archive, dest, self.trusted)
-        if vb.manifest_sha256 != sha:
-            shutil.rmtree(dest, ignore_errors=True)
-            raise StoreError(
-                f"archive's manifest sha256 is {vb.manifest_sha256}, the command said {sha}; refusing it",
-                code="manifest_sha_mismatch",
-            )
-        return vb
+    def stage(self, sha: str) -> VerifiedBundle:
+        """Move the verified copy at staging_path(sha) into the store (one rename; idempotent)."""
+        if not self.has(sha):
+            src = self.staging_path(sha)
+            if not src.exists():
+                raise StoreError(f"bundle {sha[:12]} is neither staged nor verified; download it again",
+                                 code="staging_lost")
+            src.rename(self.path(sha))
+            fsync_dir(self.bundles_dir)
+        return self.bundle(sha)
 
     def add_directory(self, directory: Path) -> VerifiedBundle:
         """Install a bundle directory (first install, tests): copied in, then verified."""
@@ -142,7 +137,10 @@ class BundleStore:
                 removed.append(p.name)
         for p in self.downloads_dir.iterdir():
             if p.name.split(".", 1)[0] not in wanted:
-                p.unlink(missing_ok=True)
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
         return removed
 
     def free_bytes(self) -> int:

@@ -59,14 +59,37 @@ def test_matmulnbits_equals_dequantized_matmul(ggml_type):
     assert np.all(np.abs(y - ref) <= 1e-5 * scale + 1e-6), f"max abs diff {np.abs(y - ref).max()}"
 
 
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q6_K", "Q5_K", "Q4_1"])
+def test_accuracy_level_4_is_close(ggml_type):
+    """Level 4 quantizes activations to int8: fast, close, not exact (hence level 0 by default)."""
+    n, k = 32, 512
+    raw = random_rows(ggml_type, n, k, seed=5)
+    ref_w = dequantize(raw, GGMLQuantizationType[ggml_type])
+    x = np.random.default_rng(6).standard_normal((4, k)).astype(np.float32)
+    model = linear_model(decode(ggml_type, raw, k), accuracy_level=4)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    scale = np.abs(x) @ np.abs(ref_w).T
+    assert np.all(np.abs(y - x @ ref_w.T) <= 2e-2 * scale)
+
+
+def test_split_nibbles_is_exact():
+    w = decode("Q6_K", random_rows("Q6_K", 4, 256), 256)
+    hi, lo = w.split_nibbles()
+    assert hi.bits == lo.bits == 4 and hi.zero_points() is None and lo.zero_points() is None
+    np.testing.assert_allclose(hi.dequantize() + lo.dequantize(), w.dequantize(), rtol=0, atol=1e-5 * np.abs(w.dequantize()).max())
+
+
 @pytest.mark.parametrize("ggml_type", REQUIRED)
 def test_graph_uses_integer_zero_points_only(ggml_type):
     """Float zero points are exact but 26-40x slower on CPU: offsets go through the blocksum path."""
     w = decode(ggml_type, random_rows(ggml_type, 16, 256), 256)
-    model = linear_model(w)
+    model = linear_model(w, accuracy_level=4)
     ops = [node.op_type for node in model.graph.node]
     assert ops.count("MatMulNBits") == 1
     assert ("ReduceSum" in ops) == (w.offsets is not None)
+    # level 0: 8-bit blocks become two 4-bit halves (MatMulNBits' fast float kernel is 4-bit only)
+    ops = [node.op_type for node in linear_model(w, accuracy_level=0).graph.node]
+    assert ops.count("MatMulNBits") == (2 if w.bits == 8 else 1)
     for init in model.graph.initializer:
         if "zero_points" in init.name:
             assert init.data_type == 2  # uint8
@@ -98,3 +121,16 @@ def test_unsupported_type_and_partial_blocks_are_refused():
         decode("Q4_K", np.zeros((1, 144), dtype=np.uint8), 128)
     with pytest.raises(ValueError, match="bits=5"):
         BlockWeight("Q5_0", 5, 32, np.zeros((1, 32), np.uint8), np.zeros((1, 1), np.float32), 16, None)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_per_block_zero_points(bits):
+    """Per-block uint8 zero points (the requantized int4-asym baseline uses them), odd block count."""
+    rng = np.random.default_rng(4)
+    n, k = 8, 96
+    w = BlockWeight("int4-asym", bits, 32, rng.integers(0, 1 << bits, (n, k), dtype=np.uint8),
+                    rng.uniform(-0.1, 0.1, (n, 3)).astype(np.float32), rng.integers(0, 1 << bits, (n, 3), dtype=np.uint8),
+                    None)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    sess = ort.InferenceSession(linear_model(w).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w.dequantize().T, rtol=1e-5, atol=1e-5)

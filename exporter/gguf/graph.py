@@ -67,6 +67,7 @@ class GraphBuilder:
     inputs: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
     _count: int = 0
+    _blocksums: dict = field(default_factory=dict)
 
     def _unique(self, stem: str) -> str:
         self._count += 1
@@ -90,7 +91,10 @@ class GraphBuilder:
 
     def linear(self, x: str, weight: Weight, stem: str, *, bias: np.ndarray | None = None, rank: int = 3) -> str:
         """x @ weight^T (+ bias) for x of `rank`; weight is [N, K]: GGUF blocks (MatMulNBits) or float."""
-        if isinstance(weight, BlockWeight):
+        if isinstance(weight, BlockWeight) and weight.bits == 8 and self.accuracy_level == 0:
+            hi, lo = weight.split_nibbles()  # exact, and runs on the fast 4-bit float kernel
+            y = self.op("Add", self.linear(x, hi, f"{stem}.hi", rank=rank), self.linear(x, lo, f"{stem}.lo", rank=rank))
+        elif isinstance(weight, BlockWeight):
             n, k = weight.shape
             ins = [x, self.const(weight.packed(), f"{stem}.qweight"), self.const(weight.scales, f"{stem}.scales")]
             zp = weight.zero_points()
@@ -100,8 +104,10 @@ class GraphBuilder:
                         block_size=weight.block_size, accuracy_level=self.accuracy_level)
             if weight.offsets is not None:
                 # w = scale*q + offset per block, so x @ w^T = MatMulNBits(x) + blocksum(x) @ offsets^T
-                blocks = self.op("Reshape", x, self.ints(*[0] * (rank - 1), weight.n_blocks, weight.block_size))
-                sums = self.op("ReduceSum", blocks, self.ints(-1), keepdims=0)
+                sums = self._blocksums.get((x, weight.block_size))
+                if sums is None:  # q/k/v (and gate/up) read the same x: sum its blocks once
+                    blocks = self.op("Reshape", x, self.ints(*[0] * (rank - 1), weight.n_blocks, weight.block_size))
+                    sums = self._blocksums[(x, weight.block_size)] = self.op("ReduceSum", blocks, self.ints(-1), keepdims=0)
                 y = self.op("Add", y, self.op("MatMul", sums, self.const(weight.offsets.T.copy(), f"{stem}.offsets")))
         else:
             y = self.op("MatMul", x, self.const(np.asarray(weight, dtype=np.float32).T.copy(), f"{stem}.weight"))
@@ -223,9 +229,11 @@ def _embed(b: GraphBuilder, cfg: DecoderConfig, table: Weight) -> str:
         if table.offsets is not None or table.zero_points() is not None:
             table = table.dequantize()  # GatherBlockQuantized has no per-block min; a float table is exact
     if isinstance(table, BlockWeight):
-        data = b.const(table.codes if table.bits == 8 else table.packed().reshape(table.shape[0], -1), "embed.qweight")
-        x = b.op("GatherBlockQuantized", data, "input_ids", b.const(table.scales, "embed.scales"), domain=MS_DOMAIN,
-                 bits=table.bits, block_size=table.block_size, gather_axis=0, quantize_axis=1)
+        data = b.const(table.packed(), "embed.qweight")  # [vocab, blocks, block bytes]
+        scales = b.const(table.scales[..., None], "embed.scales")
+        x = b.op("GatherBlockQuantized", data, "input_ids", scales, domain=MS_DOMAIN,
+                 bits=table.bits, block_size=table.block_size, gather_axis=0, quantize_axis=2)
+        x = b.op("Reshape", x, b.ints(0, 0, table.shape[1]))
     else:
         x = b.op("Gather", b.const(np.asarray(table, dtype=np.float32), "embed.weight"), "input_ids")
     if cfg.embed_scale is not None:

@@ -34,7 +34,7 @@ class BlockWeight:
     block_size: int
     codes: np.ndarray  # uint8 [N, K], each < 2**bits
     scales: np.ndarray  # float32 [N, K // block_size]
-    zero_point: int
+    zero_point: int | np.ndarray  # one for all blocks (GGUF types), or uint8 [N, K // block_size]
     offsets: np.ndarray | None  # float32 [N, K // block_size], or None when the type has no min
 
     def __post_init__(self) -> None:
@@ -63,29 +63,49 @@ class BlockWeight:
 
     def zero_points(self) -> np.ndarray | None:
         """MatMulNBits input zero_points (uint8), or None when the default 2^(bits-1) applies."""
-        if self.zero_point == 1 << (self.bits - 1):
-            return None
         n, nb = self.scales.shape
+        if isinstance(self.zero_point, np.ndarray):
+            zp = self.zero_point.astype(np.uint8)
+        elif self.zero_point == 1 << (self.bits - 1):
+            return None
+        else:
+            zp = np.full((n, nb), self.zero_point, dtype=np.uint8)
         if self.bits == 8:
-            return np.full((n, nb), self.zero_point, dtype=np.uint8)
-        nibble = self.zero_point | (self.zero_point << 4)
-        return np.full((n, (nb + 1) // 2), nibble, dtype=np.uint8)
+            return zp
+        if nb % 2:
+            zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
+        return np.ascontiguousarray(zp[:, 0::2] | (zp[:, 1::2] << 4))
 
     def dequantize(self) -> np.ndarray:
         """float32 [N, K], computed the way MatMulNBits does (for tests and float fallbacks)."""
         n, k = self.codes.shape
-        q = self.codes.reshape(n, self.n_blocks, self.block_size).astype(np.float32) - np.float32(self.zero_point)
+        zp = np.asarray(self.zero_point, dtype=np.float32)
+        q = self.codes.reshape(n, self.n_blocks, self.block_size).astype(np.float32) - (zp[..., None] if zp.ndim else zp)
         w = q * self.scales[..., None]
         if self.offsets is not None:
             w = w + self.offsets[..., None]
         return w.reshape(n, k)
+
+    def split_nibbles(self) -> tuple[BlockWeight, BlockWeight]:
+        """An 8-bit weight as two 4-bit ones with the same sum: MatMulNBits has a fast float (level 0)
+        kernel for 4 bits only. code - z = 16*(hi - 8) + (lo - 8) + (136 - z), hi/lo its nibbles;
+        both halves use the default zero point 8 and the constant goes into the offsets."""
+        if self.bits != 8:
+            raise ValueError(f"split_nibbles needs an 8-bit weight, got {self.bits}-bit")
+        zp = np.asarray(self.zero_point, dtype=np.float32)
+        rest = self.scales * (np.float32(136) - zp)
+        offsets = rest if self.offsets is None else rest + self.offsets
+        hi = BlockWeight(self.ggml_type, 4, self.block_size, self.codes >> 4, self.scales * np.float32(16), 8, None)
+        lo = BlockWeight(self.ggml_type, 4, self.block_size, self.codes & 0x0F, self.scales, 8,
+                         np.ascontiguousarray(offsets, dtype=np.float32))
+        return hi, lo
 
     def take_rows(self, rows: np.ndarray | slice) -> BlockWeight:
         """The same weight restricted to some output rows (rows are whole blocks: exact)."""
         return BlockWeight(
             ggml_type=self.ggml_type, bits=self.bits, block_size=self.block_size,
             codes=np.ascontiguousarray(self.codes[rows]), scales=np.ascontiguousarray(self.scales[rows]),
-            zero_point=self.zero_point,
+            zero_point=self.zero_point[rows] if isinstance(self.zero_point, np.ndarray) else self.zero_point,
             offsets=None if self.offsets is None else np.ascontiguousarray(self.offsets[rows]),
         )
 

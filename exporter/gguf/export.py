@@ -1,0 +1,135 @@
+"""export_gguf: a llama.cpp GGUF file -> model.onnx (+ model.onnx.data) + tokenizer files, blocks kept exactly."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from agent.bundle import ModelSpec, Quantization
+from exporter.errors import ConversionError, ExportError, SourceError
+from exporter.gguf.arch import decoder_config, decoder_weights
+from exporter.gguf.graph import DecoderConfig, ExternalData, build_decoder, io_names
+from exporter.gguf.reader import GgufFile
+
+MODEL_NAME = "model.onnx"
+DATA_NAME = "model.onnx.data"
+RECIPE = "gguf-exact"
+# MatMulNBits accuracy level, measured on SmolLM2-135M-Instruct Q4_1 against transformers fp32 (883 tokens
+# of exporter/data/eval.txt): level 4 (int8 activations) costs +1.9% perplexity and 9 points of top-1
+# agreement, and even on the Q8_0 lm_head alone it flips the greedy chat answer's first token (a near
+# tie). Level 0 is the GGUF's own math; 8-bit blocks are split into two 4-bit halves (exact) because
+# MatMulNBits has a fast float kernel only for 4 bits.
+DEFAULT_ACCURACY_LEVEL = 0
+
+
+@dataclass(frozen=True)
+class GgufResult:
+    """What export_gguf wrote; the exporter core seals it into a bundle."""
+
+    onnx_path: Path
+    files: list[Path]  # every file written into out_dir (model, external data, tokenizer)
+    model_spec: ModelSpec
+    quantization: Quantization
+    config: DecoderConfig
+
+    def summary(self) -> list[str]:
+        """One line per GGUF tensor type: how many tensors and what happened to them."""
+        types = self.quantization.details["types"]
+        return [f"{t}: {v['tensors']} tensors, {v['handling']}" for t, v in types.items()]
+
+
+def export_gguf(gguf_path: Path, out_dir: Path, *, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+                progress: Callable[[str], None] | None = None) -> GgufResult:
+    """Write `out_dir`/model.onnx (LM bundle I/O layout) whose quantized weights are the GGUF's own blocks.
+
+    accuracy_level is MatMulNBits': 0 keeps the GGUF's float math (the default, see above), 4 is int8 activations.
+    """
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ExportError(f"accuracy_level {accuracy_level!r} is not a MatMulNBits level; use 0 (exact float) .. 4 (int8 activations)")
+    say = progress or (lambda _msg: None)
+    g = GgufFile(Path(gguf_path))
+    cfg = decoder_config(g)
+    say(f"reading {g.path.name}: {cfg.architecture}, {cfg.num_layers} layers")
+    weights = decoder_weights(g, cfg)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path, data_path = out_dir / MODEL_NAME, out_dir / DATA_NAME
+    external = ExternalData(data_path)
+    try:
+        model = build_decoder(cfg, weights, accuracy_level=accuracy_level, external=external, progress=say)
+    except Exception as exc:
+        raise ConversionError(f"building the ONNX graph for {g.path.name} failed: {exc}") from exc
+    finally:
+        external.close()
+    onnx.save_model(model, onnx_path)
+    say("tokenizer")
+    tokenizer_files, special = _save_tokenizer(g, out_dir)
+
+    inputs, outputs = io_names(cfg.num_layers)
+    spec = ModelSpec(
+        entry=MODEL_NAME, inputs=inputs, outputs=outputs, architecture=cfg.architecture,
+        config={
+            "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "max_context": cfg.max_context, "eos_token_ids": special["eos_token_ids"],
+            "bos_token_id": special["bos_token_id"], "vocab_size": cfg.vocab_size,
+        },
+    )
+    types = g.report.as_dict()
+    quant = Quantization(
+        recipe=RECIPE,
+        precision=_precision(g),
+        details={
+            "source": g.path.name,
+            "accuracy_level": accuracy_level,
+            "types": types,
+            "exact_types": sorted(g.report.exact),
+            "float_types": sorted(set(g.report.float) | set(g.report.dequantized)),
+        },
+    )
+    files = [onnx_path, data_path, *tokenizer_files]
+    return GgufResult(onnx_path=onnx_path, files=files, model_spec=spec, quantization=quant, config=cfg)
+
+
+def _precision(g: GgufFile) -> str:
+    """The weight precision in a word, from the type most linear layers use (e.g. "gguf-q4_1")."""
+    counts = g.report.exact + g.report.dequantized
+    return f"gguf-{counts.most_common(1)[0][0].lower()}" if counts else "fp32"
+
+
+def _save_tokenizer(g: GgufFile, out_dir: Path) -> tuple[list[Path], dict]:
+    """transformers builds the tokenizer (and chat template) from the GGUF; special ids come from its metadata."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    before = set(out_dir.iterdir())
+    try:
+        tok = AutoTokenizer.from_pretrained(g.path.parent, gguf_file=g.path.name)
+    except Exception as exc:
+        raise SourceError(f"{g.path.name}: transformers cannot build a tokenizer from its metadata ({exc})") from exc
+    bos = g.meta("tokenizer.ggml.bos_token_id")
+    eos = g.meta("tokenizer.ggml.eos_token_id")
+    # transformers' GGUF conversion can mislabel the special tokens; the metadata's ids are the truth
+    if bos is not None:
+        tok.bos_token = tok.convert_ids_to_tokens(int(bos))
+    if eos is not None:
+        tok.eos_token = tok.convert_ids_to_tokens(int(eos))
+    pad = g.meta("tokenizer.ggml.padding_token_id")
+    if pad is not None:
+        tok.pad_token = tok.convert_ids_to_tokens(int(pad))
+    add_bos = g.meta("tokenizer.ggml.add_bos_token")
+    if add_bos is not None:
+        tok.add_bos_token = bool(add_bos)
+    tok.vocab_file = None  # else save_pretrained copies the whole GGUF as "tokenizer.model"
+    eos_ids = [int(eos)] if eos is not None else []
+    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        extra = g.meta(key)
+        if extra is not None and int(extra) not in eos_ids:
+            eos_ids.append(int(extra))
+    tok.save_pretrained(out_dir)
+    written = sorted(p for p in out_dir.iterdir() if p not in before and p.name not in (MODEL_NAME, DATA_NAME))
+    return written, {"eos_token_ids": eos_ids, "bos_token_id": None if bos is None else int(bos)}

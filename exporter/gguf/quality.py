@@ -1,0 +1,129 @@
+"""Quality of an exact GGUF export against transformers' dequantized fp32 model of the same file.
+
+Metrics (agent.bundle.QualityReport):
+    ppl_ref, ppl        perplexity of the reference and of the ONNX model on the evaluation text
+    ppl_delta           (ppl - ppl_ref) / ppl_ref
+    top1_agreement      share of positions whose next-token argmax agrees
+    greedy_match        share of the greedy chat answer's tokens identical before the first split
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.bundle import QualityReport, QualityStatus
+
+DEFAULT_THRESHOLDS = {"max_ppl_delta": 0.005, "min_top1_agreement": 0.98, "min_greedy_match": 1.0}
+CHAT_PROMPT = "What is the capital of France?"
+
+
+def eval_text() -> str:
+    """The exporter's built-in real-English evaluation text."""
+    return resources.files("exporter").joinpath("data/eval.txt").read_text(encoding="utf-8")
+
+
+class OnnxDecoder:
+    """Runs an LM bundle's model.onnx (decoder-with-past layout) with its KV cache."""
+
+    def __init__(self, onnx_path: Path, *, threads: int = 0):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.num_layers = len(past) // 2
+        self.kv_heads, self.head_dim = past[0].shape[1], past[0].shape[3]
+
+    def empty_past(self) -> list[np.ndarray]:
+        return [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.num_layers)]
+
+    def run(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """ids [1, s] after `past` -> (logits [1, s, vocab], new past)."""
+        done = past[0].shape[2]
+        total = done + ids.shape[1]
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, total), np.int64),
+                "position_ids": np.arange(done, total, dtype=np.int64)[None]}
+        for i in range(self.num_layers):
+            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
+        out = self.session.run(None, feed)
+        return out[0], out[1:]
+
+    def greedy(self, prompt: list[int], steps: int, eos: set[int]) -> list[int]:
+        logits, past = self.run(np.array([prompt]), self.empty_past())
+        tokens: list[int] = []
+        for _ in range(steps):
+            nxt = int(logits[0, -1].argmax())
+            tokens.append(nxt)
+            if nxt in eos:
+                break
+            logits, past = self.run(np.array([[nxt]]), past)
+        return tokens
+
+
+def _nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    logz = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    return logz[:-1] - logits[np.arange(len(ids) - 1), ids[1:]]
+
+
+def gguf_quality(gguf_path: Path, onnx_path: Path, tokenizer_dir: Path, *, eos_token_ids: list[int],
+                 text: str | None = None, max_tokens: int = 1024, greedy_steps: int = 64, threads: int = 0,
+                 thresholds: dict[str, float] | None = None) -> QualityReport:
+    """Compare the exported model with transformers' fp32 dequantization of the same GGUF."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = np.array(tok(text if text is not None else eval_text(), add_special_tokens=False)["input_ids"][:max_tokens])
+    ref_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref_logits = ref_model(torch.from_numpy(ids)[None]).logits[0].numpy()
+    onnx = OnnxDecoder(onnx_path, threads=threads)
+    logits = onnx.run(ids[None], onnx.empty_past())[0][0]
+
+    ppl_ref, ppl = float(np.exp(_nll(ref_logits, ids).mean())), float(np.exp(_nll(logits, ids).mean()))
+    top1 = float((ref_logits[:-1].argmax(-1) == logits[:-1].argmax(-1)).mean())
+
+    prompt = tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True)
+    with torch.no_grad():
+        generated = ref_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                       max_new_tokens=greedy_steps, do_sample=False, eos_token_id=eos_token_ids,
+                                       pad_token_id=eos_token_ids[0] if eos_token_ids else None)
+    ref_answer = generated[0, len(prompt):].tolist()
+    answer = onnx.greedy(prompt, greedy_steps, set(eos_token_ids))
+    same = 0
+    for a, b in zip(ref_answer, answer):
+        if a != b:
+            break
+        same += 1
+    greedy_match = same / max(len(ref_answer), len(answer), 1)
+
+    metrics = {"ppl_ref": ppl_ref, "ppl": ppl, "ppl_delta": (ppl - ppl_ref) / ppl_ref,
+               "top1_agreement": top1, "greedy_match": greedy_match}
+    limits = dict(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
+    failures = []
+    if "max_ppl_delta" in limits and abs(metrics["ppl_delta"]) > limits["max_ppl_delta"]:
+        failures.append(f"ppl_delta {metrics['ppl_delta']:+.4%} outside ±{limits['max_ppl_delta']:.2%}")
+    if "min_top1_agreement" in limits and top1 < limits["min_top1_agreement"]:
+        failures.append(f"top1_agreement {top1:.4f} below {limits['min_top1_agreement']}")
+    if "min_greedy_match" in limits and greedy_match < limits["min_greedy_match"]:
+        failures.append(f"greedy_match {greedy_match:.4f} below {limits['min_greedy_match']}")
+    details: dict[str, Any] = {
+        "eval_tokens": int(len(ids)), "greedy_prompt": CHAT_PROMPT,
+        "greedy_reference": tok.decode(ref_answer), "greedy_onnx": tok.decode(answer),
+        "greedy_tokens": len(answer),
+    }
+    return QualityReport(
+        status=QualityStatus.FAILED if failures else QualityStatus.PASSED,
+        reference="transformers fp32, GGUF dequantized (gguf_file=)",
+        metrics=metrics, thresholds=limits, failures=failures, details=details,
+    )

@@ -1,0 +1,251 @@
+"""export_gguf: tiny GGUF files written from tiny random HF models (as llama.cpp's converter lays them
+out), and the real SmolLM2-135M-Instruct Q4_1 GGUF (slow), against transformers' dequantized model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+from gguf.quants import quantize  # noqa: E402
+
+from agent.bundle import QualityStatus  # noqa: E402
+from exporter.errors import SourceError, UnsupportedArchitecture  # noqa: E402
+from exporter.gguf.export import RECIPE, export_gguf  # noqa: E402
+from exporter.gguf.quality import OnnxDecoder  # noqa: E402
+from tests.support.models import TINY_CONFIGS, smollm2_gguf_path, tiny_model  # noqa: E402
+
+# Linear layers in a mix of exact types; GGUF blocks need K % 32 == 0 (tiny hidden = 64, ff = 128).
+LINEAR_TYPES = {"attn_q": QT.Q4_1, "attn_k": QT.Q4_0, "attn_v": QT.Q8_0, "attn_output": QT.Q5_1,
+                "attn_qkv": QT.Q4_1, "ffn_gate": QT.Q4_1, "ffn_up": QT.Q5_0, "ffn_down": QT.Q4_0}
+
+
+def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter's row order for attn_q/attn_k (interleaved rotary)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0) -> Path:
+    """A GGUF of tiny_model(arch), written the way llama.cpp's converter writes that architecture."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_model(arch)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src)
+    cfg = model.config
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    path = out / f"tiny-{arch}.gguf"
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"tiny {arch}")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(getattr(cfg, "rope_theta", 10000.0))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
+    if arch == "gemma":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    # tokenizer: byte-level BPE, as llama.cpp writes a "gpt2" tokenizer
+    tj = json.loads((src / "tokenizer.json").read_text())
+    vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
+    specials = {t["id"]: t["content"] for t in tj["added_tokens"]}
+    tokens = [specials.get(i, t) for i, (t, _) in enumerate(vocab)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i in specials else 1 for i in range(len(tokens))])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_add_bos_token(False)
+    w.add_chat_template(tok.chat_template)
+
+    def linear(name: str, kind: str, weight: np.ndarray) -> None:
+        w.add_tensor(name, quantize(weight, LINEAR_TYPES[kind]), raw_dtype=LINEAR_TYPES[kind])
+
+    def f32(name: str, value: np.ndarray) -> None:
+        w.add_tensor(name, value.astype(np.float32))
+
+    norm_shift = 1.0 if arch == "gemma" else 0.0  # llama.cpp stores gemma's norms as 1 + w
+    w.add_tensor("token_embd.weight", quantize(sd["model.embed_tokens.weight"], embed_type), raw_dtype=embed_type)
+    f32("output_norm.weight", sd["model.norm.weight"] + norm_shift)
+    if "lm_head.weight" in sd and not cfg.tie_word_embeddings:
+        w.add_tensor("output.weight", quantize(sd["lm_head.weight"], QT.Q8_0), raw_dtype=QT.Q8_0)
+    for i in range(cfg.num_hidden_layers):
+        p, g = f"model.layers.{i}.", f"blk.{i}."
+        f32(g + "attn_norm.weight", sd[p + "input_layernorm.weight"] + norm_shift)
+        f32(g + "ffn_norm.weight", sd[p + "post_attention_layernorm.weight"] + norm_shift)
+        linear(g + "attn_output.weight", "attn_output", sd[p + "self_attn.o_proj.weight"])
+        linear(g + "ffn_down.weight", "ffn_down", sd[p + "mlp.down_proj.weight"])
+        if arch == "phi3":
+            linear(g + "attn_qkv.weight", "attn_qkv", sd[p + "self_attn.qkv_proj.weight"])
+            linear(g + "ffn_up.weight", "ffn_gate", sd[p + "mlp.gate_up_proj.weight"])
+            continue
+        q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
+        if arch == "llama":
+            q, k = _llama_permute(q, cfg.num_attention_heads), _llama_permute(k, cfg.num_key_value_heads)
+        linear(g + "attn_q.weight", "attn_q", q)
+        linear(g + "attn_k.weight", "attn_k", k)
+        linear(g + "attn_v.weight", "attn_v", sd[p + "self_attn.v_proj.weight"])
+        for proj in ("q", "k", "v"):
+            if p + f"self_attn.{proj}_proj.bias" in sd:
+                f32(g + f"attn_{proj}.bias", sd[p + f"self_attn.{proj}_proj.bias"])
+        linear(g + "ffn_gate.weight", "ffn_gate", sd[p + "mlp.gate_proj.weight"])
+        linear(g + "ffn_up.weight", "ffn_up", sd[p + "mlp.up_proj.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def reference_logits(gguf_path: Path, ids: np.ndarray) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gguf-llama")
+    path = write_tiny_gguf("llama", d)
+    return path, export_gguf(path, d / "out", accuracy_level=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_gguf_matches_transformers(arch, tmp_path, tiny_llama):
+    path, result = tiny_llama if arch == "llama" else (None, None)
+    if result is None:
+        path = write_tiny_gguf(arch, tmp_path)
+        result = export_gguf(path, tmp_path / "out", accuracy_level=0)
+    ids = np.random.default_rng(0).integers(3, TINY_CONFIGS[arch]["vocab_size"], size=(1, 12))
+    dec = OnnxDecoder(result.onnx_path, threads=1)
+    logits, _ = dec.run(ids, dec.empty_past())
+    ref = reference_logits(path, ids)
+    np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_structure_io_and_spec(tiny_llama):
+    path, result = tiny_llama
+    model = onnx.load(result.onnx_path, load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    cfg = TINY_CONFIGS["llama"]
+    layers = cfg["num_hidden_layers"]
+    # q k gate down: one 4-bit MatMulNBits each; v o up and lm_head are 8-bit: two 4-bit halves at level 0
+    assert ops.count("MatMulNBits") == 10 * layers + 2
+    assert ops.count("GatherBlockQuantized") == 1  # Q8_0 embedding stays quantized
+    # blocksum(x) once per input that feeds a weight with offsets (q/k/v, o, gate/up; lm_head)
+    assert ops.count("ReduceSum") == 3 * layers + 1
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and "zero_points" in i.name for i in model.graph.initializer)
+    assert "MatMul" in ops  # the small blocksum @ offsets^T matmuls
+    names_in = [i.name for i in model.graph.input]
+    names_out = [o.name for o in model.graph.output]
+    assert names_in[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names_in[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert names_out[:3] == ["logits", "present.0.key", "present.0.value"]
+    assert names_in == result.model_spec.inputs and names_out == result.model_spec.outputs
+    spec = result.model_spec.config
+    assert spec["num_layers"] == layers and spec["num_kv_heads"] == cfg["num_key_value_heads"]
+    assert spec["head_dim"] == cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert spec["max_context"] == cfg["max_position_embeddings"] and spec["eos_token_ids"] == [2]
+    assert result.model_spec.architecture == "llama"
+    q = result.quantization
+    assert q.recipe == RECIPE
+    assert set(q.details["exact_types"]) == {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
+    assert q.details["float_types"] == ["F32"]
+    assert any(line.startswith("Q4_1: 4 tensors, exact") for line in result.summary())
+    names = {f.name for f in result.files}
+    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert "tokenizer.model" not in names  # transformers would copy the whole GGUF under that name
+    assert all(f.parent == result.onnx_path.parent and f.exists() for f in result.files)
+
+
+def test_kv_cache_decode_equals_prefill(tiny_llama):
+    _, result = tiny_llama
+    dec = OnnxDecoder(result.onnx_path, threads=1)
+    ids = np.random.default_rng(1).integers(3, 512, size=(1, 10))
+    full, _ = dec.run(ids, dec.empty_past())
+    logits, past = dec.run(ids[:, :6], dec.empty_past())
+    steps = [logits]
+    for t in range(6, 10):
+        logits, past = dec.run(ids[:, t:t + 1], past)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-4, rtol=1e-4)
+    assert past[0].shape == (1, 2, 10, 16)
+
+
+def test_left_padding_is_masked(tiny_llama):
+    """A left-padded row of a batch gives the same logits as the row alone."""
+    _, result = tiny_llama
+    dec = OnnxDecoder(result.onnx_path, threads=1)
+    ids = np.random.default_rng(2).integers(3, 512, size=(1, 5))
+    alone, _ = dec.run(ids, dec.empty_past())
+    batch = np.concatenate([np.concatenate([[[0, 0, 0]], ids], 1),
+                            np.random.default_rng(3).integers(3, 512, size=(1, 8))])
+    mask = np.array([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])
+    pos = np.array([[0, 0, 0, 0, 1, 2, 3, 4], list(range(8))])
+    feed = {"input_ids": batch, "attention_mask": mask, "position_ids": pos}
+    for i in range(dec.num_layers):
+        for kv in ("key", "value"):
+            feed[f"past_key_values.{i}.{kv}"] = np.zeros((2, 2, 0, 16), np.float32)
+    logits = dec.session.run(["logits"], feed)[0]
+    np.testing.assert_allclose(logits[0, 3:], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", "mamba")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedArchitecture, match="'mamba'.*supported: llama, qwen2"):
+        export_gguf(tmp_path / "m.gguf", tmp_path / "out")
+
+
+def test_bad_files_are_source_errors(tmp_path):
+    with pytest.raises(SourceError, match="not found"):
+        export_gguf(tmp_path / "missing.gguf", tmp_path / "out")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(SourceError, match="not a readable GGUF"):
+        export_gguf(tmp_path / "junk.gguf", tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_smollm2_q4_1_keeps_its_quality(tmp_path):
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF: ppl within ±0.5%, top-1 >= 98%, same greedy chat answer."""
+    from exporter.gguf.quality import gguf_quality
+
+    path = smollm2_gguf_path()
+    result = export_gguf(path, tmp_path / "out")
+    assert result.quantization.details["exact_types"] == ["Q4_1", "Q8_0"]
+    report = gguf_quality(path, result.onnx_path, tmp_path / "out",
+                          eos_token_ids=result.model_spec.config["eos_token_ids"], threads=2)
+    m = report.metrics
+    assert abs(m["ppl_delta"]) <= 0.005, report.failures
+    assert m["top1_agreement"] >= 0.98, report.failures
+    assert m["greedy_match"] == 1.0, report.details
+    assert report.status == QualityStatus.PASSED
+    assert "Paris" in report.details["greedy_onnx"]

@@ -70,10 +70,6 @@ class _Prepared:
 
     feeds: list[dict[str, np.ndarray]]
 
-    @property
-    def rows(self) -> int:
-        return sum(len(next(iter(f.values()))) for f in self.feeds)
-
 
 def export_encoder(
     model: str | Path,
@@ -104,13 +100,13 @@ def export_encoder(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     evals = eval_texts or calibration.eval_texts()
-    calib = calibration_texts or calibration.calibration_texts(limit=max(recipe.calibration_samples, 32))
+    calib = (calibration_texts or calibration.calibration_texts())[: max(recipe.calibration_samples, 32)]
 
     with progress.step("load", str(model)):
         src = _resolve(model)
         torch_model, tokenizer, config = _load(src, task)
         pooling = _pooling_mode(src.path) if task == "embedding" else None
-        seq_len = _sequence_length(profile, tokenizer, config)
+        seq_len = _sequence_length(profile, tokenizer, config, src.path)
         input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.model_input_names]
         graph = _graph_module(torch_model, input_names, task=task, pooling=pooling)
     with progress.step("reference", f"PyTorch float32 on {len(evals)} evaluation texts"):
@@ -161,7 +157,7 @@ def export_encoder(
                 outputs = np.concatenate(qnn_report.outputs)
         with progress.step("validate", f"{task} gate vs PyTorch"):
             quality = _quality(task, outputs, reference, thresholds, qnn=qnn_report,
-                               reference_name="pytorch fp32", texts=len(evals))
+                               reference_name="pytorch fp32", texts=evals)
             if qnn_report is not None:
                 quant = Quantization(recipe=quant.recipe, precision=quant.precision,
                                      details={**quant.details, "qnn": _qnn_details(qnn_report)})
@@ -247,10 +243,13 @@ def _pooling_mode(path: Path) -> str:
     raise TaskNotSupported(f"{cfg}: pooling {modes} is not supported; edgeship exports mean or cls pooling")
 
 
-def _sequence_length(profile: TargetProfile, tokenizer, config) -> int:
+def _sequence_length(profile: TargetProfile, tokenizer, config, path: Path) -> int:
     limit = min(int(getattr(config, "max_position_embeddings", 512) or 512), 512)
     if getattr(tokenizer, "model_max_length", None) and tokenizer.model_max_length < limit:
         limit = int(tokenizer.model_max_length)
+    st_config = path / "sentence_bert_config.json"  # sentence-transformers truncates here (256 for MiniLM)
+    if st_config.exists():
+        limit = min(limit, int(json.loads(st_config.read_text()).get("max_seq_length") or limit))
     if not profile.shapes.static:
         return limit
     n = profile.shapes.sequence_length
@@ -541,11 +540,13 @@ def _judge(task: str, reference: np.ndarray, limits: dict[str, float], *, margin
 
 
 def _quality(task: str, outputs: np.ndarray, reference: np.ndarray, thresholds: Thresholds, *, qnn,
-             reference_name: str, texts: int) -> QualityReport:
+             reference_name: str, texts: Sequence[str]) -> QualityReport:
     limits = _limits(task, thresholds)
     metrics = encoder_metrics(task, outputs, reference)
     failures = gate_failures(metrics, limits)
-    details: dict[str, Any] = {"eval_texts": texts}
+    cos = (outputs * reference).sum(1) / np.maximum(
+        np.linalg.norm(outputs, axis=1) * np.linalg.norm(reference, axis=1), 1e-12)
+    details: dict[str, Any] = {"eval_texts": len(texts), "worst_text": texts[int(cos.argmin())][:120]}
     if qnn is not None:
         details["qnn"] = qnn.summary()
         if not qnn.ok:
@@ -603,8 +604,7 @@ def _write_golden(out_dir: Path, model_path: Path, prepared: _Prepared, *, quant
     """A few evaluation rows and the model's CPU outputs; the tolerance covers other kernels and the NPU."""
     import onnxruntime as ort
 
-    feeds = prepared.feeds[0] if len(prepared.feeds) == 1 else prepared.feeds[0]
-    feeds = {k: v[:GOLDEN_ROWS] for k, v in feeds.items()}
+    feeds = {k: v[:GOLDEN_ROWS] for k, v in prepared.feeds[0].items()}  # static graphs: one row
     outs = []
     for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
         so = ort.SessionOptions()

@@ -19,7 +19,7 @@ from agent.bundle import QualityStatus
 from exporter import calibration, mixed_precision
 from exporter.encoder import EncoderResult, encoder_metrics, export_encoder
 from exporter.errors import IncompatibleTarget, TaskNotSupported
-from exporter.profiles import QuantRecipe, Thresholds, load_profile
+from exporter.profiles import Thresholds, load_profile
 from tests.support.models import minilm_path, tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -18,7 +18,7 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
 from gguf import GGMLQuantizationType as QT  # noqa: E402
-from gguf.quants import quantize  # noqa: E402
+from gguf.quants import dequantize, quantize  # noqa: E402
 
 from agent.bundle import QualityStatus  # noqa: E402
 from exporter.errors import SourceError, UnsupportedArchitecture  # noqa: E402
@@ -36,8 +36,9 @@ def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0) -> Path:
-    """A GGUF of tiny_model(arch), written the way llama.cpp's converter writes that architecture."""
+def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0) -> tuple[Path, object]:
+    """A GGUF of tiny_model(arch), written the way llama.cpp's converter writes that architecture,
+    and the HF model holding exactly the GGUF's (dequantized) weights: the float reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = tiny_model(arch)
@@ -76,46 +77,56 @@ def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0) -> Path:
     w.add_token_merges(merges)
     w.add_bos_token_id(tok.bos_token_id)
     w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
     w.add_add_bos_token(False)
     w.add_chat_template(tok.chat_template)
 
-    def linear(name: str, kind: str, weight: np.ndarray) -> None:
-        w.add_tensor(name, quantize(weight, LINEAR_TYPES[kind]), raw_dtype=LINEAR_TYPES[kind])
+    exact: dict[str, np.ndarray] = {}
+
+    def quantized(name: str, hf_name: str, qtype: QT, permute_heads: int | None = None) -> None:
+        blocks = quantize(sd[hf_name], qtype)  # rows are whole blocks, so permuting rows commutes with this
+        exact[hf_name] = dequantize(blocks, qtype)
+        w.add_tensor(name, blocks if permute_heads is None else _llama_permute(blocks, permute_heads), raw_dtype=qtype)
+
+    def linear(name: str, kind: str, hf_name: str, permute_heads: int | None = None) -> None:
+        quantized(name, hf_name, LINEAR_TYPES[kind], permute_heads)
 
     def f32(name: str, value: np.ndarray) -> None:
         w.add_tensor(name, value.astype(np.float32))
 
     norm_shift = 1.0 if arch == "gemma" else 0.0  # llama.cpp stores gemma's norms as 1 + w
-    w.add_tensor("token_embd.weight", quantize(sd["model.embed_tokens.weight"], embed_type), raw_dtype=embed_type)
+    quantized("token_embd.weight", "model.embed_tokens.weight", embed_type)
     f32("output_norm.weight", sd["model.norm.weight"] + norm_shift)
     if "lm_head.weight" in sd and not cfg.tie_word_embeddings:
-        w.add_tensor("output.weight", quantize(sd["lm_head.weight"], QT.Q8_0), raw_dtype=QT.Q8_0)
+        quantized("output.weight", "lm_head.weight", QT.Q8_0)
     for i in range(cfg.num_hidden_layers):
         p, g = f"model.layers.{i}.", f"blk.{i}."
         f32(g + "attn_norm.weight", sd[p + "input_layernorm.weight"] + norm_shift)
         f32(g + "ffn_norm.weight", sd[p + "post_attention_layernorm.weight"] + norm_shift)
-        linear(g + "attn_output.weight", "attn_output", sd[p + "self_attn.o_proj.weight"])
-        linear(g + "ffn_down.weight", "ffn_down", sd[p + "mlp.down_proj.weight"])
+        linear(g + "attn_output.weight", "attn_output", p + "self_attn.o_proj.weight")
+        linear(g + "ffn_down.weight", "ffn_down", p + "mlp.down_proj.weight")
         if arch == "phi3":
-            linear(g + "attn_qkv.weight", "attn_qkv", sd[p + "self_attn.qkv_proj.weight"])
-            linear(g + "ffn_up.weight", "ffn_gate", sd[p + "mlp.gate_up_proj.weight"])
+            linear(g + "attn_qkv.weight", "attn_qkv", p + "self_attn.qkv_proj.weight")
+            linear(g + "ffn_up.weight", "ffn_gate", p + "mlp.gate_up_proj.weight")
             continue
-        q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
-        if arch == "llama":
-            q, k = _llama_permute(q, cfg.num_attention_heads), _llama_permute(k, cfg.num_key_value_heads)
-        linear(g + "attn_q.weight", "attn_q", q)
-        linear(g + "attn_k.weight", "attn_k", k)
-        linear(g + "attn_v.weight", "attn_v", sd[p + "self_attn.v_proj.weight"])
+        permute = arch == "llama"
+        linear(g + "attn_q.weight", "attn_q", p + "self_attn.q_proj.weight", cfg.num_attention_heads if permute else None)
+        linear(g + "attn_k.weight", "attn_k", p + "self_attn.k_proj.weight", cfg.num_key_value_heads if permute else None)
+        linear(g + "attn_v.weight", "attn_v", p + "self_attn.v_proj.weight")
         for proj in ("q", "k", "v"):
             if p + f"self_attn.{proj}_proj.bias" in sd:
                 f32(g + f"attn_{proj}.bias", sd[p + f"self_attn.{proj}_proj.bias"])
-        linear(g + "ffn_gate.weight", "ffn_gate", sd[p + "mlp.gate_proj.weight"])
-        linear(g + "ffn_up.weight", "ffn_up", sd[p + "mlp.up_proj.weight"])
+        linear(g + "ffn_gate.weight", "ffn_gate", p + "mlp.gate_proj.weight")
+        linear(g + "ffn_up.weight", "ffn_up", p + "mlp.up_proj.weight")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, value in exact.items():
+            state[name].copy_(torch.from_numpy(value))
+    return path, model.eval()
 
 
 def reference_logits(gguf_path: Path, ids: np.ndarray) -> np.ndarray:
@@ -129,21 +140,37 @@ def reference_logits(gguf_path: Path, ids: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     d = tmp_path_factory.mktemp("gguf-llama")
-    path = write_tiny_gguf("llama", d)
-    return path, export_gguf(path, d / "out", accuracy_level=0)
+    path, _ = write_tiny_gguf("llama", d)
+    return path, export_gguf(path, d / "out")
+
+
+def _onnx_logits(result, ids: np.ndarray) -> np.ndarray:
+    dec = OnnxDecoder(result.onnx_path, threads=1)
+    return dec.run(ids, dec.empty_past())[0]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_tiny_gguf_matches_transformers(arch, tmp_path, tiny_llama):
+def test_tiny_gguf_matches_transformers_gguf_loader(arch, tmp_path, tiny_llama):
+    """Against transformers' own reading of the same GGUF (it un-permutes llama's q/k itself)."""
     path, result = tiny_llama if arch == "llama" else (None, None)
     if result is None:
-        path = write_tiny_gguf(arch, tmp_path)
-        result = export_gguf(path, tmp_path / "out", accuracy_level=0)
+        path, _ = write_tiny_gguf(arch, tmp_path)
+        result = export_gguf(path, tmp_path / "out")
     ids = np.random.default_rng(0).integers(3, TINY_CONFIGS[arch]["vocab_size"], size=(1, 12))
-    dec = OnnxDecoder(result.onnx_path, threads=1)
-    logits, _ = dec.run(ids, dec.empty_past())
-    ref = reference_logits(path, ids)
-    np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(_onnx_logits(result, ids), reference_logits(path, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gemma"])
+def test_tiny_gguf_matches_hf_model_with_gguf_weights(arch, tmp_path):
+    """phi3 (fused qkv / gate_up) and gemma (scaled embeddings, GELU, 1 + w norms) against the HF model
+    carrying exactly the GGUF's weights."""
+    path, model = write_tiny_gguf(arch, tmp_path)
+    result = export_gguf(path, tmp_path / "out")
+    ids = np.random.default_rng(0).integers(3, TINY_CONFIGS[arch]["vocab_size"], size=(1, 12))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(_onnx_logits(result, ids), ref, atol=1e-4, rtol=1e-4)
+    assert result.model_spec.architecture == arch
 
 
 def test_structure_io_and_spec(tiny_llama):

@@ -109,6 +109,8 @@ def _save_tokenizer(g: GgufFile, out_dir: Path) -> tuple[list[Path], dict]:
     before = set(out_dir.iterdir())
     try:
         tok = AutoTokenizer.from_pretrained(g.path.parent, gguf_file=g.path.name)
+    except ValueError:  # transformers refuses some architectures (gemma) it has no model mapping for
+        tok = _tokenizer_from_metadata(g)
     except Exception as exc:
         raise SourceError(f"{g.path.name}: transformers cannot build a tokenizer from its metadata ({exc})") from exc
     bos = g.meta("tokenizer.ggml.bos_token_id")
@@ -133,3 +135,29 @@ def _save_tokenizer(g: GgufFile, out_dir: Path) -> tuple[list[Path], dict]:
     tok.save_pretrained(out_dir)
     written = sorted(p for p in out_dir.iterdir() if p not in before and p.name not in (MODEL_NAME, DATA_NAME))
     return written, {"eos_token_ids": eos_ids, "bos_token_id": None if bos is None else int(bos)}
+
+
+def _tokenizer_from_metadata(g: GgufFile):
+    """The tokenizer from the GGUF's tokenizer.* metadata through transformers' GGUF converters directly."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    fields = {}
+    for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items():
+        value = g.meta(f"tokenizer.{key}")
+        if value is not None:
+            fields[name] = value
+    kind = fields.get("tokenizer_type")
+    converter = {"gpt2": "gpt2", "llama": "gemma2" if g.architecture.startswith("gemma") else "llama"}.get(kind)
+    if converter is None or "tokens" not in fields:
+        raise SourceError(f"{g.path.name}: tokenizer type {kind!r} cannot be rebuilt from GGUF metadata; "
+                          "supported: gpt2 (byte-level BPE), llama (sentencepiece)")
+    try:
+        backend, extra = convert_gguf_tokenizer(converter, fields)
+    except Exception as exc:
+        raise SourceError(f"{g.path.name}: transformers cannot build a tokenizer from its metadata ({exc})") from exc
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **extra)
+    template = g.meta("tokenizer.chat_template")
+    if template is not None:
+        tok.chat_template = str(template)
+    return tok

@@ -3,7 +3,7 @@ VENV ?= .venv
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: test test-e2e bootstrap
+.PHONY: test test-e2e bootstrap demo
 
 bootstrap:
 	VENV=$(VENV) bash scripts/bootstrap.sh
@@ -15,3 +15,8 @@ test: bootstrap
 # Only the end-to-end system tests.
 test-e2e: bootstrap
 	$(VENV)/bin/python -m pytest -q -m e2e $(PYTEST_ARGS)
+
+# The whole story on loopback in a few minutes: export SmolLM2 -> broker -> controller -> 5 agents
+# -> waves, a question, a canary, a broken version rolled back on its own (edgeship/demo.py).
+demo: bootstrap
+	$(VENV)/bin/python -m edgeship.demo $(DEMO_ARGS)

@@ -1,0 +1,91 @@
+"""onnxruntime-genai 0.18.0 on the same random TinyLlama-shaped weights, for the side-by-side in
+agent_speed.py. It needs transformers 5 (the project pins < 4.58), so it lives in its own venv:
+
+    python -m venv bench/.venv-genai
+    echo /work/venv/lib/python3.11/site-packages > bench/.venv-genai/lib/python3.11/site-packages/zz-main.pth
+    bench/.venv-genai/bin/pip install onnxruntime-genai==0.18.0 "transformers>=5"
+
+run() builds the genai int4 model with its model builder (defaults: `-p int4 -e cpu`), then times
+generation twice: with genai's default session options and with intra_op_num_threads = 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VENV_PY = HERE / ".venv-genai" / "bin" / "python"
+
+CHILD = r"""
+import json, sys, time
+import onnxruntime_genai as og
+path, prompt, new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+model = og.Model(path)
+best = None
+for rep in range(3):
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(prompt)
+    gen.generate_next_token()
+    prefill = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    n = 0
+    while not gen.is_done():
+        gen.generate_next_token()
+        n += 1
+    decode = time.perf_counter() - t1
+    if rep:
+        p, d = len(prompt) / prefill, n / decode
+        best = (max(best[0], p), max(best[1], d)) if best else (p, d)
+print(json.dumps({"prefill_tok_s": best[0], "decode_tok_s": best[1]}))
+"""
+
+
+def build(hf_dir: Path, out: Path) -> Path:
+    if (out / "genai_config.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run([str(VENV_PY), "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(tmp),
+                    "-p", "int4", "-e", "cpu", "-c", str(out.parent / "genai-cache")], check=True)
+    os.replace(tmp, out)
+    return out
+
+
+def tuned_copy(model_dir: Path, threads: int) -> Path:
+    """The same model files with intra_op_num_threads set in genai_config.json."""
+    out = model_dir.with_name(model_dir.name + f"-threads{threads}")
+    out.mkdir(exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name != "genai_config.json" and not (out / f.name).exists():
+            os.symlink(f, out / f.name)
+    cfg = json.loads((model_dir / "genai_config.json").read_text())
+    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    (out / "genai_config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def run(hf_dir: Path, prompt: list[int], *, new_tokens: int, threads: int = 2) -> dict:
+    if not VENV_PY.exists():
+        return {"error": f"{VENV_PY} missing; see bench/genai_speed.py's docstring", "runs": []}
+    model_dir = build(hf_dir, hf_dir.parent / "genai-int4")
+    runs = []
+    for label, path, n in (("default", model_dir, "default"), ("tuned", tuned_copy(model_dir, threads), threads)):
+        r = subprocess.run([str(VENV_PY), "-c", CHILD, str(path), json.dumps(prompt), str(new_tokens)],
+                           capture_output=True, text=True, check=True)
+        runs.append({"label": label, "threads": n, **json.loads(r.stdout.strip().splitlines()[-1])})
+    return {"runs": runs, "model_mb": sum(f.stat().st_size for f in model_dir.iterdir()) / 2**20}
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
+    from bench.agent_speed import CACHE, NEW_TOKENS, prompt_ids
+
+    print(json.dumps(run(CACHE / "tinyllama-1.1b-random", prompt_ids(1), new_tokens=NEW_TOKENS), indent=2))

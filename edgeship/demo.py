@@ -4,8 +4,11 @@
      supported hub id when online) to a signed bundle, and the MiniLM encoder next to it
   2. start a broker (our own mosquitto, the embedded amqtt broker, or `--broker URL`), the
      controller and 5 agents, each a separate process with its own state directory and labels
-  3. push the bundle and roll it out in waves, with the live progress view
-  4. ask one agent a question through its OpenAI-compatible API and print the streamed answer
+     (four `role=chat`, one `role=search`)
+  3. push the bundles and roll the language model out to the chat devices in waves, with the
+     live progress view (and the encoder to the search device)
+  4. ask one agent a question through its OpenAI-compatible API and print the streamed answer;
+     embed three sentences on the search device
   5. roll out a second version with a canary wave
   6. roll out a deliberately broken third version (its golden outputs do not match its model):
      the canary's smoke test fails, the device keeps serving, and the fleet rolls back on its own
@@ -30,13 +33,14 @@ import click
 from edgeship.localstack import LocalFleet, Processes, StackError, edgeship_argv, start_broker, wait_until
 
 QUESTION = "What is the capital of France? Answer in one sentence."
-LABELS = [  # five devices on two sites; the first is the canary ring
-    {"site": "lyon", "ring": "canary"},
-    {"site": "lyon", "ring": "main"},
-    {"site": "lyon", "ring": "main"},
-    {"site": "porto", "ring": "main"},
-    {"site": "porto", "ring": "main"},
-]
+SENTENCES = ["The capital of France is Paris.", "Paris is the French capital city.",
+             "The fleet is updated in waves."]
+
+
+def labels(i: int, n: int, *, search: bool) -> dict[str, str]:
+    """Devices on two sites: chat assistants, and (with the encoder) the last one a search box."""
+    role = "search" if search and n > 1 and i == n - 1 else "chat"
+    return {"site": "lyon" if i < (n + 1) // 2 else "porto", "role": role}
 
 
 class DemoError(RuntimeError):
@@ -67,7 +71,7 @@ def export_model(model: str | None, out: Path, key: Path, *, name: str, task: st
             return out
         except BundleError:
             shutil.rmtree(out)
-    from exporter import export
+    from exporter.api import export
     from exporter.progress import Progress
 
     t0 = time.monotonic()
@@ -126,9 +130,10 @@ class Cli:
     def json(self, *args: str) -> dict:
         return json.loads(self.run(*args, "--json", capture=True).stdout)
 
-    def rollout(self, ref: str, *, waves: str, window: str, expect: int) -> dict:
+    def rollout(self, ref: str, *, waves: str, window: str, expect: int, selector: str = "") -> dict:
         r = self.json("rollout", "create", "--bundle", ref, "--waves", waves, "--health-window", window,
-                      "--device-deadline", "3m", "--min-requests", "0", "--auto-rollback")
+                      "--device-deadline", "3m", "--min-requests", "0", "--auto-rollback",
+                      *(["--selector", selector] if selector else []))
         say(f"rollout {r['id']}: {r['bundle']} to {r['total']} devices in waves of {r['wave_sizes']}")
         code = self.run("rollout", "watch", r["id"], "--interval", "0.5", ok=(0, 7, 8)).returncode
         if code != expect:
@@ -167,6 +172,22 @@ def ask(api_url: str, question: str, *, max_tokens: int = 48) -> str:
     return "".join(answer)
 
 
+def embed(api_url: str, sentences: list[str]) -> None:
+    """Embed `sentences` on an agent and print how alike the first is to the others."""
+    import httpx
+    import numpy as np
+
+    model = httpx.get(f"{api_url}/v1/models", timeout=10).json()["data"][0]["id"]
+    say(f"[dim]POST {api_url}/v1/embeddings (model {model})[/]")
+    resp = httpx.post(f"{api_url}/v1/embeddings", json={"model": model, "input": sentences}, timeout=60)
+    if resp.status_code != 200:
+        raise DemoError(f"the agent's API answered {resp.status_code}: {resp.text[:300]}")
+    vectors = np.array([d["embedding"] for d in resp.json()["data"]], dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for text, sim in zip(sentences[1:], vectors[1:] @ vectors[0]):
+        say(f"  cosine({sentences[0]!r}, {text!r}) = {sim:.3f}")
+
+
 # ---- the story ---------------------------------------------------------------------------------
 
 
@@ -197,10 +218,12 @@ def run(*, model: str | None, workdir: Path, agents: int, broker_url: str | None
         source, task, name = model, None, None
     bundles = workdir / "bundles"
     v1 = export_model(source, bundles / "lm-1.0.0", key, name=name or _name(model), task=task)
+    encoder_bundle = None
     if encoder:
         from edgeship.models import minilm_path
 
-        export_model(str(minilm_path()), bundles / "minilm-1.0.0", key, name="minilm", task="embedding")
+        encoder_bundle = export_model(str(minilm_path()), bundles / "minilm-1.0.0", key, name="minilm",
+                                      task="embedding")
     from agent.bundle import Manifest
 
     ref_name = Manifest.from_bytes((v1 / "manifest.json").read_bytes()).name
@@ -221,39 +244,49 @@ def run(*, model: str | None, workdir: Path, agents: int, broker_url: str | None
         (workdir / "controller" / "token").write_text(fleet.token + "\n")
         ids = [f"edge-{i + 1:02d}" for i in range(agents)]
         for i, device_id in enumerate(ids):
-            a = fleet.start_agent(device_id, labels=LABELS[i % len(LABELS)], wait=False)
+            a = fleet.start_agent(device_id, labels=labels(i, agents, search=encoder_bundle is not None), wait=False)
             say(f"agent {device_id}: labels {a.labels}, API {a.api_url}, state {a.state_dir}")
         fleet.wait_online(ids, timeout=90)
         cli = Cli(fleet)
         cli.run("devices")
 
+        # with the encoder, the search box gets it and the chat devices the language model
+        search = encoder_bundle is not None and agents > 1
+        chat = "role=chat" if search else ""
         step(3, "push the bundle and roll it out in waves")
         cli.run("bundle", "push", str(v1))
-        cli.rollout(f"{ref_name}@1.0.0", waves="1,2,100%", window="3s", expect=0)
+        cli.rollout(f"{ref_name}@1.0.0", waves="1,2,100%", window="3s", expect=0, selector=chat)
+        if search:
+            cli.run("bundle", "push", str(encoder_bundle))
+            cli.rollout("minilm@1.0.0", waves="100%", window="2s", expect=0, selector="role=search")
 
         step(4, "ask an agent through its OpenAI-compatible API")
         first = fleet.agents[ids[0]]
         wait_until(lambda: _ready(first.api_url), timeout=60, what=f"{ids[0]} ready to serve", proc=first.proc)
         ask(first.api_url, QUESTION)
+        if search:
+            embed(fleet.agents[ids[-1]].api_url, SENTENCES)
 
         step(5, "version 1.1.0 with a canary wave")
         cli.run("bundle", "push", str(v2))
-        cli.rollout(f"{ref_name}@1.1.0", waves="1,100%", window="3s", expect=0)
+        cli.rollout(f"{ref_name}@1.1.0", waves="1,100%", window="3s", expect=0, selector=chat)
 
         step(6, "a broken version 1.2.0: the fleet catches it and rolls back on its own")
         cli.run("bundle", "push", str(v3))
-        r = cli.rollout(f"{ref_name}@1.2.0", waves="1,100%", window="3s", expect=8)
+        r = cli.rollout(f"{ref_name}@1.2.0", waves="1,100%", window="3s", expect=8, selector=chat)
         bad = [d for d in r.get("devices", []) if d["state"] == "failed"]
         for d in bad:
             say(f"[red]{d['device']}[/]: {d['code']} {d['reason']}")
         serving = _serving(fleet)
         say(f"rollout {r['id']} is [bold]{r['state']}[/]: {r['reason']}")
         say(f"the devices serve: {', '.join(f'{d} {v}' for d, v in sorted(serving.items()))}")
-        if set(serving.values()) != {"1.1.0"}:
+        lm = {d: v for d, v in serving.items() if not v.startswith("minilm")}
+        if set(lm.values()) != {f"{ref_name}@1.1.0"}:
             raise DemoError(f"after the rollback every device should serve {ref_name}@1.1.0; they serve {serving}")
 
         step(7, "the fleet")
         cli.run("devices")
+        cli.run("bundle", "list")
         cli.run("rollout", "list")
     finally:
         say("\nstopping everything the demo started ...")
@@ -275,7 +308,7 @@ def _serving(fleet: LocalFleet) -> dict[str, str]:
     out = {}
     for device_id, agent in fleet.agents.items():
         models = httpx.get(f"{agent.api_url}/v1/models", timeout=10).json()["data"]
-        out[device_id] = models[0].get("version", "?") if models else "nothing"
+        out[device_id] = f"{models[0]['id']}@{models[0].get('version', '?')}" if models else "nothing"
     return out
 
 
@@ -301,7 +334,11 @@ def _ready(api_url: str) -> bool:
 @click.option("--encoder/--no-encoder", default=True, show_default=True, help="Also export the MiniLM encoder.")
 def main(**options) -> None:
     """The whole edgeship story on loopback: export, fleet, waves, a question, canary, auto-rollback."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "0" if options["model"] else "1")
+    model = options["model"]
+    if model and not Path(model).exists():  # a hub id: `make demo` exports HF_HUB_OFFLINE=1 for the offline default
+        os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "0"
+    else:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         run(**options)
     except (DemoError, StackError) as exc:

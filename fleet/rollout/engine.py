@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.protocol import (
@@ -45,7 +45,7 @@ from agent.protocol import (
 )
 from fleet.errors import Conflict, InvalidRequest, NotFound
 from fleet.models import Bundle, Device, Rollout, RolloutDevice
-from fleet.registry import Selector, apply_health, apply_offline, apply_state, device_view, new_device
+from fleet.registry import Selector, apply_health, apply_offline, apply_state, device_view, health_summary, new_device
 from fleet.rollout.plan import HealthNumbers, RolloutSpec, judge_wave, target_mismatch, wave_sizes
 from fleet.rollout.state import (
     ACTIVE,
@@ -121,6 +121,8 @@ class Engine:
         self._outbox: list[tuple[str, bytes]] = []
         self._last_sent: dict[tuple[str, str], float] = {}  # (rollout, device) -> monotonic; empty after restart
         self._recent: dict[str, deque] = {}  # device -> (ts, requests, errors, p95)
+        self._presence: dict[str, tuple[bool, str]] | None = None  # device -> (online, session), as committed
+        self._last_health: dict[str, dict | None] = {}  # device -> health row, for baselines after a restart
         self._next_silence_check = 0.0
 
     # ---- owner-thread hand-over ------------------------------------------------------------
@@ -182,6 +184,7 @@ class Engine:
         except Exception:  # a bad batch must not stop the controller; it is logged and retried by the tick
             log.exception("engine step %s failed", fn.__name__)
             self._outbox.clear()
+            self._presence = None  # may be ahead of the rolled-back database: reload
             return
         self._flush_outbox()
 
@@ -223,7 +226,13 @@ class Engine:
                 self.stats.reject_codes[exc.code] += 1
                 log.debug("rejected message on %s: %s", topic, exc)
         self.stats.received += len(msgs)
-        ids = sorted({d for d, _ in parsed})
+        if self._presence is None:
+            self._presence = {i: (on, sess) for i, on, sess in session.execute(select(Device.id, Device.online, Device.session))}
+        # Heartbeats of known, online devices (the bulk of the traffic at scale) skip the ORM:
+        # one executemany UPDATE per batch. Any other message puts its device on the ORM path.
+        slow_ids = {d for d, m in parsed if not (isinstance(m, HealthMessage) and self._presence.get(d) == (True, m.session))}
+        fast_rows: dict[str, dict[str, Any]] = {}
+        ids = sorted(slow_ids)
         devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(ids)))} if ids else {}
         # rollout rows that messages of this batch may touch, fetched once
         rds: dict[tuple[str, str], RolloutDevice] = {}
@@ -252,6 +261,11 @@ class Engine:
 
         now = time.time()
         for device_id, m in parsed:
+            if device_id not in slow_ids:
+                fast_rows[device_id] = {"b_id": device_id, "b_seen": now, "b_health": health_summary(m),
+                                        "b_active": m.active.model_dump(mode="json") if m.active else None}
+                self._health_sample(device_id, m, observed.get(device_id), now)
+                continue
             dev = devices.get(device_id)
             if dev is None:
                 if isinstance(m, OfflineMessage):
@@ -268,18 +282,7 @@ class Engine:
                 apply_offline(dev, m, now)
             elif isinstance(m, HealthMessage):
                 apply_health(dev, m, now)
-                inf = m.inference
-                self._recent.setdefault(device_id, deque(maxlen=RECENT_SAMPLES)).append(
-                    (m.ts, inf.requests, inf.errors, inf.p95_ms))
-                hit = observed.get(device_id)
-                if hit is not None:
-                    r, rd = hit
-                    if rd.committed_at is not None and now >= rd.committed_at and (r.observe_until is None or now <= r.observe_until):
-                        rd.post_requests += inf.requests
-                        rd.post_errors += inf.errors
-                        if inf.p95_ms is not None and inf.requests:
-                            rd.post_p95_sum += inf.p95_ms * inf.requests
-                            rd.post_p95_weight += inf.requests
+                self._health_sample(device_id, m, observed.get(device_id), now)
             elif isinstance(m, AckMessage):
                 ids_ = split_command_id(m.command_id)
                 rd = row(ids_[0], device_id) if ids_ else None
@@ -292,10 +295,35 @@ class Engine:
                     if m.bytes_done is not None:
                         rd.bytes_done = m.bytes_done
                     self._on_update(rd, rollouts[ids_[0]], ids_[1], m.state, m.code, m.reason, now)
+        for dev in devices.values():
+            self._presence[dev.id] = (dev.online, dev.session)
+        if fast_rows:
+            t = Device.__table__
+            for with_active in (True, False):
+                rows = [r for r in fast_rows.values() if (r["b_active"] is not None) == with_active]
+                values = {"last_seen": bindparam("b_seen"), "health": bindparam("b_health")}
+                if with_active:
+                    values["active"] = bindparam("b_active")
+                if rows:
+                    session.execute(update(t).where(t.c.id == bindparam("b_id")).values(**values), rows)
         self.stats.batches += 1
         self.stats.last_batch = len(msgs)
         self.stats.last_batch_s = time.time() - started
         self.stats.lag_s = time.time() - min(i[3] for i in msgs)
+
+    def _health_sample(self, device_id: str, m: HealthMessage, hit: tuple[Rollout, RolloutDevice] | None, now: float) -> None:
+        """Keep the heartbeat for baselines; add it to the health gate's numbers when observed."""
+        inf = m.inference
+        self._recent.setdefault(device_id, deque(maxlen=RECENT_SAMPLES)).append((m.ts, inf.requests, inf.errors, inf.p95_ms))
+        if hit is None:
+            return
+        r, rd = hit
+        if rd.committed_at is not None and now >= rd.committed_at and (r.observe_until is None or now <= r.observe_until):
+            rd.post_requests += inf.requests
+            rd.post_errors += inf.errors
+            if inf.p95_ms is not None and inf.requests:
+                rd.post_p95_sum += inf.p95_ms * inf.requests
+                rd.post_p95_weight += inf.requests
 
     def _observed_rows(self, session: Session, device_ids: list[str]) -> dict[tuple[str, str], tuple[Rollout, RolloutDevice]]:
         """Committed devices of a wave under observation: their heartbeats feed the health gate."""
@@ -347,8 +375,12 @@ class Engine:
         now = time.time()
         if now >= self._next_silence_check:
             self._next_silence_check = now + min(5.0, self.heartbeat_timeout_s / 4)
-            session.execute(update(Device).where(Device.online.is_(True), Device.last_seen < now - self.heartbeat_timeout_s)
-                            .values(online=False, offline_reason="silent"))
+            t = Device.__table__
+            silent = session.execute(update(t).where(t.c.online.is_(True), t.c.last_seen < now - self.heartbeat_timeout_s)
+                                     .values(online=False, offline_reason="silent").returning(t.c.id)).scalars().all()
+            if self._presence is not None:
+                for device_id in silent:
+                    self._presence[device_id] = (False, self._presence.get(device_id, (False, ""))[1])
         for r in session.scalars(select(Rollout).where(Rollout.state.in_([R.PENDING, R.RUNNING]))):
             if r.state == R.PENDING:
                 self._transition(r, RolloutEvent.START, now)
@@ -368,8 +400,10 @@ class Engine:
         spec = RolloutSpec.load(r.spec)
         rows = list(session.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == r.id,
                                                                 RolloutDevice.wave <= r.current_wave)))
-        online = dict(session.execute(select(Device.id, Device.online).where(
-            Device.id.in_([rd.device_id for rd in rows]))).all())
+        facts = {i: (on, health) for i, on, health in session.execute(select(Device.id, Device.online, Device.health).where(
+            Device.id.in_([rd.device_id for rd in rows if rd.state not in DONE or rd.state == D.SKIPPED])))}
+        online = {i: on for i, (on, _) in facts.items()}
+        self._last_health = {i: h for i, (_, h) in facts.items()}
         bundle = session.get(Bundle, r.bundle_sha256)
         deadline_at = (r.wave_started_at or now) + spec.device_deadline_s
         busy = sum(1 for rd in rows if rd.state in DOWNLOADING or (rd.state == D.UPDATING and rd.update_state in ("", "downloading")))
@@ -470,6 +504,9 @@ class Engine:
 
     def _baseline(self, device_id: str, window_s: float, now: float) -> HealthNumbers:
         samples = list(self._recent.get(device_id, ()))
+        if not samples:  # e.g. right after a restart: the last heartbeat the database kept
+            inf = (self._last_health.get(device_id) or {}).get("inference") or {}
+            samples = [(now, inf.get("requests", 0), inf.get("errors", 0), inf.get("p95_ms"))] if inf else []
         recent = [s for s in samples if s[0] >= now - max(window_s, 1.0)] or samples[-3:]
         req = sum(s[1] for s in recent)
         err = sum(s[2] for s in recent)

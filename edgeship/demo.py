@@ -74,9 +74,14 @@ def export_model(model: str | None, out: Path, key: Path, *, name: str, task: st
     from exporter.api import export
     from exporter.progress import Progress
 
+    from exporter.errors import ExportError
+
     t0 = time.monotonic()
-    result = export(model, out=out, key=key, name=name, version="1.0.0", task=task, overwrite=True,
-                    benchmark=False, progress=Progress())
+    try:
+        result = export(model, out=out, key=key, name=name, version="1.0.0", task=task, overwrite=True,
+                        benchmark=False, progress=Progress())
+    except ExportError as exc:
+        raise DemoError(f"exporting {model} failed: {exc}") from None
     say(f"exported {result.manifest.ref} in {time.monotonic() - t0:.0f}s: {result.stats.get('bundle_bytes', 0) / 1e6:.0f} MB, "
         f"quality {result.report.status.value}, signed by {key.with_suffix('.pub').name}")
     return out
@@ -139,7 +144,11 @@ class Cli:
         if code != expect:
             raise DemoError(f"rollout {r['id']} of {ref} ended with exit code {code}, expected {expect}; "
                             f"see `edgeship fleet rollout show {r['id']}` and {self.fleet.workdir / 'logs'}")
-        return self.fleet.client().rollout(r["id"])
+        client = self.fleet.client()
+        try:
+            return client.rollout(r["id"])
+        finally:
+            client.close()
 
 
 # ---- 4. a question ------------------------------------------------------------------------------

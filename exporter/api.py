@@ -42,7 +42,7 @@ from exporter.errors import (
 )
 from exporter.profiles import QuantRecipe, TargetProfile, Thresholds, load_profile
 from exporter.progress import Progress
-from exporter.quantize import QUANT_CHOICES, check_target, free_bytes, model_size, quantize
+from exporter.quantize import QUANT_CHOICES, check_target, free_bytes, model_size, quantize, recipe_name
 from exporter.source import ResolvedSource, infer_task, load_config, resolve_source
 
 TASKS = ("text-generation", "embedding", "text-classification")
@@ -77,6 +77,7 @@ def build_recipe(
     accuracy_level: int | None,
     symmetric: bool | None,
     exclude: list[str] | None,
+    algorithm: str | None = None,
 ) -> QuantRecipe:
     """The profile's recipe with the user's flags on top."""
     update: dict[str, Any] = {}
@@ -98,6 +99,10 @@ def build_recipe(
         update["symmetric"] = symmetric
     if exclude is not None:
         update["exclude"] = list(exclude)
+    if algorithm is not None:
+        if algorithm not in ("rtn", "hqq"):
+            raise ExportError(f"unknown int4 algorithm {algorithm!r}; choose rtn or hqq")
+        update["algorithm"] = algorithm
     return base.model_copy(update=update)
 
 
@@ -146,6 +151,7 @@ def export(
     accuracy_level: int | None = None,
     symmetric: bool | None = None,
     exclude: list[str] | None = None,
+    algorithm: str | None = None,
     thresholds: dict[str, float] | None = None,
     force: bool = False,
     overwrite: bool = False,
@@ -182,8 +188,10 @@ def export(
     natural = infer_task(config) if task is None or task == "text-generation" else task
     task = task or natural
     settings = prof.task(task)
+    if algorithm is None and src.gguf_file and task == "text-generation":
+        algorithm = "hqq"  # GGUF weights sit on an affine grid with float offsets, which HQQ refits almost exactly
     recipe = build_recipe(settings.quantization, quant=quant, block_size=block_size,
-                          accuracy_level=accuracy_level, symmetric=symmetric, exclude=exclude)
+                          accuracy_level=accuracy_level, symmetric=symmetric, exclude=exclude, algorithm=algorithm)
     check_target(recipe, device_class=prof.device_class, profile=prof.name, task=task)
     limits = merge_thresholds(settings.thresholds, thresholds)
     common = dict(out=out, private_key=private_key, profile=prof, recipe=recipe, thresholds=limits, force=force,
@@ -199,6 +207,14 @@ def export(
         from exporter.lm import check_architecture
 
         check_architecture(config)
+        if src.gguf_file and not requantize:
+            if quant is not None or block_size is not None or algorithm is not None:
+                raise ExportError(
+                    f"{src.gguf_file} is imported with its own GGUF quantization; add --requantize to "
+                    "dequantize it and apply --quant/--block-size/--int4-algorithm instead"
+                )
+            return _export_gguf_exact(src, config, eval_text=eval_text, benchmark=benchmark,
+                                      accuracy_level=accuracy_level, **common)
         return _export_lm(src, config, eval_text=eval_text, benchmark=benchmark, requantize=requantize, **common)
     if adapter is not None:
         raise TaskNotSupported(f"--adapter is supported for text-generation only, not for {task}")
@@ -262,6 +278,10 @@ def _export_lm(
         max_context = profile.shapes.max_context
         with progress.step("reference", "PyTorch float32 on the evaluation text"):
             ref = quality.lm_reference(model, tokenizer, text, max_context=max_context)
+        outliers = quality.outlier_patterns(ref.activation_ratio, recipe.outlier_ratio)
+        if outliers and recipe.method in ("int8-dynamic", "int4"):
+            recipe = recipe.model_copy(update={"exclude": [*recipe.exclude, *outliers]})
+            progress.note(f"{len(outliers)} Linear(s) with massive input activations stay float: {', '.join(outliers)}")
         spec_config = lm.decoder_spec(model, tokenizer, max_context=max_context)
         with progress.step("export", f"ONNX opset {profile.opset}, KV cache"):
             fp32 = lm.export_decoder(model, work, opset=profile.opset)
@@ -271,8 +291,13 @@ def _export_lm(
         gc.collect()
         fp32_bytes = _dir_onnx_bytes(work)
         entry = stage / "model.onnx"
-        with progress.step("quantize", recipe.method):
+        with progress.step("quantize", recipe_name(recipe)):
             quant = quantize(fp32, entry, recipe)
+        if outliers and recipe.method in ("int8-dynamic", "int4"):
+            ratios = {quality.outlier_patterns({n: r}, 0)[0]: round(r, 1) for n, r in ref.activation_ratio.items()}
+            quant = quant.model_copy(update={"details": {
+                **quant.details, "outlier_ratio_limit": recipe.outlier_ratio,
+                "outlier_ratios": {p: ratios[p] for p in outliers}}})
         shutil.rmtree(work, ignore_errors=True)
         with progress.step("validate", "against PyTorch"):
             metrics, details = quality.lm_metrics(entry, ref)
@@ -314,6 +339,87 @@ def _export_lm(
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+        raise
+    return ExportResult(out, manifest, report, stats)
+
+
+def _export_gguf_exact(
+    src: ResolvedSource,
+    config: Any,
+    *,
+    out: Path,
+    private_key: Any,
+    profile: TargetProfile,
+    recipe: QuantRecipe,
+    thresholds: Thresholds,
+    force: bool,
+    name: str,
+    version: str,
+    progress: Progress,
+    t_start: float,
+    eval_text: str | Path | None,
+    benchmark: bool,
+    accuracy_level: int | None,
+) -> ExportResult:
+    """GGUF kept exactly (exporter.gguf), judged by the same gate against transformers' dequantized model."""
+    from exporter import quality
+    from exporter.gguf.export import DEFAULT_ACCURACY_LEVEL, export_gguf
+    from exporter.golden import write_lm_golden
+    from exporter.source import load_causal_lm, load_tokenizer
+
+    text = quality.read_texts(Path(eval_text) if eval_text else None)
+    gguf_path = src.path / str(src.gguf_file)
+    params = estimate_parameters(config)
+    check_disk(out, gguf_path.stat().st_size * 2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = _staging(out)
+    try:
+        with progress.step("load", f"{config.model_type}, {params / 1e6:,.1f}M parameters, dequantized reference"):
+            model = load_causal_lm(src)
+            tokenizer = load_tokenizer(src)
+        with progress.step("reference", "PyTorch float32 on the evaluation text"):
+            ref = quality.lm_reference(model, tokenizer, text, max_context=profile.shapes.max_context)
+        del model
+        gc.collect()
+        level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
+        with progress.step("export", f"GGUF blocks kept exactly, accuracy level {level}"):
+            result = export_gguf(gguf_path, stage, accuracy_level=level, progress=progress.note)
+        entry = result.onnx_path
+        with progress.step("validate", "against PyTorch"):
+            metrics, details = quality.lm_metrics(entry, ref)
+            report = quality.gate(metrics, thresholds, reference="pytorch float32 (dequantized GGUF)", details=details)
+        progress.note(f"quality {report.status.value}" + (f": {'; '.join(report.failures)}" if report.failures else ""))
+        if report.status is QualityStatus.FAILED and not force:
+            raise QualityGateFailed(_gate_message(report), report=report)
+        golden = write_lm_golden(stage, entry, ref.sequences[0], quantized=True)
+        spec = result.model_spec
+        spec_config = {**spec.config}
+        if profile.shapes.max_context:
+            spec_config["max_context"] = min(spec_config["max_context"], profile.shapes.max_context)
+        spec = spec.model_copy(update={"config": spec_config})
+        bench = Benchmark()
+        if benchmark:
+            with progress.step("benchmark", f"{profile.intra_op_threads or 'all'} threads"):
+                bench = _lm_benchmark(entry, profile, spec_config)
+        stats = {
+            "fp32_bytes": params * 4,
+            "model_bytes": model_size(entry),
+            "precision": result.quantization.precision,
+            "parameters": params,
+            "export_seconds": round(time.perf_counter() - t_start, 2),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "steps_seconds": dict(progress.timings),
+            **bench.metrics,
+        }
+        bench = Benchmark(host=bench.host, metrics={**bench.metrics, "export_seconds": stats["export_seconds"],
+                                                    "export_peak_rss_mb": stats["peak_rss_mb"]})
+        manifest = _seal(stage, private_key, profile=profile, name=name, version=version, task=Task.TEXT_GENERATION,
+                         model=spec, quantization=result.quantization, quality=report, benchmark=bench,
+                         golden=golden, source=src.describe())
+        stats["bundle_bytes"] = manifest.total_size
+        _publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
         raise
     return ExportResult(out, manifest, report, stats)
 

@@ -44,6 +44,8 @@ def _threshold(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--block-size", type=int, help="int4: weights per quantization block (power of two, >= 16).")
 @click.option("--accuracy-level", type=int, help="int4: MatMulNBits kernel, 0 exact math .. 4 int8 activations.")
 @click.option("--symmetric/--asymmetric", default=None, help="int4: symmetric (no zero points) or asymmetric weights.")
+@click.option("--int4-algorithm", "algorithm", type=click.Choice(["rtn", "hqq"]),
+              help="int4: round-to-nearest (fast) or HQQ (slower, lower error). Default: the profile's; hqq for GGUF.")
 @click.option("--exclude", multiple=True, help="Keep MatMuls whose node name contains this in float (repeatable).")
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
               help="Override a quality threshold, e.g. min_top1_agreement=0.9 or max_ppl_delta=0.05 (repeatable).")
@@ -64,7 +66,7 @@ def _threshold(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--no-benchmark", is_flag=True, help="Skip the host speed benchmark.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (no progress).")
 def cli(model: str, profile: str, out: Path, key: Path, task: str | None, quant: str | None, block_size: int | None,
-        accuracy_level: int | None, symmetric: bool | None, exclude: tuple[str, ...], thresholds: tuple[str, ...],
+        accuracy_level: int | None, symmetric: bool | None, algorithm: str | None, exclude: tuple[str, ...], thresholds: tuple[str, ...],
         eval_text: Path | None, calibration_text: Path | None, adapter: Path | None, revision: str | None,
         trust_remote_code: bool, requantize: bool, name: str | None, version: str, force: bool, overwrite: bool,
         no_benchmark: bool, as_json: bool) -> None:
@@ -79,7 +81,7 @@ def cli(model: str, profile: str, out: Path, key: Path, task: str | None, quant:
         result = export(
             model, out=out, key=key, profile=profile, task=task, quant=quant, block_size=block_size,
             accuracy_level=accuracy_level, symmetric=symmetric, exclude=list(exclude) if exclude else None,
-            thresholds=_threshold(thresholds), force=force, overwrite=overwrite, name=name, version=version,
+            algorithm=algorithm, thresholds=_threshold(thresholds), force=force, overwrite=overwrite, name=name, version=version,
             revision=revision, trust_remote_code=trust_remote_code, adapter=adapter, eval_text=eval_text,
             calibration_text=calibration_text, requantize=requantize, benchmark=not no_benchmark, progress=progress,
         )

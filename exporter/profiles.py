@@ -52,6 +52,12 @@ class QuantRecipe(_M):
     weight_type: Literal["uint8", "int8"] = "int8"  # qdq-static / int8-dynamic
     mixed_precision: bool = False  # keep the most sensitive layers in float until the gate passes
     calibration_samples: int = 32
+    # int4: "rtn" rounds each block to its min/max grid (fast); "hqq" fits scales and float zero
+    # points to minimise the error (slower, better; recovers GGUF Q4_1/Q4_K grids almost exactly).
+    algorithm: Literal["rtn", "hqq"] = "rtn"
+    # LMs: a Linear whose input has max|x| / mean|x| above this on the evaluation text (the "massive
+    # activations" of e.g. SmolLM2's down_proj) stays float; None keeps every Linear quantized.
+    outlier_ratio: float | None = 200.0
 
 
 class Thresholds(_M):

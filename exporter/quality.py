@@ -13,7 +13,9 @@ as well as the prefill.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ class LMReference:
     logits: np.ndarray  # [n, seq_len, vocab] float32
     prompts: np.ndarray  # [n, prompt_len]
     greedy: np.ndarray  # [n, steps]
+    activation_ratio: dict[str, float] = field(default_factory=dict)  # Linear name -> max|x| / mean|x| of its input
 
 
 def eval_sequences(tokenizer: Any, text: str, *, count: int, length: int) -> np.ndarray:
@@ -94,15 +97,66 @@ def lm_reference(
         prompt_len = min(prompt_len, max(1, max_context - steps))
     seqs = eval_sequences(tokenizer, text, count=count, length=length)
     prompts = seqs[:, :prompt_len]
-    with torch.inference_mode():
+    with torch.inference_mode(), _activation_stats(model) as ratio:
         logits = np.stack([model(torch.from_numpy(s[None, :])).logits[0].float().numpy() for s in seqs])
+    with torch.inference_mode():
         greedy = []
         for p in prompts:
             ids = torch.from_numpy(p[None, :])
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
                                  do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None)
             greedy.append(out[0, p.shape[0] :].numpy())
-    return LMReference(seqs, logits.astype(np.float32), prompts, np.stack(greedy).astype(np.int64))
+    return LMReference(seqs, logits.astype(np.float32), prompts, np.stack(greedy).astype(np.int64), dict(ratio))
+
+
+@contextmanager
+def _activation_stats(model: Any) -> Iterator[dict[str, float]]:
+    """Per nn.Linear (but the lm_head): max|x| / mean|x| of its input over every call in the block."""
+    import torch
+
+    peak: dict[str, float] = {}
+    total: dict[str, float] = {}
+    count: dict[str, int] = {}
+    ratio: dict[str, float] = {}
+
+    def hook(name: str) -> Any:
+        def record(_module: Any, inputs: tuple, _output: Any) -> None:
+            x = inputs[0].detach().abs().float()
+            peak[name] = max(peak.get(name, 0.0), float(x.max()))
+            total[name] = total.get(name, 0.0) + float(x.sum())
+            count[name] = count.get(name, 0) + x.numel()
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    try:
+        yield ratio
+    finally:
+        for h in handles:
+            h.remove()
+        ratio.update({n: peak[n] / max(total[n] / count[n], 1e-12) for n in peak})
+
+
+def outlier_patterns(ratio: dict[str, float], limit: float | None) -> list[str]:
+    """ONNX node-name patterns of the Linears whose input ratio exceeds `limit`, worst first.
+
+    torch module `model.layers.11.mlp.down_proj` is exported as node `/model/layers.11/mlp/down_proj/MatMul`.
+    """
+    if limit is None:
+        return []
+    out = []
+    for name, r in sorted(ratio.items(), key=lambda kv: -kv[1]):
+        if r <= limit:
+            break
+        parts: list[str] = []
+        for part in name.split("."):
+            if part.isdigit() and parts:
+                parts[-1] += f".{part}"
+            else:
+                parts.append(part)
+        out.append("/" + "/".join(parts) + "/")
+    return out
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -50,6 +50,8 @@ def check_target(recipe: QuantRecipe, *, device_class: str, profile: str, task: 
 
 def recipe_name(recipe: QuantRecipe) -> str:
     if recipe.method == "int4":
+        if recipe.algorithm == "hqq":
+            return f"int4-matmulnbits-hqq-b{recipe.block_size}-acc{recipe.accuracy_level}"
         sym = "sym" if recipe.symmetric else "asym"
         return f"int4-matmulnbits-b{recipe.block_size}-acc{recipe.accuracy_level}-{sym}"
     if recipe.method == "int8-dynamic":
@@ -106,6 +108,9 @@ def quantize(src: Path, out: Path, recipe: QuantRecipe) -> Quantization:
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.WARNING))  # onnxruntime.quantization logs every skipped node at INFO
+    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    quiet_level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
         if recipe.method == "none":
             save_model(onnx.load(str(src)), out)
@@ -127,6 +132,7 @@ def quantize(src: Path, out: Path, recipe: QuantRecipe) -> Quantization:
         raise ConversionError(f"{recipe.method} quantization failed: {exc}") from exc
     finally:
         root.setLevel(level)
+        quiet.setLevel(quiet_level)
     details["op_counts"] = op_counts(out)
     details["size_bytes"] = model_size(out)
     return Quantization(recipe=recipe_name(recipe), precision=precision, details=details)
@@ -172,8 +178,11 @@ def _int4(src: Path, out: Path, recipe: QuantRecipe) -> dict[str, Any]:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
     model = onnx.load(str(src))
     exclude = excluded_nodes(model, recipe.exclude)
+    algo = HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=4) if recipe.algorithm == "hqq" else None
     quantizer = MatMulNBitsQuantizer(
         model,
         bits=4,
@@ -181,14 +190,21 @@ def _int4(src: Path, out: Path, recipe: QuantRecipe) -> dict[str, Any]:
         is_symmetric=recipe.symmetric,
         accuracy_level=recipe.accuracy_level,
         nodes_to_exclude=exclude,
+        algo_config=algo,
     )
     quantizer.process()
     del model
-    save_model(quantizer.model.model, out)
+    result = quantizer.model.model
+    if algo is not None:  # the HQQ path does not set the kernel choice
+        for node in result.graph.node:
+            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", recipe.accuracy_level))
+    save_model(result, out)
     return {
+        "algorithm": recipe.algorithm,
         "block_size": recipe.block_size,
         "accuracy_level": recipe.accuracy_level,
-        "symmetric": recipe.symmetric,
+        "symmetric": recipe.symmetric if recipe.algorithm == "rtn" else False,
         "excluded_nodes": exclude,
     }
 

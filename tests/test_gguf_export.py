@@ -36,7 +36,8 @@ def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0) -> tuple[Path, object]:
+def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0,
+                    linear_types: dict[str, QT] | None = None) -> tuple[Path, object]:
     """A GGUF of tiny_model(arch), written the way llama.cpp's converter writes that architecture,
     and the HF model holding exactly the GGUF's (dequantized) weights: the float reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -89,7 +90,7 @@ def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0) -> tuple[
         w.add_tensor(name, blocks if permute_heads is None else _llama_permute(blocks, permute_heads), raw_dtype=qtype)
 
     def linear(name: str, kind: str, hf_name: str, permute_heads: int | None = None) -> None:
-        quantized(name, hf_name, LINEAR_TYPES[kind], permute_heads)
+        quantized(name, hf_name, (linear_types or LINEAR_TYPES)[kind], permute_heads)
 
     def f32(name: str, value: np.ndarray) -> None:
         w.add_tensor(name, value.astype(np.float32))
@@ -171,6 +172,20 @@ def test_tiny_gguf_matches_hf_model_with_gguf_weights(arch, tmp_path):
         ref = model(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(_onnx_logits(result, ids), ref, atol=1e-4, rtol=1e-4)
     assert result.model_spec.architecture == arch
+
+
+def test_same_type_projections_are_fused(tmp_path):
+    """q/k/v (and gate/up) of one type become one MatMulNBits each; qwen2's biases stack with them."""
+    path, model = write_tiny_gguf("qwen2", tmp_path, embed_type=QT.Q4_0,
+                                  linear_types={kind: QT.Q4_1 for kind in LINEAR_TYPES})
+    result = export_gguf(path, tmp_path / "out")
+    ops = [n.op_type for n in onnx.load(result.onnx_path, load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 4 * TINY_CONFIGS["qwen2"]["num_hidden_layers"] + 1
+    assert ops.count("GatherBlockQuantized") == 1  # Q4_0 table: 4-bit, default zero point
+    ids = np.random.default_rng(5).integers(3, 512, size=(1, 9))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(_onnx_logits(result, ids), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_structure_io_and_spec(tiny_llama):

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.gguf.repack import BlockWeight
+from exporter.gguf.repack import BlockWeight, concat_rows
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -95,6 +95,8 @@ class GraphBuilder:
             hi, lo = weight.split_nibbles()  # exact, and runs on the fast 4-bit float kernel
             y = self.op("Add", self.linear(x, hi, f"{stem}.hi", rank=rank), self.linear(x, lo, f"{stem}.lo", rank=rank))
         elif isinstance(weight, BlockWeight):
+            if weight.offsets is not None:  # a blocksum is needed anyway: drop the explicit zero point too
+                weight = weight.with_default_zero_point()
             n, k = weight.shape
             ins = [x, self.const(weight.packed(), f"{stem}.qweight"), self.const(weight.scales, f"{stem}.scales")]
             zp = weight.zero_points()
@@ -287,8 +289,9 @@ def _attention_mask(b: GraphBuilder, cfg: DecoderConfig) -> str:
 def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: LayerWeights,
                cos: str, sin: str, mask: str) -> str:
     nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    if layer.qkv is not None:
-        qkv = b.linear(h, layer.qkv, f"layers.{i}.attn.qkv")
+    fused, bias = _fuse([layer.q, layer.k, layer.v], [layer.q_bias, layer.k_bias, layer.v_bias])
+    if layer.qkv is not None or fused is not None:
+        qkv = b.linear(h, layer.qkv if layer.qkv is not None else fused, f"layers.{i}.attn.qkv", bias=bias)
         q, k, v = b.op("Split", qkv, b.ints(nq * hd, nkv * hd, nkv * hd), axis=-1, outputs=3)
     else:
         q = b.linear(h, layer.q, f"layers.{i}.attn.q", bias=layer.q_bias)
@@ -316,9 +319,10 @@ def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: Layer
 
 
 def _mlp(b: GraphBuilder, cfg: DecoderConfig, h: str, layer: LayerWeights) -> str:
-    if layer.gate_up is not None:
-        gate_up = b.linear(h, layer.gate_up, "mlp.gate_up")
-        half = layer.gate_up.shape[0] // 2
+    fused, _ = _fuse([layer.gate, layer.up], [None, None])
+    if layer.gate_up is not None or fused is not None:
+        gate_up = b.linear(h, layer.gate_up if layer.gate_up is not None else fused, "mlp.gate_up")
+        half = (layer.gate_up if layer.gate_up is not None else fused).shape[0] // 2
         gate, up = b.op("Split", gate_up, b.ints(half, half), axis=-1, outputs=2)
     else:
         gate, up = b.linear(h, layer.gate, "mlp.gate"), b.linear(h, layer.up, "mlp.up")
@@ -331,3 +335,21 @@ def _mlp(b: GraphBuilder, cfg: DecoderConfig, h: str, layer: LayerWeights) -> st
         act = b.op("Mul", b.op("Mul", gate, b.op("Add", t, b.const(np.array(1.0, dtype=np.float32)))),
                    b.const(np.array(0.5, dtype=np.float32)))
     return b.linear(b.op("Mul", act, up), layer.down, "mlp.down")
+
+
+def _fuse(weights: list[Weight | None], biases: list[np.ndarray | None]) -> tuple[Weight | None, np.ndarray | None]:
+    """Weights over the same input stacked by rows (exact), with their biases; (None, None) if they don't stack."""
+    if any(w is None for w in weights):
+        return None, None
+    if all(isinstance(w, BlockWeight) for w in weights):
+        fused: Weight | None = concat_rows(weights)  # type: ignore[arg-type]
+    elif all(isinstance(w, np.ndarray) for w in weights):
+        fused = np.concatenate(weights)  # type: ignore[arg-type]
+    else:
+        fused = None
+    if fused is None:
+        return None, None
+    if all(bias is None for bias in biases):
+        return fused, None
+    return fused, np.concatenate([bias if bias is not None else np.zeros(w.shape[0], np.float32)
+                                  for w, bias in zip(weights, biases)])

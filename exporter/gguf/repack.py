@@ -86,6 +86,18 @@ class BlockWeight:
             w = w + self.offsets[..., None]
         return w.reshape(n, k)
 
+    def with_default_zero_point(self) -> BlockWeight:
+        """The same weight with MatMulNBits' default zero point 2^(bits-1), the difference moved into the
+        offsets: scale*(q - z) + o = scale*(q - d) + (o + scale*(d - z)). Explicit zero points take a
+        slower kernel path; the offsets cost one blocksum, shared by the layers reading the same input."""
+        default = 1 << (self.bits - 1)
+        if isinstance(self.zero_point, np.ndarray) or self.zero_point == default:
+            return self
+        shift = self.scales * np.float32(default - self.zero_point)
+        offsets = shift if self.offsets is None else self.offsets + shift
+        return BlockWeight(self.ggml_type, self.bits, self.block_size, self.codes, self.scales, default,
+                           np.ascontiguousarray(offsets, dtype=np.float32))
+
     def split_nibbles(self) -> tuple[BlockWeight, BlockWeight]:
         """An 8-bit weight as two 4-bit ones with the same sum: MatMulNBits has a fast float (level 0)
         kernel for 4 bits only. code - z = 16*(hi - 8) + (lo - 8) + (136 - z), hi/lo its nibbles;
@@ -252,3 +264,18 @@ def decode(ggml_type: str, raw: np.ndarray, k: int) -> BlockWeight:
         zero_point=fmt.zero_point,
         offsets=None if offsets is None else np.ascontiguousarray(offsets.reshape(n, n_sub).astype(np.float32)),
     )
+
+
+def concat_rows(weights: list[BlockWeight]) -> BlockWeight | None:
+    """Weights reading the same input as one (q/k/v, gate/up): one MatMulNBits instead of several.
+    None when their blocks differ (bits, block size or zero point), e.g. Q4_K q/k with a Q6_K v."""
+    first = weights[0]
+    if any(w.bits != first.bits or w.block_size != first.block_size or isinstance(w.zero_point, np.ndarray)
+           or w.zero_point != first.zero_point or w.shape[1] != first.shape[1] for w in weights):
+        return None
+    offsets = None
+    if any(w.offsets is not None for w in weights):
+        offsets = np.concatenate([w.offsets if w.offsets is not None else np.zeros_like(w.scales) for w in weights])
+    return BlockWeight("+".join(dict.fromkeys(w.ggml_type for w in weights)), first.bits, first.block_size,
+                       np.concatenate([w.codes for w in weights]), np.concatenate([w.scales for w in weights]),
+                       first.zero_point, offsets)

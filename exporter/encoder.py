@@ -48,6 +48,8 @@ GOLDEN_ROWS = 4
 # The mixed-precision search must beat the thresholds on calibration text by this share of the
 # distance to 1.0, so that the unseen evaluation text passes too.
 SEARCH_MARGIN = 0.25
+# Mixed precision may keep at most this share of the weight MatMuls' multiply-adds in float.
+FLOAT_BUDGET = 0.34
 DEFAULT_EMBED_THRESHOLDS = {"min_cosine_mean": 0.995, "min_cosine_min": 0.98}
 DEFAULT_CLS_THRESHOLDS = {"min_label_agreement": 0.95}
 
@@ -405,23 +407,25 @@ def _int8_dynamic(src: Path, dst: Path, *, task: str, recipe: QuantRecipe, thres
         calib_ref = _run(src, calib)
         judge = _judge(task, calib_ref, limits, margin=SEARCH_MARGIN)
         found = mixed_precision.search(fp32, onnx.load(str(all_q)), feeds=calib.feeds, judge=judge,
-                                       progress=progress.note)
+                                       max_float_fraction=FLOAT_BUDGET, progress=progress.note)
         float_nodes += [n for n in found.float_nodes if n not in float_nodes]
         # Confirm on the evaluation text; if the unseen text still fails, keep the next most
         # sensitive MatMuls in float while the float budget lasts.
-        budget = max(1, int(len(candidates) * 0.34))
-        spare = [n for n in found.ranking if n not in float_nodes]
+        spare = [n for n in found.ranking if n not in float_nodes and found.sensitivity[n] > 0]
         while True:
             _dynamic_quantize(fp32, dst, recipe=recipe, exclude=float_nodes)
             ok = _judge(task, reference, limits, margin=0.0)([_run(dst, evals)])[1]
-            if ok or not spare or len(float_nodes) >= budget or not found.ranking:
+            spare = [n for n in spare if mixed_precision.float_share(fp32, float_nodes + [n]) <= FLOAT_BUDGET]
+            if ok or not spare:
                 break
             float_nodes.append(spare.pop(0))
         details |= {
             "search_trials": found.trials,
             "search_score_all_int8": round(found.base_score, 5),
             "search_score": round(found.score, 5),
-            "sensitivity_top": {n: round(found.sensitivity[n], 5) for n in found.ranking[:8]},
+            "sensitivity_top": {n: round(found.sensitivity[n], 5)
+                                for n in sorted(found.sensitivity, key=lambda n: -found.sensitivity[n])[:8]},
+            "float_share_of_macs": round(mixed_precision.float_share(fp32, float_nodes), 4),
         }
     else:
         _dynamic_quantize(fp32, dst, recipe=recipe, exclude=float_nodes)

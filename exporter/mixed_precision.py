@@ -6,8 +6,9 @@ cosine; a handful of MatMuls (those fed by outlier-heavy activations) cause most
 1. quantize every weight MatMul; if the judge is satisfied, done;
 2. for each MatMul, measure the quality with only that one kept in float (exclude-one-at-a-time);
    the gain over the all-int8 model is its sensitivity;
-3. keep MatMuls in float, most sensitive first, until the judge is satisfied or the float budget
-   (a fraction of the MatMuls, so the model stays clearly faster than fp32) is spent.
+3. keep MatMuls in float, most sensitive first, until the judge is satisfied
+   or the float budget (a share of the MatMul multiply-adds, so the model stays clearly faster
+   than fp32) is spent.
 
 Step 2 does not re-run the quantizer for every candidate: the all-int8 graph is edited in memory
 (the quantized pattern that produces the MatMul's output is swapped for the original float
@@ -33,7 +34,7 @@ Feeds = dict[str, np.ndarray]
 class SearchResult:
     """What the search chose and why."""
 
-    float_nodes: list[str]  # MatMuls kept in float, most sensitive first
+    float_nodes: list[str]  # MatMuls kept in float, in the order chosen
     ranking: list[str]  # every candidate, most sensitive first
     sensitivity: dict[str, float]  # node -> score gain when only it stays float
     base_score: float  # all-int8 score
@@ -115,7 +116,8 @@ def search(
 ) -> SearchResult:
     """Choose which weight MatMuls of `quantized` (the all-int8 graph of `fp32`) stay float."""
     candidates = weight_matmuls(fp32)
-    budget = max(1, int(len(candidates) * max_float_fraction))
+    cost = weight_costs(fp32)
+    budget = max_float_fraction * sum(cost.values())
 
     def score(names: Sequence[str]) -> tuple[float, bool]:
         return judge(run_model(restore_float(quantized, fp32, names), feeds))
@@ -131,12 +133,19 @@ def search(
         sensitivity[name] = s - base
     if progress:
         progress(f"sensitivity of {len(candidates)} MatMuls measured; all-int8 score {base:.4f}")
+    # Most sensitive first. Ranking by gain per multiply-add instead was tried on MiniLM: it kept
+    # 15 MatMuls (33 % of the multiply-adds) where this keeps 5 (24 %), for the same gate.
     ranking = sorted(candidates, key=lambda n: -sensitivity[n])
     chosen: list[str] = []
     history = [(0, base)]
-    current, ok = base, False
-    for name in ranking[:budget]:
+    current, ok, spent = base, False, 0
+    for name in ranking:
+        if sensitivity[name] <= 0:
+            break
+        if spent + cost[name] > budget:
+            continue
         chosen.append(name)
+        spent += cost[name]
         current, ok = score(chosen)
         trials += 1
         history.append((len(chosen), current))
@@ -145,3 +154,15 @@ def search(
         if ok:
             break
     return SearchResult(chosen, ranking, sensitivity, base, current, ok, trials, history)
+
+
+def weight_costs(model: onnx.ModelProto) -> dict[str, int]:
+    """Weight element count of each weight MatMul: its multiply-adds per token."""
+    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    return {n.name: sizes[n.input[1]] for n in model.graph.node if n.name in set(weight_matmuls(model))}
+
+
+def float_share(model: onnx.ModelProto, names: Sequence[str]) -> float:
+    """Share of the weight MatMuls' multiply-adds that `names` keep in float."""
+    cost = weight_costs(model)
+    return sum(cost[n] for n in names) / max(1, sum(cost.values()))

@@ -216,7 +216,7 @@ def test_minilm_mixed_precision_meets_the_gate(minilm_int8):
     assert r.quality.details["eval_texts"] >= 50
     # found automatically: some MatMuls stay float, most are int8 (so it stays faster than fp32)
     assert q["matmuls"] == 36
-    assert 1 <= len(q["float_nodes"]) <= 12
+    assert len(q["float_nodes"]) >= 1 and q["float_share_of_macs"] <= 0.34
     assert q["search_score"] > q["search_score_all_int8"]
     model = onnx.load(str(r.onnx_path))
     float_weight_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"

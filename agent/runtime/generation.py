@@ -106,6 +106,10 @@ class TextGenerationModel(LoadedModel):
         self._mask = np.ones((1, self.max_context), np.int64)
         self._empty_kv = np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.kv_dtype)
         self._lock = threading.Lock()  # one generation at a time per session (2 cores: no gain in more)
+        # GroupQueryAttention graphs can read past and write present in one preallocated buffer per
+        # layer (max_context long): no per-token concat or allocation of the KV cache.
+        self.shared_kv = bool(cfg.get("past_present_share_buffer", False))
+        self._kv_buffers: list[tuple[np.ndarray, Any]] | None = None
 
     # ---- prompts ------------------------------------------------------------------------------
 
@@ -151,6 +155,32 @@ class TextGenerationModel(LoadedModel):
         outs = binding.get_outputs()
         logits = outs[0].numpy()[0, -1]
         return logits, outs[1:]
+
+    def _shared_buffers(self) -> list[tuple[np.ndarray, Any]]:
+        import onnxruntime as ort
+
+        if self._kv_buffers is None:
+            shape = (1, self.num_kv_heads, self.max_context, self.head_dim)
+            arrays = [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
+            self._kv_buffers = [(a, ort.OrtValue.ortvalue_from_numpy(a)) for a in arrays]
+        return self._kv_buffers
+
+    def _step_shared(self, binding, ids: list[int], past_len: int) -> np.ndarray:
+        """_step for shared-buffer graphs: the KV stays in self._kv_buffers, written in place."""
+        if self.closed:
+            raise Cancelled(f"model {self.ref} was closed (swapped out) during generation")
+        n = len(ids)
+        binding.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
+        binding.bind_cpu_input("attention_mask", self._mask[:, : past_len + n])
+        if self.has_position_ids:
+            binding.bind_cpu_input("position_ids", np.arange(past_len, past_len + n, dtype=np.int64)[None])
+        binding.clear_binding_outputs()
+        binding.bind_output("logits", "cpu")
+        for past, present, (_, value) in zip(self.past_names, self.present_names, self._shared_buffers()):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[0, -1]
 
     def generate(self, prompt: str | list[int] | None = None, *, messages: list[dict[str, Any]] | None = None,
                  max_tokens: int = 256, sampling: SamplingParams | None = None, stop: list[str] | tuple = (),
@@ -203,8 +233,14 @@ class TextGenerationModel(LoadedModel):
             if kv is None:
                 cached, kv = 0, (self._empty_kv,) * len(self.past_names)
             stats.cached_tokens, stats.prefilled_tokens = cached, len(ids) - cached
+            if self.shared_kv:
+                for (buf, _), part in zip(self._shared_buffers(), kv):
+                    buf[:, :, :cached] = part
+                step = lambda new, past_len, _past: (self._step_shared(binding, new, past_len), None)  # noqa: E731
+            else:
+                step = lambda new, past_len, past_kv: self._step(binding, new, past_len, past_kv)  # noqa: E731
             t0 = time.perf_counter()
-            logits, past = self._step(binding, ids[cached:], cached, list(kv))
+            logits, past = step(ids[cached:], cached, list(kv))
             fed = list(ids)
             stats.prefill_s = time.perf_counter() - t0
             decoder, matcher = IncrementalDecoder(self.codec), StopMatcher(stop)
@@ -226,7 +262,7 @@ class TextGenerationModel(LoadedModel):
                 if produced == budget:
                     break
                 check()
-                logits, past = self._step(binding, [token], len(fed), past)
+                logits, past = step([token], len(fed), past)
                 fed.append(token)
                 stats.decode_s = time.perf_counter() - t_decode
             if not by_string:  # text held back for a possible stop string, or a last partial character
@@ -239,4 +275,8 @@ class TextGenerationModel(LoadedModel):
         finally:
             self._lock.release()
             if use_prefix_cache and fed:
-                self.prefix_cache.store(fed, tuple(v.numpy() for v in past))
+                if self.shared_kv:
+                    kv_out = tuple(buf[:, :, :len(fed)].copy() for buf, _ in self._shared_buffers())
+                else:
+                    kv_out = tuple(v.numpy() for v in past)
+                self.prefix_cache.store(fed, kv_out)

@@ -157,3 +157,73 @@ def make_encoder_bundle(directory: Path, private_key_path: Path, *, num_labels: 
                        model=ModelSpec(entry="model.onnx", architecture="bert",
                                        inputs=["input_ids", "attention_mask", "token_type_ids"], outputs=outputs,
                                        config=config))
+
+
+def gqa_lm_onnx(path: Path, *, vocab: int = 512, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                seed: int = 0) -> None:
+    """A one-layer LM built on com.microsoft GroupQueryAttention, with the LM bundle I/O names
+    (no position_ids), like the graphs onnxruntime-genai's builder emits."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    hd = hidden // heads
+    rng = np.random.default_rng(seed)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    past = ["past_key_values.0.key", "past_key_values.0.value"]
+    nodes = [
+        helper.make_node("Gather", ["E", "input_ids"], ["emb"]),
+        helper.make_node("MatMul", ["emb", "Wq"], ["q"]),
+        helper.make_node("MatMul", ["emb", "Wk"], ["k"]),
+        helper.make_node("MatMul", ["emb", "Wv"], ["v"]),
+        helper.make_node("ReduceSum", ["attention_mask", "axis1"], ["len64"], keepdims=0),
+        helper.make_node("Sub", ["len64", "one64"], ["seqlens64"]),
+        helper.make_node("Cast", ["seqlens64"], ["seqlens_k"], to=TensorProto.INT32),
+        helper.make_node("Shape", ["attention_mask"], ["mask_shape"]),
+        helper.make_node("Gather", ["mask_shape", "idx1"], ["total64"], axis=0),
+        helper.make_node("Cast", ["total64"], ["total"], to=TensorProto.INT32),
+        helper.make_node("GroupQueryAttention", ["q", "k", "v", *past, "seqlens_k", "total"],
+                         ["attn", "present.0.key", "present.0.value"], domain="com.microsoft",
+                         num_heads=heads, kv_num_heads=kv_heads),
+        helper.make_node("MatMul", ["attn", "Wo"], ["o"]),
+        helper.make_node("Add", ["o", "emb"], ["h"]),
+        helper.make_node("MatMul", ["h", "Wlm"], ["logits"]),
+    ]
+    kv_shape = ["batch", kv_heads, "past_sequence_length", hd]
+    graph = helper.make_graph(
+        nodes, "tiny-gqa",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence_length"]),
+         *[helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in past]],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence_length", vocab]),
+         *[helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", kv_heads, "total_sequence_length", hd])
+           for n in ("present.0.key", "present.0.value")]],
+        [w("E", vocab, hidden), w("Wq", hidden, heads * hd), w("Wk", hidden, kv_heads * hd),
+         w("Wv", hidden, kv_heads * hd), w("Wo", heads * hd, hidden), w("Wlm", hidden, vocab),
+         numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+         numpy_helper.from_array(np.array(1, np.int64), "one64"),
+         numpy_helper.from_array(np.array(1, np.int64), "idx1")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=9)
+    onnx.save(model, str(path))
+
+
+def make_gqa_lm_bundle(directory: Path, private_key_path: Path, *, shared_kv: bool, name: str = "tiny-gqa",
+                       version: str = "1.0.0") -> Manifest:
+    """A sealed GroupQueryAttention LM bundle; `shared_kv` sets config.past_present_share_buffer."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    gqa_lm_onnx(directory / "model.onnx")
+    src = tiny_model("llama")
+    for rel in TOKENIZER_FILES:
+        if (src / rel).exists():
+            shutil.copy2(src / rel, directory / rel)
+    config = {"num_layers": 1, "num_kv_heads": 2, "head_dim": 16, "max_context": 128, "eos_token_ids": [2],
+              "bos_token_id": 1, "past_present_share_buffer": shared_kv}
+    return seal_bundle(directory, private_key=load_private_key(private_key_path), name=name, version=version,
+                       task=Task.TEXT_GENERATION, target=Target(profile="cpu-x86-avx2"),
+                       model=ModelSpec(entry="model.onnx", architecture="llama", config=config))

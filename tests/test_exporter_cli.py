@@ -23,7 +23,7 @@ def test_help_lists_the_options():
     p = run("--help")
     assert p.returncode == 0
     for opt in ("--profile", "--quant", "--block-size", "--accuracy-level", "--adapter", "--eval-text", "--force",
-                "--overwrite", "--threshold", "--revision", "--trust-remote-code"):
+                "--overwrite", "--threshold", "--revision", "--trust-remote-code", "--int4-algorithm", "--requantize"):
         assert opt in p.stdout
 
 
@@ -89,3 +89,12 @@ def test_non_empty_out_needs_overwrite(tmp_path, keypair):
     p = run(str(tiny_model("llama")), "--out", str(tmp_path / "b"), "--key", str(keypair[0]))
     assert p.returncode == 2 and "pass --overwrite" in p.stderr
     assert (tmp_path / "b" / "old").exists()
+
+
+def test_encoder_checkpoints_go_through_the_same_command(tmp_path, keypair):
+    """The task comes from the checkpoint (BertModel -> embedding); exporter.encoder builds, the core seals."""
+    p = run(str(tiny_model("bert")), "--out", str(tmp_path / "b"), "--key", str(keypair[0]), "--json")
+    assert p.returncode == 0, p.stderr
+    m = open_bundle(tmp_path / "b", TrustedKeys.from_paths([keypair[1]])).manifest
+    assert m.task.value == "embedding" and m.model.outputs == ["sentence_embedding"]
+    assert m.quality.status is QualityStatus.PASSED and m.benchmark.metrics["latency_ms"] > 0

@@ -240,8 +240,10 @@ def smollm2_exports(tmp_path_factory, keypair):
     from exporter import export
 
     root = tmp_path_factory.mktemp("smollm2")
-    return {q: export(smollm2_gguf_path(), out=root / q, key=keypair[0], quant=q, requantize=True)
-            for q in QUANTS}
+    exports = {q: export(smollm2_gguf_path(), out=root / q, key=keypair[0], quant=q, requantize=True, benchmark=False)
+               for q in QUANTS}
+    exports["gguf-exact"] = export(smollm2_gguf_path(), out=root / "exact", key=keypair[0], benchmark=False)
+    return exports
 
 
 @pytest.mark.slow
@@ -254,9 +256,27 @@ def test_real_smollm2_gguf_exports_with_a_quality_report_on_real_text(quant, smo
     assert m.source["gguf_file"].endswith(".gguf") and "dequantized GGUF" in q.reference
     # real weights on real English: perplexity is that of a language model, and barely moves
     assert 1 < q.metrics["ppl_reference"] < 100
-    assert abs(q.metrics["ppl_delta"]) < (0.10 if quant == "int4" else 0.03)
-    assert q.metrics["greedy_match"] >= (0.5 if quant == "int4" else 0.8)
-    assert q.metrics["top1_agreement"] >= (0.85 if quant == "int4" else 0.95)
+    # int4 (HQQ refits the GGUF's 4-bit grid) is nearly lossless; dynamic int8 quantizes activations per
+    # tensor and loses more, even with the massive-activation Linears kept float (recorded in details)
+    if quant == "int4":
+        assert m.quantization.recipe == "int4-matmulnbits-hqq-b32-acc4"
+        assert abs(q.metrics["ppl_delta"]) < 0.02 and q.metrics["top1_agreement"] >= 0.95
+        assert q.metrics["greedy_match"] >= 0.8
+    else:
+        assert abs(q.metrics["ppl_delta"]) < 0.10 and q.metrics["top1_agreement"] >= 0.8
+        assert q.metrics["greedy_match"] >= 0.4
+    assert "layers.11/mlp/down_proj" in " ".join(m.quantization.details["outlier_ratios"])
     assert m.model.config["num_layers"] == 30 and m.model.config["max_context"] >= 2048
     assert "chat_template" in (result.bundle / "tokenizer_config.json").read_text() or \
         (result.bundle / "chat_template.jinja").exists()
+
+
+@pytest.mark.slow
+def test_real_smollm2_gguf_default_import_keeps_its_blocks_and_passes_a_tight_gate(smollm2_exports, keypair):
+    result = smollm2_exports["gguf-exact"]
+    m = open_bundle(result.bundle, TrustedKeys.from_paths([keypair[1]])).manifest
+    assert m.quantization.recipe == "gguf-exact" and m.quantization.precision.startswith("gguf-q4")
+    q = m.quality
+    assert q.status is QualityStatus.PASSED and q.reference == "pytorch float32 (dequantized GGUF)"
+    assert abs(q.metrics["ppl_delta"]) < 0.01 and q.metrics["top1_agreement"] >= 0.98
+    assert m.model.inputs[:3] == ["input_ids", "attention_mask", "position_ids"]

@@ -190,6 +190,8 @@ def load_tokenizer(src: ResolvedSource) -> Any:
 
 def write_tokenizer(src: ResolvedSource, tokenizer: Any, out_dir: Path) -> list[str]:
     """Save the tokenizer (and its chat template) into `out_dir` in the fast-tokenizer layout the agent reads."""
+    if src.gguf_file and getattr(tokenizer, "vocab_file", None):
+        tokenizer.vocab_file = None  # else save_pretrained copies the whole GGUF in as "tokenizer.model"
     tokenizer.save_pretrained(out_dir)
     written = sorted(p.name for p in out_dir.iterdir() if p.name in TOKENIZER_FILES)
     if "tokenizer.json" not in written:

@@ -145,7 +145,7 @@ def main() -> None:
         while True:
             sampler.sample()
             x = api.get(f"/v1/rollouts/{r['id']}", params={"devices": "false"}).json()
-            if x["wave"] != current or x["state"] != "running":
+            if x["wave"] != current or x["state"] not in ("running", "pending"):
                 waves.append({"wave": current, "devices": x["wave_sizes"][current - 1] - (x["wave_sizes"][current - 2] if current > 1 else 0),
                               "seconds": round(time.monotonic() - wave_t, 2)})
                 wave_t, current = time.monotonic(), x["wave"]

@@ -168,8 +168,8 @@ class Engine:
             except queue.Empty:
                 items = []
             msgs = [i for i in items if i[0] == "msg"]
-            if msgs:
-                self._guard(self._ingest, msgs)
+            if msgs and not self._guard(self._ingest, msgs):
+                self._salvage(msgs)
             for item in items:
                 if item[0] == "call":
                     self._run_call(item[1], item[2])
@@ -177,16 +177,39 @@ class Engine:
                 self._guard(self._tick)
                 next_tick = time.monotonic() + self.tick_interval_s
 
-    def _guard(self, fn: Callable, *args: Any) -> None:
+    def _guard(self, fn: Callable, *args: Any) -> bool:
         try:
             with self.sessions.begin() as session:
                 fn(session, *args)
-        except Exception:  # a bad batch must not stop the controller; it is logged and retried by the tick
+        except Exception:  # a bad batch must not stop the controller; it is logged and retried
             log.exception("engine step %s failed", fn.__name__)
             self._outbox.clear()
             self._presence = None  # may be ahead of the rolled-back database: reload
-            return
+            return False
         self._flush_outbox()
+        return True
+
+    def _salvage(self, msgs: list[tuple]) -> None:
+        """A batch failed: apply its messages one by one, so one bad message loses only itself.
+
+        If the database itself is away, keep the failed ones, wait, and try again.
+        """
+        failed = [m for m in msgs if not self._guard(self._ingest, [m])] if len(msgs) > 1 else msgs
+        if failed and not self._database_up() and not self._stop.is_set():
+            log.error("database unavailable: keeping %d messages and retrying", len(failed))
+            self._stop.wait(1.0)
+            for m in failed:
+                self.inbox.put(m)
+        elif failed:
+            log.error("dropped %d message(s) that cannot be applied", len(failed))
+
+    def _database_up(self) -> bool:
+        try:
+            with self.sessions() as session:
+                session.execute(select(1))
+            return True
+        except Exception:
+            return False
 
     def _run_call(self, fn: Callable, fut: Future) -> None:
         if not fut.set_running_or_notify_cancel():

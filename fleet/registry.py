@@ -80,12 +80,12 @@ def apply_state(device: Device, msg: StateMessage, now: float) -> bool:
     device.session = msg.session
     device.offline_reason = ""
     device.last_seen = now
-    device.agent_version = msg.agent_version
+    device.agent_version = msg.agent_version[:64]  # the wire does not bound it; the column does
     device.facts = msg.facts.model_dump(mode="json")
     device.labels = dict(msg.labels)
     device.active = msg.active.model_dump(mode="json") if msg.active else None
     device.previous = msg.previous.model_dump(mode="json") if msg.previous else None
-    device.execution_provider = msg.execution_provider
+    device.execution_provider = msg.execution_provider[:64] if msg.execution_provider else None
     device.update = msg.update.model_dump(mode="json") if msg.update else None
     return came_online
 

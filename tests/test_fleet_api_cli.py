@@ -131,6 +131,8 @@ def test_every_cli_command_with_json(controller, bundle_dirs, tmp_path):
     assert [x["id"] for x in run(c, "rollout", "list")] == [r["id"]]
     shown = run(c, "rollout", "show", r["id"])
     assert {d["device"] for d in shown["devices"]} == {"sim-00000", "sim-00001", "sim-00002"}
+    first, second = sorted((d for d in shown["devices"] if d["wave"] == 2), key=lambda d: d["sent_at"])
+    assert second["sent_at"] >= first["acked_at"]  # --max-concurrent-downloads 1: one download at a time
     rolled = run(c, "rollout", "rollback", r["id"])
     assert rolled["state"] == "rolled_back"
     wait_for(lambda: run(c, "rollout", "show", r["id"])["counts"] == {"rolled_back": 3}, what="rollbacks acknowledged")

@@ -360,11 +360,11 @@ class Engine:
             if m.accepted:
                 rd.state, rd.acked_at = D.ACCEPTED, now
             else:
-                rd.state, rd.done_at, rd.code, rd.reason = D.FAILED, now, m.code or "rejected", m.reason or "command rejected"
+                rd.state, rd.done_at, rd.code, rd.reason = D.FAILED, now, (m.code or "rejected")[:64], m.reason or "command rejected"
         elif kind in ("rollback", "cancel") and rd.state == D.ROLLING_BACK:
             rd.acked_at = now
             if not m.accepted:
-                rd.code, rd.reason = m.code or "rejected", f"rollback rejected: {m.reason}"
+                rd.code, rd.reason = (m.code or "rejected")[:64], f"rollback rejected: {m.reason}"
                 rd.state, rd.done_at = D.FAILED, now
         elif kind == "cancel" and rd.state == D.CANCELLED:
             rd.acked_at = now

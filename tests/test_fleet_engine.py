@@ -1,0 +1,84 @@
+"""The engine in-process on a real database (SQLite file and PostgreSQL): message intake paths,
+silence detection, spoofed and malformed messages. MQTT is not involved: messages are handed
+to `Engine.deliver` exactly as the MQTT thread hands them over."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from agent.protocol import Channel, DeviceFacts, HealthMessage, InferenceStats, OfflineMessage, StateMessage, Topics, encode
+from fleet.db import make_engine, migrate, sessions
+from fleet.models import Device
+from fleet.rollout.engine import Engine
+from tests.support.fleet import make_database, wait_for
+
+DBS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=DBS)
+def engine(request, tmp_path):
+    db = make_database(request.param, tmp_path)
+    sql = make_engine(db.url, schema=db.schema)
+    migrate(sql)
+    published: list[tuple[str, bytes]] = []
+    eng = Engine(sessions(sql), topics=Topics("t"), publish=lambda t, p: published.append((t, p)),
+                 base_url="http://127.0.0.1:1", tick_interval_s=0.05, heartbeat_timeout_s=0.6)
+    eng.start()
+    yield eng
+    eng.stop()
+    sql.dispose()
+    db.drop()
+
+
+def device(eng: Engine, device_id: str) -> Device | None:
+    with eng.sessions() as s:
+        return s.scalar(select(Device).where(Device.id == device_id))
+
+
+def send(eng: Engine, device_id: str, channel: Channel, msg) -> None:
+    eng.deliver(eng.topics.device(device_id, channel), encode(msg))
+
+
+def beat(eng: Engine, device_id: str, session: str, seq: int, requests: int = 5) -> None:
+    send(eng, device_id, Channel.HEALTH, HealthMessage(device_id=device_id, session=session, seq=seq,
+                                                       inference=InferenceStats(requests=requests, errors=1, p95_ms=12.0)))
+
+
+def test_intake_silence_and_return(engine):
+    send(engine, "a", Channel.STATE, StateMessage(device_id="a", session="s1", seq=0, agent_version="0.1.0" + "x" * 100,
+                                                  facts=DeviceFacts(arch="aarch64"), labels={"site": "x"}))
+    beat(engine, "a", "s1", 1)
+    beat(engine, "b", "s9", 0)  # a heartbeat before any birth still registers the device
+    d = wait_for(lambda: (x := device(engine, "a")) and x.health and x, what="birth and heartbeat applied")
+    assert d.online and d.facts["arch"] == "aarch64" and d.labels == {"site": "x"} and len(d.agent_version) == 64
+    assert d.health["inference"] == {"requests": 5, "errors": 1, "p95_ms": 12.0, "queue_depth": 0}
+    assert wait_for(lambda: device(engine, "b")).online
+    for seq in range(2, 8):  # 'a' keeps beating (the fast path); 'b' falls silent
+        beat(engine, "a", "s1", seq, requests=seq)
+        wait_for(lambda: device(engine, "a").health["inference"]["requests"] == seq, what="heartbeat applied")
+        engine._stop.wait(0.15)
+    b = wait_for(lambda: (x := device(engine, "b")) and not x.online and x, what="silence detected")
+    assert b.offline_reason == "silent" and device(engine, "a").online
+    beat(engine, "b", "s9", 1)  # it speaks again: online at once
+    wait_for(lambda: device(engine, "b").online, what="back online")
+    send(engine, "a", Channel.STATE, OfflineMessage(device_id="a", session="old-session"))  # an older connection's will
+    beat(engine, "a", "s1", 9)
+    wait_for(lambda: device(engine, "a").health["inference"]["requests"] == 5, what="later heartbeat")
+    assert device(engine, "a").online
+    send(engine, "a", Channel.STATE, OfflineMessage(device_id="a", session="s1"))
+    wait_for(lambda: not device(engine, "a").online, what="its own will")
+    assert device(engine, "a").offline_reason == "lwt"
+
+
+def test_spoofed_and_malformed_messages_are_counted_not_applied(engine):
+    engine.deliver(engine.topics.device("victim", Channel.STATE),
+                   encode(StateMessage(device_id="intruder", session="s", seq=0, agent_version="1")))
+    engine.deliver(engine.topics.device("x", Channel.HEALTH), b"{not json")
+    engine.deliver(engine.topics.device("x", Channel.HEALTH),
+                   encode(StateMessage(device_id="x", session="s", seq=0, agent_version="1")))  # wrong channel
+    engine.deliver("elsewhere/topic", b"{}")
+    wait_for(lambda: engine.stats.rejected == 3, what="three rejections")
+    assert dict(engine.stats.reject_codes) == {"spoofed": 1, "bad_json": 1, "wrong_channel": 1}
+    with engine.sessions() as s:
+        assert s.scalars(select(Device.id)).all() == []

@@ -124,16 +124,20 @@ class Processes:
         self.procs: list[Proc] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._last: set[int] = set()
         atexit.register(self.close)
 
     def start(self, name: str, argv: list[str], *, log: Path, env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> Proc:
+              cwd: Path | None = None, stop_last: bool = False) -> Proc:
+        """Start and register a process; `stop_last` ones (the broker) stop after all others."""
         full_env = {**os.environ, **(env or {})}
         proc = Proc(name, argv, log, full_env, cwd)
         with self._lock:
             if self._closed:
                 raise StackError(f"cannot start {name}: the run is stopping")
             self.procs.append(proc)
+            if stop_last:
+                self._last.add(id(proc))
         return proc.start()
 
     def install_signal_handlers(self) -> None:
@@ -151,8 +155,13 @@ class Processes:
                 return
             self._closed = True
             procs = list(reversed(self.procs))
-        for proc in procs:
-            proc.stop()
+        first = [p for p in procs if id(p) not in self._last]
+        # SIGTERM them all at once, then wait: agents drain in parallel, while the broker still runs
+        for group in (first, [p for p in procs if id(p) in self._last]):
+            for proc in group:
+                proc.signal(signal.SIGTERM)
+            for proc in group:
+                proc.stop()
 
 
 def wait_until(check, *, timeout: float, interval: float = 0.2, what: str = "condition",
@@ -214,11 +223,12 @@ def start_broker(processes: Processes, workdir: Path, *, url: str | None = None,
             # as root, mosquitto would switch to the 'mosquitto' user, who cannot write our log
             + ("user root\n" if os.geteuid() == 0 else "")
         )
-        proc = processes.start("mosquitto", [binary, "-c", str(conf), "-v"], log=workdir / "mosquitto.log")
+        proc = processes.start("mosquitto", [binary, "-c", str(conf), "-v"], log=workdir / "mosquitto.log",
+                               stop_last=True)
         kind_used = "mosquitto"
     else:
         proc = processes.start("amqtt", [sys.executable, "-m", "edgeship.embedded_broker", str(port)],
-                               log=workdir / "amqtt.log")
+                               log=workdir / "amqtt.log", stop_last=True)
         kind_used = "amqtt"
     wait_until(lambda: port_open(port), timeout=15, what=f"{kind_used} listening on port {port}", proc=proc)
     return LocalBroker(f"mqtt://127.0.0.1:{port}", kind_used, proc)

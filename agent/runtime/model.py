@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from agent.bundle import Manifest, Task, VerifiedBundle
 from agent.runtime.errors import LoadError, WrongTask
@@ -65,6 +64,8 @@ class LoadedModel:
 
     def run_golden(self) -> GoldenResult:
         """Run the bundle's golden inputs and compare with its golden outputs (the smoke test)."""
+        import numpy as np
+
         golden = self.manifest.golden
         if golden is None:
             return GoldenResult(True, 0.0, 0.0, "bundle has no golden files; nothing to compare")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import Any
 
 from agent.runtime.errors import InputError
 
@@ -35,13 +34,17 @@ class SamplingParams:
 @dataclass
 class Sampler:
     params: SamplingParams
-    rng: np.random.Generator = field(init=False)
+    rng: Any = field(init=False)  # numpy Generator; numpy is imported only once a model runs
 
     def __post_init__(self) -> None:
+        import numpy as np
+
         self.rng = np.random.default_rng(self.params.seed)
 
-    def __call__(self, logits: np.ndarray) -> int:
-        """logits: 1-D float array over the vocabulary."""
+    def __call__(self, logits) -> int:
+        """logits: 1-D float numpy array over the vocabulary."""
+        import numpy as np
+
         p = self.params
         if p.greedy:
             return int(np.argmax(logits))

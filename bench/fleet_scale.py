@@ -158,14 +158,13 @@ def main() -> None:
         (work / "rollout_devices.json").write_text(json.dumps(detail))
         print(f"per-device detail: {work / 'rollout_devices.json'}", flush=True)
         s1 = api.get("/v1/status").json()["engine"]
-        db_path = work / "data" / "fleet.db"
         results["part1"] = {
             "devices": args.devices, "state": state["state"], "counts": state["counts"], "reason": state["reason"],
             "waves": waves, "health_window": args.health_window, "total_s": round(elapsed, 2),
             "controller_cpu_percent": round(sampler.cpu_percent(), 1), "controller_peak_rss_mb": round(sampler.peak_rss, 1),
             "messages_in_per_s": round((s1["received"] - s0["received"]) / elapsed, 1),
             "commands_out": s1["published"] - s0["published"],
-            "db_bytes": sum(p.stat().st_size for p in db_path.parent.glob("fleet.db*")) if not args.database_url else None,
+            "db_bytes": db_bytes(work, args),
         }
         print(json.dumps(results["part1"]), flush=True)
         stop(sims)
@@ -199,7 +198,7 @@ def main() -> None:
             "lag_p50_s": lags[len(lags) // 2] if lags else None, "lag_max_s": lags[-1] if lags else None,
             "inbox_max": max(inbox) if inbox else None, "controller_cpu_percent": round(sampler.cpu_percent(), 1),
             "controller_peak_rss_mb": round(sampler.peak_rss, 1),
-            "db_bytes": sum(p.stat().st_size for p in (work / "data").glob("fleet.db*")) if not args.database_url else None,
+            "db_bytes": db_bytes(work, args),
         }
         print(json.dumps(results["part2"]), flush=True)
     finally:
@@ -208,6 +207,21 @@ def main() -> None:
         ctl.wait(30)
         broker.stop()
     print(json.dumps(results, indent=2))
+
+
+def db_bytes(work: Path, args: argparse.Namespace) -> int:
+    """SQLite: the file with its WAL; PostgreSQL: every table of the schema with indexes and TOAST."""
+    if not args.database_url:
+        return sum(p.stat().st_size for p in (work / "data").glob("fleet.db*"))
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(args.database_url)
+    with engine.connect() as conn:
+        size = conn.execute(text("SELECT coalesce(sum(pg_total_relation_size(quote_ident(schemaname) || '.' || "
+                                 "quote_ident(tablename))), 0) FROM pg_tables WHERE schemaname = :s"),
+                            {"s": args.database_schema or "public"}).scalar()
+    engine.dispose()
+    return int(size)
 
 
 def _tar(work: Path) -> bytes:

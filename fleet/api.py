@@ -8,7 +8,10 @@ runs on the engine thread (`Engine.call`), so writes never race each other.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import os
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -169,10 +172,6 @@ def create_app(*, engine: Engine, store: BundleStore, token: str, sessions, uplo
     @app.post("/v1/bundles", tags=["bundles"], dependencies=[Depends(auth)], status_code=201,
               openapi_extra={"requestBody": {"content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}})
     async def push_bundle(request: Request) -> dict[str, Any]:
-        import asyncio
-        import os
-        import tempfile
-
         upload_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=upload_dir, prefix=".upload-", suffix=".tar")
         try:

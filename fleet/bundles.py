@@ -74,12 +74,3 @@ class BundleStore:
 
     def remove(self, manifest_sha256: str) -> None:
         self.path(manifest_sha256).unlink(missing_ok=True)
-
-
-def copy_to_temp(stream_chunks, directory: Path) -> Path:
-    """Write an iterable of byte chunks to a temp file in `directory` (for uploads)."""
-    fd, name = tempfile.mkstemp(dir=directory, prefix=".upload-", suffix=".tar")
-    with os.fdopen(fd, "wb") as f:
-        for chunk in stream_chunks:
-            f.write(chunk)
-    return Path(name)

@@ -221,6 +221,7 @@ def _rejections(log: str, limit: int = 20) -> list[str]:
             in_block = False
         elif in_block and not line:
             in_block = False
-    if not out:  # a compile failure rather than a refused node: keep the QNN error lines
-        out = [re.sub(r"^.*?\] ", "", ln) for ln in log.splitlines() if "[E:" in ln or "QNN_" in ln][:5]
+    if not out:  # a compile failure rather than a refused node: keep the error-level log lines
+        out = [re.sub(r"\x1b\[[0-9;]*m", "", re.sub(r"^.*?\] ", "", ln)).strip()
+               for ln in log.splitlines() if "[E:" in ln][:5]
     return out[:limit]

@@ -444,3 +444,18 @@ def test_a_smoke_test_over_the_device_latency_budget_fails(env):
     ev = env.failed_with(cid, "smoke_too_slow")
     assert "over the device budget" in ev.reason and ev.metrics["latency_ms"] > 0
     env.assert_old_serving()
+
+
+def test_a_clean_stop_mid_download_resumes_after_restart(env, broker, topic_prefix, keypair):
+    _, tar, sha = env.bundles.make("big", version="1.1.0", extra_files={"pad.bin": os.urandom(400_000)})
+    env.srv.fault = Fault("slow", limit_bps=300_000, times=1)
+    cid = env.deploy("big", tar=tar, sha=sha)
+    env.ctl.wait(lambda m: m.type == "event" and m.command_id == cid and m.bytes_done, 20, "progress")
+    env.dev.close()  # SIGTERM-like: not a cancel
+    env.dev.manager._worker.join(10)
+    assert env.dev.manager.state.value == "downloading"  # left persisted, not failed
+    env.dev = InProcessDevice(env.dev.store.root, broker.port, topic_prefix, TrustedKeys.from_paths([keypair[1]]),
+                              download=FAST_DL)
+    ev = env.ctl.final_event(cid)
+    assert ev.state.value == "committed", ev.reason
+    assert any(r[1].startswith("bytes=") and not r[1].startswith("bytes=0-") for r in env.srv.requests)

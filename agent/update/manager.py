@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from agent.bundle import BundleError, Manifest, TrustedKeys, VerifiedBundle, open_bundle, unpack
+from agent.bundle import BundleError, Manifest, TrustedKeys, VerifiedBundle, unpack
 from agent.protocol import (
     AckMessage,
     BundleRef,
@@ -227,8 +227,7 @@ class UpdateManager:
         return False
 
     def close(self) -> None:
-        self._closed = True
-        self._cancel.set()
+        self._closed = True  # an update in progress stays persisted; recover() resumes or undoes it
         self._work.put(None)
 
     # ---- acceptance (pure decisions + state) -----------------------------------------------------
@@ -375,6 +374,8 @@ class UpdateManager:
                                    f"the deploy deadline {rec.deadline.isoformat()} passed while {state.value}")
             else:
                 outcome = self._action(rec)
+                if outcome is None:
+                    return
             with self._lock:
                 try:
                     self._fire(outcome)
@@ -388,7 +389,7 @@ class UpdateManager:
                             log.error("cannot end the update either; recover() will on the next start")
                             return
 
-    def _action(self, rec: UpdateRecord) -> _Outcome:
+    def _action(self, rec: UpdateRecord) -> _Outcome | None:
         """Run the entry action of `rec.state`; every failure becomes a FAIL outcome with a code."""
         try:
             return {
@@ -400,6 +401,8 @@ class UpdateManager:
                 S.WATCHING: self._do_watch,
             }[rec.state](rec)
         except Cancelled as exc:
+            if self._closed and not self._cancel.is_set():
+                return None  # stopping, not cancelled: the download resumes after the restart
             return _Outcome(Event.CANCEL, exc.code, str(exc))
         except (UpdateError, BundleError) as exc:
             return _Outcome(Event.FAIL, exc.code, str(exc))
@@ -425,7 +428,7 @@ class UpdateManager:
 
         try:
             download(rec.urls, part, expected_size=rec.size, opts=self.config.download, progress=progress,
-                     cancelled=self._cancel.is_set)
+                     cancelled=lambda: self._cancel.is_set() or self._closed)
         except DiskFull:
             part.unlink(missing_ok=True)  # give the space back before persisting the failure
             raise
@@ -509,7 +512,7 @@ class UpdateManager:
         return _Outcome(Event.SWITCHED, reason=f"serving {vb.manifest.ref} on {getattr(new, 'execution_provider', '?')}",
                         metrics=metrics)
 
-    def _do_watch(self, rec: UpdateRecord) -> _Outcome:
+    def _do_watch(self, rec: UpdateRecord) -> _Outcome | None:
         base = decide.WatchSample(int(rec.baseline.get("requests", 0)), int(rec.baseline.get("errors", 0)),
                                   rec.baseline.get("p95_ms"))
         since = rec.switched_at or time.time()
@@ -518,8 +521,8 @@ class UpdateManager:
         while True:
             if self._rollback.is_set():
                 return _Outcome(Event.ROLLBACK, "rolled_back", "rolled back by a rollback command")
-            if self._closed:
-                return _Outcome(Event.FAIL, "shutdown", "agent stopped while watching")
+            if self._closed:  # stopping: leave `watching` persisted; recover() rolls back on the next start
+                return None
             req, err, p95 = self.host.stats.window(since)
             verdict = decide.judge_watch(rec.watch, baseline=base, current=decide.WatchSample(req, err, p95),
                                          elapsed_s=time.time() - since, max_watch_s=self.config.max_watch_s,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import queue
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -26,7 +28,7 @@ from agent.protocol import (
     encode,
     parse_device_message,
 )
-from tests.support.broker import start_broker
+from tests.support.broker import Broker, free_port, mosquitto_binary
 
 SHA = "ab" * 32
 
@@ -35,9 +37,10 @@ class Watcher:
     """A controller-side client that records everything under a prefix."""
 
     def __init__(self, port: int, prefix: str, *, client_id: str | None = None):
+        """With a `client_id` the session is persistent: what arrives while it is away waits for it."""
         self.messages: queue.Queue = queue.Queue()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"w-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv311)
+                                  protocol=mqtt.MQTTv311, clean_session=client_id is None)
         subscribed = queue.Queue()
         self.client.on_message = lambda c, u, m: self.messages.put((m.topic, bytes(m.payload), m.retain))
         self.client.on_subscribe = lambda *a: subscribed.put(True)
@@ -91,6 +94,22 @@ class Device:
 
     def health(self) -> HealthMessage:
         return HealthMessage(device_id=self.device_id, session="x", seq=0)
+
+
+def restartable_broker() -> Broker:
+    """A broker of a test's own that keeps sessions across a restart (mosquitto persistence).
+
+    A controller-side Watcher with a fixed client id then receives everything the device sent
+    after the restart, however quickly the device reconnects: no race with the device's backoff.
+    """
+    if mosquitto_binary() is None:
+        pytest.fail("this test needs mosquitto (apt-get install mosquitto): amqtt keeps no sessions across restarts")
+    workdir = Path(tempfile.mkdtemp(prefix="edgeship-broker-"))
+    workdir.chmod(0o777)  # mosquitto started as root drops to its own user, which must write the db here
+    port = free_port()
+    conf = (f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {workdir}/\nlog_dest file {workdir / 'mosquitto.log'}\n")
+    return Broker(port=port, kind="mosquitto", workdir=workdir, extra_config=conf).start()
 
 
 def command(device_id: str, cid: str = "cmd-1", **kw) -> bytes:
@@ -239,8 +258,10 @@ def test_clean_stop_publishes_retained_offline(broker, topic_prefix):
 
 
 def test_buffered_events_are_sent_in_order_after_the_broker_restarts(topic_prefix):
-    own = start_broker()  # a broker of its own: this test stops it
-    dev = Device(own.port, topic_prefix, reconnect_min_s=1.0, reconnect_max_s=2.0, buffer_size=4)
+    own = restartable_broker()  # a broker of its own: this test stops it
+    dev = Device(own.port, topic_prefix, reconnect_min_s=0.2, reconnect_max_s=1.0, buffer_size=4)
+    controller_id = f"ctl-{uuid.uuid4().hex[:8]}"
+    Watcher(own.port, topic_prefix, client_id=controller_id).close()  # its session now waits on the broker
     dev.link.start()
     try:
         dev.connects.get(timeout=10)
@@ -257,17 +278,23 @@ def test_buffered_events_are_sent_in_order_after_the_broker_restarts(topic_prefi
         dev.link.publish(AckMessage(device_id=dev.device_id, session="x", seq=0, command_id="c9", accepted=True))
         assert dev.link.buffered == 4 and dev.link.dropped == 3  # bounded: the oldest went first
         own.start()
-        w = Watcher(own.port, topic_prefix)  # connects well within the link's >= 1 s backoff
         dev.connects.get(timeout=15)
-        got = [w.next()[1] for _ in range(4)]
+        w = Watcher(own.port, topic_prefix, client_id=controller_id)  # gets what was queued for it
+        got = []
+        while len(got) < 4:  # the state topic may carry the Last Will of the connection the restart cut
+            topic, body, _ = w.next()
+            if not topic.endswith("/state"):
+                got.append(body)
         assert [(m["type"], m.get("state") or m.get("command_id")) for m in got] == [
             ("event", "smoke_testing"), ("event", "switching"), ("event", "watching"), ("ack", "c9")]
         seqs = [m["seq"] for m in got]
         assert seqs == sorted(seqs)
         assert w.quiet(Channel.HEALTH, 0.5) == []
         dev.link.publish(dev.state())  # what the service does on the connect event
-        _, body, retain = w.next(Channel.STATE)
-        assert body["type"] == "state" and body["seq"] > seqs[-1]
+        body = w.next(Channel.STATE)[1]
+        while body["type"] != "state":
+            body = w.next(Channel.STATE)[1]
+        assert body["seq"] > seqs[-1]
         w.close()
     finally:
         dev.link.stop()

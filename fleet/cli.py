@@ -26,7 +26,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 def _console():
     from rich.console import Console
 
-    return Console()
+    # piped output (grep, logs) should not be cut to 80 columns with ellipses
+    return Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _fail(message: str, code: int, *, as_json: bool, kind: str = "error") -> None:

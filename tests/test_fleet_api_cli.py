@@ -133,6 +133,10 @@ def test_every_cli_command_with_json(controller, bundle_dirs, tmp_path):
     assert {d["device"] for d in shown["devices"]} == {"sim-00000", "sim-00001", "sim-00002"}
     first, second = sorted((d for d in shown["devices"] if d["wave"] == 2), key=lambda d: d["sent_at"])
     assert second["sent_at"] >= first["acked_at"]  # --max-concurrent-downloads 1: one download at a time
+    for args in (["devices"], ["bundle", "list"], ["rollout", "list"], ["rollout", "show", r["id"]],
+                 ["rollout", "watch", r["id"], "--interval", "0.1"]):  # human output: rich tables, live view
+        human = CliRunner().invoke(cli, ["--url", c.url, "--token", TOKEN, *args], obj={})
+        assert human.exit_code == 0 and (r["id"] in human.stdout or "sim-00000" in human.stdout or "tiny@1.0.0" in human.stdout), human.stdout
     rolled = run(c, "rollout", "rollback", r["id"])
     assert rolled["state"] == "rolled_back"
     wait_for(lambda: run(c, "rollout", "show", r["id"])["counts"] == {"rolled_back": 3}, what="rollbacks acknowledged")

@@ -9,12 +9,13 @@ requant:   the same graph builder, weights dequantized and requantized to MatMul
 Prefill: one call with a 128-token prompt. Decode: 64 new tokens through the KV cache. 2 threads.
 Rounds alternate between the two models so machine load hits both alike; medians are printed.
 
-    python bench/gguf_exact_vs_requant.py [--gguf PATH] [--rounds 3] [--threads 2]
+    python -m bench.gguf_exact_vs_requant [--gguf PATH] [--rounds 3] [--threads 2]   (from the repo root)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import statistics
 import tempfile
@@ -85,6 +86,7 @@ def measure(dec: OnnxDecoder, prompt: np.ndarray, new_tokens: int) -> tuple[floa
 
 
 def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tests.support.models import smollm2_gguf_path
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

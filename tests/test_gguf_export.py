@@ -161,11 +161,12 @@ def test_tiny_gguf_matches_transformers_gguf_loader(arch, tmp_path, tiny_llama):
     np.testing.assert_allclose(_onnx_logits(result, ids), reference_logits(path, ids), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["phi3", "gemma"])
-def test_tiny_gguf_matches_hf_model_with_gguf_weights(arch, tmp_path):
-    """phi3 (fused qkv / gate_up) and gemma (scaled embeddings, GELU, 1 + w norms) against the HF model
-    carrying exactly the GGUF's weights."""
-    path, model = write_tiny_gguf(arch, tmp_path)
+@pytest.mark.parametrize("arch, embed_type", [("phi3", QT.Q8_0), ("gemma", QT.Q4_1)])
+def test_tiny_gguf_matches_hf_model_with_gguf_weights(arch, embed_type, tmp_path):
+    """phi3 (fused qkv / gate_up) and gemma (scaled embeddings, GELU, 1 + w norms; a Q4_1 table, which
+    GatherBlockQuantized cannot read, gathered as codes + scales + mins) against the HF model carrying
+    exactly the GGUF's weights."""
+    path, model = write_tiny_gguf(arch, tmp_path, embed_type=embed_type)
     result = export_gguf(path, tmp_path / "out")
     ids = np.random.default_rng(0).integers(3, TINY_CONFIGS[arch]["vocab_size"], size=(1, 12))
     with torch.no_grad():

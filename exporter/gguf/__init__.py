@@ -1,0 +1,12 @@
+"""GGUF import: a llama.cpp checkpoint -> LM-bundle ONNX model with its quantized blocks kept exactly.
+
+    reader.py   GgufFile: metadata and tensors (gguf package), per-type report of what was kept
+    repack.py   GGUF blocks -> MatMulNBits codes/scales/zero points/offsets (pure numpy, bit-exact)
+    arch.py     llama / qwen2 / phi3 / gemma -> DecoderConfig + DecoderWeights
+    graph.py    the decoder-with-past ONNX graph (onnx.helper), external data written as it is built
+    export.py   export_gguf(path, out_dir) -> GgufResult (onnx_path, files, model_spec, quantization)
+    quality.py  gguf_quality(): perplexity / top-1 / greedy chat answer vs transformers' fp32 model
+
+Errors are the exporter's (exporter/errors.py): SourceError for unreadable files and tokenizers,
+UnsupportedArchitecture naming the supported ones, ConversionError when the graph cannot be built.
+"""

@@ -227,15 +227,25 @@ def build_decoder(cfg: DecoderConfig, weights: DecoderWeights, *, accuracy_level
 
 
 def _embed(b: GraphBuilder, cfg: DecoderConfig, table: Weight) -> str:
-    if isinstance(table, BlockWeight):
-        if table.offsets is not None or table.zero_points() is not None:
-            table = table.dequantize()  # GatherBlockQuantized has no per-block min; a float table is exact
-    if isinstance(table, BlockWeight):
+    hidden = table.shape[1]
+    if isinstance(table, BlockWeight) and table.offsets is None and table.zero_points() is None:
         data = b.const(table.packed(), "embed.qweight")  # [vocab, blocks, block bytes]
         scales = b.const(table.scales[..., None], "embed.scales")
         x = b.op("GatherBlockQuantized", data, "input_ids", scales, domain=MS_DOMAIN,
                  bits=table.bits, block_size=table.block_size, gather_axis=0, quantize_axis=2)
-        x = b.op("Reshape", x, b.ints(0, 0, table.shape[1]))
+        x = b.op("Reshape", x, b.ints(0, 0, hidden))
+    elif isinstance(table, BlockWeight):
+        # GatherBlockQuantized has no per-block min: gather codes, scales and offsets, dequantize the rows
+        table = table.with_default_zero_point()
+
+        def rows(array: np.ndarray, stem: str) -> str:
+            return b.op("Unsqueeze", b.op("Gather", b.const(array, stem), "input_ids"), b.ints(-1))
+
+        codes = b.op("Cast", b.op("Gather", b.const(table.codes, "embed.codes"), "input_ids"), to=TensorProto.FLOAT)
+        codes = b.op("Reshape", codes, b.ints(0, 0, table.n_blocks, table.block_size))
+        centred = b.op("Sub", codes, b.const(np.array(table.zero_point, dtype=np.float32)))
+        x = b.op("Add", b.op("Mul", centred, rows(table.scales, "embed.scales")), rows(table.offsets, "embed.offsets"))
+        x = b.op("Reshape", x, b.ints(0, 0, hidden))
     else:
         x = b.op("Gather", b.const(np.asarray(table, dtype=np.float32), "embed.weight"), "input_ids")
     if cfg.embed_scale is not None:

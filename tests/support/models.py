@@ -63,15 +63,16 @@ def _tiny_tokenizer(out: Path, vocab_size: int) -> None:
 
 def tiny_model(arch: str, *, num_labels: int | None = None) -> Path:
     """Directory with a tiny random `arch` model (safetensors + config + tokenizer), cached."""
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers import BertTokenizerFast
-
     cfg = dict(TINY_CONFIGS[arch])
     name = f"tiny-{arch}" + (f"-cls{num_labels}" if num_labels else "")
     out = cache_dir() / name
     if (out / "config.json").exists():
-        return out
+        return out  # cached: no torch import (it costs seconds per process)
+
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import BertTokenizerFast
+
     tmp = out.with_name(out.name + ".tmp")
     torch.manual_seed(0)
     model_type = cfg.pop("model_type")

@@ -36,14 +36,38 @@ def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _llama3_rope_factors(scaling: dict, dim: int, base: float) -> np.ndarray:
+    """The per-frequency divisors llama.cpp's converter stores as rope_freqs.weight for llama3 scaling."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    out = []
+    for freq in 1.0 / base ** (np.arange(0, dim, 2) / dim):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old_context / high:
+            out.append(1.0)
+        elif wavelen > old_context / low:
+            out.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0,
-                    linear_types: dict[str, QT] | None = None) -> tuple[Path, object]:
+                    linear_types: dict[str, QT] | None = None, rope_scaling: dict | None = None) -> tuple[Path, object]:
     """A GGUF of tiny_model(arch), written the way llama.cpp's converter writes that architecture,
     and the HF model holding exactly the GGUF's (dequantized) weights: the float reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = tiny_model(arch)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    if rope_scaling is not None:  # same weights, llama3-scaled rotary (Llama-3.x)
+        from transformers import AutoConfig
+
+        scaled = AutoConfig.from_pretrained(src, rope_scaling=rope_scaling)
+        state = model.state_dict()
+        model = AutoModelForCausalLM.from_config(scaled, dtype=torch.float32)
+        model.load_state_dict(state)
     tok = AutoTokenizer.from_pretrained(src)
     cfg = model.config
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
@@ -95,6 +119,8 @@ def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0,
     def f32(name: str, value: np.ndarray) -> None:
         w.add_tensor(name, value.astype(np.float32))
 
+    if rope_scaling is not None:
+        f32("rope_freqs.weight", _llama3_rope_factors(rope_scaling, head_dim, getattr(cfg, "rope_theta", 10000.0)))
     norm_shift = 1.0 if arch == "gemma" else 0.0  # llama.cpp stores gemma's norms as 1 + w
     quantized("token_embd.weight", "model.embed_tokens.weight", embed_type)
     f32("output_norm.weight", sd["model.norm.weight"] + norm_shift)
@@ -173,6 +199,19 @@ def test_tiny_gguf_matches_hf_model_with_gguf_weights(arch, embed_type, tmp_path
         ref = model(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(_onnx_logits(result, ids), ref, atol=1e-4, rtol=1e-4)
     assert result.model_spec.architecture == arch
+
+
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
+    """Llama-3.x: llama.cpp stores the llama3 rope scaling as rope_freqs.weight; positions past the
+    original context must rotate as HF's llama3 rotary does."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    path, model = write_tiny_gguf("llama", tmp_path, rope_scaling=scaling)
+    result = export_gguf(path, tmp_path / "out")
+    ids = np.random.default_rng(7).integers(3, 512, size=(1, 80))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(_onnx_logits(result, ids), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_same_type_projections_are_fused(tmp_path):

@@ -188,10 +188,10 @@ def export(
     natural = infer_task(config) if task is None or task == "text-generation" else task
     task = task or natural
     settings = prof.task(task)
-    if algorithm is None and src.gguf_file and task == "text-generation":
-        algorithm = "hqq"  # GGUF weights sit on an affine grid with float offsets, which HQQ refits almost exactly
+    # GGUF weights sit on an affine grid with float offsets, which HQQ refits almost exactly
+    int4_algorithm = "hqq" if algorithm is None and src.gguf_file and requantize else algorithm
     recipe = build_recipe(settings.quantization, quant=quant, block_size=block_size,
-                          accuracy_level=accuracy_level, symmetric=symmetric, exclude=exclude, algorithm=algorithm)
+                          accuracy_level=accuracy_level, symmetric=symmetric, exclude=exclude, algorithm=int4_algorithm)
     check_target(recipe, device_class=prof.device_class, profile=prof.name, task=task)
     limits = merge_thresholds(settings.thresholds, thresholds)
     common = dict(out=out, private_key=private_key, profile=prof, recipe=recipe, thresholds=limits, force=force,

@@ -240,13 +240,12 @@ def smollm2_exports(tmp_path_factory, keypair):
     from exporter import export
 
     root = tmp_path_factory.mktemp("smollm2")
-    exports = {q: export(smollm2_gguf_path(), out=root / q, key=keypair[0], quant=q, requantize=True, benchmark=False)
-               for q in QUANTS}
-    exports["gguf-exact"] = export(smollm2_gguf_path(), out=root / "exact", key=keypair[0], benchmark=False)
-    return exports
+    return {q: export(smollm2_gguf_path(), out=root / q, key=keypair[0], quant=q, requantize=True, benchmark=False)
+            for q in QUANTS}
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two exports of a 135M model in the fixture; minutes on 2 busy cores
 @pytest.mark.parametrize("quant", QUANTS)
 def test_real_smollm2_gguf_exports_with_a_quality_report_on_real_text(quant, smollm2_exports, keypair):
     result = smollm2_exports[quant]
@@ -270,13 +269,3 @@ def test_real_smollm2_gguf_exports_with_a_quality_report_on_real_text(quant, smo
     assert "chat_template" in (result.bundle / "tokenizer_config.json").read_text() or \
         (result.bundle / "chat_template.jinja").exists()
 
-
-@pytest.mark.slow
-def test_real_smollm2_gguf_default_import_keeps_its_blocks_and_passes_a_tight_gate(smollm2_exports, keypair):
-    result = smollm2_exports["gguf-exact"]
-    m = open_bundle(result.bundle, TrustedKeys.from_paths([keypair[1]])).manifest
-    assert m.quantization.recipe == "gguf-exact" and m.quantization.precision.startswith("gguf-q4")
-    q = m.quality
-    assert q.status is QualityStatus.PASSED and q.reference == "pytorch float32 (dequantized GGUF)"
-    assert abs(q.metrics["ppl_delta"]) < 0.01 and q.metrics["top1_agreement"] >= 0.98
-    assert m.model.inputs[:3] == ["input_ids", "attention_mask", "position_ids"]

@@ -208,6 +208,11 @@ def export(
 
         check_architecture(config)
         if src.gguf_file and not requantize:
+            if adapter is not None:
+                raise ExportError(
+                    f"an adapter cannot be merged into {src.gguf_file}'s quantized blocks; add --requantize "
+                    "to dequantize the GGUF, merge the adapter and quantize again"
+                )
             if quant is not None or block_size is not None or algorithm is not None:
                 raise ExportError(
                     f"{src.gguf_file} is imported with its own GGUF quantization; add --requantize to "
@@ -215,7 +220,7 @@ def export(
                 )
             return _export_gguf_exact(src, config, eval_text=eval_text, benchmark=benchmark,
                                       accuracy_level=accuracy_level, **common)
-        return _export_lm(src, config, eval_text=eval_text, benchmark=benchmark, requantize=requantize, **common)
+        return _export_lm(src, config, eval_text=eval_text, benchmark=benchmark, **common)
     if adapter is not None:
         raise TaskNotSupported(f"--adapter is supported for text-generation only, not for {task}")
     if src.gguf_file:
@@ -259,7 +264,6 @@ def _export_lm(
     t_start: float,
     eval_text: str | Path | None,
     benchmark: bool,
-    requantize: bool,
 ) -> ExportResult:
     from exporter import lm, quality
     from exporter.golden import write_lm_golden

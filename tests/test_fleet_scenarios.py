@@ -3,6 +3,7 @@ devices speaking the real protocol, real HTTP, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -248,3 +249,21 @@ def test_controller_killed_mid_wave_resumes_without_double_deploys(fleet, sims, 
         if kind == "deploy":
             received[device] += 1
     assert all(received[d] == 1 for d in acked_before), (acked_before, dict(received))
+
+
+def test_device_deadlines_do_not_run_while_paused(fleet, sims, bundles):
+    c = fleet()
+    api = client_for(c)
+    sims(make_devices(3), Behaviour(heartbeat_s=0.3, step_delay_s=0.25))
+    wait_for(lambda: len(online_ids(api)) == 3, what="devices")
+    api.push(bundles["1.0.0"])
+    r = api.create_rollout(bundle="tiny@1.0.0", waves="100%", health_window="0.2s", device_deadline="5s",
+                           max_concurrent_downloads=1)
+    wait_for(lambda: api.rollout(r["id"])["counts"].get("waiting"), what="the wave under way, devices held back")
+    api.operate(r["id"], "pause")
+    time.sleep(6)  # longer than the device deadline
+    paused = api.rollout(r["id"])
+    assert paused["state"] == "paused" and paused["counts"].get("waiting", 0) >= 1 and "failed" not in paused["counts"]
+    api.operate(r["id"], "resume")
+    done = wait_for(lambda: rollout_state(api, r["id"], "completed", "paused"), timeout=30, what="completion")
+    assert done["state"] == "completed" and done["counts"] == {"committed": 3}, done["devices"]

@@ -32,6 +32,7 @@ SCENARIOS = {
     "abort then roll back": [(E.START, S.RUNNING), (E.PAUSE, S.PAUSED), (E.ABORT, S.ABORTED), (E.ROLLBACK, S.ROLLED_BACK)],
     "completed, then rolled back": [(E.START, S.RUNNING), (E.LAST_WAVE_PASSED, S.COMPLETED), (E.ROLLBACK, S.ROLLED_BACK)],
     "abort before start": [(E.ABORT, S.ABORTED)],
+    "paused before its first wave": [(E.PAUSE, S.PAUSED), (E.RESUME, S.RUNNING), (E.LAST_WAVE_PASSED, S.COMPLETED)],
 }
 
 

@@ -428,7 +428,9 @@ class Engine:
         online = {i: on for i, (on, _) in facts.items()}
         self._last_health = {i: h for i, (_, h) in facts.items()}
         bundle = session.get(Bundle, r.bundle_sha256)
-        deadline_at = (r.wave_started_at or now) + spec.device_deadline_s
+        if r.wave_started_at is None:  # paused before its first tick, then resumed
+            r.wave_started_at = now
+        deadline_at = r.wave_started_at + spec.device_deadline_s
         busy = sum(1 for rd in rows if rd.state in DOWNLOADING or (rd.state == D.UPDATING and rd.update_state in ("", "downloading")))
         slots = (spec.max_concurrent_downloads - busy) if spec.max_concurrent_downloads else len(rows)
         for rd in rows:
@@ -442,7 +444,8 @@ class Engine:
                 continue
             if rd.wave != r.current_wave or rd.state in DONE:
                 continue
-            if now >= deadline_at:
+            # a device's deadline runs from its wave's start while it waits, from its deploy once sent
+            if now >= (deadline_at if rd.state == D.WAITING or rd.sent_at is None else rd.sent_at + spec.device_deadline_s):
                 self._deadline(r, rd, spec, is_online, now)
                 continue
             if rd.state == D.WAITING and is_online and slots > 0:
@@ -507,7 +510,8 @@ class Engine:
         urls = list(bundle.urls) if bundle.urls else []
         if not (bundle.url_only and urls) and bundle.stored:
             urls.append(f"{self.base_url}/bundles/{bundle.manifest_sha256}.tar")
-        deadline = datetime.fromtimestamp((r.wave_started_at or time.time()) + spec.device_deadline_s, tz=timezone.utc)
+        # from the first send, so every re-send (after a restart too) carries the same deadline
+        deadline = datetime.fromtimestamp((rd.sent_at or time.time()) + spec.device_deadline_s, tz=timezone.utc)
         return DeployCommand(
             id=rd.command_id, device_id=rd.device_id, rollout_id=r.id, issued_at=rd.sent_at or time.time(),
             bundle=BundleRef(name=bundle.name, version=bundle.version, manifest_sha256=bundle.manifest_sha256),
@@ -632,9 +636,11 @@ class Engine:
         if r is None:
             raise NotFound(f"rollout {rollout_id!r} not found; list them with: edgeship fleet rollout list")
         now = time.time()
-        was = r.state
+        was, paused_since = r.state, r.updated_at  # nothing else touches a paused rollout's updated_at
         self._transition(r, event, now, reason=f"{event.value} by operator")
         if event == RolloutEvent.RESUME and was == R.PAUSED:
+            if r.wave_started_at is not None:
+                r.wave_started_at += max(0.0, now - paused_since)  # device deadlines do not run while paused
             wave_rows = session.scalars(select(RolloutDevice.state).where(RolloutDevice.rollout_id == r.id,
                                                                           RolloutDevice.wave == r.current_wave)).all()
             if all(s in DONE for s in wave_rows):

@@ -1,10 +1,10 @@
 """The rollout state machine: one enum of states, one of events, ONE transition table.
 
     pending ──start──▶ running ──(wave passed: next wave)──▶ running ──last wave passed──▶ completed
-                        │  ▲                                          
-          pause / gate  │  │ resume                                   
-          failed        ▼  │                                          
-                       paused
+     │                  │  ▲
+     │    pause / gate  │  │ resume
+     │    failed        ▼  │
+     └──────pause────▶ paused
     running, paused, pending ──abort──▶ aborted
     running, paused, completed, aborted ──rollback / auto-rollback──▶ rolled_back
 
@@ -44,6 +44,7 @@ S, E = RolloutState, RolloutEvent
 TRANSITIONS: dict[tuple[RolloutState, RolloutEvent], RolloutState] = {
     (S.PENDING, E.START): S.RUNNING,
     (S.PENDING, E.ABORT): S.ABORTED,
+    (S.PENDING, E.PAUSE): S.PAUSED,
     (S.RUNNING, E.WAVE_PASSED): S.RUNNING,
     (S.RUNNING, E.LAST_WAVE_PASSED): S.COMPLETED,
     (S.RUNNING, E.GATE_FAILED): S.PAUSED,

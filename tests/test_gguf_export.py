@@ -24,7 +24,7 @@ from agent.bundle import QualityStatus  # noqa: E402
 from exporter.errors import SourceError, UnsupportedArchitecture  # noqa: E402
 from exporter.gguf.export import RECIPE, export_gguf  # noqa: E402
 from exporter.gguf.quality import OnnxDecoder  # noqa: E402
-from tests.support.models import TINY_CONFIGS, smollm2_gguf_path, tiny_model  # noqa: E402
+from tests.support.models import TINY_CONFIGS, cache_dir, smollm2_gguf_path, tiny_model  # noqa: E402
 
 # Linear layers in a mix of exact types; GGUF blocks need K % 32 == 0 (tiny hidden = 64, ff = 128).
 LINEAR_TYPES = {"attn_q": QT.Q4_1, "attn_k": QT.Q4_0, "attn_v": QT.Q8_0, "attn_output": QT.Q5_1,
@@ -34,6 +34,28 @@ LINEAR_TYPES = {"attn_q": QT.Q4_1, "attn_k": QT.Q4_0, "attn_v": QT.Q8_0, "attn_o
 def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's converter's row order for attn_q/attn_k (interleaved rotary)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tiny_qwen3() -> Path:
+    """A tiny random qwen3 (not among tests/support's tiny models), with the tiny qwen2 tokenizer."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = cache_dir() / "tiny-qwen3-gguf-test"
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
+                                  max_position_embeddings=256, tie_word_embeddings=True)
+    tmp = out.with_name(out.name + ".tmp")
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+    for f in tiny_model("qwen2").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            shutil.copy(f, tmp / f.name)
+    os.replace(tmp, out)
+    return out
 
 
 def _llama3_rope_factors(scaling: dict, dim: int, base: float) -> np.ndarray:
@@ -59,7 +81,7 @@ def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0,
     and the HF model holding exactly the GGUF's (dequantized) weights: the float reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = tiny_model(arch)
+    src = tiny_model(arch) if arch != "qwen3" else _tiny_qwen3()
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     if rope_scaling is not None:  # same weights, llama3-scaled rotary (Llama-3.x)
         from transformers import AutoConfig
@@ -84,7 +106,7 @@ def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0,
     w.add_rope_freq_base(getattr(cfg, "rope_theta", 10000.0))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_rope_dimension_count(head_dim)
-    if arch == "gemma":
+    if getattr(cfg, "head_dim", None):  # llama.cpp's converter writes it whenever the config has one
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_vocab_size(cfg.vocab_size)
@@ -143,6 +165,9 @@ def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0,
         for proj in ("q", "k", "v"):
             if p + f"self_attn.{proj}_proj.bias" in sd:
                 f32(g + f"attn_{proj}.bias", sd[p + f"self_attn.{proj}_proj.bias"])
+        for proj in ("q", "k"):
+            if p + f"self_attn.{proj}_norm.weight" in sd:
+                f32(g + f"attn_{proj}_norm.weight", sd[p + f"self_attn.{proj}_norm.weight"])
         linear(g + "ffn_gate.weight", "ffn_gate", p + "mlp.gate_proj.weight")
         linear(g + "ffn_up.weight", "ffn_up", p + "mlp.up_proj.weight")
     w.write_header_to_file()
@@ -183,18 +208,19 @@ def test_tiny_gguf_matches_transformers_gguf_loader(arch, tmp_path, tiny_llama):
     if result is None:
         path, _ = write_tiny_gguf(arch, tmp_path)
         result = export_gguf(path, tmp_path / "out")
-    ids = np.random.default_rng(0).integers(3, TINY_CONFIGS[arch]["vocab_size"], size=(1, 12))
+    ids = np.random.default_rng(0).integers(3, 512, size=(1, 12))
     np.testing.assert_allclose(_onnx_logits(result, ids), reference_logits(path, ids), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch, embed_type", [("phi3", QT.Q8_0), ("gemma", QT.Q4_1)])
+@pytest.mark.parametrize("arch, embed_type", [("phi3", QT.Q8_0), ("gemma", QT.Q4_1), ("qwen3", QT.Q8_0)])
 def test_tiny_gguf_matches_hf_model_with_gguf_weights(arch, embed_type, tmp_path):
-    """phi3 (fused qkv / gate_up) and gemma (scaled embeddings, GELU, 1 + w norms; a Q4_1 table, which
-    GatherBlockQuantized cannot read, gathered as codes + scales + mins) against the HF model carrying
-    exactly the GGUF's weights."""
+    """phi3 (fused qkv / gate_up), gemma (scaled embeddings, GELU, 1 + w norms; a Q4_1 table, which
+    GatherBlockQuantized cannot read, gathered as codes + scales + mins) and qwen3 (q/k head norms)
+    against the HF model carrying exactly the GGUF's weights (transformers 4.57 cannot load gemma
+    GGUFs, nor qwen3 ones whose head_dim is not 128)."""
     path, model = write_tiny_gguf(arch, tmp_path, embed_type=embed_type)
     result = export_gguf(path, tmp_path / "out")
-    ids = np.random.default_rng(0).integers(3, TINY_CONFIGS[arch]["vocab_size"], size=(1, 12))
+    ids = np.random.default_rng(0).integers(3, 512, size=(1, 12))
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(_onnx_logits(result, ids), ref, atol=1e-4, rtol=1e-4)

@@ -4,7 +4,7 @@ Differences handled here, so graph.py stays one decoder:
 - llama (SmolLM2, TinyLlama, Llama-3.x, Mistral as llama.cpp converts it): the converter permutes
   the rows of attn_q/attn_k for its interleaved rotary; we un-permute the quantized rows (exact:
   rows are whole blocks) and use HF's rotate-half rotary. Llama-3 rope scaling is `rope_freqs`.
-- qwen2: q/k/v biases. phi3: fused attn_qkv and fused ffn_up (gate, then up).
+- qwen2: q/k/v biases. qwen3: RMSNorm of each q/k head (attn_q_norm/attn_k_norm). phi3: fused attn_qkv and fused ffn_up (gate, then up).
 - gemma: embeddings times sqrt(hidden), GELU (tanh); llama.cpp already stores norm weights as 1 + w.
 """
 
@@ -18,7 +18,7 @@ from exporter.errors import UnsupportedArchitecture
 from exporter.gguf.graph import DecoderConfig, DecoderWeights, LayerWeights
 from exporter.gguf.reader import GgufFile
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "phi3", "gemma")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma")
 
 
 def decoder_config(g: GgufFile) -> DecoderConfig:
@@ -102,7 +102,8 @@ def decoder_weights(g: GgufFile, cfg: DecoderConfig) -> DecoderWeights:
             mlp = dict(gate=g.weight(p + "ffn_gate.weight"), up=g.weight(p + "ffn_up.weight"))
         else:
             mlp = dict(gate_up=g.weight(p + "ffn_up.weight"))
-        layers.append(LayerWeights(**common, **attn, **mlp))
+        head_norms = dict(q_norm=opt_vector(p + "attn_q_norm.weight"), k_norm=opt_vector(p + "attn_k_norm.weight"))
+        layers.append(LayerWeights(**common, **attn, **mlp, **head_norms))
 
     embedding = g.weight("token_embd.weight")
     lm_head = g.weight("output.weight") if g.has("output.weight") else embedding

@@ -169,6 +169,8 @@ class LayerWeights:
     q_bias: np.ndarray | None = None
     k_bias: np.ndarray | None = None
     v_bias: np.ndarray | None = None
+    q_norm: np.ndarray | None = None  # qwen3: RMSNorm over each head of q and k, before rotary
+    k_norm: np.ndarray | None = None
     gate: Weight | None = None  # separate gate/up, or one fused gate_up (gate first)
     up: Weight | None = None
     gate_up: Weight | None = None
@@ -311,8 +313,13 @@ def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: Layer
     def heads(t: str, n: int) -> str:  # [b, s, n*hd] -> [b, n, s, hd]
         return b.op("Transpose", b.op("Reshape", t, b.ints(0, 0, n, hd)), perm=[0, 2, 1, 3])
 
-    q = _apply_rotary(b, cfg, heads(q, nq), cos, sin)
-    k = _apply_rotary(b, cfg, heads(k, nkv), cos, sin)
+    q, k = heads(q, nq), heads(k, nkv)
+    if layer.q_norm is not None:
+        q = _rms_norm(b, q, layer.q_norm, cfg.rms_eps)
+    if layer.k_norm is not None:
+        k = _rms_norm(b, k, layer.k_norm, cfg.rms_eps)
+    q = _apply_rotary(b, cfg, q, cos, sin)
+    k = _apply_rotary(b, cfg, k, cos, sin)
     k = b.op("Concat", f"past_key_values.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])
     v = b.op("Concat", f"past_key_values.{i}.value", heads(v, nkv), axis=2, outputs=[f"present.{i}.value"])
 

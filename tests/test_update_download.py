@@ -143,3 +143,21 @@ def test_fetch_head_reads_only_the_manifest(server, tmp_path, keypair):
     with pytest.raises(DownloadError) as err:
         fetch_head(server.url("junk"), FAST)
     assert err.value.code == "not_a_bundle"
+
+
+def test_the_manifest_request_is_retried_like_the_download(server, tmp_path, keypair):
+    from agent.bundle import pack
+    from agent.update.download import fetch_head_any
+    from tests.support.bundles import make_bundle
+
+    make_bundle(tmp_path / "bundle", keypair[0])
+    url = server.add("b.tar", pack(tmp_path / "bundle", tmp_path / "b.tar"))
+    server.fault = Fault("500", times=2)
+    sleeps = []
+    raw, _ = fetch_head_any([server.url("gone"), url], FAST, sleep=sleeps.append)
+    assert raw == (tmp_path / "bundle" / "manifest.json").read_bytes()
+    assert len(sleeps) == 2  # each 500 backs off; the 404 drops its URL without waiting
+    server.fault = Fault("500")
+    with pytest.raises(DownloadError) as err:
+        fetch_head_any([url], FAST, sleep=lambda s: None)
+    assert err.value.code == "http_500" and "gave up after 4 attempts" in str(err.value)

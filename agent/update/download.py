@@ -90,6 +90,30 @@ def fetch_head(url: str, opts: DownloadOptions = DownloadOptions()) -> tuple[byt
     return found[MANIFEST_NAME], found.get(SIGNATURE_NAME, b"")
 
 
+def fetch_head_any(urls: list[str], opts: DownloadOptions = DownloadOptions(), *,
+                   sleep: Callable[[float], None] = time.sleep) -> tuple[bytes, bytes]:
+    """`fetch_head` over the URLs with the same retries and backoff as `download` (a 404 drops a URL)."""
+    live, delay = list(urls), opts.backoff_s
+    last = DownloadError("no download URL given", code="no_url")
+    for attempt in range(opts.retries + 1):
+        if not live:
+            break
+        url = live[attempt % len(live)]
+        try:
+            return fetch_head(url, opts)
+        except DownloadError as exc:
+            last = exc
+            if exc.code in ("http_403", "http_404", "http_410"):
+                live.remove(url)
+                continue
+            if exc.code == "not_a_bundle":
+                raise
+        if attempt < opts.retries and live:
+            sleep(delay)
+            delay = min(delay * 2, opts.backoff_max_s)
+    raise DownloadError(f"{last} (manifest request gave up after {opts.retries + 1} attempts)", code=last.code)
+
+
 def _parse_total(resp, existing: int) -> tuple[int, int | None]:
     """(offset the body starts at, total size or None) from a 200/206 response."""
     if resp.status == 206:

@@ -42,8 +42,8 @@ from agent.protocol import (
 )
 from agent.update import decide
 from agent.update.crashpoint import crash_point
-from agent.update.download import DownloadOptions, download, fetch_head
-from agent.update.errors import Cancelled, DiskFull, DownloadError, StateFileError, StoreError, UpdateError
+from agent.update.download import DownloadOptions, download, fetch_head_any
+from agent.update.errors import Cancelled, DiskFull, StateFileError, StoreError, UpdateError
 from agent.update.persist import AckRecord, PersistedState, StateFile, UpdateRecord
 from agent.update.smoke import run_smoke_test
 from agent.update.state import BEFORE_SWITCH, Event, is_rest, next_state, recovery_event
@@ -436,15 +436,7 @@ class UpdateManager:
 
     def _check_head(self, rec: UpdateRecord) -> None:
         """Trust and compatibility from the archive's manifest, before the payload is fetched."""
-        errors: list[DownloadError] = []
-        for url in rec.urls:
-            try:
-                raw, sig = fetch_head(url, self.config.download)
-                break
-            except DownloadError as exc:
-                errors.append(exc)
-        else:
-            raise errors[-1]
+        raw, sig = fetch_head_any(rec.urls, self.config.download)
         got = hashlib.sha256(raw).hexdigest()
         if got != rec.bundle.manifest_sha256:
             raise UpdateError(f"the served manifest has sha256 {got}, the command said {rec.bundle.manifest_sha256}",

@@ -150,8 +150,6 @@ def test_artifact_server_failing_for_some_downloads(stack, versions, keypair, tm
     _roll_out_through(PayloadFaults().start(), FAULTS[fault](), stack(2), versions, keypair, tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="agent/update/manager.py _check_head tries each URL once, without the "
-                   "retries and backoff that download() has: one 500 or hang on the manifest request fails the update")
 @pytest.mark.parametrize("fault", ["500"])
 def test_artifact_server_failing_on_the_first_request(stack, versions, keypair, tmp_path, fault):
     _roll_out_through(FileServer().start(), FAULTS[fault](), stack(2), versions, keypair, tmp_path)

@@ -248,7 +248,9 @@ def serve_process(bundle_dir: Path | None, public: Path | None) -> dict:
     """Start an agent API process (optionally loading the bundle); time to /readyz, RSS when ready."""
     import httpx
 
-    args = [sys.executable, str(Path(__file__).resolve()), "_serve"]
+    # The child imports only what the agent imports (not this script's numpy): a fair idle RSS.
+    args = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+            "from bench.serve_child import main; main(sys.argv[1:])"]
     if bundle_dir is not None:
         args += [str(bundle_dir), str(public)]
     t0 = time.perf_counter()
@@ -276,24 +278,6 @@ def serve_process(bundle_dir: Path | None, public: Path | None) -> dict:
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-def _serve(argv: list[str]) -> None:
-    """Child process: the agent's runtime + API, as small as the device runs it (no torch)."""
-    from agent.api import ApiServer
-    from agent.runtime import ModelHost
-
-    host = ModelHost()
-    server = ApiServer(host, port=0)
-    server.start()
-    print(server.port, flush=True)
-    if argv:
-        from agent.bundle import TrustedKeys, open_bundle
-        from agent.runtime import load_model
-
-        host.swap(load_model(open_bundle(Path(argv[0]), TrustedKeys.from_paths([Path(argv[1])]))))
-    while True:
-        time.sleep(3600)
 
 
 def main() -> None:
@@ -386,7 +370,4 @@ def report(res: dict) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_serve":
-        _serve(sys.argv[2:])
-    else:
-        main()
+    main()

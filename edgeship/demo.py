@@ -30,7 +30,7 @@ from pathlib import Path
 
 import click
 
-from edgeship.localstack import LocalFleet, Processes, StackError, edgeship_argv, start_broker, wait_until
+from edgeship.localstack import LocalFleet, Processes, StackError, edgeship_argv, http_ok, start_broker, wait_until
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 SENTENCES = ["The capital of France is Paris.", "Paris is the French capital city.",
@@ -271,7 +271,8 @@ def run(*, model: str | None, workdir: Path, agents: int, broker_url: str | None
 
         step(4, "ask an agent through its OpenAI-compatible API")
         first = fleet.agents[ids[0]]
-        wait_until(lambda: _ready(first.api_url), timeout=60, what=f"{ids[0]} ready to serve", proc=first.proc)
+        wait_until(lambda: http_ok(f"{first.api_url}/readyz"), timeout=60, what=f"{ids[0]} ready to serve",
+                   proc=first.proc)
         ask(first.api_url, QUESTION)
         if search:
             embed(fleet.agents[ids[-1]].api_url, SENTENCES)
@@ -319,16 +320,6 @@ def _serving(fleet: LocalFleet) -> dict[str, str]:
         models = httpx.get(f"{agent.api_url}/v1/models", timeout=10).json()["data"]
         out[device_id] = f"{models[0]['id']}@{models[0].get('version', '?')}" if models else "nothing"
     return out
-
-
-def _ready(api_url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{api_url}/readyz", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

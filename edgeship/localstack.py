@@ -309,7 +309,7 @@ class LocalFleet:
                              "--mqtt-url", self.controller_mqtt_url, "--data-dir", str(self.data_dir))
         self.controller = self.processes.start("controller", argv, log=self.workdir / "logs" / "controller.log",
                                                env={**self._controller_env, **(env or {})})
-        wait_until(lambda: _http_ok(f"{self.url}/healthz"), timeout=wait, what="the controller's /healthz",
+        wait_until(lambda: http_ok(f"{self.url}/healthz"), timeout=wait, what="the controller's /healthz",
                    proc=self.controller)
         return self.controller
 
@@ -336,7 +336,7 @@ class LocalFleet:
         agent = Agent(device_id, labels, state_dir, api_port, proc)
         self.agents[device_id] = agent
         if wait:
-            wait_until(lambda: _http_ok(f"{agent.api_url}/healthz"), timeout=60, what=f"{device_id}'s local API",
+            wait_until(lambda: http_ok(f"{agent.api_url}/healthz"), timeout=60, what=f"{device_id}'s local API",
                        proc=proc)
         return agent
 
@@ -355,7 +355,7 @@ class LocalFleet:
             client.close()
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
     import urllib.request
 
     try:

@@ -85,9 +85,9 @@ def stack(tmp_path, mqtt, processes, keypair):
 
 
 def _wait_http(url: str, agent) -> None:
-    from edgeship.localstack import _http_ok, wait_until
+    from edgeship.localstack import http_ok, wait_until
 
-    wait_until(lambda: _http_ok(url), timeout=60, what=url, proc=agent.proc)
+    wait_until(lambda: http_ok(url), timeout=60, what=url, proc=agent.proc)
 
 
 def wait_rollout(client, rollout_id: str, *, states=TERMINAL, timeout: float = 90) -> dict:

@@ -71,7 +71,7 @@ class Broker:
             )
         else:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.support.amqtt_broker", str(self.port)],
+                [sys.executable, "-m", "edgeship.embedded_broker", str(self.port)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

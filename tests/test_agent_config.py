@@ -195,3 +195,17 @@ def test_check_config_shows_resolved_values(tmp_path):
     assert data["labels"] == {"site": "x", "line": "2"}
     assert data["broker"]["keepalive_s"] == 45 and data["heartbeat_interval_s"] == 7
     assert "s3cret" not in proc.stdout
+
+
+
+def test_download_settings_reach_the_update_manager(tmp_path, monkeypatch):
+    """A bandwidth cap set in the environment is what the update manager's downloader uses."""
+    from agent.facts import device_facts
+    from agent.service import update_config
+
+    monkeypatch.setenv("EDGESHIP_AGENT_DOWNLOAD__LIMIT_BPS", "200000")
+    cfg = write(tmp_path, f'device_id = "dev-1"\nstate_dir = "{tmp_path / "state"}"\n[download]\nretries = 7\n')
+    s = load_settings(cfg)
+    assert (s.download.limit_bps, s.download.retries, s.download.timeout_s) == (200000, 7, 30.0)
+    opts = update_config(s, session="s1", facts=device_facts()).download
+    assert (opts.limit_bps, opts.retries, opts.timeout_s) == (200000, 7, 30.0)

@@ -266,7 +266,6 @@ def _export_lm(
     benchmark: bool,
 ) -> ExportResult:
     from exporter import lm, quality
-    from exporter.golden import write_lm_golden
     from exporter.source import load_causal_lm, load_tokenizer, write_tokenizer
 
     text = quality.read_texts(Path(eval_text) if eval_text else None)
@@ -303,48 +302,82 @@ def _export_lm(
                 **quant.details, "outlier_ratio_limit": recipe.outlier_ratio,
                 "outlier_ratios": {p: ratios[p] for p in outliers}}})
         shutil.rmtree(work, ignore_errors=True)
-        with progress.step("validate", "against PyTorch"):
-            metrics, details = quality.lm_metrics(entry, ref)
-            reference = "pytorch float32" + (" + merged adapter" if src.adapter else "") + \
-                (" (dequantized GGUF)" if src.gguf_file else "")
-            report = quality.gate(metrics, thresholds, reference=reference, details=details)
-        progress.note(f"quality {report.status.value}" + (f": {'; '.join(report.failures)}" if report.failures else ""))
-        if report.status is QualityStatus.FAILED and not force:
-            raise QualityGateFailed(_gate_message(report), report=report)
-        golden = write_lm_golden(stage, entry, ref.sequences[0], quantized=recipe.method != "none")
-        bench = Benchmark()
-        if benchmark:
-            with progress.step("benchmark", f"{profile.intra_op_threads or 'all'} threads"):
-                bench = _lm_benchmark(entry, profile, spec_config)
-        stats = {
-            "fp32_bytes": fp32_bytes,
-            "model_bytes": model_size(entry),
-            "precision": quant.precision,
-            "parameters": params,
-            "export_seconds": round(time.perf_counter() - t_start, 2),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "steps_seconds": dict(progress.timings),
-            **bench.metrics,
-        }
-        bench = Benchmark(host=bench.host, metrics={
-            **bench.metrics,
-            "export_seconds": stats["export_seconds"],
-            "export_peak_rss_mb": stats["peak_rss_mb"],
-        })
-        dec = lm.OrtDecoder(entry)
-        spec = ModelSpec(entry="model.onnx", inputs=dec.input_names, outputs=dec.output_names,
-                         architecture=config.model_type, config=spec_config)
-        del dec
-        manifest = _seal(stage, private_key, profile=profile, name=name, version=version,
-                         task=Task.TEXT_GENERATION, model=spec, quantization=quant, quality=report, benchmark=bench,
-                         golden=golden, source=src.describe())
-        stats["bundle_bytes"] = manifest.total_size
+        reference = "pytorch float32" + (" + merged adapter" if src.adapter else "") + \
+            (" (dequantized GGUF)" if src.gguf_file else "")
+
+        def spec_of(entry: Path, spec_config: dict) -> ModelSpec:
+            dec = lm.OrtDecoder(entry)
+            return ModelSpec(entry="model.onnx", inputs=dec.input_names, outputs=dec.output_names,
+                             architecture=config.model_type, config=spec_config)
+
+        manifest, report, stats = _judge_and_seal_lm(
+            stage, entry, ref, reference=reference, spec_config=spec_config, spec_of=spec_of, quant=quant,
+            quantized=recipe.method != "none", fp32_bytes=fp32_bytes, params=params, thresholds=thresholds,
+            force=force, benchmark=benchmark, profile=profile, progress=progress, t_start=t_start,
+            private_key=private_key, name=name, version=version, src=src)
         _publish(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
         raise
     return ExportResult(out, manifest, report, stats)
+
+
+def _judge_and_seal_lm(
+    stage: Path,
+    entry: Path,
+    ref: Any,
+    *,
+    reference: str,
+    spec_config: dict,
+    spec_of: Any,
+    quant: Any,
+    quantized: bool,
+    fp32_bytes: int,
+    params: int,
+    thresholds: Thresholds,
+    force: bool,
+    benchmark: bool,
+    profile: TargetProfile,
+    progress: Progress,
+    t_start: float,
+    private_key: Any,
+    name: str,
+    version: str,
+    src: ResolvedSource,
+) -> tuple[Any, Any, dict]:
+    """The LM paths' common end: gate against the reference, golden files, benchmark, seal the stage."""
+    from exporter import quality
+    from exporter.golden import write_lm_golden
+
+    with progress.step("validate", "against PyTorch"):
+        metrics, details = quality.lm_metrics(entry, ref)
+        report = quality.gate(metrics, thresholds, reference=reference, details=details)
+    progress.note(f"quality {report.status.value}" + (f": {'; '.join(report.failures)}" if report.failures else ""))
+    if report.status is QualityStatus.FAILED and not force:
+        raise QualityGateFailed(_gate_message(report), report=report)
+    golden = write_lm_golden(stage, entry, ref.sequences[0], quantized=quantized)
+    bench = Benchmark()
+    if benchmark:
+        with progress.step("benchmark", f"{profile.intra_op_threads or 'all'} threads"):
+            bench = _lm_benchmark(entry, profile, spec_config)
+    stats = {
+        "fp32_bytes": fp32_bytes,
+        "model_bytes": model_size(entry),
+        "precision": quant.precision,
+        "parameters": params,
+        "export_seconds": round(time.perf_counter() - t_start, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "steps_seconds": dict(progress.timings),
+        **bench.metrics,
+    }
+    bench = Benchmark(host=bench.host, metrics={**bench.metrics, "export_seconds": stats["export_seconds"],
+                                                "export_peak_rss_mb": stats["peak_rss_mb"]})
+    manifest = _seal(stage, private_key, profile=profile, name=name, version=version, task=Task.TEXT_GENERATION,
+                     model=spec_of(entry, spec_config), quantization=quant, quality=report, benchmark=bench,
+                     golden=golden, source=src.describe())
+    stats["bundle_bytes"] = manifest.total_size
+    return manifest, report, stats
 
 
 def _export_gguf_exact(
@@ -368,7 +401,6 @@ def _export_gguf_exact(
     """GGUF kept exactly (exporter.gguf), judged by the same gate against transformers' dequantized model."""
     from exporter import quality
     from exporter.gguf.export import DEFAULT_ACCURACY_LEVEL, export_gguf
-    from exporter.golden import write_lm_golden
     from exporter.source import load_causal_lm, load_tokenizer
 
     text = quality.read_texts(Path(eval_text) if eval_text else None)
@@ -388,39 +420,15 @@ def _export_gguf_exact(
         level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
         with progress.step("export", f"GGUF blocks kept exactly, accuracy level {level}"):
             result = export_gguf(gguf_path, stage, accuracy_level=level, progress=progress.note)
-        entry = result.onnx_path
-        with progress.step("validate", "against PyTorch"):
-            metrics, details = quality.lm_metrics(entry, ref)
-            report = quality.gate(metrics, thresholds, reference="pytorch float32 (dequantized GGUF)", details=details)
-        progress.note(f"quality {report.status.value}" + (f": {'; '.join(report.failures)}" if report.failures else ""))
-        if report.status is QualityStatus.FAILED and not force:
-            raise QualityGateFailed(_gate_message(report), report=report)
-        golden = write_lm_golden(stage, entry, ref.sequences[0], quantized=True)
-        spec = result.model_spec
-        spec_config = {**spec.config}
+        spec_config = {**result.model_spec.config}
         if profile.shapes.max_context:
             spec_config["max_context"] = min(spec_config["max_context"], profile.shapes.max_context)
-        spec = spec.model_copy(update={"config": spec_config})
-        bench = Benchmark()
-        if benchmark:
-            with progress.step("benchmark", f"{profile.intra_op_threads or 'all'} threads"):
-                bench = _lm_benchmark(entry, profile, spec_config)
-        stats = {
-            "fp32_bytes": params * 4,
-            "model_bytes": model_size(entry),
-            "precision": result.quantization.precision,
-            "parameters": params,
-            "export_seconds": round(time.perf_counter() - t_start, 2),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "steps_seconds": dict(progress.timings),
-            **bench.metrics,
-        }
-        bench = Benchmark(host=bench.host, metrics={**bench.metrics, "export_seconds": stats["export_seconds"],
-                                                    "export_peak_rss_mb": stats["peak_rss_mb"]})
-        manifest = _seal(stage, private_key, profile=profile, name=name, version=version, task=Task.TEXT_GENERATION,
-                         model=spec, quantization=result.quantization, quality=report, benchmark=bench,
-                         golden=golden, source=src.describe())
-        stats["bundle_bytes"] = manifest.total_size
+        manifest, report, stats = _judge_and_seal_lm(
+            stage, result.onnx_path, ref, reference="pytorch float32 (dequantized GGUF)", spec_config=spec_config,
+            spec_of=lambda entry, cfg: result.model_spec.model_copy(update={"config": cfg}),
+            quant=result.quantization, quantized=True, fp32_bytes=params * 4, params=params,
+            thresholds=thresholds, force=force, benchmark=benchmark, profile=profile, progress=progress,
+            t_start=t_start, private_key=private_key, name=name, version=version, src=src)
         _publish(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

@@ -357,3 +357,20 @@ def test_smollm2_q4_1_keeps_its_quality(tmp_path):
     assert m["greedy_match"] == 1.0, report.details
     assert report.status == QualityStatus.PASSED
     assert "Paris" in report.details["greedy_onnx"]
+
+
+def test_export_api_keeps_gguf_blocks_and_seals_a_gated_bundle(tmp_path, keypair):
+    """`exporter.export(file.gguf)` takes the exact path by default: same gate, a verified LM bundle."""
+    from agent.bundle import QualityStatus, TrustedKeys, open_bundle
+    from exporter import export
+
+    (tmp_path / "src").mkdir()
+    path, _ = write_tiny_gguf("llama", tmp_path / "src")
+    res = export(path, out=tmp_path / "bundle", key=keypair[0], benchmark=False)
+    vb = open_bundle(res.bundle, TrustedKeys.from_paths([keypair[1]]))
+    m = vb.manifest
+    assert m.quantization.recipe == "gguf-exact"
+    assert m.quality.status is QualityStatus.PASSED and "dequantized GGUF" in m.quality.reference
+    assert m.quality.metrics["top1_agreement"] >= 0.98
+    assert {"input_ids", "attention_mask", "past_key_values.0.key"} <= set(m.model.inputs)
+    assert m.golden is not None and (res.bundle / m.golden.inputs).exists()

@@ -57,3 +57,25 @@ def tiny_models() -> dict[str, Path]:
     from tests.support.models import TINY_CONFIGS, tiny_model
 
     return {arch: tiny_model(arch) for arch in TINY_CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def trusted(keypair):
+    """The pinned keys that accept bundles signed by `keypair`."""
+    from agent.bundle import TrustedKeys
+
+    return TrustedKeys.from_paths([keypair[1]])
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory, keypair, trusted):
+    """A loaded tiny-llama LM bundle (optimum decoder-with-past, sealed), one per test module."""
+    from agent.bundle import open_bundle
+    from agent.runtime import load_model
+    from tests.support.lm_bundle import make_lm_bundle
+
+    d = tmp_path_factory.mktemp("lm")
+    make_lm_bundle(d, keypair[0])
+    model = load_model(open_bundle(d, trusted))
+    yield model
+    model.close()

@@ -14,27 +14,13 @@ import numpy as np
 import pytest
 
 from agent.api import ApiServer
-from agent.bundle import TrustedKeys, open_bundle
+from agent.bundle import open_bundle
 from agent.runtime import ModelHost, load_model
 from tests.support.bundles import make_bundle
-from tests.support.lm_bundle import make_encoder_bundle, make_lm_bundle
+from tests.support.lm_bundle import make_encoder_bundle
 
 MODEL = "tiny-llama"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The capital of France is"}]
-
-
-@pytest.fixture(scope="module")
-def trusted(keypair) -> TrustedKeys:
-    return TrustedKeys.from_paths([keypair[1]])
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory, keypair, trusted):
-    d = tmp_path_factory.mktemp("lm")
-    make_lm_bundle(d, keypair[0])
-    model = load_model(open_bundle(d, trusted))
-    yield model
-    model.close()
 
 
 def _serve(model, **kwargs) -> ApiServer:

@@ -40,11 +40,6 @@ def bundle(tmp_path, keypair) -> Path:
     return d
 
 
-@pytest.fixture
-def trusted(keypair) -> TrustedKeys:
-    return TrustedKeys.from_paths([keypair[1]])
-
-
 def test_round_trip_dir_archive_extract_verify(bundle, trusted, tmp_path):
     vb = open_bundle(bundle, trusted)
     assert vb.manifest.ref == "tiny@1.0.0"

@@ -11,30 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.bundle import ExecutionProvider, Runtime, TrustedKeys, open_bundle
+from agent.bundle import ExecutionProvider, Runtime, open_bundle
 from agent.runtime import Cancelled, InputError, ModelHost, WrongTask, load_model, usable_cpus
 from agent.runtime.prefix_cache import common_prefix_len
 from tests.support.bundles import make_bundle
-from tests.support.lm_bundle import export_lm, make_encoder_bundle, make_lm_bundle, seal_lm_bundle
+from tests.support.lm_bundle import export_lm, make_encoder_bundle, seal_lm_bundle
 from tests.support.models import tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CHAT = [{"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "The capital of France is"}]
-
-
-@pytest.fixture(scope="module")
-def trusted(keypair) -> TrustedKeys:
-    return TrustedKeys.from_paths([keypair[1]])
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory, keypair, trusted):
-    d = tmp_path_factory.mktemp("lm")
-    make_lm_bundle(d, keypair[0])
-    model = load_model(open_bundle(d, trusted))
-    yield model
-    model.close()
 
 
 def _ids(gen) -> list[int]:

@@ -264,13 +264,15 @@ def test_structure_io_and_spec(tiny_llama):
     assert ops.count("MatMulNBits") == 10 * layers + 2
     assert ops.count("GatherBlockQuantized") == 1  # Q8_0 embedding stays quantized
     # blocksum(x) once per input that feeds a weight with offsets (q/k/v, o, gate/up; lm_head)
-    assert ops.count("ReduceSum") == 3 * layers + 1
+    assert ops.count("ReduceSum") == 3 * layers + 1 + 1  # + the sequence length GroupQueryAttention reads
     assert not any(i.data_type == onnx.TensorProto.FLOAT and "zero_points" in i.name for i in model.graph.initializer)
     assert "MatMul" in ops  # the small blocksum @ offsets^T matmuls
     names_in = [i.name for i in model.graph.input]
     names_out = [o.name for o in model.graph.output]
-    assert names_in[:3] == ["input_ids", "attention_mask", "position_ids"]
-    assert names_in[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert names_in[:2] == ["input_ids", "attention_mask"]  # GroupQueryAttention takes positions from the mask
+    assert names_in[2:4] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert ops.count("GroupQueryAttention") == layers
+    assert result.model_spec.config["past_present_share_buffer"] is True
     assert names_out[:3] == ["logits", "present.0.key", "present.0.value"]
     assert names_in == result.model_spec.inputs and names_out == result.model_spec.outputs
     spec = result.model_spec.config
@@ -303,9 +305,26 @@ def test_kv_cache_decode_equals_prefill(tiny_llama):
     assert past[0].shape == (1, 2, 10, 16)
 
 
-def test_left_padding_is_masked(tiny_llama):
-    """A left-padded row of a batch gives the same logits as the row alone."""
-    _, result = tiny_llama
+def test_plain_attention_graph_equals_gqa(tiny_llama, tmp_path):
+    """attention="plain" (standard ONNX ops, position_ids input) computes what GroupQueryAttention does."""
+    path, gqa = tiny_llama
+    plain = export_gguf(path, tmp_path / "plain", attention="plain")
+    assert "position_ids" in plain.model_spec.inputs and "past_present_share_buffer" not in plain.model_spec.config
+    ids = np.random.default_rng(4).integers(3, 512, size=(1, 9))
+    outs = []
+    for result in (gqa, plain):
+        dec = OnnxDecoder(result.onnx_path, threads=1)
+        logits, past = dec.run(ids[:, :7], dec.empty_past())
+        step, _ = dec.run(ids[:, 7:9], past)  # a two-token chunk after a cached prefix
+        outs.append(np.concatenate([logits, step], axis=1))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
+def test_left_padding_is_masked(tiny_llama, tmp_path):
+    """A left-padded row of a batch gives the same logits as the row alone (plain attention: GroupQueryAttention
+    takes right-padded batches only; the agent runs one sequence at a time)."""
+    path, _ = tiny_llama
+    result = export_gguf(path, tmp_path / "plain", attention="plain")
     dec = OnnxDecoder(result.onnx_path, threads=1)
     ids = np.random.default_rng(2).integers(3, 512, size=(1, 5))
     alone, _ = dec.run(ids, dec.empty_past())

@@ -12,7 +12,7 @@ import onnx
 from agent.bundle import ModelSpec, Quantization
 from exporter.errors import ConversionError, ExportError, SourceError
 from exporter.gguf.arch import decoder_config, decoder_weights
-from exporter.gguf.graph import DecoderConfig, ExternalData, build_decoder, io_names
+from exporter.gguf.graph import Attention, DecoderConfig, ExternalData, build_decoder, io_names
 from exporter.gguf.reader import GgufFile
 
 MODEL_NAME = "model.onnx"
@@ -43,10 +43,11 @@ class GgufResult:
 
 
 def export_gguf(gguf_path: Path, out_dir: Path, *, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
-                progress: Callable[[str], None] | None = None) -> GgufResult:
+                attention: Attention = "gqa", progress: Callable[[str], None] | None = None) -> GgufResult:
     """Write `out_dir`/model.onnx (LM bundle I/O layout) whose quantized weights are the GGUF's own blocks.
 
     accuracy_level is MatMulNBits': 0 keeps the GGUF's float math (the default, see above), 4 is int8 activations.
+    attention "gqa" fuses each layer's attention into GroupQueryAttention; "plain" uses standard ONNX ops.
     """
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ExportError(f"accuracy_level {accuracy_level!r} is not a MatMulNBits level; use 0 (exact float) .. 4 (int8 activations)")
@@ -61,7 +62,8 @@ def export_gguf(gguf_path: Path, out_dir: Path, *, accuracy_level: int = DEFAULT
     onnx_path, data_path = out_dir / MODEL_NAME, out_dir / DATA_NAME
     external = ExternalData(data_path)
     try:
-        model = build_decoder(cfg, weights, accuracy_level=accuracy_level, external=external, progress=say)
+        model = build_decoder(cfg, weights, accuracy_level=accuracy_level, external=external, attention=attention,
+                              progress=say)
     except Exception as exc:
         raise ConversionError(f"building the ONNX graph for {g.path.name} failed: {exc}") from exc
     finally:
@@ -70,13 +72,16 @@ def export_gguf(gguf_path: Path, out_dir: Path, *, accuracy_level: int = DEFAULT
     say("tokenizer")
     tokenizer_files, special = _save_tokenizer(g, out_dir)
 
-    inputs, outputs = io_names(cfg.num_layers)
+    inputs, outputs = io_names(cfg.num_layers, attention)
+    shared = {"past_present_share_buffer": True, "attention": "GroupQueryAttention"} if attention == "gqa" else {}
     spec = ModelSpec(
         entry=MODEL_NAME, inputs=inputs, outputs=outputs, architecture=cfg.architecture,
         config={
             "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
             "max_context": cfg.max_context, "eos_token_ids": special["eos_token_ids"],
             "bos_token_id": special["bos_token_id"], "vocab_size": cfg.vocab_size,
+            # GroupQueryAttention: the agent keeps one max_context KV buffer per layer, written in place
+            **shared,
         },
     )
     types = g.report.as_dict()

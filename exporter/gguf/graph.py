@@ -2,9 +2,11 @@
 
 Quantized weights stay in their GGUF blocks: `MatMulNBits` (+ `blocksum(x) @ offsets^T` for the
 types with a per-block min), and a Q8_0 embedding table is read with `GatherBlockQuantized`.
-Everything else is plain ONNX ops plus `SimplifiedLayerNormalization` (RMSNorm), so the I/O is the
-exporter's LM bundle layout (docs/ARCHITECTURE.md): input_ids, attention_mask, position_ids,
+Attention is onnxruntime's fused `GroupQueryAttention` (or, with attention="plain", standard ONNX
+ops), norms are `SimplifiedLayerNormalization` (RMSNorm), so the I/O is the exporter's LM bundle
+layout (docs/ARCHITECTURE.md): input_ids, attention_mask (+ position_ids for "plain"),
 past_key_values.{i}.key/value [b, kv_heads, past, head_dim] -> logits, present.{i}.key/value.
+exporter/native.py builds the same graph from a Hugging Face model's float weights.
 """
 
 from __future__ import annotations
@@ -84,13 +86,19 @@ class GraphBuilder:
     def ints(self, *values: int) -> str:
         return self.const(np.array(values, dtype=np.int64), "ints")
 
-    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> str | list[str]:
+    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, domain: str = "", name: str | None = None,
+           **attrs) -> str | list[str]:
         names = outputs if isinstance(outputs, list) else [self._unique(op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self._unique(op_type), domain=domain, **attrs))
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name or self._unique(op_type),
+                                           domain=domain, **attrs))
         return names[0] if len(names) == 1 else names
 
     def linear(self, x: str, weight: Weight, stem: str, *, bias: np.ndarray | None = None, rank: int = 3) -> str:
-        """x @ weight^T (+ bias) for x of `rank`; weight is [N, K]: GGUF blocks (MatMulNBits) or float."""
+        """x @ weight^T (+ bias) for x of `rank`; weight is [N, K]: GGUF blocks (MatMulNBits) or float.
+
+        `stem` is the torch module path ("model.layers.3.mlp.down_proj"); the node is named as optimum's
+        exporter names it ("/model/layers.3/mlp/down_proj/MatMul"), so --exclude patterns work on both.
+        """
         if isinstance(weight, BlockWeight) and weight.bits == 8 and self.accuracy_level == 0:
             hi, lo = weight.split_nibbles()  # exact, and runs on the fast 4-bit float kernel
             y = self.op("Add", self.linear(x, hi, f"{stem}.hi", rank=rank), self.linear(x, lo, f"{stem}.lo", rank=rank))
@@ -102,7 +110,8 @@ class GraphBuilder:
             zp = weight.zero_points()
             if zp is not None:
                 ins.append(self.const(zp, f"{stem}.zero_points"))
-            y = self.op("MatMulNBits", *ins, domain=MS_DOMAIN, K=k, N=n, bits=weight.bits,
+            y = self.op("MatMulNBits", *ins, domain=MS_DOMAIN, name=node_name(stem, "MatMulNBits"),
+                        K=k, N=n, bits=weight.bits,
                         block_size=weight.block_size, accuracy_level=self.accuracy_level)
             if weight.offsets is not None:
                 # w = scale*q + offset per block, so x @ w^T = MatMulNBits(x) + blocksum(x) @ offsets^T
@@ -112,7 +121,8 @@ class GraphBuilder:
                     sums = self._blocksums[(x, weight.block_size)] = self.op("ReduceSum", blocks, self.ints(-1), keepdims=0)
                 y = self.op("Add", y, self.op("MatMul", sums, self.const(weight.offsets.T.copy(), f"{stem}.offsets")))
         else:
-            y = self.op("MatMul", x, self.const(np.asarray(weight, dtype=np.float32).T.copy(), f"{stem}.weight"))
+            y = self.op("MatMul", x, self.const(np.asarray(weight, dtype=np.float32).T.copy(), f"{stem}.weight"),
+                        name=node_name(stem, "MatMul"))
         if bias is not None:
             y = self.op("Add", y, self.const(bias.astype(np.float32), f"{stem}.bias"))
         return y
@@ -123,6 +133,17 @@ class GraphBuilder:
             graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
             producer_name="edgeship-gguf",
         )
+
+
+def node_name(module: str, op_type: str) -> str:
+    """optimum's node name for a torch module's op: model.layers.3.mlp.up_proj -> /model/layers.3/mlp/up_proj/MatMul."""
+    parts: list[str] = []
+    for part in module.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += f".{part}"
+        else:
+            parts.append(part)
+    return "/" + "/".join(parts) + f"/{op_type}"
 
 
 def linear_model(weight: BlockWeight, *, accuracy_level: int = 0) -> onnx.ModelProto:
@@ -154,14 +175,26 @@ class DecoderConfig:
     activation: Literal["silu", "gelu_tanh"] = "silu"
     embed_scale: float | None = None  # gemma multiplies embeddings by sqrt(hidden)
     attn_scale: float | None = None  # None: 1/sqrt(head_dim)
+    norm_placement: Literal["pre", "post"] = "pre"  # exaone4 normalizes each block's output, not its input
+    sliding_window: int | None = None  # window of the layers whose layer_types entry is "sliding"
+    layer_types: tuple[str, ...] | None = None  # per layer "full" | "sliding"; None: all full
+    rope_on_full_layers: bool = True  # False: full-attention layers use no rotary (exaone4 hybrid "NoPE")
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None and self.layer_types is not None and self.layer_types[layer] == "sliding"
+
+    def has_rope(self, layer: int) -> bool:
+        return self.rope_on_full_layers or self.is_sliding(layer)
 
 
 @dataclass(frozen=True)
 class LayerWeights:
-    attn_norm: np.ndarray
-    ffn_norm: np.ndarray
     o: Weight
     down: Weight
+    attn_norm: np.ndarray | None = None  # pre-norms (most models) ...
+    ffn_norm: np.ndarray | None = None
+    post_attn_norm: np.ndarray | None = None  # ... or post-norms of each block's output (exaone4)
+    post_ffn_norm: np.ndarray | None = None
     q: Weight | None = None  # separate q/k/v, or one fused qkv
     k: Weight | None = None
     v: Weight | None = None
@@ -185,8 +218,8 @@ class DecoderWeights:
     rope_freq_factors: np.ndarray | None = None  # llama3-style scaling, as llama.cpp stores it
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "attention_mask", "position_ids"]
+def io_names(num_layers: int, attention: Attention = "gqa") -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "attention_mask"] + (["position_ids"] if attention == "plain" else [])
     outputs = ["logits"]
     for i in range(num_layers):
         inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
@@ -194,17 +227,31 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
+Attention = Literal["gqa", "plain"]
+
+
 def build_decoder(cfg: DecoderConfig, weights: DecoderWeights, *, accuracy_level: int,
-                  external: ExternalData | None = None,
+                  external: ExternalData | None = None, attention: Attention = "gqa",
                   progress: Callable[[str], None] | None = None) -> onnx.ModelProto:
-    """The decoder-with-past graph of `cfg` over `weights`."""
+    """The decoder-with-past graph of `cfg` over `weights`.
+
+    attention "gqa" (the default) is onnxruntime's fused GroupQueryAttention with rotary inside: one
+    kernel per layer, positions taken from attention_mask (no position_ids input), and past/present
+    may share one preallocated buffer (manifest `past_present_share_buffer`). "plain" spells
+    attention out in standard ONNX ops (any execution provider, position_ids input).
+    """
+    if attention not in ("gqa", "plain"):
+        raise ValueError(f"attention {attention!r}: use 'gqa' or 'plain'")
+    if attention == "plain" and (cfg.sliding_window is not None or not cfg.rope_on_full_layers):
+        raise ValueError(f"{cfg.architecture}: sliding-window / NoPE layers need attention='gqa'")
     b = GraphBuilder(f"{cfg.architecture}_decoder", accuracy_level=accuracy_level, external=external)
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     b.inputs += [
         helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", i64, ["batch_size", "total_sequence_length"]),
-        helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]),
     ]
+    if attention == "plain":
+        b.inputs.append(helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]))
     kv_shape = ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]
     present_shape = ["batch_size", cfg.num_kv_heads, "total_sequence_length", cfg.head_dim]
     for i in range(cfg.num_layers):
@@ -214,18 +261,91 @@ def build_decoder(cfg: DecoderConfig, weights: DecoderWeights, *, accuracy_level
         b.outputs += [helper.make_tensor_value_info(f"present.{i}.{kv}", f32, present_shape) for kv in ("key", "value")]
 
     x = _embed(b, cfg, weights.embedding)
-    cos, sin = _rotary(b, cfg, weights.rope_freq_factors)
-    mask = _attention_mask(b, cfg)
+    if attention == "gqa":
+        attend = _gqa_attention(b, cfg, weights.rope_freq_factors)
+    else:
+        cos, sin = _rotary(b, cfg, weights.rope_freq_factors)
+        mask = _attention_mask(b, cfg)
+
+        def attend(i: int, h: str, layer: LayerWeights) -> str:
+            return _attention(b, cfg, i, h, layer, cos, sin, mask)
+
     for i, layer in enumerate(weights.layers):
         if progress:
             progress(f"layer {i + 1}/{cfg.num_layers}")
-        h = _rms_norm(b, x, layer.attn_norm, cfg.rms_eps)
-        x = b.op("Add", x, _attention(b, cfg, i, h, layer, cos, sin, mask))
-        h = _rms_norm(b, x, layer.ffn_norm, cfg.rms_eps)
-        x = b.op("Add", x, _mlp(b, cfg, h, layer))
+        x = _residual(b, cfg, x, layer.attn_norm, layer.post_attn_norm, lambda h: attend(i, h, layer))
+        x = _residual(b, cfg, x, layer.ffn_norm, layer.post_ffn_norm, lambda h: _mlp(b, cfg, i, h, layer))
     x = _rms_norm(b, x, weights.final_norm, cfg.rms_eps)
     b.op("Identity", b.linear(x, weights.lm_head, "lm_head"), outputs=["logits"])
     return b.model()
+
+
+def _residual(b: GraphBuilder, cfg: DecoderConfig, x: str, pre: np.ndarray | None, post: np.ndarray | None,
+              block: Callable[[str], str]) -> str:
+    """x + block(norm(x)) for pre-norm layers, x + norm(block(x)) for post-norm ones (exaone4)."""
+    h = _rms_norm(b, x, pre, cfg.rms_eps) if pre is not None else x
+    y = block(h)
+    if post is not None:
+        y = _rms_norm(b, y, post, cfg.rms_eps)
+    return b.op("Add", x, y)
+
+
+def _inv_freq(cfg: DecoderConfig, freq_factors: np.ndarray | None) -> np.ndarray:
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.rope_dim, 2, dtype=np.int64).astype(np.float32) / cfg.rope_dim))
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.astype(np.float32)
+    return inv_freq.astype(np.float32)
+
+
+def _gqa_attention(b: GraphBuilder, cfg: DecoderConfig, freq_factors: np.ndarray | None) -> Callable[[int, str, LayerWeights], str]:
+    """Shared inputs of every GroupQueryAttention node, and a function that builds one layer's attention.
+
+    GroupQueryAttention reads the batch's lengths from attention_mask (seqlens_k = tokens - 1, right
+    padding) and takes each new token's position from them, so rotary needs only the cos/sin tables.
+    """
+    seqlens_k = b.op("Cast", b.op("Sub", b.op("ReduceSum", "attention_mask", b.ints(1), keepdims=0),
+                                  b.const(np.array(1, dtype=np.int64))), to=TensorProto.INT32)
+    total = b.op("Cast", b.op("Gather", b.op("Shape", "attention_mask"), b.const(np.array(1, dtype=np.int64)), axis=0),
+                 to=TensorProto.INT32)
+    freqs = np.outer(np.arange(cfg.max_context, dtype=np.float32), _inv_freq(cfg, freq_factors))  # [positions, rope/2]
+    cos_cache, sin_cache = b.const(np.cos(freqs), "rope.cos_cache"), b.const(np.sin(freqs), "rope.sin_cache")
+    nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(hd)
+
+    def attend(i: int, h: str, layer: LayerWeights) -> str:
+        prefix = f"model.layers.{i}.self_attn"
+        fused, bias = _fuse([layer.q, layer.k, layer.v], [layer.q_bias, layer.k_bias, layer.v_bias])
+        if layer.qkv is not None or fused is not None:
+            qkv = b.linear(h, layer.qkv if layer.qkv is not None else fused, f"{prefix}.qkv_proj", bias=bias)
+            q, k, v = qkv, "", ""  # packed: GroupQueryAttention splits it itself
+        else:
+            q = b.linear(h, layer.q, f"{prefix}.q_proj", bias=layer.q_bias)
+            k = b.linear(h, layer.k, f"{prefix}.k_proj", bias=layer.k_bias)
+            v = b.linear(h, layer.v, f"{prefix}.v_proj", bias=layer.v_bias)
+        if layer.q_norm is not None or layer.k_norm is not None:
+            if not k:
+                q, k, v = b.op("Split", qkv, b.ints(nq * hd, nkv * hd, nkv * hd), axis=-1, outputs=3)
+            q = _head_norm(b, q, layer.q_norm, nq, hd, cfg.rms_eps)
+            k = _head_norm(b, k, layer.k_norm, nkv, hd, cfg.rms_eps)
+        rope = cfg.has_rope(i)
+        ins = [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total]
+        if rope:
+            ins += [cos_cache, sin_cache]
+        out, _, _ = b.op("GroupQueryAttention", *ins, domain=MS_DOMAIN, name=node_name(prefix, "GroupQueryAttention"),
+                   outputs=[b._unique("gqa"), f"present.{i}.key", f"present.{i}.value"],
+                   num_heads=nq, kv_num_heads=nkv, scale=float(scale), do_rotary=int(rope), rotary_interleaved=0,
+                   local_window_size=cfg.sliding_window if cfg.is_sliding(i) else -1)
+        return b.linear(out, layer.o, f"{prefix}.o_proj")
+
+    return attend
+
+
+def _head_norm(b: GraphBuilder, x: str, weight: np.ndarray | None, heads: int, head_dim: int, eps: float) -> str:
+    """RMSNorm over each head of x [b, s, heads*head_dim] (qwen3, exaone4), back in the same layout."""
+    if weight is None:
+        return x
+    y = _rms_norm(b, b.op("Reshape", x, b.ints(0, 0, heads, head_dim)), weight, eps)
+    return b.op("Reshape", y, b.ints(0, 0, heads * head_dim))
 
 
 def _embed(b: GraphBuilder, cfg: DecoderConfig, table: Weight) -> str:
@@ -262,11 +382,8 @@ def _rms_norm(b: GraphBuilder, x: str, weight: np.ndarray, eps: float) -> str:
 
 def _rotary(b: GraphBuilder, cfg: DecoderConfig, freq_factors: np.ndarray | None) -> tuple[str, str]:
     """cos, sin [b, 1, s, rope_dim] from position_ids, as HF's rotate-half rotary computes them."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.rope_dim, 2, dtype=np.int64).astype(np.float32) / cfg.rope_dim))
-    if freq_factors is not None:
-        inv_freq = inv_freq / freq_factors.astype(np.float32)
     pos = b.op("Unsqueeze", b.op("Cast", "position_ids", to=TensorProto.FLOAT), b.ints(-1))
-    freqs = b.op("Mul", pos, b.const(inv_freq.astype(np.float32), "rope.inv_freq"))
+    freqs = b.op("Mul", pos, b.const(_inv_freq(cfg, freq_factors), "rope.inv_freq"))
     emb = b.op("Unsqueeze", b.op("Concat", freqs, freqs, axis=-1), b.ints(1))
     return b.op("Cos", emb), b.op("Sin", emb)
 
@@ -301,14 +418,15 @@ def _attention_mask(b: GraphBuilder, cfg: DecoderConfig) -> str:
 def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: LayerWeights,
                cos: str, sin: str, mask: str) -> str:
     nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    prefix = f"model.layers.{i}.self_attn"
     fused, bias = _fuse([layer.q, layer.k, layer.v], [layer.q_bias, layer.k_bias, layer.v_bias])
     if layer.qkv is not None or fused is not None:
-        qkv = b.linear(h, layer.qkv if layer.qkv is not None else fused, f"layers.{i}.attn.qkv", bias=bias)
+        qkv = b.linear(h, layer.qkv if layer.qkv is not None else fused, f"{prefix}.qkv_proj", bias=bias)
         q, k, v = b.op("Split", qkv, b.ints(nq * hd, nkv * hd, nkv * hd), axis=-1, outputs=3)
     else:
-        q = b.linear(h, layer.q, f"layers.{i}.attn.q", bias=layer.q_bias)
-        k = b.linear(h, layer.k, f"layers.{i}.attn.k", bias=layer.k_bias)
-        v = b.linear(h, layer.v, f"layers.{i}.attn.v", bias=layer.v_bias)
+        q = b.linear(h, layer.q, f"{prefix}.q_proj", bias=layer.q_bias)
+        k = b.linear(h, layer.k, f"{prefix}.k_proj", bias=layer.k_bias)
+        v = b.linear(h, layer.v, f"{prefix}.v_proj", bias=layer.v_bias)
 
     def heads(t: str, n: int) -> str:  # [b, s, n*hd] -> [b, n, s, hd]
         return b.op("Transpose", b.op("Reshape", t, b.ints(0, 0, n, hd)), perm=[0, 2, 1, 3])
@@ -332,17 +450,18 @@ def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: Layer
     out = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)  # [b, nkv, groups*s, hd]
     out = b.op("Transpose", b.op("Reshape", out, b.ints(0, nq, -1, hd)), perm=[0, 2, 1, 3])
     out = b.op("Reshape", out, b.ints(0, 0, nq * hd))
-    return b.linear(out, layer.o, f"layers.{i}.attn.o")
+    return b.linear(out, layer.o, f"{prefix}.o_proj")
 
 
-def _mlp(b: GraphBuilder, cfg: DecoderConfig, h: str, layer: LayerWeights) -> str:
+def _mlp(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: LayerWeights) -> str:
+    prefix = f"model.layers.{i}.mlp"
     fused, _ = _fuse([layer.gate, layer.up], [None, None])
     if layer.gate_up is not None or fused is not None:
-        gate_up = b.linear(h, layer.gate_up if layer.gate_up is not None else fused, "mlp.gate_up")
+        gate_up = b.linear(h, layer.gate_up if layer.gate_up is not None else fused, f"{prefix}.gate_up_proj")
         half = (layer.gate_up if layer.gate_up is not None else fused).shape[0] // 2
         gate, up = b.op("Split", gate_up, b.ints(half, half), axis=-1, outputs=2)
     else:
-        gate, up = b.linear(h, layer.gate, "mlp.gate"), b.linear(h, layer.up, "mlp.up")
+        gate, up = b.linear(h, layer.gate, f"{prefix}.gate_proj"), b.linear(h, layer.up, f"{prefix}.up_proj")
     if cfg.activation == "silu":
         act = b.op("Mul", gate, b.op("Sigmoid", gate))
     else:  # gelu, tanh approximation
@@ -351,7 +470,7 @@ def _mlp(b: GraphBuilder, cfg: DecoderConfig, h: str, layer: LayerWeights) -> st
         t = b.op("Tanh", b.op("Mul", inner, b.const(np.array(math.sqrt(2 / math.pi), dtype=np.float32))))
         act = b.op("Mul", b.op("Mul", gate, b.op("Add", t, b.const(np.array(1.0, dtype=np.float32)))),
                    b.const(np.array(0.5, dtype=np.float32)))
-    return b.linear(b.op("Mul", act, up), layer.down, "mlp.down")
+    return b.linear(b.op("Mul", act, up), layer.down, f"{prefix}.down_proj")
 
 
 def _fuse(weights: list[Weight | None], biases: list[np.ndarray | None]) -> tuple[Weight | None, np.ndarray | None]:

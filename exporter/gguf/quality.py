@@ -39,6 +39,7 @@ class OnnxDecoder:
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.num_layers = len(past) // 2
         self.kv_heads, self.head_dim = past[0].shape[1], past[0].shape[3]
+        self.input_names = {i.name for i in self.session.get_inputs()}
 
     def empty_past(self) -> list[np.ndarray]:
         return [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.num_layers)]
@@ -47,8 +48,9 @@ class OnnxDecoder:
         """ids [1, s] after `past` -> (logits [1, s, vocab], new past)."""
         done = past[0].shape[2]
         total = done + ids.shape[1]
-        feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, total), np.int64),
-                "position_ids": np.arange(done, total, dtype=np.int64)[None]}
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, total), np.int64)}
+        if "position_ids" in self.input_names:  # plain-attention graphs; GroupQueryAttention derives positions
+            feed["position_ids"] = np.arange(done, total, dtype=np.int64)[None]
         for i in range(self.num_layers):
             feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
         out = self.session.run(None, feed)

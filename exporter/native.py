@@ -1,0 +1,178 @@
+"""Hugging Face decoder -> edgeship's own ONNX graph (exporter/gguf/graph.py), with fused attention.
+
+optimum traces PyTorch and leaves attention spelled out in ~30 small ops per layer, with the KV cache
+concatenated (copied) every step. This path reads the weights of a loaded transformers model and
+builds the decoder graph directly: onnxruntime's GroupQueryAttention (rotary inside, past and present
+in one preallocated buffer), SimplifiedLayerNormalization, and q/k/v and gate/up fused into one
+MatMul each. The float graph then goes through the same quantization, quality gate and benchmark as
+every other LM bundle, and keeps the bundle I/O (input_ids, attention_mask, past_key_values.* ->
+logits, present.*), minus position_ids, which GroupQueryAttention derives from attention_mask.
+
+    supported(config)        None, or why this model needs the optimum path
+    decoder_from_hf(model)   DecoderConfig + DecoderWeights (float32 numpy views of the weights)
+    export_native(model, d)  d/model.onnx + d/model.onnx.data, float32
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from exporter.errors import ConversionError, UnsupportedArchitecture
+from exporter.gguf.graph import DecoderConfig, DecoderWeights, ExternalData, LayerWeights, build_decoder
+
+# model_type -> what differs from llama, handled below
+NATIVE_ARCHITECTURES = {
+    "llama": "Llama 2/3.x (llama3 rope scaling), TinyLlama, SmolLM",
+    "mistral": "Mistral (no sliding window in the config, or one longer than the context)",
+    "qwen2": "Qwen2 / Qwen2.5: q/k/v biases",
+    "qwen3": "Qwen3: RMSNorm of each q/k head",
+    "phi3": "Phi-3 / Phi-3.5 mini without long-rope scaling: fused qkv and gate_up",
+    "gemma": "Gemma: embeddings times sqrt(hidden), norms 1 + w, GELU (tanh)",
+    "exaone4": "EXAONE 4.0: post-norms, RMSNorm of each q/k head, hybrid sliding/global (NoPE) attention",
+}
+# rope types whose inv_freq is fixed at load time (the graph bakes the cos/sin tables)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def supported(config: Any) -> str | None:
+    """None when the native builder handles `config`; else one line saying why not (optimum is used)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in NATIVE_ARCHITECTURES:
+        return f"{model_type!r} has no native graph builder (native: {', '.join(NATIVE_ARCHITECTURES)})"
+    scaling = getattr(config, "rope_scaling", None) or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in STATIC_ROPE_TYPES:
+        return f"rope scaling {rope_type!r} changes with the sequence length (native: {', '.join(STATIC_ROPE_TYPES)})"
+    if _activation(config) not in _ACTIVATIONS:
+        return f"activation {_activation(config)!r} is not one of {', '.join(_ACTIVATIONS)}"
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    if rope_dim < head_dim and (rope_dim // 2) % 8:
+        return f"partial rotary over {rope_dim} of {head_dim} features (GroupQueryAttention needs a multiple of 16)"
+    if model_type == "mistral" and getattr(config, "sliding_window", None) and \
+            config.sliding_window < config.max_position_embeddings:
+        return "Mistral with a sliding window shorter than its context"
+    return None
+
+
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+def _activation(config: Any) -> str | None:
+    if config.model_type == "gemma":  # gemma's modeling code reads hidden_activation, not hidden_act
+        return getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"
+    return getattr(config, "hidden_act", None)
+
+
+def decoder_from_hf(model: Any, *, max_context: int | None = None) -> tuple[DecoderConfig, DecoderWeights]:
+    """The graph config and float32 weights of a loaded transformers causal LM (weights are not copied)."""
+    config = model.config
+    reason = supported(config)
+    if reason is not None:
+        raise UnsupportedArchitecture(f"native export: {reason}")
+    arch = config.model_type
+    state = {name: t.detach() for name, t in model.state_dict(keep_vars=False).items()}
+
+    def w(name: str) -> np.ndarray:
+        if name not in state:
+            raise ConversionError(f"{arch}: weight {name!r} is missing from the checkpoint")
+        return state[name].float().numpy()
+
+    def opt(name: str) -> np.ndarray | None:
+        return w(name) if name in state else None
+
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    limit = getattr(config, "max_position_embeddings", None) or 2048
+    layer_types = tuple(getattr(config, "layer_types", None) or ()) or None
+    sliding = getattr(config, "sliding_window", None) if arch == "exaone4" else None
+    cfg = DecoderConfig(
+        architecture=arch,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        rms_eps=float(config.rms_norm_eps),
+        rope_theta=float(getattr(config, "rope_theta", 10000.0)),
+        rope_dim=rope_dim,
+        max_context=min(limit, max_context) if max_context else limit,
+        activation=_ACTIVATIONS[_activation(config)],
+        embed_scale=math.sqrt(config.hidden_size) if arch == "gemma" else None,
+        norm_placement="post" if arch == "exaone4" else "pre",
+        sliding_window=sliding,
+        layer_types=tuple("sliding" if t == "sliding_attention" else "full" for t in layer_types) if layer_types else None,
+        rope_on_full_layers=sliding is None,
+    )
+
+    norm = (lambda v: v + 1.0) if arch == "gemma" else (lambda v: v)  # gemma's RMSNorm scales by 1 + w
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        if arch == "phi3":
+            attn: dict = dict(qkv=w(p + "self_attn.qkv_proj.weight"))
+            mlp: dict = dict(gate_up=w(p + "mlp.gate_up_proj.weight"))
+        else:
+            attn = dict(q=w(p + "self_attn.q_proj.weight"), k=w(p + "self_attn.k_proj.weight"),
+                        v=w(p + "self_attn.v_proj.weight"), q_bias=opt(p + "self_attn.q_proj.bias"),
+                        k_bias=opt(p + "self_attn.k_proj.bias"), v_bias=opt(p + "self_attn.v_proj.bias"),
+                        q_norm=opt(p + "self_attn.q_norm.weight"), k_norm=opt(p + "self_attn.k_norm.weight"))
+            mlp = dict(gate=w(p + "mlp.gate_proj.weight"), up=w(p + "mlp.up_proj.weight"))
+        if arch == "exaone4":
+            norms = dict(post_attn_norm=w(p + "post_attention_layernorm.weight"),
+                         post_ffn_norm=w(p + "post_feedforward_layernorm.weight"))
+        else:
+            norms = dict(attn_norm=norm(w(p + "input_layernorm.weight")),
+                         ffn_norm=norm(w(p + "post_attention_layernorm.weight")))
+        layers.append(LayerWeights(o=w(p + "self_attn.o_proj.weight"), down=w(p + "mlp.down_proj.weight"),
+                                   **attn, **mlp, **norms))
+    embedding = w("model.embed_tokens.weight")
+    lm_head = opt("lm_head.weight")
+    weights = DecoderWeights(
+        embedding=embedding, layers=layers, final_norm=norm(w("model.norm.weight")),
+        lm_head=embedding if lm_head is None else lm_head, rope_freq_factors=_freq_factors(model, cfg),
+    )
+    return cfg, weights
+
+
+def _freq_factors(model: Any, cfg: DecoderConfig) -> np.ndarray | None:
+    """Per-frequency divisors that turn the default inv_freq into the model's (linear / llama3 scaling)."""
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        return None
+    if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+        raise UnsupportedArchitecture(f"{cfg.architecture}: rope attention scaling {rotary.attention_scaling} is not supported")
+    actual = rotary.inv_freq.detach().double().numpy()
+    default = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.rope_dim, 2, dtype=np.float64) / cfg.rope_dim))
+    if actual.shape != default.shape:
+        raise ConversionError(f"{cfg.architecture}: rotary has {actual.shape[0]} frequencies, expected {default.shape[0]}")
+    factors = default / actual
+    return None if np.allclose(factors, 1.0, rtol=1e-6) else factors.astype(np.float32)
+
+
+def export_native(model: Any, work_dir: Path, *, max_context: int | None = None,
+                  progress: Callable[[str], None] | None = None) -> Path:
+    """work_dir/model.onnx (+ model.onnx.data): the float32 GroupQueryAttention graph of `model`."""
+    cfg, weights = decoder_from_hf(model, max_context=max_context)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / "model.onnx"
+    external = ExternalData(work_dir / "model.onnx.data")
+    try:
+        graph = build_decoder(cfg, weights, accuracy_level=4, external=external, attention="gqa", progress=progress)
+    except ValueError as exc:
+        raise ConversionError(f"building the {cfg.architecture} graph failed: {exc}") from exc
+    finally:
+        external.close()
+    del weights
+    gc.collect()
+    onnx.save_model(graph, str(path))
+    return path

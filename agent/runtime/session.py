@@ -114,6 +114,8 @@ def create_session(bundle: VerifiedBundle, *, threads: int | None = None,
         got = session.get_providers()[0]
         if got != name:
             tried.append(f"{name}: onnxruntime fell back to {got}")
+        if tried:  # the bundle asked for something better first: say what it got and why
+            log.warning("%s runs on %s; skipped: %s", manifest.ref, got, "; ".join(tried))
         return SessionChoice(session, got, n, tuple(tried))
     raise ProviderUnavailable(f"no execution provider could run {manifest.ref}: " + "; ".join(tried))
 

@@ -81,6 +81,15 @@ def test_npu_bundle_runs_on_qnn_htp_with_cpu_fallback_off(npu_model):
     assert (npu_model.fixed_batch, npu_model.fixed_length, npu_model.max_length) == (1, 128, 128)
 
 
+def test_ep_named_by_the_agent_config_keeps_the_bundles_options(bundles, trusted):
+    model = load_model(open_bundle(bundles["npu"], trusted), providers=["QNNExecutionProvider"])
+    try:
+        assert model.execution_provider == "QNNExecutionProvider"
+        assert model.session.get_provider_options()["QNNExecutionProvider"]["htp_performance_mode"] == "burst"
+    finally:
+        model.close()
+
+
 def test_static_padding_is_what_the_exporter_fed(npu_model, bundles):
     """One text per call, padded to 128 with mask 0; identical to the exporter's golden inputs."""
     ids = npu_model.token_ids([EVAL[0], *TEXTS])

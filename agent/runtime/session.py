@@ -74,9 +74,11 @@ def create_session(bundle: VerifiedBundle, *, threads: int | None = None,
 
     manifest = bundle.manifest
     n = resolve_threads(manifest, threads)
+    # an EP named by the agent's config still gets the bundle's options for it (QNN: HTP backend, ...)
+    bundle_options = {ep.name: dict(ep.options) for ep in manifest.runtime.execution_providers}
     wanted: list[tuple[str, dict[str, str]]] = (
-        [(p, {}) for p in providers] if providers is not None
-        else [(ep.name, dict(ep.options)) for ep in manifest.runtime.execution_providers]
+        [(p, bundle_options.get(p, {})) for p in providers] if providers is not None
+        else list(bundle_options.items())
     )
     if CPU not in [name for name, _ in wanted]:
         wanted.append((CPU, {}))

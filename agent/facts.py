@@ -2,13 +2,19 @@
 
 Everything comes from /proc, /sys and os.statvfs: no psutil on the device. A reading the OS does
 not expose is None, never a guess.
+
+`python -m agent.facts` prints the execution providers as JSON: the agent asks a child process
+while it serves nothing, so onnxruntime and numpy (~30 MB) enter its memory with the first model.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -79,8 +85,16 @@ def plugin_execution_providers(machine: str | None = None) -> list[str]:
     return found
 
 
-def execution_providers() -> tuple[list[str], str]:
-    """(available EPs, accelerators first; onnxruntime version); ([], '') without onnxruntime."""
+def execution_providers(*, isolate: bool = False) -> tuple[list[str], str]:
+    """(available EPs, accelerators first; onnxruntime version); ([], '') without onnxruntime.
+
+    `isolate`: ask a child process unless onnxruntime is already imported here, so an agent that
+    serves nothing does not carry onnxruntime and numpy.
+    """
+    if isolate and "onnxruntime" not in sys.modules:
+        answer = execution_providers_in_child()
+        if answer is not None:
+            return answer
     try:
         import onnxruntime as ort
     except ImportError:
@@ -89,10 +103,24 @@ def execution_providers() -> tuple[list[str], str]:
     return [*plugin_execution_providers(), *builtin], ort.__version__
 
 
-def device_facts() -> DeviceFacts:
+def execution_providers_in_child(timeout_s: float = 120.0) -> tuple[list[str], str] | None:
+    """`python -m agent.facts` in a child process; None (and a warning) when it gives no answer."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "agent.facts"], capture_output=True, text=True,
+                              errors="replace", timeout=timeout_s, check=True)
+        answer = json.loads(proc.stdout.strip().splitlines()[-1])
+        return [str(ep) for ep in answer["execution_providers"]], str(answer["onnxruntime"])
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, IndexError, TypeError) as exc:
+        # The answer matters more than the memory: the caller then probes in this process.
+        detail = (getattr(exc, "stderr", None) or "").strip().splitlines()[-1:] or [f"{type(exc).__name__}: {exc}"]
+        log.warning("cannot probe the execution providers in a child process (%s); probing in the agent", detail[0][:300])
+        return None
+
+
+def device_facts(*, isolate_onnxruntime: bool = False) -> DeviceFacts:
     """What the retained state says about the hardware; read once at start (it does not change)."""
     cpu = cpu_facts()
-    eps, ort_version = execution_providers()
+    eps, ort_version = execution_providers(isolate=isolate_onnxruntime)
     return DeviceFacts(
         arch=cpu["arch"],
         os=os_name(),
@@ -182,3 +210,8 @@ class Uptime:
 
     def seconds(self) -> float:
         return round(time.monotonic() - self._start, 1)
+
+
+if __name__ == "__main__":
+    eps, version = execution_providers()
+    print(json.dumps({"execution_providers": eps, "onnxruntime": version}))

@@ -123,6 +123,12 @@ class AgentService:
         except (StoreError, OSError) as exc:
             raise StartupError(f"bundle store in {s.state_dir}: {exc}") from None
 
+    def _has_active_bundle(self) -> bool:
+        try:
+            return self.store.active_sha() is not None
+        except StoreError:
+            return True  # recovery decides what to do; the probe is no place to fail
+
     def _load(self, vb: Any, **kw: Any) -> Any:
         """load_model, with every file hash checked the first time this process loads a bundle."""
         if vb.manifest_sha256 not in self._hash_checked:
@@ -249,7 +255,8 @@ class AgentService:
         self.notifier.status("starting")
         try:
             self._open_store()
-            self.facts = device_facts()
+            # With nothing to serve, a child process probes onnxruntime: ~30 MB stay out until a model loads.
+            self.facts = device_facts(isolate_onnxruntime=not self._has_active_bundle())
             # Built before the update manager so what recovery publishes is buffered, sent on connect.
             self.link = MqttLink(self.settings.broker, device_id=self.settings.device_id,
                                  on_command=self.inbox.put, on_connected=lambda: self.inbox.put(_Connected()))

@@ -40,12 +40,6 @@ from agent.api.errors import (
     PayloadTooLarge,
     Timeout,
 )
-from agent.api.schemas import (
-    ChatCompletionRequest,
-    ClassificationRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-)
 from agent.bundle import Task
 from agent.runtime.errors import Cancelled, InputError, NoModelLoaded, WrongTask
 from agent.runtime.host import ModelHost
@@ -357,11 +351,15 @@ class ApiServer:
     # ---- generation ---------------------------------------------------------------------------
 
     def _chat(self, ex: _Exchange) -> None:
+        from agent.api.schemas import ChatCompletionRequest  # the request models are built on the first request
+
         req = self._parse(ex, ChatCompletionRequest)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         self._generate(ex, req, kind="chat", prompt=None, messages=messages)
 
     def _completions(self, ex: _Exchange) -> None:
+        from agent.api.schemas import CompletionRequest
+
         req = self._parse(ex, CompletionRequest)
         self._generate(ex, req, kind="text", prompt=req.prompt_value(), messages=None)
 
@@ -496,6 +494,8 @@ class ApiServer:
             return model, result, tokens
 
     def _embeddings(self, ex: _Exchange) -> None:
+        from agent.api.schemas import EmbeddingRequest
+
         req = self._parse(ex, EmbeddingRequest)
         model, vectors, tokens = self._encode(ex, req, Task.EMBEDDING, lambda m, x: m.embed(x))
         if req.dimensions is not None and req.dimensions != vectors.shape[1]:
@@ -510,6 +510,8 @@ class ApiServer:
                            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     def _classifications(self, ex: _Exchange) -> None:
+        from agent.api.schemas import ClassificationRequest
+
         req = self._parse(ex, ClassificationRequest)
         model, results, tokens = self._encode(ex, req, Task.CLASSIFICATION, lambda m, x: m.classify(x))
         ex.send_json(200, {"object": "list", "model": model.name,

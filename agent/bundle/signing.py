@@ -3,6 +3,9 @@
 Key files are PEM (PKCS#8 private, SubjectPublicKeyInfo public). A key's id is the first 16 hex
 digits of the sha256 of its raw 32 public bytes; it names the key in the detached signature so a
 device with several pinned keys knows which to try. The private key never enters a bundle.
+
+cryptography is imported when a signature is made or checked (or a key is generated or is
+unusual): pinned keys in the usual form are read without it, so an idle agent does not carry it.
 """
 
 from __future__ import annotations
@@ -13,15 +16,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from agent.bundle.errors import MissingSignature, SignatureError, UntrustedKey
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 SIGNATURE_ALG = "ed25519"
 MAX_SIGNATURE_BYTES = 4096
+# RFC 8410: an Ed25519 SubjectPublicKeyInfo is this DER header followed by the 32 raw key bytes.
+ED25519_SPKI_HEADER = bytes.fromhex("302a300506032b6570032100")
 
 
 class KeyError_(ValueError):
@@ -29,8 +34,17 @@ class KeyError_(ValueError):
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return raw_key_id(raw_public_bytes(public_key))
+
+
+def raw_key_id(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def raw_public_bytes(public_key: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 @dataclass(frozen=True)
@@ -42,6 +56,9 @@ class KeyPair:
 
 def generate_keypair(directory: Path, name: str = "edgeship", *, overwrite: bool = False) -> KeyPair:
     """Write NAME.key (0600) and NAME.pub (0644) into `directory` (created 0700 if new)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     private_path, public_path = directory / f"{name}.key", directory / f"{name}.pub"
@@ -65,6 +82,9 @@ def generate_keypair(directory: Path, name: str = "edgeship", *, overwrite: bool
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     path = Path(path)
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
@@ -78,6 +98,9 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     path = Path(path)
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
@@ -90,15 +113,46 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
+def load_public_key_raw(path: Path) -> bytes:
+    """The 32 raw bytes of a PEM Ed25519 public key; the usual form is read without cryptography."""
+    path = Path(path)
+    try:
+        raw = ed25519_spki_raw(path.read_bytes())
+    except FileNotFoundError:
+        raise KeyError_(f"public key {path} not found") from None
+    except OSError as exc:
+        raise KeyError_(f"cannot read public key {path}: {exc.strerror}") from None
+    # Anything else goes through cryptography, which reads what it can and says what is wrong.
+    return raw if raw is not None else raw_public_bytes(load_public_key(path))
+
+
+def ed25519_spki_raw(pem: bytes) -> bytes | None:
+    """The raw key of exactly one PEM Ed25519 SubjectPublicKeyInfo; None for anything else."""
+    lines = [line.strip() for line in pem.strip().splitlines()]
+    if len(lines) < 3 or lines[0] != b"-----BEGIN PUBLIC KEY-----" or lines[-1] != b"-----END PUBLIC KEY-----":
+        return None
+    try:
+        der = base64.b64decode(b"".join(lines[1:-1]), validate=True)
+    except ValueError:
+        return None
+    if len(der) != len(ED25519_SPKI_HEADER) + 32 or not der.startswith(ED25519_SPKI_HEADER):
+        return None
+    return der[len(ED25519_SPKI_HEADER):]
+
+
 class TrustedKeys:
-    """The pinned public keys a reader accepts, by key id."""
+    """The pinned public keys a reader accepts, by key id (held as raw bytes until a check needs them)."""
 
     def __init__(self, keys: list[Ed25519PublicKey]):
-        self._keys = {key_id(k): k for k in keys}
+        self._keys = {key_id(k): raw_public_bytes(k) for k in keys}
 
     @classmethod
     def from_paths(cls, paths: list[Path] | list[str]) -> TrustedKeys:
-        return cls([load_public_key(Path(p)) for p in paths])
+        trusted = cls([])
+        for p in paths:
+            raw = load_public_key_raw(Path(p))
+            trusted._keys[raw_key_id(raw)] = raw
+        return trusted
 
     @property
     def ids(self) -> list[str]:
@@ -118,14 +172,17 @@ class TrustedKeys:
             raise SignatureError("manifest.sig is not a valid edgeship signature file") from None
         if alg != SIGNATURE_ALG:
             raise SignatureError(f"signature algorithm {alg!r} is not supported (only {SIGNATURE_ALG})")
-        key = self._keys.get(kid) if isinstance(kid, str) else None
-        if key is None:
+        raw = self._keys.get(kid) if isinstance(kid, str) else None
+        if raw is None:
             raise UntrustedKey(
                 f"bundle signed by key {kid!r}, which is not among the trusted keys {self.ids}; "
                 "add its .pub to the trusted keys or re-sign the bundle"
             )
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         try:
-            key.verify(value, data)
+            Ed25519PublicKey.from_public_bytes(raw).verify(value, data)
         except InvalidSignature:
             raise UntrustedKey(f"signature by key {kid} does not match manifest.json (tampered manifest?)") from None
         return kid

@@ -12,9 +12,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typing import TYPE_CHECKING, Any
 
 from agent.bundle.errors import (
     ExtraFile,
@@ -32,6 +30,9 @@ from agent.bundle.manifest import (
     Manifest,
 )
 from agent.bundle.signing import TrustedKeys, key_id, require_signature, sign
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 CHUNK = 1 << 20
 

@@ -204,6 +204,8 @@ def export(
                 f"{src.spec} is a {config.model_type} model for {natural} "
                 f"({', '.join(config.architectures or [])}); it cannot do text-generation; use --task {natural}"
             )
+        if prof.device_class == "npu":  # static-shape graph with a host-side KV cache (exporter/npu_lm.py)
+            return _export_lm_npu(src, config, eval_text=eval_text, calibration_text=calibration_text, **common)
         from exporter.lm import check_architecture
 
         check_architecture(config)
@@ -378,6 +380,94 @@ def _judge_and_seal_lm(
                      golden=golden, source=src.describe())
     stats["bundle_bytes"] = manifest.total_size
     return manifest, report, stats
+
+
+def _export_lm_npu(
+    src: ResolvedSource,
+    config: Any,
+    *,
+    out: Path,
+    private_key: Any,
+    profile: TargetProfile,
+    recipe: QuantRecipe,
+    thresholds: Thresholds,
+    force: bool,
+    name: str,
+    version: str,
+    progress: Progress,
+    t_start: float,
+    eval_text: str | Path | None,
+    calibration_text: str | Path | None,
+) -> ExportResult:
+    """Decoder LM for the NPU: edgeship's static-shape graph (exporter/npu_lm.py), QDQ, judged on QNN HTP itself."""
+    import numpy as np
+
+    from agent.bundle import Quantization
+    from exporter import calibration, lm, native, npu_lm, quality
+    from exporter.errors import UnsupportedArchitecture
+    from exporter.source import load_causal_lm, load_tokenizer, write_tokenizer
+
+    why_not = native.supported(config)
+    if why_not is not None:
+        raise UnsupportedArchitecture(f"{profile.name} builds its own static graph: {why_not}")
+    text = quality.read_texts(Path(eval_text) if eval_text else None)
+    try:
+        calib = calibration.calibration_texts(calibration_text, limit=recipe.calibration_samples)
+    except calibration.CalibrationError as exc:
+        raise SourceError(str(exc)) from None
+    params = estimate_parameters(config)
+    check_disk(out, params * 4 * 2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = _staging(out)
+    work = out.parent / f".{out.name}.work-{os.getpid()}"
+    try:
+        with progress.step("load", f"{config.model_type}, {params / 1e6:,.1f}M parameters"):
+            model = load_causal_lm(src)
+            tokenizer = load_tokenizer(src)
+        spec_config = lm.decoder_spec(model, tokenizer, max_context=profile.shapes.max_context)
+        cache = spec_config["max_context"]
+        with progress.step("reference", "PyTorch float32 on the evaluation text"):
+            # every position runs on the HTP simulator (seconds per call for real models): a lighter text set
+            ref = quality.lm_reference(model, tokenizer, text, max_context=cache, **npu_lm.EVAL_SIZE)
+        cfg, weights = native.decoder_from_hf(model, max_context=cache)
+        model.config.save_pretrained(stage)
+        write_tokenizer(src, tokenizer, stage)
+        prompts = [np.array(tokenizer(t, add_special_tokens=False)["input_ids"], np.int64) for t in calib]
+        entry = stage / "model.onnx"
+        with progress.step("quantize", f"static graph, step {npu_lm.DEFAULT_STEP}, cache {cache}, QDQ, QNN HTP"):
+            result = npu_lm.export_static_lm(cfg, weights, entry, work, recipe=recipe, cache=cache, ref=ref,
+                                             provider_options=dict(profile.execution_providers[0].options),
+                                             calibration_prompts=prompts, progress=progress.note)
+        del model, weights
+        gc.collect()
+        fp32_bytes = model_size(work / "model.fp32.onnx")
+        shutil.rmtree(work, ignore_errors=True)
+        report = result.judge(thresholds, reference="pytorch float32" + (" + merged adapter" if src.adapter else ""))
+        progress.note(f"quality {report.status.value}" + (f": {'; '.join(report.failures)}" if report.failures else ""))
+        if report.status is QualityStatus.FAILED and not force:
+            raise QualityGateFailed(_gate_message(report), report=report)
+        golden = npu_lm.write_golden(stage, entry, cfg, ref.sequences[0], step=result.step, cache=cache)
+        spec_config.update(npu_lm.layout(cfg, step=result.step, cache=cache))
+        inputs, outputs = npu_lm.io_names(cfg.num_layers)
+        quant = Quantization(recipe=f"qdq-a{recipe.activation_type}-w{recipe.weight_type}-static-lm",
+                             precision=f"{recipe.activation_type}/{recipe.weight_type}", details=result.quantization)
+        qnn = result.quantization["qnn"]
+        bench = Benchmark(metrics={k: qnn[k] for k in ("compile_seconds", "seconds_per_call") if k in qnn})
+        stats = {"fp32_bytes": fp32_bytes, "model_bytes": model_size(entry), "precision": quant.precision,
+                 "parameters": params, "export_seconds": round(time.perf_counter() - t_start, 2),
+                 "peak_rss_mb": round(peak_rss_mb(), 1), "steps_seconds": dict(progress.timings),
+                 "htp_compile_seconds": qnn.get("compile_seconds"), "htp_seconds_per_call": qnn.get("seconds_per_call")}
+        manifest = _seal(stage, private_key, profile=profile, name=name, version=version, task=Task.TEXT_GENERATION,
+                         model=ModelSpec(entry="model.onnx", inputs=inputs, outputs=outputs,
+                                         architecture=config.model_type, config=spec_config),
+                         quantization=quant, quality=report, benchmark=bench, golden=golden, source=src.describe())
+        stats["bundle_bytes"] = manifest.total_size
+        _publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return ExportResult(out, manifest, report, stats)
 
 
 def _export_gguf_exact(

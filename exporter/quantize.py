@@ -41,10 +41,11 @@ def check_target(recipe: QuantRecipe, *, device_class: str, profile: str, task: 
             f"precision {recipe.method!r} does not run on target {profile!r} ({device_class}); "
             f"it takes: {', '.join(sorted(allowed))}"
         )
-    if task == "text-generation" and recipe.method == "qdq-static":
+    if task == "text-generation" and recipe.method == "qdq-static" and device_class != "npu":
+        # the static-shape LM graph (exporter/npu_lm.py) is built for NPU profiles only
         raise IncompatibleTarget(
-            f"static QDQ (profile {profile!r}) is not available for text-generation yet; "
-            "use a CPU or GPU profile (int4, int8, fp16) for language models"
+            f"static QDQ for text-generation needs an NPU profile (e.g. npu-qnn-htp), not {profile!r}; "
+            "use int4, int8 or fp16 for language models on CPU and GPU"
         )
 
 

@@ -1,0 +1,101 @@
+"""The host side of a static-shape decoder (NPU bundles, `model.config.kv_layout == "static"`).
+
+The graph (exporter/npu_lm.py) takes a fixed number S of new tokens and a fixed C-slot KV cache,
+and returns logits plus the keys/values of the S new tokens only. This module owns the cache: it
+pads each chunk to S, builds the additive attention bias (cache slots filled so far, causal among
+the new tokens), and writes the new rows into the cache after the call.
+
+    lm = StaticDecoder(session.run, step=1, cache=256, num_layers=.., kv_heads=.., head_dim=..)
+    logits = lm.forward(prompt_ids)        # [len(prompt), vocab]
+    next_logits = lm.forward([token])      # decode one token
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from agent.runtime.errors import InputError
+
+# exp(-100) is 0 for softmax, and unlike float32's minimum it leaves a 16-bit activation scale fine
+# enough for the real scores (the exporter calibrates with this value)
+MASK_VALUE = -100.0
+
+Runner = Callable[[list[str] | None, dict[str, np.ndarray]], list[np.ndarray]]
+
+
+class StaticDecoder:
+    """Runs a static-shape decoder over a host-side KV cache, S tokens per call."""
+
+    def __init__(self, run: Runner, *, step: int, cache: int, num_layers: int, kv_heads: int, head_dim: int,
+                 output_names: Sequence[str] | None = None, mask_value: float = MASK_VALUE,
+                 on_feed: Callable[[dict[str, np.ndarray]], None] | None = None):
+        self._run = run
+        self.step, self.cache, self.num_layers = step, cache, num_layers
+        self._mask_value = np.float32(mask_value)
+        self._on_feed = on_feed  # sees every feed (the exporter records calibration feeds with it)
+        self.output_names = list(output_names) if output_names else _output_names(num_layers)
+        shape = (1, kv_heads, cache, head_dim)
+        self._kv = {f"past_key_values.{i}.{n}": np.zeros(shape, np.float32)
+                    for i in range(num_layers) for n in ("key", "value")}
+        self.length = 0
+
+    def reset(self) -> None:
+        """Forget the cache (its slots are masked, so zeroing them is not needed)."""
+        self.length = 0
+
+    def feed(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
+        """The inputs for up to `step` new tokens at the current cache length."""
+        n = len(tokens)
+        if not 0 < n <= self.step:
+            raise InputError(f"a static step takes 1..{self.step} tokens, got {n}")
+        if self.length + n > self.cache:
+            raise InputError(f"context of {self.length + n} tokens exceeds the model's {self.cache}-token cache")
+        ids = np.zeros((1, self.step), np.int32)
+        ids[0, :n] = tokens
+        # padding rows sit at the next positions (in the rotary table) and are never written back
+        pos = np.minimum(np.arange(self.length, self.length + self.step), self.cache + self.step - 1)
+        bias = np.full((1, 1, self.step, self.cache + self.step), self._mask_value, np.float32)
+        bias[0, 0, :, : self.length] = 0.0
+        new = np.tril(np.ones((self.step, self.step), bool))
+        new[n:, :] = False
+        new[n:, n:] = np.eye(self.step - n, dtype=bool)  # padding rows see themselves: a harmless softmax
+        bias[0, 0, :, self.cache:][new] = 0.0
+        return {"input_ids": ids, "position_ids": pos[None, :].astype(np.int32), "attention_bias": bias, **self._kv}
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits [len(tokens), vocab] for `tokens` after the cache; their keys/values join the cache."""
+        rows = []
+        for start in range(0, len(tokens), self.step):
+            chunk = list(tokens[start : start + self.step])
+            feed = self.feed(chunk)
+            if self._on_feed is not None:
+                self._on_feed(feed)
+            out = dict(zip(self.output_names, self._run(None, feed)))
+            n = len(chunk)
+            for i in range(self.num_layers):
+                for kind in ("key", "value"):
+                    self._kv[f"past_key_values.{i}.{kind}"][:, :, self.length : self.length + n] = \
+                        out[f"present.{i}.{kind}"][:, :, :n]
+            self.length += n
+            rows.append(out["logits"][0, :n])
+        return np.concatenate(rows).astype(np.float32)
+
+    def greedy(self, prompt: Sequence[int], steps: int) -> np.ndarray:
+        """`steps` greedy tokens after `prompt`, from an empty cache."""
+        self.reset()
+        logits = self.forward(list(prompt))
+        out: list[int] = []
+        for _ in range(steps):
+            out.append(int(np.argmax(logits[-1])))
+            if len(out) < steps:
+                logits = self.forward(out[-1:])
+        return np.array(out, np.int64)
+
+
+def _output_names(num_layers: int) -> list[str]:
+    names = ["logits"]
+    for i in range(num_layers):
+        names += [f"present.{i}.key", f"present.{i}.value"]
+    return names

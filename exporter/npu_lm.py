@@ -1,0 +1,381 @@
+"""Decoder LMs for the Hexagon NPU (npu-qnn-htp): a static-shape graph with a host-side KV cache.
+
+HTP compiles one graph for fixed shapes and takes no dynamic-shape ops (Shape, Range, Trilu), so
+the graph here is what Qualcomm's own LLM deployments use:
+
+    input_ids       int32 [1, S]          S new tokens (the step length; padded by the host)
+    position_ids    int32 [1, S]          their absolute positions (rotary tables are gathered by them)
+    attention_bias  float [1, 1, S, C+S]  additive mask over the C cache slots then the S new tokens,
+                                          0 where a query may look and MASK_VALUE where not
+    past_key_values.{i}.key/value  float [1, kv_heads, C, head_dim]   the host's cache (C slots)
+ -> logits          float [1, S, vocab]
+    present.{i}.key/value          float [1, kv_heads, S, head_dim]   only the S new positions
+
+The host owns the cache (agent/runtime/static_generation.py): it writes each step's present
+rows into its slots and builds the attention bias, so the graph holds no mask or cache logic.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from agent.bundle import Golden, QualityReport, QualityStatus
+from agent.runtime.qnn import qnn_session_options
+from agent.runtime.static_generation import MASK_VALUE, StaticDecoder
+from exporter import npu, quality
+from exporter.gguf.graph import (
+    DecoderConfig,
+    DecoderWeights,
+    ExternalData,
+    MS_DOMAIN,
+    GraphBuilder,
+    LayerWeights,
+    _fuse,
+    _head_norm,
+    _inv_freq,
+    _mlp,
+    _residual,
+    _rms_norm,
+)
+from exporter.golden import GOLDEN_DIR
+from exporter.profiles import QuantRecipe, Thresholds
+from exporter.quality import LMReference
+
+OPSET = 21
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names of the static graph, in order."""
+    inputs = ["input_ids", "position_ids", "attention_bias"]
+    outputs = ["logits"]
+    for i in range(num_layers):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
+
+
+def build_static_decoder(cfg: DecoderConfig, weights: DecoderWeights, *, step: int, cache: int,
+                         external: ExternalData | None = None) -> onnx.ModelProto:
+    """The static graph of `cfg` for `step` new tokens over a `cache`-slot KV cache."""
+    if step < 1 or cache < 1:
+        raise ValueError(f"step {step} and cache {cache} must both be >= 1")
+    if cfg.sliding_window is not None and cfg.layer_types and "sliding" in cfg.layer_types \
+            and cfg.sliding_window < cache + step:
+        raise ValueError(f"{cfg.architecture}: sliding window {cfg.sliding_window} is shorter than the static "
+                         f"context {cache + step}; use a cache of at most {cfg.sliding_window - step} slots")
+    b = GraphBuilder(f"{cfg.architecture}_static_s{step}_c{cache}", external=external)
+    f32, i32 = TensorProto.FLOAT, TensorProto.INT32
+    kv, hd = cfg.num_kv_heads, cfg.head_dim
+    b.inputs += [
+        helper.make_tensor_value_info("input_ids", i32, [1, step]),
+        helper.make_tensor_value_info("position_ids", i32, [1, step]),
+        helper.make_tensor_value_info("attention_bias", f32, [1, 1, step, cache + step]),
+    ]
+    for i in range(cfg.num_layers):
+        b.inputs += [helper.make_tensor_value_info(f"past_key_values.{i}.{n}", f32, [1, kv, cache, hd])
+                     for n in ("key", "value")]
+    b.outputs.append(helper.make_tensor_value_info("logits", f32, [1, step, cfg.vocab_size]))
+    for i in range(cfg.num_layers):
+        b.outputs += [helper.make_tensor_value_info(f"present.{i}.{n}", f32, [1, kv, step, hd]) for n in ("key", "value")]
+
+    x = b.op("Gather", b.const(np.asarray(weights.embedding, dtype=np.float32), "embed.weight"), "input_ids")
+    if cfg.embed_scale is not None:
+        x = b.op("Mul", x, b.const(np.array(cfg.embed_scale, dtype=np.float32)))
+    cos, sin = _rotary_tables(b, cfg, weights.rope_freq_factors, positions=cache + step, step=step)
+    groups = cfg.num_heads // cfg.num_kv_heads
+    # query rows are ordered (group, query) per kv head: the bias repeats once per group
+    bias = "attention_bias" if groups == 1 else b.op("Concat", *["attention_bias"] * groups, axis=2)
+    for i, layer in enumerate(weights.layers):
+        x = _residual(b, cfg, x, layer.attn_norm, layer.post_attn_norm,
+                      lambda h: _attention(b, cfg, i, h, layer, cos, sin, bias, step=step))
+        x = _residual(b, cfg, x, layer.ffn_norm, layer.post_ffn_norm, lambda h: _mlp(b, cfg, i, h, layer))
+    x = _rms_norm(b, x, weights.final_norm, cfg.rms_eps)
+    b.op("Identity", b.linear(x, weights.lm_head, "lm_head"), outputs=["logits"])
+    model = b.model()
+    # 16-bit QDQ needs opset 21; onnx's version converter cannot lift the contrib RMSNorm op there
+    del model.opset_import[:]
+    model.opset_import.extend([helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
+    return _with_value_info(model)
+
+
+def _with_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every intermediate tensor's type and shape: the calibrator observes only typed tensors.
+
+    onnxruntime's symbolic inference knows the contrib RMSNorm op that onnx's own inference stops at.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
+
+
+def _rotary_tables(b: GraphBuilder, cfg: DecoderConfig, freq_factors: np.ndarray | None, *,
+                   positions: int, step: int) -> tuple[str, str]:
+    """cos and signed sin [1, 1, S, rope_dim] gathered by position_ids from constant tables.
+
+    The sign of rotate-half is folded into the sin table: x*cos + concat(x2, x1)*[-sin, sin].
+    """
+    angles = np.outer(np.arange(positions, dtype=np.float32), _inv_freq(cfg, freq_factors))  # [P, rope_dim/2]
+    cos = np.cos(np.concatenate([angles, angles], -1)).astype(np.float32)
+    sin = np.sin(angles)
+    signed_sin = np.concatenate([-sin, sin], -1).astype(np.float32)
+
+    def gather(table: np.ndarray, stem: str) -> str:
+        rows = b.op("Gather", b.const(table, stem), "position_ids")  # [1, S, rope_dim]
+        return b.op("Reshape", rows, b.ints(1, 1, step, cfg.rope_dim))
+
+    return gather(cos, "rope.cos"), gather(signed_sin, "rope.sin")
+
+
+def _apply_rotary(b: GraphBuilder, cfg: DecoderConfig, x: str, cos: str, sin: str) -> str:
+    if cfg.rope_dim != cfg.head_dim:  # partial rotary: only the first rope_dim features turn
+        rot, rest = b.op("Split", x, b.ints(cfg.rope_dim, cfg.head_dim - cfg.rope_dim), axis=-1, outputs=2)
+        return b.op("Concat", _rotate(b, rot, cos, sin, cfg.rope_dim), rest, axis=-1)
+    return _rotate(b, x, cos, sin, cfg.rope_dim)
+
+
+def _rotate(b: GraphBuilder, x: str, cos: str, signed_sin: str, dim: int) -> str:
+    x1, x2 = b.op("Split", x, b.ints(dim // 2, dim // 2), axis=-1, outputs=2)
+    return b.op("Add", b.op("Mul", x, cos), b.op("Mul", b.op("Concat", x2, x1, axis=-1), signed_sin))
+
+
+def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: LayerWeights,
+               cos: str, sin: str, bias: str, *, step: int) -> str:
+    nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    prefix = f"model.layers.{i}.self_attn"
+    fused, qkv_bias = _fuse([layer.q, layer.k, layer.v], [layer.q_bias, layer.k_bias, layer.v_bias])
+    if layer.qkv is not None or fused is not None:
+        qkv = b.linear(h, layer.qkv if layer.qkv is not None else fused, f"{prefix}.qkv_proj", bias=qkv_bias)
+        q, k, v = b.op("Split", qkv, b.ints(nq * hd, nkv * hd, nkv * hd), axis=-1, outputs=3)
+    else:
+        q = b.linear(h, layer.q, f"{prefix}.q_proj", bias=layer.q_bias)
+        k = b.linear(h, layer.k, f"{prefix}.k_proj", bias=layer.k_bias)
+        v = b.linear(h, layer.v, f"{prefix}.v_proj", bias=layer.v_bias)
+    q = _head_norm(b, q, layer.q_norm, nq, hd, cfg.rms_eps)
+    k = _head_norm(b, k, layer.k_norm, nkv, hd, cfg.rms_eps)
+
+    def heads(t: str, n: int) -> str:  # [1, S, n*hd] -> [1, n, S, hd]
+        return b.op("Transpose", b.op("Reshape", t, b.ints(1, step, n, hd)), perm=[0, 2, 1, 3])
+
+    q, k = heads(q, nq), heads(k, nkv)
+    if cfg.has_rope(i):
+        q, k = _apply_rotary(b, cfg, q, cos, sin), _apply_rotary(b, cfg, k, cos, sin)
+    k = b.op("Identity", k, outputs=[f"present.{i}.key"])
+    v = b.op("Identity", heads(v, nkv), outputs=[f"present.{i}.value"])
+    keys = b.op("Concat", f"past_key_values.{i}.key", k, axis=2)  # [1, nkv, C+S, hd]
+    values = b.op("Concat", f"past_key_values.{i}.value", v, axis=2)
+
+    # GQA without copying the cache: the query heads of one kv head become extra query rows
+    scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(hd)
+    q = b.op("Mul", q, b.const(np.array(scale, dtype=np.float32)))
+    q = b.op("Reshape", q, b.ints(1, nkv, nq // nkv * step, hd))
+    scores = b.op("MatMul", q, b.op("Transpose", keys, perm=[0, 1, 3, 2]))  # [1, nkv, groups*S, C+S]
+    probs = b.op("Softmax", b.op("Add", scores, bias), axis=-1)
+    out = b.op("MatMul", probs, values)  # [1, nkv, groups*S, hd]
+    out = b.op("Transpose", b.op("Reshape", out, b.ints(1, nq, step, hd)), perm=[0, 2, 1, 3])
+    out = b.op("Reshape", out, b.ints(1, step, nq * hd))
+    return b.linear(out, layer.o, f"{prefix}.o_proj")
+
+
+# ---- the export pipeline: float graph -> calibration on the host loop -> QDQ -> QNN HTP ----------
+
+# One graph serves prefill and decode. 32 new tokens per call: on onnxruntime-qnn's HTP simulator a
+# SmolLM2-135M-shaped model takes 22 s for a 32-token call and 12.5 s for a 1-token call (measured,
+# loaded 2-core host), so prefill is 18x faster per token; on a device, decode is bound by reading
+# the weights, which a 32-wide call reads once, like a 1-wide one.
+DEFAULT_STEP = 32
+# The gate runs every evaluation position on HTP (the simulator takes seconds per call for real
+# models), so the NPU path evaluates 4 windows of 64 tokens and 4 greedy runs of 16 tokens.
+EVAL_SIZE = {"count": 4, "length": 64, "prompt_len": 16, "steps": 16}
+CALIBRATION_TOKENS = 64  # tokens of each calibration text run through the float graph
+CALIBRATION_DECODE = 4  # then this many greedy single-token (padded) steps, as decode runs them
+CALIBRATION_FEEDS = 64  # feeds kept (each holds the whole KV cache, so memory bounds this)
+
+
+@dataclass(frozen=True)
+class StaticLM:
+    """A static NPU language model on disk and what the export measured on QNN HTP."""
+
+    path: Path  # the QDQ model
+    step: int
+    cache: int
+    quantization: dict[str, Any]  # manifest quantization.details (with "qnn")
+    metrics: dict[str, float]  # measured on HTP; empty when HTP refused the graph
+    details: dict[str, Any]  # quality.details
+    qnn: npu.QnnReport
+
+    def judge(self, thresholds: Thresholds, *, reference: str) -> QualityReport:
+        """The LM gate on the HTP metrics; a graph HTP did not take fails it, with the reasons."""
+        report = quality.gate(self.metrics, thresholds, reference=reference, details=self.details)
+        if self.qnn.ok:
+            return report
+        failures = [self.qnn.summary(), *[f"  {r}" for r in self.qnn.reasons[:5]]]
+        if self.qnn.error and not self.qnn.rejected:
+            failures.append(f"  {self.qnn.error.splitlines()[0][:300]}")
+        return report.model_copy(update={"status": QualityStatus.FAILED, "failures": failures + report.failures})
+
+
+def layout(cfg: DecoderConfig, *, step: int, cache: int) -> dict[str, Any]:
+    """What manifest.model.config says about the static graph, so the agent can drive it."""
+    return {"kv_layout": "static", "step_length": step, "cache_length": cache, "mask_value": MASK_VALUE,
+            "input_dtype": "int32", "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size}
+
+
+def decoder(run: Any, cfg: DecoderConfig, *, step: int, cache: int, output_names: list[str] | None = None,
+            on_feed: Callable[[dict[str, np.ndarray]], None] | None = None) -> StaticDecoder:
+    return StaticDecoder(run, step=step, cache=cache, num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads,
+                         head_dim=cfg.head_dim, output_names=output_names, on_feed=on_feed)
+
+
+def calibration_feeds(fp32: Path, cfg: DecoderConfig, prompts: Sequence[np.ndarray], *, step: int, cache: int,
+                      limit: int = CALIBRATION_FEEDS) -> list[dict[str, np.ndarray]]:
+    """Feeds of the float graph run over `prompts`, spread evenly over all its calls, at most `limit`."""
+    import onnxruntime as ort
+
+    prompts = [p[: min(CALIBRATION_TOKENS, cache - CALIBRATION_DECODE)] for p in prompts if len(p)]
+    calls = sum(-(-len(p) // step) + CALIBRATION_DECODE for p in prompts)
+    keep = set(np.linspace(0, calls - 1, min(limit, calls)).astype(int).tolist())
+    feeds: list[dict[str, np.ndarray]] = []
+    seen = 0
+
+    def record(feed: dict[str, np.ndarray]) -> None:
+        nonlocal seen
+        if seen in keep:
+            feeds.append({k: v.copy() for k, v in feed.items()})  # the cache arrays change after the call
+        seen += 1
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(fp32), so, providers=["CPUExecutionProvider"])
+    lm = decoder(sess.run, cfg, step=step, cache=cache, output_names=[o.name for o in sess.get_outputs()],
+                 on_feed=record)
+    for p in prompts:
+        lm.greedy(p.tolist(), CALIBRATION_DECODE + 1)
+    return feeds
+
+
+def htp_session(path: Path, provider_options: dict[str, str]) -> Any:
+    """An onnxruntime session on QNN HTP with CPU fallback disabled (any rejected node is an error)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so = qnn_session_options(cpu_fallback=False, provider_options=provider_options, sess_options=so)
+    return ort.InferenceSession(str(path), sess_options=so)
+
+
+def static_metrics(lm: StaticDecoder, ref: LMReference) -> tuple[dict[str, float], dict[str, Any]]:
+    """The LM gate's metrics (exporter/quality.py) for a static decoder: logits per position and greedy decode."""
+    got = []
+    for seq in ref.sequences:
+        lm.reset()
+        got.append(lm.forward(seq[: lm.cache].tolist()))
+    n = min(g.shape[0] for g in got)
+    got_a = np.stack([g[:n] for g in got]).astype(np.float32)
+    want = ref.logits[:, :n]
+    a, b = got_a.reshape(-1, got_a.shape[-1]), want.reshape(-1, want.shape[-1])
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+    seqs = ref.sequences[:, :n]
+    ppl_ref, ppl_got = quality.perplexity(want, seqs), quality.perplexity(got_a, seqs)
+    greedy = [lm.greedy(p.tolist(), ref.greedy.shape[1]) for p in ref.prompts]
+    matches = [quality.prefix_match(g, r) for g, r in zip(greedy, ref.greedy)]
+    metrics = {
+        "logits_abs_diff": float(np.abs(a - b).max()),
+        "logits_cosine": float(cos.mean()),
+        "logits_cosine_min": float(cos.min()),
+        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
+        "greedy_match": float(np.mean(matches)),
+        "ppl_reference": ppl_ref,
+        "ppl": ppl_got,
+        "ppl_delta": (ppl_got - ppl_ref) / ppl_ref,
+    }
+    details = {
+        "eval_sequences": int(seqs.shape[0]),
+        "eval_tokens_per_sequence": int(n),
+        "greedy_prompts": int(ref.prompts.shape[0]),
+        "greedy_steps": int(ref.greedy.shape[1]),
+        "greedy_prefix_matches": [round(m, 4) for m in matches],
+    }
+    return metrics, details
+
+
+def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, work: Path, *, recipe: QuantRecipe,
+                     provider_options: dict[str, str], ref: LMReference, calibration_prompts: Sequence[np.ndarray],
+                     step: int = DEFAULT_STEP, cache: int, progress: Callable[[str], None] | None = None) -> StaticLM:
+    """Write the QDQ static graph to `out` (float graph in `work`) and measure it on QNN HTP, CPU fallback off.
+
+    The metrics come from HTP itself; when HTP refuses the graph, `qnn` says why and the metrics
+    are empty (`StaticLM.judge` then fails).
+    """
+    note = progress or (lambda _msg: None)
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = work / "model.fp32.onnx"
+    external = ExternalData(work / "model.fp32.onnx.data")
+    try:
+        model = build_static_decoder(cfg, weights, step=step, cache=cache, external=external)
+    finally:
+        external.close()
+    onnx.save(model, str(fp32))
+    del model
+    feeds = calibration_feeds(fp32, cfg, calibration_prompts, step=step, cache=cache)
+    note(f"calibrated on {len(feeds)} static calls over {len(calibration_prompts)} texts")
+    details = npu.quantize_qdq(fp32, out, recipe=recipe, feeds=feeds)
+    details["calibration_texts"] = len(calibration_prompts)
+    provider_options = {**npu.DEFAULT_PROVIDER_OPTIONS, **provider_options}
+    probe = npu.verify_on_qnn(out, feeds[:1], provider_options=provider_options)
+    qnn: dict[str, Any] = {"ok": probe.ok, "rejected_nodes": probe.rejected, "reasons": probe.reasons,
+                           "error": probe.error}
+    if not probe.ok:
+        return StaticLM(out, step, cache, {**details, "qnn": qnn}, {}, {}, probe)
+    t0 = time.perf_counter()
+    sess = htp_session(out, provider_options)
+    qnn["compile_seconds"] = round(time.perf_counter() - t0, 2)
+    calls = 0
+
+    def run(names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        nonlocal calls
+        calls += 1
+        return sess.run(names, feed)
+
+    lm = decoder(run, cfg, step=step, cache=cache, output_names=[o.name for o in sess.get_outputs()])
+    note(f"HTP compiled the graph in {qnn['compile_seconds']} s; running the evaluation text on it")
+    t0 = time.perf_counter()
+    metrics, quality_details = static_metrics(lm, ref)
+    seconds = time.perf_counter() - t0
+    qnn.update(run_seconds=round(seconds, 2), calls=calls, seconds_per_call=round(seconds / max(calls, 1), 4))
+    quality_details["measured_on"] = "QNN HTP (onnxruntime-qnn, CPU fallback disabled)"
+    return StaticLM(out, step, cache, {**details, "qnn": qnn}, metrics, quality_details, probe)
+
+
+def write_golden(bundle_dir: Path, model_path: Path, cfg: DecoderConfig, prompt: np.ndarray, *,
+                 step: int, cache: int) -> Golden:
+    """One static call (the first `step` tokens of `prompt`, empty cache) and its logits on the CPU EP."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    feeds: list[dict[str, np.ndarray]] = []
+    lm = decoder(sess.run, cfg, step=step, cache=cache, output_names=[o.name for o in sess.get_outputs()],
+                 on_feed=lambda f: feeds.append({k: v.copy() for k, v in f.items()}))
+    lm.forward(prompt[:step].tolist())
+    logits = sess.run(["logits"], feeds[0])[0]
+    out = bundle_dir / GOLDEN_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "inputs.npz", **feeds[0])
+    np.savez(out / "outputs.npz", logits=logits)
+    # HTP and the CPU EP round 16-bit activations differently: allow for it in proportion to the logits
+    atol = 0.05 * float(np.abs(logits).max()) + 1e-3
+    return Golden(inputs=f"{GOLDEN_DIR}/inputs.npz", outputs=f"{GOLDEN_DIR}/outputs.npz", atol=round(atol, 6), rtol=1e-2)

@@ -1,0 +1,169 @@
+"""Language models for npu-qnn-htp: the static-shape graph, its host-side KV cache, and the export
+judged on the real QNN HTP backend (onnxruntime-qnn's x86_64 simulator) with CPU fallback off."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from agent.bundle import QualityStatus
+from agent.runtime.errors import InputError
+from agent.runtime.static_generation import MASK_VALUE, StaticDecoder
+from exporter import export, npu_lm
+from exporter.errors import IncompatibleTarget
+from exporter.profiles import load_profile
+from tests.support.models import tiny_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+PROFILE = "npu-qnn-htp"
+DYNAMIC_OPS = {"Shape", "Range", "Trilu", "Where", "Expand", "ConstantOfShape", "NonZero", "Tile"}
+
+
+def _hf(arch: str):
+    import torch  # noqa: F401  (transformers needs it loaded)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model(arch)).eval()
+
+
+def _cpu_decoder(model: onnx.ModelProto, cfg, *, step: int, cache: int) -> StaticDecoder:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return npu_lm.decoder(sess.run, cfg, step=step, cache=cache, output_names=[o.name for o in sess.get_outputs()])
+
+
+@pytest.mark.parametrize("arch,step", [("llama", 1), ("llama", 4), ("qwen2", 4), ("phi3", 4), ("gemma", 4)])
+def test_float_static_graph_matches_pytorch(arch, step):
+    import torch
+
+    from exporter import native
+
+    model = _hf(arch)
+    cfg, weights = native.decoder_from_hf(model)
+    cache = 64
+    graph = npu_lm.build_static_decoder(cfg, weights, step=step, cache=cache)
+    ops = Counter(n.op_type for n in graph.graph.node)
+    assert not DYNAMIC_OPS & set(ops), ops
+    for vi in [*graph.graph.input, *graph.graph.output]:  # every dimension fixed
+        assert all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim), vi.name
+    names = [i.name for i in graph.graph.input], [o.name for o in graph.graph.output]
+    assert names == npu_lm.io_names(cfg.num_layers)
+
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 23)  # 23: the last chunk is padded
+    lm = _cpu_decoder(graph, cfg, step=step, cache=cache)
+    got = lm.forward(ids.tolist())
+    with torch.inference_mode():
+        want = model(torch.from_numpy(ids[None])).logits[0].numpy()
+        greedy = model.generate(torch.from_numpy(ids[None, :10]), max_new_tokens=8, min_new_tokens=8,
+                                do_sample=False, pad_token_id=0, eos_token_id=None)[0, 10:].numpy()
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    np.testing.assert_array_equal(lm.greedy(ids[:10].tolist(), 8), greedy)
+
+
+def test_static_decoder_feeds_mask_cache_and_padding():
+    calls = []
+
+    def run(_names, feed):
+        calls.append({k: v.copy() for k, v in feed.items()})
+        return [np.zeros((1, 4, 5), np.float32)] + [np.full((1, 1, 4, 2), len(calls), np.float32)] * 2
+
+    lm = StaticDecoder(run, step=4, cache=8, num_layers=1, kv_heads=1, head_dim=2)
+    assert lm.forward([5, 6, 7, 8, 9]).shape == (5, 5)
+    first, second = calls
+    assert first["input_ids"].dtype == np.int32 and first["input_ids"].tolist() == [[5, 6, 7, 8]]
+    assert second["input_ids"].tolist() == [[9, 0, 0, 0]] and second["position_ids"].tolist() == [[4, 5, 6, 7]]
+    bias = second["attention_bias"][0, 0]
+    assert bias.shape == (4, 12)
+    assert (bias[:, :4] == 0).all() and (bias[:, 4:8] == MASK_VALUE).all()  # 4 cache slots filled
+    assert bias[0, 8:].tolist() == [0, MASK_VALUE, MASK_VALUE, MASK_VALUE]  # the real token sees itself only
+    assert (np.diag(bias[1:, 9:]) == 0).all()  # padding rows see themselves: a finite softmax
+    causal = first["attention_bias"][0, 0, :, 8:]
+    assert ((causal == 0) == np.tril(np.ones((4, 4), bool))).all()
+    # the first call's 4 new rows, then 1 row of the second call, are in the cache; padding is not
+    assert second["past_key_values.0.key"][0, 0, :, 0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert lm.length == 5
+    with pytest.raises(InputError, match="exceeds the model's 8-token cache"):
+        lm.forward([1, 2, 3, 4])
+
+
+def test_text_generation_qdq_needs_an_npu_profile():
+    from exporter.quantize import check_target
+
+    recipe = load_profile(PROFILE).task("text-generation").quantization
+    check_target(recipe, device_class="npu", profile=PROFILE, task="text-generation")
+    with pytest.raises(IncompatibleTarget, match="needs an NPU profile"):
+        check_target(recipe, device_class="cpu", profile="cpu-x86-avx2", task="text-generation")
+
+
+@pytest.fixture(scope="module")
+def npu_bundle(tmp_path_factory, keypair):
+    out = tmp_path_factory.mktemp("npu-lm") / "bundle"
+    return export(tiny_model("llama"), out=out, key=keypair[0], profile=PROFILE), out
+
+
+def _strict(path: Path) -> ort.InferenceSession:
+    return npu_lm.htp_session(path, dict(load_profile(PROFILE).execution_providers[0].options))
+
+
+def test_tiny_llama_export_runs_on_htp_with_cpu_fallback_off(npu_bundle):
+    r, out = npu_bundle
+    assert r.report.status is QualityStatus.PASSED, r.report.failures
+    assert r.report.details["measured_on"].startswith("QNN HTP")
+    qnn = r.manifest.quantization.details["qnn"]
+    assert qnn["ok"] and qnn["rejected_nodes"] == [] and qnn["error"] is None
+    assert qnn["calls"] > 64  # every evaluation window and greedy step ran on HTP
+    m = r.report.metrics
+    # the profile's gate, and closer than it: 16-bit activations keep the tiny model near float
+    assert m["top1_agreement"] >= 0.9 and m["logits_cosine"] >= 0.999 and abs(m["ppl_delta"]) < 0.01
+    assert all(p > 0 for p in r.report.details["greedy_prefix_matches"])  # every greedy run starts right
+    assert m["greedy_match"] >= 0.5
+
+    cfg = r.manifest.model.config
+    assert cfg["kv_layout"] == "static" and cfg["step_length"] == npu_lm.DEFAULT_STEP
+    assert cfg["cache_length"] == cfg["max_context"] == load_profile(PROFILE).shapes.max_context
+    assert r.manifest.model.inputs[:3] == ["input_ids", "position_ids", "attention_bias"]
+
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert not DYNAMIC_OPS & set(ops) and "MatMulInteger" not in ops
+    inits = {i.name: i for i in model.graph.initializer}
+    act_zp = {inits[n.input[2]].data_type for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert act_zp == {onnx.TensorProto.UINT16}
+    tables = {re.sub(r"_\d+_quantized$", "", i.name): i.data_type for i in inits.values() if len(i.dims) == 2}
+    # MatMul weights uint8; the tables read by Gather keep the 16-bit activation type of their output
+    matmul = {n: t for n, t in tables.items() if n.endswith("_proj.weight") or n == "lm_head.weight"}
+    assert len(matmul) == 2 * 4 + 1 and set(matmul.values()) == {onnx.TensorProto.UINT8}  # qkv, o, gate_up, down
+    assert tables["embed.weight"] == tables["rope.cos"] == onnx.TensorProto.UINT16
+
+    # the golden call reproduces on the CPU EP (the agent's fallback) and on HTP itself
+    golden = r.manifest.golden
+    feeds = dict(np.load(out / golden.inputs))
+    want = np.load(out / golden.outputs)["logits"]
+    cpu = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    htp = _strict(out / "model.onnx").run(["logits"], feeds)[0]
+    for got in (cpu, htp):
+        np.testing.assert_allclose(got, want, atol=golden.atol, rtol=golden.rtol)
+
+
+def test_htp_greedy_decode_through_the_host_cache(npu_bundle):
+    """The bundle decodes on HTP as the agent would drive it: prefill chunk, then padded single-token steps."""
+    import torch
+
+    r, out = npu_bundle
+    cfg = r.manifest.model.config
+    sess = _strict(out / "model.onnx")
+    lm = StaticDecoder(sess.run, step=cfg["step_length"], cache=cfg["cache_length"], num_layers=cfg["num_layers"],
+                       kv_heads=cfg["num_kv_heads"], head_dim=cfg["head_dim"],
+                       output_names=[o.name for o in sess.get_outputs()], mask_value=cfg["mask_value"])
+    prompt = np.arange(40, 80)  # longer than one step: two calls of prefill
+    got = lm.greedy(prompt.tolist(), 6)
+    with torch.inference_mode():
+        want = _hf("llama").generate(torch.from_numpy(prompt[None]), max_new_tokens=6, min_new_tokens=6,
+                                     do_sample=False, pad_token_id=0, eos_token_id=None)[0, 40:].numpy()
+    assert got[0] == want[0] and lm.length == 40 + 5

@@ -112,7 +112,9 @@ def execution_providers_in_child(timeout_s: float = 120.0) -> tuple[list[str], s
         return [str(ep) for ep in answer["execution_providers"]], str(answer["onnxruntime"])
     except (OSError, subprocess.SubprocessError, ValueError, KeyError, IndexError, TypeError) as exc:
         # The answer matters more than the memory: the caller then probes in this process.
-        detail = (getattr(exc, "stderr", None) or "").strip().splitlines()[-1:] or [f"{type(exc).__name__}: {exc}"]
+        err = getattr(exc, "stderr", None) or ""
+        err = err.decode(errors="replace") if isinstance(err, bytes) else err
+        detail = err.strip().splitlines()[-1:] or [f"{type(exc).__name__}: {exc}"]
         log.warning("cannot probe the execution providers in a child process (%s); probing in the agent", detail[0][:300])
         return None
 

@@ -75,8 +75,13 @@ def test_idle_agent_without_bundle_never_imports_onnxruntime_numpy_or_cryptograp
     assert "agent.api.schemas" not in modules  # request models wait for the first request
 
 
-def test_execution_providers_from_a_child_process_match_the_in_process_probe():
+def test_execution_providers_from_a_child_process_match_the_in_process_probe(monkeypatch, tmp_path, caplog):
     assert execution_providers_in_child() == execution_providers()
+    # No answer from the child (cannot start, fails): None and a warning; the caller probes in-process.
+    for broken in (str(tmp_path / "no-python"), "/bin/false"):
+        monkeypatch.setattr(sys, "executable", broken)
+        assert execution_providers_in_child() is None
+    assert sum("cannot probe the execution providers" in r.message for r in caplog.records) == 2
 
 
 def test_pinned_keys_read_without_cryptography_still_verify(tmp_path, keypair, other_keypair):

@@ -77,6 +77,8 @@ class Generation:
 
 
 class TextGenerationModel(LoadedModel):
+    REQUIRED_INPUTS: tuple[str, ...] = ("input_ids", "attention_mask")  # besides past_key_values.*
+
     def __init__(self, bundle, choice, *, prefix_cache_bytes: int = 256 << 20) -> None:
         super().__init__(bundle, choice)
         cfg = self.manifest.model.config
@@ -93,7 +95,7 @@ class TextGenerationModel(LoadedModel):
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         inputs = {i.name: i for i in self.session.get_inputs()}
-        missing = [n for n in ["input_ids", "attention_mask", *self.past_names] if n not in inputs]
+        missing = [n for n in [*self.REQUIRED_INPUTS, *self.past_names] if n not in inputs]
         if missing:
             raise LoadError(f"{self.ref}: the LM graph lacks inputs {missing[:4]}; "
                             "re-export with the decoder-with-past layout (docs/ARCHITECTURE.md)")

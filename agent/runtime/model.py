@@ -126,4 +126,8 @@ def load_model(bundle: VerifiedBundle, *, threads: int | None = None,
     choice = create_session(bundle, threads=threads, providers=providers)
     cls = {Task.TEXT_GENERATION: TextGenerationModel, Task.EMBEDDING: EmbeddingModel,
            Task.CLASSIFICATION: ClassificationModel}[bundle.manifest.task]
+    if cls is TextGenerationModel and bundle.manifest.model.config.get("kv_layout") == "static":
+        from agent.runtime.static_generation import StaticTextGenerationModel  # NPU bundles: host-side KV cache
+
+        cls = StaticTextGenerationModel
     return cls(bundle, choice)

@@ -8,6 +8,9 @@ the new tokens), and writes the new rows into the cache after the call.
     lm = StaticDecoder(session.run, step=1, cache=256, num_layers=.., kv_heads=.., head_dim=..)
     logits = lm.forward(prompt_ids)        # [len(prompt), vocab]
     next_logits = lm.forward([token])      # decode one token
+
+`StaticTextGenerationModel` serves such a bundle through the agent's usual generation loop
+(sampling, stop strings, streaming, prefix cache): only the model step differs.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from agent.runtime.errors import InputError
+from agent.runtime.errors import Cancelled, InputError, LoadError
+from agent.runtime.generation import TextGenerationModel
 
 # exp(-100) is 0 for softmax, and unlike float32's minimum it leaves a 16-bit activation scale fine
 # enough for the real scores (the exporter calibrates with this value)
@@ -44,6 +48,19 @@ class StaticDecoder:
     def reset(self) -> None:
         """Forget the cache (its slots are masked, so zeroing them is not needed)."""
         self.length = 0
+
+    def load(self, past: Sequence[np.ndarray]) -> None:
+        """Start from `past` (past_key_values.* order, [1, kv_heads, n, head_dim] each), e.g. a cached prefix."""
+        n = past[0].shape[2] if past else 0
+        if n > self.cache:
+            raise InputError(f"a cached prefix of {n} tokens exceeds the model's {self.cache}-token cache")
+        for array, value in zip(self._kv.values(), past):
+            array[:, :, :n] = value
+        self.length = n
+
+    def cached(self, name: str) -> np.ndarray:
+        """A copy of the filled part of one cache tensor (past_key_values.{i}.key/value)."""
+        return self._kv[name][:, :, : self.length].copy()
 
     def feed(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
         """The inputs for up to `step` new tokens at the current cache length."""
@@ -99,3 +116,46 @@ def _output_names(num_layers: int) -> list[str]:
     for i in range(num_layers):
         names += [f"present.{i}.key", f"present.{i}.value"]
     return names
+
+
+class _CacheView:
+    """Stands for one present.* output in TextGenerationModel's loop; the data lives in the host cache."""
+
+    def __init__(self, decoder: StaticDecoder, name: str):
+        self._decoder, self._name = decoder, name
+
+    def numpy(self) -> np.ndarray:
+        return self._decoder.cached(self._name)
+
+
+class StaticTextGenerationModel(TextGenerationModel):
+    """A static-layout LM bundle (NPU): the generation loop of TextGenerationModel over a StaticDecoder."""
+
+    REQUIRED_INPUTS = ("input_ids", "position_ids", "attention_bias")
+
+    def __init__(self, bundle, choice, **kwargs) -> None:
+        super().__init__(bundle, choice, **kwargs)
+        cfg = self.manifest.model.config
+        try:
+            step, cache = int(cfg["step_length"]), int(cfg["cache_length"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LoadError(f"{self.ref}: a static LM bundle needs step_length and cache_length in model.config ({exc})") from None
+        self.max_context = min(self.max_context, cache)
+        self.decoder = StaticDecoder(self._session_run, step=step, cache=cache, num_layers=self.num_layers,
+                                     kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                                     output_names=self.output_names,
+                                     mask_value=float(cfg.get("mask_value", MASK_VALUE)))
+
+    def _session_run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.closed:
+            raise Cancelled(f"model {self.ref} was closed (swapped out) during generation")
+        return self.session.run(names, feed)
+
+    def _step(self, binding, ids: list[int], past_len: int, past: list) -> tuple[np.ndarray, list]:
+        """One step of TextGenerationModel's loop: `past` is a cached prefix (arrays) or this model's own views."""
+        if not (past and isinstance(past[0], _CacheView)):  # a new generation
+            self.decoder.load([np.asarray(p) for p in past])
+        if self.decoder.length != past_len:
+            raise InputError(f"static cache holds {self.decoder.length} tokens, the step expects {past_len}")
+        logits = self.decoder.forward(ids)
+        return logits[-1], [_CacheView(self.decoder, name) for name in self.past_names]

@@ -173,8 +173,9 @@ def one_run(settle_s: float, tree: Path) -> dict:
     return {"up_s": round(up_s, 2), "idle": idle, "after_api_probe": probed}
 
 
-def import_times(top: int, tree: Path) -> list[dict]:
-    """`python -X importtime -c 'import <ENTRY>'`: the `top` modules by cumulative microseconds."""
+def import_times(top: int, tree: Path) -> tuple[list[dict], list[dict]]:
+    """`python -X importtime -c 'import <ENTRY>'`: the `top` modules by cumulative time, and the
+    `top` top-level packages by the sum of their modules' own (self) time."""
     err = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {ENTRY}"], cwd=tree, env=child_env(tree),
                          capture_output=True, text=True, check=True).stderr
     rows = {}
@@ -184,8 +185,15 @@ def import_times(top: int, tree: Path) -> list[dict]:
         self_us, cum_us, name = (p.strip() for p in line[len("import time:"):].split("|"))
         rows[name.strip()] = max(rows.get(name.strip(), (0, 0)), (int(cum_us), int(self_us)))
     ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])
-    return [{"module": name, "cumulative_ms": round(cum / 1000, 1), "self_ms": round(own / 1000, 1)}
-            for name, (cum, own) in ranked[:top]]
+    modules = [{"module": name, "cumulative_ms": round(cum / 1000, 1), "self_ms": round(own / 1000, 1)}
+               for name, (cum, own) in ranked[:top]]
+    packages: dict[str, list[int]] = {}
+    for name, (_, own) in rows.items():
+        entry = packages.setdefault(name.split(".")[0], [0, 0])
+        entry[0] += own
+        entry[1] += 1
+    by_self = sorted(packages.items(), key=lambda kv: -kv[1][0])
+    return modules, [{"package": name, "self_ms": round(own / 1000, 1), "modules": n} for name, (own, n) in by_self[:top]]
 
 
 def import_rss(module: str, tree: Path) -> dict:
@@ -217,7 +225,7 @@ def main() -> None:
         runs.append(one_run(args.settle, tree))
         r = runs[-1]
         log(f"run {i + 1}: up in {r['up_s']} s, VmRSS {r['idle']['VmRSS'] / 1024:.1f} MiB, natives {r['idle']['natives']}")
-    imports = import_times(args.top, tree)
+    imports, import_packages = import_times(args.top, tree)
     packages = [import_rss(m, tree) for m in PACKAGES]
 
     def med(phase: str, key: str) -> float:
@@ -234,6 +242,10 @@ def main() -> None:
     print(f"{'module':<48} {'cum ms':>8} {'self ms':>8}")
     for row in imports:
         print(f"{row['module']:<48} {row['cumulative_ms']:>8} {row['self_ms']:>8}")
+    print(f"\nthe same, summed per top-level package (own time of its modules), top {args.top}")
+    print(f"{'package':<32} {'self ms':>8} {'modules':>8}")
+    for row in import_packages:
+        print(f"{row['package']:<32} {row['self_ms']:>8} {row['modules']:>8}")
     print("\nRSS a package adds on its own to a bare interpreter (MiB)")
     print(f"{'module':<52} {'added':>6}  pulls in")
     for p in packages:
@@ -247,7 +259,7 @@ def main() -> None:
             "python": sys.version.split()[0], "tree": str(tree), "command": " ".join([*agent_command(), "agent", "run", "--config", "..."]),
             "median_mib": {ph: {k: med(ph, k) for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
                            for ph in ("idle", "after_api_probe")},
-            "runs": runs, "import_time_top": imports, "package_rss": packages,
+            "runs": runs, "import_time_top": imports, "import_time_packages": import_packages, "package_rss": packages,
         }, indent=2) + "\n")
         log(f"wrote {args.json}")
 

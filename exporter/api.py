@@ -163,6 +163,7 @@ def export(
     eval_text: str | Path | None = None,
     calibration_text: str | Path | None = None,
     requantize: bool = False,
+    graph: str = "auto",
     benchmark: bool = True,
     progress: Progress | None = None,
 ) -> ExportResult:
@@ -222,13 +223,34 @@ def export(
                 )
             return _export_gguf_exact(src, config, eval_text=eval_text, benchmark=benchmark,
                                       accuracy_level=accuracy_level, **common)
-        return _export_lm(src, config, eval_text=eval_text, benchmark=benchmark, **common)
+        return _export_lm(src, config, eval_text=eval_text, benchmark=benchmark,
+                          graph=choose_graph(config, prof, graph, progress), **common)
     if adapter is not None:
         raise TaskNotSupported(f"--adapter is supported for text-generation only, not for {task}")
     if src.gguf_file:
         raise TaskNotSupported(f"GGUF files are exported as text-generation models, not {task}")
     return _export_encoder(src, config, task=task, eval_text=eval_text, calibration_text=calibration_text,
                            benchmark=benchmark, **common)
+
+
+def choose_graph(config: Any, profile: TargetProfile, graph: str, progress: Progress) -> str:
+    """"native" (edgeship's GroupQueryAttention graph) or "optimum" for this model and target."""
+    from exporter.lm import check_architecture
+    from exporter.native import supported
+
+    if graph not in ("auto", "native", "optimum"):
+        raise ExportError(f"--graph {graph!r}: choose auto, native or optimum")
+    why_not = supported(config)
+    if why_not is None and profile.device_class != "cpu":
+        why_not = f"target {profile.name} is {profile.device_class}; the fused float32 graph is for CPU targets"
+    if why_not is None and graph != "optimum":
+        return "native"
+    if graph == "native":
+        raise ExportError(f"--graph native: {why_not}; use --graph optimum")
+    check_architecture(config, optimum=True)
+    if graph == "auto":
+        progress.note(f"optimum graph: {why_not}")
+    return "optimum"
 
 
 def _staging(out: Path) -> Path:
@@ -266,8 +288,9 @@ def _export_lm(
     t_start: float,
     eval_text: str | Path | None,
     benchmark: bool,
+    graph: str = "optimum",
 ) -> ExportResult:
-    from exporter import lm, quality
+    from exporter import lm, native, quality
     from exporter.source import load_causal_lm, load_tokenizer, write_tokenizer
 
     text = quality.read_texts(Path(eval_text) if eval_text else None)
@@ -284,12 +307,20 @@ def _export_lm(
         with progress.step("reference", "PyTorch float32 on the evaluation text"):
             ref = quality.lm_reference(model, tokenizer, text, max_context=max_context)
         outliers = quality.outlier_patterns(ref.activation_ratio, recipe.outlier_ratio)
+        if graph == "native":  # q/k/v and gate/up are one MatMul each there
+            outliers = native.fused_patterns(outliers)
         if outliers and recipe.method in ("int8-dynamic", "int4"):
             recipe = recipe.model_copy(update={"exclude": [*recipe.exclude, *outliers]})
             progress.note(f"{len(outliers)} Linear(s) with massive input activations stay float: {', '.join(outliers)}")
         spec_config = lm.decoder_spec(model, tokenizer, max_context=max_context)
-        with progress.step("export", f"ONNX opset {profile.opset}, KV cache"):
-            fp32 = lm.export_decoder(model, work, opset=profile.opset)
+        if graph == "native":
+            with progress.step("export", "edgeship graph, fused GroupQueryAttention, KV cache"):
+                fp32 = native.export_native(model, work, max_context=spec_config["max_context"])
+            # one max_context KV buffer per layer that GroupQueryAttention reads and writes in place
+            spec_config.update(past_present_share_buffer=True, attention="GroupQueryAttention")
+        else:
+            with progress.step("export", f"ONNX opset {profile.opset}, KV cache"):
+                fp32 = lm.export_decoder(model, work, opset=profile.opset)
         model.config.save_pretrained(stage)
         write_tokenizer(src, tokenizer, stage)
         del model
@@ -298,8 +329,11 @@ def _export_lm(
         entry = stage / "model.onnx"
         with progress.step("quantize", recipe_name(recipe)):
             quant = quantize(fp32, entry, recipe)
+        quant = quant.model_copy(update={"details": {**quant.details, "graph": graph}})
         if outliers and recipe.method in ("int8-dynamic", "int4"):
             ratios = {quality.outlier_patterns({n: r}, 0)[0]: round(r, 1) for n, r in ref.activation_ratio.items()}
+            if graph == "native":
+                ratios = {native.fused_patterns([p])[0]: r for p, r in ratios.items()}
             quant = quant.model_copy(update={"details": {
                 **quant.details, "outlier_ratio_limit": recipe.outlier_ratio,
                 "outlier_ratios": {p: ratios[p] for p in outliers}}})

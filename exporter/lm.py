@@ -33,12 +33,16 @@ SUPPORTED_DECODERS = {
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 
-def check_architecture(config: Any) -> str:
+def check_architecture(config: Any, *, optimum: bool = False) -> str:
+    """The model_type, if some LM graph builder takes it (with `optimum`: if optimum's path does)."""
+    from exporter.native import NATIVE_ARCHITECTURES
+
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_DECODERS:
+    known = dict(SUPPORTED_DECODERS) if optimum else {**SUPPORTED_DECODERS, **NATIVE_ARCHITECTURES}
+    if model_type not in known:
+        where = " by the optimum graph (the native graph takes more on CPU targets)" if optimum else ""
         raise UnsupportedArchitecture(
-            f"unsupported architecture {model_type!r} for text-generation; supported: "
-            f"{', '.join(SUPPORTED_DECODERS)}"
+            f"unsupported architecture {model_type!r} for text-generation{where}; supported: {', '.join(known)}"
         )
     return model_type
 
@@ -69,7 +73,7 @@ def export_decoder(model: Any, work_dir: Path, *, opset: int) -> Path:
     """Export `model` (float32 PyTorch) to work_dir/model.onnx; returns its path."""
     from optimum.exporters.onnx import onnx_export_from_model
 
-    check_architecture(model.config)
+    check_architecture(model.config, optimum=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         with warnings.catch_warnings():

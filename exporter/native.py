@@ -159,6 +159,18 @@ def _freq_factors(model: Any, cfg: DecoderConfig) -> np.ndarray | None:
     return None if np.allclose(factors, 1.0, rtol=1e-6) else factors.astype(np.float32)
 
 
+def fused_patterns(patterns: list[str]) -> list[str]:
+    """optimum node patterns renamed to the fused MatMuls of the native graph (q/k/v -> qkv, gate/up -> gate_up)."""
+    out: list[str] = []
+    for p in patterns:
+        for parts, fused in ((("/q_proj/", "/k_proj/", "/v_proj/"), "/qkv_proj/"), (("/gate_proj/", "/up_proj/"), "/gate_up_proj/")):
+            for part in parts:
+                p = p.replace(part, fused)
+        if p not in out:
+            out.append(p)
+    return out
+
+
 def export_native(model: Any, work_dir: Path, *, max_context: int | None = None,
                   progress: Callable[[str], None] | None = None) -> Path:
     """work_dir/model.onnx (+ model.onnx.data): the float32 GroupQueryAttention graph of `model`."""

@@ -48,6 +48,9 @@ class QuantRecipe(_M):
     accuracy_level: int = 4  # MatMulNBits: 0 = exact math, 4 = int8 activations (fast on CPU)
     symmetric: bool = False
     exclude: list[str] = []  # node/initializer name patterns kept in float (e.g. "lm_head")
+    # int4: excluded MatMuls matching these patterns get 8-bit blocks (MatMulNBits bits=8) instead of
+    # float: near-float quality at a quarter of the bytes decode reads for them (e.g. "lm_head")
+    int8_blocks: list[str] = []
     activation_type: Literal["uint8", "uint16", "int8", "int16"] = "uint8"  # qdq-static
     weight_type: Literal["uint8", "int8"] = "int8"  # qdq-static / int8-dynamic
     mixed_precision: bool = False  # keep the most sensitive layers in float until the gate passes

@@ -51,10 +51,11 @@ def check_target(recipe: QuantRecipe, *, device_class: str, profile: str, task: 
 
 def recipe_name(recipe: QuantRecipe) -> str:
     if recipe.method == "int4":
+        head = "-int8head" if "lm_head" in recipe.int8_blocks and "lm_head" in recipe.exclude else ""
         if recipe.algorithm == "hqq":
-            return f"int4-matmulnbits-hqq-b{recipe.block_size}-acc{recipe.accuracy_level}"
+            return f"int4-matmulnbits-hqq-b{recipe.block_size}-acc{recipe.accuracy_level}{head}"
         sym = "sym" if recipe.symmetric else "asym"
-        return f"int4-matmulnbits-b{recipe.block_size}-acc{recipe.accuracy_level}-{sym}"
+        return f"int4-matmulnbits-b{recipe.block_size}-acc{recipe.accuracy_level}-{sym}{head}"
     if recipe.method == "int8-dynamic":
         return f"int8-dynamic-{'per-channel' if recipe.per_channel else 'per-tensor'}"
     return {"none": "fp32", "fp16": "fp16"}.get(recipe.method, recipe.method)
@@ -164,7 +165,8 @@ def _int8_dynamic(src: Path, out: Path, recipe: QuantRecipe) -> dict[str, Any]:
         weight_type=QuantType.QInt8 if recipe.weight_type == "int8" else QuantType.QUInt8,
         nodes_to_exclude=exclude,
         use_external_data_format=True,
-        extra_options={"MatMulConstBOnly": True},
+        # DefaultTensorType: shape inference cannot type the outputs of com.microsoft ops (GroupQueryAttention)
+        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     save_model(onnx.load(str(tmp)), out)
     for p in tmp.parent.glob(tmp.name + "*"):
@@ -200,13 +202,23 @@ def _int4(src: Path, out: Path, recipe: QuantRecipe) -> dict[str, Any]:
         for node in result.graph.node:
             if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
                 node.attribute.append(onnx.helper.make_attribute("accuracy_level", recipe.accuracy_level))
+    eight = [n for n in excluded_nodes(result, recipe.int8_blocks) if n in exclude]
+    if eight:  # asymmetric 8-bit blocks, round-to-nearest: error ~1/255 of each block's range
+        quantizer = MatMulNBitsQuantizer(result, bits=8, block_size=recipe.block_size, is_symmetric=False,
+                                         accuracy_level=recipe.accuracy_level, nodes_to_include=eight)
+        quantizer.process()
+        result = quantizer.model.model
+        # a MatMul whose weight is computed (optimum's tied lm_head reads a Transpose) stays float
+        done = {n.name for n in result.graph.node if n.op_type == "MatMulNBits"}
+        eight = [n for n in eight if f"{n}_Q8" in done]
     save_model(result, out)
     return {
+        "int8_block_nodes": eight,
         "algorithm": recipe.algorithm,
         "block_size": recipe.block_size,
         "accuracy_level": recipe.accuracy_level,
         "symmetric": recipe.symmetric if recipe.algorithm == "rtn" else False,
-        "excluded_nodes": exclude,
+        "excluded_nodes": [n for n in exclude if n not in eight],
     }
 
 

@@ -14,43 +14,49 @@ from agent.bundle import QualityStatus, TrustedKeys, open_bundle  # noqa: E402
 from tests.support.models import DECODERS, smollm2_gguf_path, tiny_model  # noqa: E402
 
 QUANTS = ("int4", "int8")
+GRAPHS = ("native", "optimum")
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, keypair):
-    """Exports made once per module, keyed by (arch, quant)."""
+    """Exports made once per module, keyed by (arch, quant, graph)."""
     from exporter import export
 
     cache: dict = {}
     root = tmp_path_factory.mktemp("lm-exports")
 
-    def get(arch: str, quant: str):
-        if (arch, quant) not in cache:
-            cache[arch, quant] = export(tiny_model(arch), out=root / f"{arch}-{quant}", key=keypair[0], quant=quant)
-        return cache[arch, quant]
+    def get(arch: str, quant: str, graph: str = "native"):
+        if (arch, quant, graph) not in cache:
+            cache[arch, quant, graph] = export(tiny_model(arch), out=root / f"{arch}-{quant}-{graph}", key=keypair[0],
+                                               quant=quant, graph=graph)
+        return cache[arch, quant, graph]
 
     return get
 
 
-def linear_count(arch: str) -> int:
-    """nn.Linear layers of the PyTorch model except the lm_head: what int4/int8 must quantize."""
+def linear_count(arch: str, graph: str) -> int:
+    """MatMuls int4/int8 must quantize: every nn.Linear but the lm_head (optimum), or per layer the fused
+    q/k/v, o, fused gate/up and down (native)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model(arch))
+    if graph == "native":
+        return 4 * model.config.num_hidden_layers
     return sum(isinstance(m, torch.nn.Linear) and name != "lm_head" for name, m in model.named_modules())
 
 
-def graph(bundle):
+def graph_of(bundle):
     import onnx
 
     return onnx.load(str(bundle / "model.onnx"), load_external_data=False)
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("quant", QUANTS)
 @pytest.mark.parametrize("arch", DECODERS)
-def test_every_decoder_exports_a_verified_bundle_that_passes_its_gate(arch, quant, exports, keypair):
-    result = exports(arch, quant)
+def test_every_decoder_exports_a_verified_bundle_that_passes_its_gate(arch, quant, graph, exports, keypair):
+    result = exports(arch, quant, graph)
     verified = open_bundle(result.bundle, TrustedKeys.from_paths([keypair[1]]))
     m = verified.manifest
     assert m.quality.status is QualityStatus.PASSED, m.quality.failures
@@ -58,9 +64,15 @@ def test_every_decoder_exports_a_verified_bundle_that_passes_its_gate(arch, quan
     cfg = m.model.config
     assert cfg["num_layers"] == 2 and cfg["num_kv_heads"] == 2 and cfg["head_dim"] == 16
     assert cfg["max_context"] == 256 and cfg["eos_token_ids"] and "bos_token_id" in cfg
-    # the I/O contract of docs/ARCHITECTURE.md, in one merged graph
-    assert m.model.inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
-    assert m.model.inputs[3:] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    # the I/O contract of docs/ARCHITECTURE.md, in one merged graph; GroupQueryAttention takes positions
+    # from attention_mask and shares one KV buffer between past and present
+    first = ["input_ids", "attention_mask"] + (["position_ids"] if graph == "optimum" else [])
+    assert m.model.inputs[:len(first)] == first
+    assert m.model.inputs[len(first):] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert m.quantization.details["graph"] == graph
+    assert cfg.get("past_present_share_buffer", False) is (graph == "native")
+    ops = [n.op_type for n in graph_of(result.bundle).graph.node]
+    assert ops.count("GroupQueryAttention") == (2 if graph == "native" else 0)
     assert m.model.outputs == ["logits"] + [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
     paths = {f.path for f in m.files}
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "golden/inputs.npz", "golden/outputs.npz"} <= paths
@@ -73,38 +85,47 @@ def test_every_decoder_exports_a_verified_bundle_that_passes_its_gate(arch, quan
     assert m.quantization.precision == quant
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("arch", DECODERS)
-def test_int4_quantizes_every_linear_but_the_lm_head(arch, exports):
-    result = exports(arch, "int4")
-    g = graph(result.bundle)
-    nbits = [n for n in g.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == linear_count(arch)
+def test_int4_quantizes_every_linear_but_the_lm_head(arch, graph, exports):
+    result = exports(arch, "int4", graph)
+    g = graph_of(result.bundle)
+    nbits = [n for n in g.graph.node if n.op_type == "MatMulNBits" and not n.name.startswith("/lm_head/")]
+    assert len(nbits) == linear_count(arch, graph)
     assert not any("lm_head" in n.name for n in nbits)
-    lm_head = [n for n in g.graph.node if n.name == "/lm_head/MatMul"]
-    assert lm_head and lm_head[0].op_type == "MatMul"  # left in float
+    # the profile keeps the lm_head out of 4 bits but gives it 8-bit blocks (int8_blocks), not float --
+    # except where optimum's trace computes a tied head's weight (a Transpose of the embedding)
+    lm_head = [n for n in g.graph.node if n.name.startswith("/lm_head/MatMul")]
+    computed = graph == "optimum" and lm_head[0].input[1].endswith("_transposed")
+    assert len(lm_head) == 1 and lm_head[0].op_type == ("MatMul" if computed else "MatMulNBits")
+    if not computed:
+        assert {a.name: a.i for a in lm_head[0].attribute}["bits"] == 8
     attrs = {a.name: a.i for a in nbits[0].attribute}
     assert attrs["block_size"] == 32 and attrs["accuracy_level"] == 4 and attrs["bits"] == 4
     q = result.manifest.quantization
-    assert q.recipe == "int4-matmulnbits-b32-acc4-asym"
-    assert q.details["excluded_nodes"] == ["/lm_head/MatMul"]
+    assert q.recipe == "int4-matmulnbits-b32-acc4-asym-int8head"
+    head = ["/lm_head/MatMul"]
+    assert (q.details["excluded_nodes"], q.details["int8_block_nodes"]) == ((head, []) if computed else ([], head))
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("arch", DECODERS)
-def test_int8_quantizes_every_linear_but_the_lm_head(arch, exports):
-    g = graph(exports(arch, "int8").bundle)
-    assert sum(n.op_type == "MatMulInteger" for n in g.graph.node) == linear_count(arch)
+def test_int8_quantizes_every_linear_but_the_lm_head(arch, graph, exports):
+    g = graph_of(exports(arch, "int8", graph).bundle)
+    assert sum(n.op_type == "MatMulInteger" for n in g.graph.node) == linear_count(arch, graph)
     assert [n.op_type for n in g.graph.node if n.name == "/lm_head/MatMul"] == ["MatMul"]
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
-def test_float_export_matches_pytorch_in_prefill_and_decode(arch, exports):
+def test_float_export_matches_pytorch_in_prefill_and_decode(arch, graph, exports):
     """fp32: prefill logits equal PyTorch's, and decoding through the KV cache equals a full forward."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from exporter.lm import OrtDecoder
 
-    result = exports(arch, "none")
+    result = exports(arch, "none", graph)
     assert result.report.metrics["logits_abs_diff"] < 1e-4
     assert result.report.metrics["greedy_match"] == 1.0 and result.report.metrics["top1_agreement"] == 1.0
     dec = OrtDecoder(result.bundle / "model.onnx")
@@ -258,7 +279,7 @@ def test_real_smollm2_gguf_exports_with_a_quality_report_on_real_text(quant, smo
     # int4 (HQQ refits the GGUF's 4-bit grid) is nearly lossless; dynamic int8 quantizes activations per
     # tensor and loses more, even with the massive-activation Linears kept float (recorded in details)
     if quant == "int4":
-        assert m.quantization.recipe == "int4-matmulnbits-hqq-b32-acc4"
+        assert m.quantization.recipe == "int4-matmulnbits-hqq-b32-acc4-int8head"
         assert abs(q.metrics["ppl_delta"]) < 0.02 and q.metrics["top1_agreement"] >= 0.95
         assert q.metrics["greedy_match"] >= 0.8
     else:

@@ -1,0 +1,184 @@
+"""exporter/native.py: Hugging Face weights -> edgeship's GroupQueryAttention graph, checked against PyTorch
+for every architecture it claims (tiny random models of the real configs), and served by the agent."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tests.support.models import tiny_model  # noqa: E402
+
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512, max_position_embeddings=256)
+# beyond tests/support's tiny models: what only the native builder exports, and rope/attention variants
+CONFIGS = {
+    "llama": dict(model_type="llama"),
+    "llama3-rope": dict(model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2-tied": dict(model_type="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", head_dim=16),
+    "mistral": dict(model_type="mistral", sliding_window=None),
+    "phi3": dict(model_type="phi3", original_max_position_embeddings=256, pad_token_id=0),
+    "phi3-partial-rotary": dict(model_type="phi3", original_max_position_embeddings=256, pad_token_id=0,
+                                hidden_size=128, num_attention_heads=4, partial_rotary_factor=0.5),
+    "gemma": dict(model_type="gemma", head_dim=16),
+    "exaone4": dict(model_type="exaone4", head_dim=16),
+    "exaone4-hybrid": dict(model_type="exaone4", head_dim=16, num_hidden_layers=4, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"] * 2),
+}
+
+
+def random_model(name: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {**BASE, **CONFIGS[name]}
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norms initialise to 1 (or 0 for gemma): perturb them so their use is tested
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_native_graph_equals_pytorch_in_prefill_decode_and_chunks(name, tmp_path):
+    """Prefill, single-token decode and a multi-token chunk after a cached prefix all equal one full
+    PyTorch forward (positions, rotary scaling, sliding windows and NoPE layers included)."""
+    import onnx
+    import torch
+
+    from exporter.lm import OrtDecoder
+    from exporter.native import export_native
+
+    model = random_model(name)
+    ids = np.random.default_rng(0).integers(0, 512, (1, 40))
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(ids)).logits[0].numpy()
+    path = export_native(model, tmp_path)
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    assert ops.count("GroupQueryAttention") == model.config.num_hidden_layers
+    dec = OrtDecoder(path)
+    assert "position_ids" not in dec.input_names
+    logits, past = dec.run(ids[:, :30], dec.empty_past())
+    got = [logits[0]]
+    for t in range(30, 35):
+        logits, past = dec.run(ids[:, t:t + 1], past)
+        got.append(logits[0])
+    logits, past = dec.run(ids[:, 35:], past)
+    got.append(logits[0])
+    np.testing.assert_allclose(np.concatenate(got), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_shared_kv_buffer_runs_in_place(tmp_path):
+    """past and present bound to the same max_context buffer (how the agent runs it) give the same logits."""
+    import onnxruntime as ort
+    import torch
+
+    from exporter.native import export_native
+
+    model = random_model("llama")
+    ids = np.random.default_rng(1).integers(0, 512, (1, 20))
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(ids)).logits[0].numpy()
+    sess = ort.InferenceSession(str(export_native(model, tmp_path, max_context=64)), providers=["CPUExecutionProvider"])
+    names = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 2, 64, 16), np.float32)) for _ in names]
+    binding, got = sess.io_binding(), []
+    for lo, hi in [(0, 12), (12, 13), (13, 20)]:
+        binding.bind_cpu_input("input_ids", ids[:, lo:hi])
+        binding.bind_cpu_input("attention_mask", np.ones((1, hi), np.int64))
+        binding.clear_binding_outputs()
+        binding.bind_output("logits", "cpu")
+        for name, buf in zip(names, buffers):
+            binding.bind_ortvalue_input(name, buf)
+            binding.bind_ortvalue_output(name.replace("past_key_values", "present"), buf)
+        sess.run_with_iobinding(binding)
+        got.append(binding.get_outputs()[0].numpy()[0])
+    np.testing.assert_allclose(np.concatenate(got), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_fused_patterns_rename_qkv_and_gate_up():
+    from exporter.native import fused_patterns
+
+    assert fused_patterns(["/model/layers.3/self_attn/q_proj/", "/model/layers.3/self_attn/k_proj/",
+                           "/model/layers.11/mlp/down_proj/", "/model/layers.2/mlp/up_proj/"]) == [
+        "/model/layers.3/self_attn/qkv_proj/", "/model/layers.11/mlp/down_proj/", "/model/layers.2/mlp/gate_up_proj/"]
+
+
+def test_graph_choice_names_why_and_refuses_impossible_requests():
+    from transformers import AutoConfig, GPT2Config
+
+    from exporter.api import choose_graph
+    from exporter.errors import ExportError
+    from exporter.profiles import load_profile
+    from exporter.progress import Progress
+
+    llama = AutoConfig.from_pretrained(tiny_model("llama"))
+    cpu, gpu = load_profile("cpu-x86-avx2"), load_profile("gpu-cuda")
+    notes = Progress()
+    assert choose_graph(llama, cpu, "auto", notes) == "native"
+    assert choose_graph(llama, cpu, "optimum", notes) == "optimum"
+    assert choose_graph(llama, gpu, "auto", notes) == "optimum"
+    with pytest.raises(ExportError, match="gpu-cuda is gpu.*use --graph optimum"):
+        choose_graph(llama, gpu, "native", notes)
+    with pytest.raises(ExportError, match="'gpt2' has no native graph builder"):
+        choose_graph(GPT2Config(), cpu, "native", notes)
+    yarn = AutoConfig.for_model("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    assert choose_graph(yarn, cpu, "auto", notes) == "optimum"
+    with pytest.raises(ExportError, match="rope scaling 'yarn'"):
+        choose_graph(yarn, cpu, "native", notes)
+    with pytest.raises(ExportError, match="choose auto, native or optimum"):
+        choose_graph(llama, cpu, "fast", notes)
+
+
+def test_exaone4_exports_through_the_cli_path_and_the_agent_serves_it(tmp_path, keypair, trusted):
+    """EXAONE 4.0 (no optimum config exists for it) goes through export() to a gated bundle, and the
+    agent's runtime generates the same greedy tokens as the exporter's reference decoder."""
+    from agent.bundle import QualityStatus, open_bundle
+    from agent.runtime import load_model
+    from exporter import export
+    from exporter.lm import OrtDecoder
+
+    src = tmp_path / "exaone4"
+    random_model("exaone4-hybrid").save_pretrained(src)
+    for f in tiny_model("llama").iterdir():  # a real trained tokenizer with a chat template
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (src / f.name).write_bytes(f.read_bytes())
+    result = export(src, out=tmp_path / "bundle", key=keypair[0], quant="int8", benchmark=False)
+    m = result.manifest
+    assert m.quality.status is QualityStatus.PASSED, m.quality.failures
+    assert m.model.architecture == "exaone4" and m.quantization.details["graph"] == "native"
+    model = load_model(open_bundle(result.bundle, trusted))
+    try:
+        assert model.shared_kv
+        prompt = np.random.default_rng(3).integers(3, 500, 12).tolist()
+        tokens = [c.token_id for c in model.generate(prompt, max_tokens=10, ignore_eos=True) if c.token_id is not None]
+        expected = OrtDecoder(result.bundle / "model.onnx").greedy(np.array(prompt), 10).tolist()
+        assert tokens == expected
+        # a second turn that extends the first reuses the cached prefix and still matches
+        again = model.generate(prompt + tokens[:5], max_tokens=5, ignore_eos=True)
+        more = [c.token_id for c in again if c.token_id is not None]
+        assert again.stats.cached_tokens > 0 and more == expected[5:10]
+    finally:
+        model.close()
+
+
+def test_native_only_architecture_on_a_gpu_target_is_refused_early():
+    from transformers import AutoConfig
+
+    from exporter.api import choose_graph
+    from exporter.errors import UnsupportedArchitecture
+    from exporter.profiles import load_profile
+    from exporter.progress import Progress
+
+    exaone = AutoConfig.for_model("exaone4", **BASE)
+    with pytest.raises(UnsupportedArchitecture, match="'exaone4' for text-generation by the optimum graph"):
+        choose_graph(exaone, load_profile("gpu-cuda"), "auto", Progress())

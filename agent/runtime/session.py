@@ -23,7 +23,7 @@ class SessionChoice:
     tried: tuple[str, ...]  # "EP: why it was skipped", in order
 
 
-def session_options(threads: int):
+def session_options(threads: int, *, spin: bool = False):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -35,7 +35,9 @@ def session_options(threads: int):
     # Idle pool threads sleep instead of spin-waiting: an edge device shares its few cores with
     # other work, and spinning threads then steal the cores the next op needs. Measured on 2
     # shared cores (bench/agent_speed.py): decode 6.9 -> 11.6 tok/s, prefill unchanged.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # `spin` (agent setting runtime.spin_wait) turns spinning back on for a device whose cores are the
+    # model's alone: wake-ups between ops cost less there (bench/agent_speed.py measures both).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return so
 
 
@@ -64,7 +66,7 @@ def _register_qnn() -> str | None:
 
 
 def create_session(bundle: VerifiedBundle, *, threads: int | None = None,
-                   providers: list[str] | None = None) -> SessionChoice:
+                   providers: list[str] | None = None, spin: bool = False) -> SessionChoice:
     """Try the bundle's execution providers in order (e.g. QNN, then CPU); CPU is the last resort.
 
     A plugin EP (QNN) must take the whole graph; otherwise the next EP in the list is used and the
@@ -94,7 +96,7 @@ def create_session(bundle: VerifiedBundle, *, threads: int | None = None,
             tried.append(f"{name}: not available in this onnxruntime ({', '.join(ort.get_available_providers())})")
             continue
         chain = [(name, options)] + ([] if name == CPU else [(CPU, {})])
-        so = session_options(n)
+        so = session_options(n, spin=spin)
         try:
             if name == CPU or not _plugin_has(name):
                 session = ort.InferenceSession(model_path, sess_options=so, providers=[c[0] for c in chain],

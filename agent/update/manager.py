@@ -73,6 +73,7 @@ class UpdateConfig:
     cpu_features: frozenset[str] | None = None  # None = do not check
     providers: list[str] | None = None  # passed to load_model for serving AND the smoke test
     threads: int | None = None
+    spin: bool = False  # inference threads spin-wait (agent setting runtime.spin_wait)
     download: DownloadOptions = DownloadOptions()
     disk_margin_bytes: int = 16 * 1024 * 1024
     smoke_timeout_s: float = 120.0
@@ -490,7 +491,8 @@ class UpdateManager:
         if rec.kind == "deploy":
             req, err, p95 = self.host.stats.window(time.time() - self.config.baseline_window_s)
             rec.baseline = {"requests": float(req), "errors": float(err), **({"p95_ms": p95} if p95 is not None else {})}
-        new = self._load(vb, threads=self.config.threads, providers=self.config.providers)  # loaded BEFORE the swap
+        new = self._load(vb, threads=self.config.threads, providers=self.config.providers,
+                                    spin=self.config.spin)  # loaded BEFORE the swap
         crash_point("switch:before_rename")
         self.store.switch(sha, rec.restore_sha if rec.kind == "deploy" else None)
         crash_point("switch:after_rename")
@@ -554,7 +556,8 @@ class UpdateManager:
         if active is None or (current is not None and Path(current.path).name == active):
             return
         vb = self.store.bundle(active)
-        old = self.host.swap(self._load(vb, threads=self.config.threads, providers=self.config.providers))
+        old = self.host.swap(self._load(vb, threads=self.config.threads, providers=self.config.providers,
+                                    spin=self.config.spin))
         self.host.drain(old, self.config.drain_timeout_s)
 
     # ---- messages --------------------------------------------------------------------------------

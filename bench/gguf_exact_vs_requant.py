@@ -1,25 +1,40 @@
 """Speed of the exact GGUF export vs the same model requantized to int4, side by side in one run.
 
-exact:     export_gguf defaults: the GGUF's blocks kept, MatMulNBits accuracy level 0 (the GGUF's float math)
-exact-acc4: the same blocks at accuracy level 4 (int8 activations): same speed class as requant, not exact
-requant:   the same graph builder, weights dequantized and requantized to MatMulNBits int4 asymmetric
-           (uint8 zero points), block 32, accuracy level 4, lm_head included, embeddings in float:
-           onnxruntime's usual int4 recipe, so only the weight format differs.
+exact:        export_gguf defaults: the GGUF's blocks kept; the measured accuracy policy (decoder linears at
+              MatMulNBits level 0, the GGUF's float math; lm_head at level 4 with each position's top-16
+              logits recomputed exactly; exporter/gguf/levels.py)
+exact-acc0:   the same blocks, every MatMulNBits at level 0 (the lm_head's Q8_0 as two exact 4-bit halves)
+exact-acc4:   the same blocks, every MatMulNBits at level 4 (int8 activations): fast, not the GGUF's math
+requant-int4: the same weights dequantized and requantized to MatMulNBits int4 asymmetric (uint8 zero
+              points), block 32, level 4, lm_head included, embeddings in float: onnxruntime's usual int4
+              recipe and the fastest int4 bundle of this model.
 
-Prefill: one call with a 128-token prompt. Decode: 64 new tokens through the KV cache. 2 threads.
-Rounds alternate between the two models so machine load hits both alike; medians are printed.
+Like with like: all four graphs come from exporter.gguf.graph.build_decoder with GroupQueryAttention
+(the graph exporter/native.py builds for Hugging Face models before exporter.quantize), q/k/v and
+gate/up fused into one MatMulNBits each; only the weight format and the accuracy levels differ.
+(The product's own `--requantize` of a GGUF picks HQQ, whose float zero points take onnxruntime's slow
+MatMulNBits path; that is slower still and not what this compares against.)
 
-    python -m bench.gguf_exact_vs_requant [--gguf PATH] [--rounds 3] [--threads 2]   (from the repo root)
+Prefill: one call with a 128-token prompt. Decode: 64 new tokens through the KV cache. 2 threads that
+sleep when idle, as the agent runs them. Rounds alternate between the models so machine load hits all
+alike; medians of wall-clock tok/s, and process CPU ms per token (less sensitive to other load). With
+--quality, each exact model is also judged as the exporter judges it (exporter.gguf.quality: ppl, top-1,
+greedy 64-token chat answer vs transformers' fp32 dequantization).
+
+    python -m bench.gguf_exact_vs_requant [--gguf PATH] [--rounds 3] [--threads 2] [--quality] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import dataclasses
+import json
+import os
+import platform
 import statistics
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +43,11 @@ import onnx
 from exporter.gguf.arch import decoder_config, decoder_weights
 from exporter.gguf.export import export_gguf
 from exporter.gguf.graph import DecoderWeights, ExternalData, build_decoder
-from exporter.gguf.quality import OnnxDecoder, _nll, eval_text
+from exporter.gguf.quality import OnnxDecoder, _nll, eval_text, gguf_quality, gguf_reference
 from exporter.gguf.reader import GgufFile
 from exporter.gguf.repack import BlockWeight
+
+BASELINE = "requant-int4"
 
 
 def requant_int4_asym(w: np.ndarray, block: int = 32) -> BlockWeight:
@@ -67,69 +84,103 @@ def build_requant(gguf_path: Path, out: Path) -> Path:
     weights = requantized(decoder_weights(g, cfg))
     out.mkdir(parents=True, exist_ok=True)
     external = ExternalData(out / "model.onnx.data")
-    model = build_decoder(cfg, weights, accuracy_level=4, external=external)
+    model = build_decoder(cfg, weights, accuracy_level=4, external=external, attention="gqa")
     external.close()
     onnx.save_model(model, out / "model.onnx")
     return out / "model.onnx"
 
 
-def measure(dec: OnnxDecoder, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) for one prompt and `new_tokens` greedy steps."""
-    t0 = time.perf_counter()
+def measure(dec: OnnxDecoder, prompt: np.ndarray, new_tokens: int) -> dict[str, float]:
+    """Prefill and decode tok/s (wall) and CPU ms per token (all threads) for one prompt and greedy steps."""
+    w0, c0 = time.perf_counter(), time.process_time()
     logits, past = dec.run(prompt[None], dec.empty_past())
-    t1 = time.perf_counter()
+    w1, c1 = time.perf_counter(), time.process_time()
     for _ in range(new_tokens):
         nxt = np.array([[int(logits[0, -1].argmax())]])
         logits, past = dec.run(nxt, past)
-    t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), new_tokens / (t2 - t1)
+    w2, c2 = time.perf_counter(), time.process_time()
+    return {"prefill_tok_s": len(prompt) / (w1 - w0), "decode_tok_s": new_tokens / (w2 - w1),
+            "prefill_cpu_ms_per_tok": (c1 - c0) * 1e3 / len(prompt), "decode_cpu_ms_per_tok": (c2 - c1) * 1e3 / new_tokens}
 
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from tests.support.models import smollm2_gguf_path
+    from edgeship.models import smollm2_gguf_path
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gguf", type=Path, default=None, help="GGUF file (default: the SmolLM2-135M-Instruct Q4_1 test model)")
+    ap.add_argument("--gguf", type=Path, default=None, help="GGUF file (default: the packaged SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--quality", action="store_true", help="also judge each exact model against transformers' fp32")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
     gguf_path = args.gguf or smollm2_gguf_path()
+    load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory() as tmp:
         exact = export_gguf(gguf_path, Path(tmp) / "exact")
-        exact4 = export_gguf(gguf_path, Path(tmp) / "exact-acc4", accuracy_level=4)
-        requant_path = build_requant(gguf_path, Path(tmp) / "requant")
+        paths = {"exact": exact.onnx_path,
+                 "exact-acc0": export_gguf(gguf_path, Path(tmp) / "exact-acc0", accuracy_level=0).onnx_path,
+                 "exact-acc4": export_gguf(gguf_path, Path(tmp) / "exact-acc4", accuracy_level=4).onnx_path,
+                 BASELINE: build_requant(gguf_path, Path(tmp) / "requant")}
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(exact.onnx_path.parent)
         ids = np.array(tok(eval_text(), add_special_tokens=False)["input_ids"])
         prompt = ids[: args.prompt_tokens]
-        models = {"exact": OnnxDecoder(exact.onnx_path, threads=args.threads),
-                  "exact-acc4": OnnxDecoder(exact4.onnx_path, threads=args.threads),
-                  "requant-int4": OnnxDecoder(requant_path, threads=args.threads)}
-        quality = {}
+        models = {name: OnnxDecoder(path, threads=args.threads, spinning=False) for name, path in paths.items()}
+        ppl = {}
         for name, dec in models.items():
             logits = dec.run(ids[None, :1024], dec.empty_past())[0][0]
-            quality[name] = float(np.exp(_nll(logits, ids[:1024]).mean()))
+            ppl[name] = float(np.exp(_nll(logits, ids[:1024]).mean()))
             measure(dec, prompt[:16], 4)  # warm-up
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
         for _ in range(args.rounds):
             for name, dec in models.items():
-                results[name].append(measure(dec, prompt, args.new_tokens))
+                runs[name].append(measure(dec, prompt, args.new_tokens))
+        load_after = os.getloadavg()
+        quality = {}
+        if args.quality:
+            eos = exact.model_spec.config["eos_token_ids"]
+            ref = gguf_reference(gguf_path, exact.onnx_path.parent, eos_token_ids=eos)
+            for name in ("exact", "exact-acc0", "exact-acc4"):
+                report = gguf_quality(gguf_path, paths[name], exact.onnx_path.parent, eos_token_ids=eos,
+                                      threads=args.threads, reference=ref)
+                quality[name] = {"status": report.status.value, **report.metrics,
+                                 "greedy_onnx": report.details["greedy_onnx"]}
 
+    med = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
+    base = med[BASELINE]
+    ratios = {name: {"prefill": m["prefill_tok_s"] / base["prefill_tok_s"], "decode": m["decode_tok_s"] / base["decode_tok_s"],
+                     "prefill_cpu": base["prefill_cpu_ms_per_tok"] / m["prefill_cpu_ms_per_tok"],
+                     "decode_cpu": base["decode_cpu_ms_per_tok"] / m["decode_cpu_ms_per_tok"]}
+              for name, m in med.items() if name != BASELINE}
     print(f"{gguf_path.name}: prompt {len(prompt)} tokens, {args.new_tokens} new tokens, {args.threads} threads, "
-          f"{args.rounds} rounds (medians)")
-    print(f"{'model':<14}{'prefill tok/s':>15}{'decode tok/s':>15}{'ppl (eval.txt)':>16}")
-    med = {}
-    for name, runs in results.items():
-        med[name] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
-        print(f"{name:<14}{med[name][0]:>15.1f}{med[name][1]:>15.1f}{quality[name]:>16.3f}")
-    base = med["requant-int4"]
-    for name in ("exact", "exact-acc4"):
-        print(f"{name} / requant-int4: prefill {med[name][0] / base[0]:.3f}x, decode {med[name][1] / base[1]:.3f}x")
+          f"{args.rounds} rounds (medians); load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
+    print(f"{'model':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'prefill cpu ms/tok':>20}{'decode cpu ms/tok':>19}{'ppl':>9}")
+    for name, m in med.items():
+        print(f"{name:<14}{m['prefill_tok_s']:>15.1f}{m['decode_tok_s']:>14.1f}{m['prefill_cpu_ms_per_tok']:>20.2f}"
+              f"{m['decode_cpu_ms_per_tok']:>19.2f}{ppl[name]:>9.3f}")
+    for name, r in ratios.items():
+        print(f"{name} / {BASELINE}: prefill {r['prefill']:.3f}x, decode {r['decode']:.3f}x "
+              f"(cpu time: prefill {r['prefill_cpu']:.3f}x, decode {r['decode_cpu']:.3f}x)")
+    for name, q in quality.items():
+        print(f"{name}: {q['status']}, ppl {q['ppl_delta']:+.4%}, top-1 {q['top1_agreement']:.4f}, "
+              f"greedy match {q['greedy_match']:.3f}: {q['greedy_onnx']!r}")
+    if args.json:
+        import onnxruntime
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "gguf": gguf_path.name,
+            "onnxruntime": onnxruntime.__version__, "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "threads": args.threads, "rounds": args.rounds,
+            "prompt_tokens": int(len(prompt)), "new_tokens": args.new_tokens,
+            "load_average_before": load_before, "load_average_after": load_after,
+            "medians": med, "ratios_vs_requant": ratios, "ppl_eval_txt": ppl, "quality": quality, "runs": runs,
+        }, indent=2) + "\n")
 
 
 if __name__ == "__main__":

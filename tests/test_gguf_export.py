@@ -26,6 +26,9 @@ from exporter.gguf.export import RECIPE, export_gguf  # noqa: E402
 from exporter.gguf.quality import OnnxDecoder  # noqa: E402
 from tests.support.models import TINY_CONFIGS, cache_dir, smollm2_gguf_path, tiny_model  # noqa: E402
 
+# Tests that compare every logit with the float reference export at level 0 everywhere: the GGUF's own
+# float math (the default policy computes the lm_head at level 4 and only its top logits exactly).
+EXACT = 0
 # Linear layers in a mix of exact types; GGUF blocks need K % 32 == 0 (tiny hidden = 64, ff = 128).
 LINEAR_TYPES = {"attn_q": QT.Q4_1, "attn_k": QT.Q4_0, "attn_v": QT.Q8_0, "attn_output": QT.Q5_1,
                 "attn_qkv": QT.Q4_1, "ffn_gate": QT.Q4_1, "ffn_up": QT.Q5_0, "ffn_down": QT.Q4_0}
@@ -193,7 +196,7 @@ def reference_logits(gguf_path: Path, ids: np.ndarray) -> np.ndarray:
 def tiny_llama(tmp_path_factory):
     d = tmp_path_factory.mktemp("gguf-llama")
     path, _ = write_tiny_gguf("llama", d)
-    return path, export_gguf(path, d / "out")
+    return path, export_gguf(path, d / "out", accuracy_level=EXACT)
 
 
 def _onnx_logits(result, ids: np.ndarray) -> np.ndarray:
@@ -207,7 +210,7 @@ def test_tiny_gguf_matches_transformers_gguf_loader(arch, tmp_path, tiny_llama):
     path, result = tiny_llama if arch == "llama" else (None, None)
     if result is None:
         path, _ = write_tiny_gguf(arch, tmp_path)
-        result = export_gguf(path, tmp_path / "out")
+        result = export_gguf(path, tmp_path / "out", accuracy_level=EXACT)
     ids = np.random.default_rng(0).integers(3, 512, size=(1, 12))
     np.testing.assert_allclose(_onnx_logits(result, ids), reference_logits(path, ids), atol=1e-4, rtol=1e-4)
 
@@ -219,7 +222,7 @@ def test_tiny_gguf_matches_hf_model_with_gguf_weights(arch, embed_type, tmp_path
     against the HF model carrying exactly the GGUF's weights (transformers 4.57 cannot load gemma
     GGUFs, nor qwen3 ones whose head_dim is not 128)."""
     path, model = write_tiny_gguf(arch, tmp_path, embed_type=embed_type)
-    result = export_gguf(path, tmp_path / "out")
+    result = export_gguf(path, tmp_path / "out", accuracy_level=EXACT)
     ids = np.random.default_rng(0).integers(3, 512, size=(1, 12))
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.numpy()
@@ -233,7 +236,7 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
     path, model = write_tiny_gguf("llama", tmp_path, rope_scaling=scaling)
-    result = export_gguf(path, tmp_path / "out")
+    result = export_gguf(path, tmp_path / "out", accuracy_level=EXACT)
     ids = np.random.default_rng(7).integers(3, 512, size=(1, 80))
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.numpy()
@@ -244,7 +247,7 @@ def test_same_type_projections_are_fused(tmp_path):
     """q/k/v (and gate/up) of one type become one MatMulNBits each; qwen2's biases stack with them."""
     path, model = write_tiny_gguf("qwen2", tmp_path, embed_type=QT.Q4_0,
                                   linear_types={kind: QT.Q4_1 for kind in LINEAR_TYPES})
-    result = export_gguf(path, tmp_path / "out")
+    result = export_gguf(path, tmp_path / "out", accuracy_level=EXACT)
     ops = [n.op_type for n in onnx.load(result.onnx_path, load_external_data=False).graph.node]
     assert ops.count("MatMulNBits") == 4 * TINY_CONFIGS["qwen2"]["num_hidden_layers"] + 1
     assert ops.count("GatherBlockQuantized") == 1  # Q4_0 table: 4-bit, default zero point
@@ -291,6 +294,32 @@ def test_structure_io_and_spec(tiny_llama):
     assert all(f.parent == result.onnx_path.parent and f.exists() for f in result.files)
 
 
+def test_default_policy_levels_recorded_and_top_logits_exact(tiny_llama, tmp_path):
+    """The default accuracy policy: every decoder linear at level 0, the lm_head at level 4 with each position's
+    top logits recomputed in float; the manifest says which class got which level and why."""
+    path, exact = tiny_llama
+    result = export_gguf(path, tmp_path / "out")
+    model = onnx.load(result.onnx_path, load_external_data=False)
+    levels = {n.name: next(a.i for a in n.attribute if a.name == "accuracy_level")
+              for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert levels.pop("/lm_head/MatMulNBits") == 4  # one 8-bit node, not two exact 4-bit halves
+    assert levels and set(levels.values()) == {0}
+    assert {"TopK", "ScatterElements"} <= {n.op_type for n in model.graph.node}
+    details = result.quantization.details
+    assert details["accuracy_level"] == "per-weight"
+    policy = details["accuracy_levels"]
+    assert policy["levels"] == {"attn_qkv": 0, "attn_out": 0, "mlp_in": 0, "mlp_out": 0, "lm_head": 4}
+    assert policy["lm_head_exact_top_k"] == 16 and all(policy["reasons"].values())
+    assert exact.quantization.details["accuracy_level"] == 0  # the override: one level for all
+
+    ids = np.random.default_rng(6).integers(3, 512, size=(1, 12))
+    want, got = _onnx_logits(exact, ids), _onnx_logits(result, ids)
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    top = np.argsort(want, axis=-1)[..., -8:]
+    np.testing.assert_allclose(np.take_along_axis(got, top, -1), np.take_along_axis(want, top, -1), atol=1e-4, rtol=1e-4)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
 def test_kv_cache_decode_equals_prefill(tiny_llama):
     _, result = tiny_llama
     dec = OnnxDecoder(result.onnx_path, threads=1)
@@ -308,7 +337,7 @@ def test_kv_cache_decode_equals_prefill(tiny_llama):
 def test_plain_attention_graph_equals_gqa(tiny_llama, tmp_path):
     """attention="plain" (standard ONNX ops, position_ids input) computes what GroupQueryAttention does."""
     path, gqa = tiny_llama
-    plain = export_gguf(path, tmp_path / "plain", attention="plain")
+    plain = export_gguf(path, tmp_path / "plain", attention="plain", accuracy_level=EXACT)
     assert "position_ids" in plain.model_spec.inputs and "past_present_share_buffer" not in plain.model_spec.config
     ids = np.random.default_rng(4).integers(3, 512, size=(1, 9))
     outs = []
@@ -324,7 +353,7 @@ def test_left_padding_is_masked(tiny_llama, tmp_path):
     """A left-padded row of a batch gives the same logits as the row alone (plain attention: GroupQueryAttention
     takes right-padded batches only; the agent runs one sequence at a time)."""
     path, _ = tiny_llama
-    result = export_gguf(path, tmp_path / "plain", attention="plain")
+    result = export_gguf(path, tmp_path / "plain", attention="plain", accuracy_level=EXACT)
     dec = OnnxDecoder(result.onnx_path, threads=1)
     ids = np.random.default_rng(2).integers(3, 512, size=(1, 5))
     alone, _ = dec.run(ids, dec.empty_past())

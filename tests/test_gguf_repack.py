@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from exporter.gguf.graph import linear_model
+from exporter.gguf.levels import DEFAULT_POLICY, WEIGHT_CLASSES, AccuracyPolicy, weight_class
 from exporter.gguf.repack import FORMATS, BlockWeight, decode
 
 # byte ranges of the fp16 fields (d, and min/dmin where the type has one) inside one block
@@ -134,3 +135,50 @@ def test_per_block_zero_points(bits):
     x = rng.standard_normal((3, k)).astype(np.float32)
     sess = ort.InferenceSession(linear_model(w).SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_accuracy_policy_classes_and_override():
+    assert weight_class("model.layers.3.self_attn.qkv_proj") == "attn_qkv"
+    assert weight_class("model.layers.3.self_attn.o_proj") == "attn_out"
+    assert weight_class("model.layers.3.mlp.gate_up_proj") == weight_class("model.layers.0.mlp.up_proj") == "mlp_in"
+    assert weight_class("model.layers.3.mlp.down_proj") == "mlp_out"
+    assert weight_class("lm_head.hi") == weight_class("lm_head") == "lm_head"
+    # the default: the decoder's linears exact, the lm_head fast with its top logits recomputed
+    assert {DEFAULT_POLICY.level(f"model.layers.0.{m}") for m in ("self_attn.qkv_proj", "self_attn.o_proj",
+                                                                  "mlp.gate_up_proj", "mlp.down_proj")} == {0}
+    assert DEFAULT_POLICY.level("lm_head") == 4 and DEFAULT_POLICY.refines("lm_head")
+    assert not DEFAULT_POLICY.refines("model.layers.0.mlp.down_proj")
+    assert set(DEFAULT_POLICY.details()["reasons"]) == set(WEIGHT_CLASSES)
+    assert DEFAULT_POLICY.uniform_level is None
+    # an int accuracy_level: every weight at that level, nothing recomputed
+    four = AccuracyPolicy.uniform(4)
+    assert four.uniform_level == 4 and four.level("model.layers.1.mlp.down_proj") == 4 and not four.refines("lm_head")
+    with pytest.raises(ValueError, match="is not a MatMulNBits level"):
+        AccuracyPolicy.uniform(5)
+    with pytest.raises(ValueError, match="must name exactly"):
+        AccuracyPolicy({"lm_head": 4})
+
+
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_1"])
+def test_lm_head_top_logits_are_recomputed_exactly(ggml_type):
+    """The default policy's lm_head: all logits at level 4, then each row's top 16 recomputed in float from the
+    same blocks (GatherBlockQuantized for Q8_0; codes + scales + mins for Q4_1): exact where it matters."""
+    n, k = 512, 256
+    raw = random_rows(ggml_type, n, k, seed=8)
+    ref_w = dequantize(raw, GGMLQuantizationType[ggml_type]).astype(np.float64)
+    x = np.random.default_rng(9).standard_normal((6, k)).astype(np.float32)
+    ref = x.astype(np.float64) @ ref_w.T
+    model = linear_model(decode(ggml_type, raw, k), accuracy_level=DEFAULT_POLICY, stem="lm_head")
+    ops = [node.op_type for node in model.graph.node]
+    assert {"TopK", "ScatterElements"} <= set(ops)
+    assert [a.i for node in model.graph.node if node.op_type == "MatMulNBits"
+            for a in node.attribute if a.name == "accuracy_level"] == [4]
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    scale = np.abs(x).astype(np.float64) @ np.abs(ref_w).T
+    top = np.argsort(ref, axis=-1)[:, -16:]
+    top_err = np.take_along_axis(np.abs(y - ref) - 1e-5 * scale, top, axis=-1)
+    assert np.all(top_err <= 1e-6), "the largest logits must be the float ones"
+    np.testing.assert_array_equal(y.argmax(-1), ref.argmax(-1))
+    assert np.all(np.abs(y - ref) <= 2e-2 * scale)  # the rest: level-4 error
+    assert np.abs(y - ref).max() > 1e-4  # ... which is there (the fast path ran)

@@ -4,6 +4,7 @@
     repack.py   GGUF blocks -> MatMulNBits codes/scales/zero points/offsets (pure numpy, bit-exact)
     arch.py     llama / qwen2 / phi3 / gemma -> DecoderConfig + DecoderWeights
     graph.py    the decoder-with-past ONNX graph (onnx.helper), external data written as it is built
+    levels.py   AccuracyPolicy: the MatMulNBits accuracy level of each weight class, measured (lm_head top-k exact)
     export.py   export_gguf(path, out_dir) -> GgufResult (onnx_path, files, model_spec, quantization)
     quality.py  gguf_quality(): perplexity / top-1 / greedy chat answer vs transformers' fp32 model
 

@@ -13,17 +13,19 @@ from agent.bundle import ModelSpec, Quantization
 from exporter.errors import ConversionError, ExportError, SourceError
 from exporter.gguf.arch import decoder_config, decoder_weights
 from exporter.gguf.graph import Attention, DecoderConfig, ExternalData, build_decoder, io_names
+from exporter.gguf.levels import DEFAULT_POLICY, AccuracyPolicy
 from exporter.gguf.reader import GgufFile
 
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 RECIPE = "gguf-exact"
-# MatMulNBits accuracy level, measured on SmolLM2-135M-Instruct Q4_1 against transformers fp32 (883 tokens
-# of exporter/data/eval.txt): level 0 is the GGUF's own math (ppl +0.0000%, top-1 100%, same greedy
-# answer). Level 4 (int8 activations) gives ppl +0.06% but top-1 97.3% and flips the greedy chat
-# answer's first token (a near tie), also with the lm_head kept at level 0. 8-bit blocks are split into
-# two exact 4-bit halves at level 0, because MatMulNBits has a fast float kernel only for 4 bits.
-DEFAULT_ACCURACY_LEVEL = 0
+# MatMulNBits accuracy level per weight class (exporter/gguf/levels.py has the measurements): the decoder's
+# linears at level 0, the GGUF's own float math (at level 4, each of q/k/v, gate/up, down and lm_head alone
+# flips SmolLM2's greedy chat answer, a near tie); the lm_head at level 4 with each position's top-16 logits
+# recomputed exactly (ppl +0.003 %, top-1 100 %, same answer, about half the lm_head's level-0 cost).
+# An int accuracy_level overrides it: every MatMulNBits at that level (8-bit blocks at level 0 are split
+# into two exact 4-bit halves, because MatMulNBits has a fast float kernel only for 4 bits).
+DEFAULT_ACCURACY_LEVEL: AccuracyPolicy = DEFAULT_POLICY
 
 
 @dataclass(frozen=True)
@@ -42,15 +44,18 @@ class GgufResult:
         return [f"{t}: {v['tensors']} tensors, {v['handling']}" for t, v in types.items()]
 
 
-def export_gguf(gguf_path: Path, out_dir: Path, *, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+def export_gguf(gguf_path: Path, out_dir: Path, *, accuracy_level: int | AccuracyPolicy = DEFAULT_ACCURACY_LEVEL,
                 attention: Attention = "gqa", progress: Callable[[str], None] | None = None) -> GgufResult:
     """Write `out_dir`/model.onnx (LM bundle I/O layout) whose quantized weights are the GGUF's own blocks.
 
-    accuracy_level is MatMulNBits': 0 keeps the GGUF's float math (the default, see above), 4 is int8 activations.
-    attention "gqa" fuses each layer's attention into GroupQueryAttention; "plain" uses standard ONNX ops.
+    accuracy_level: the measured per-weight policy by default (see above); an int puts every MatMulNBits at
+    that level (0 the GGUF's float math, 4 int8 activations). attention "gqa" fuses each layer's attention
+    into GroupQueryAttention; "plain" uses standard ONNX ops.
     """
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise ExportError(f"accuracy_level {accuracy_level!r} is not a MatMulNBits level; use 0 (exact float) .. 4 (int8 activations)")
+    try:
+        policy = accuracy_level if isinstance(accuracy_level, AccuracyPolicy) else AccuracyPolicy.uniform(accuracy_level)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     say = progress or (lambda _msg: None)
     g = GgufFile(Path(gguf_path))
     cfg = decoder_config(g)
@@ -62,7 +67,7 @@ def export_gguf(gguf_path: Path, out_dir: Path, *, accuracy_level: int = DEFAULT
     onnx_path, data_path = out_dir / MODEL_NAME, out_dir / DATA_NAME
     external = ExternalData(data_path)
     try:
-        model = build_decoder(cfg, weights, accuracy_level=accuracy_level, external=external, attention=attention,
+        model = build_decoder(cfg, weights, accuracy_level=policy, external=external, attention=attention,
                               progress=say)
     except Exception as exc:
         raise ConversionError(f"building the ONNX graph for {g.path.name} failed: {exc}") from exc
@@ -90,7 +95,9 @@ def export_gguf(gguf_path: Path, out_dir: Path, *, accuracy_level: int = DEFAULT
         precision=_precision(g),
         details={
             "source": g.path.name,
-            "accuracy_level": accuracy_level,
+            # one MatMulNBits level for all, or "per-weight": then accuracy_levels says which class got which and why
+            "accuracy_level": policy.uniform_level if policy.uniform_level is not None else "per-weight",
+            "accuracy_levels": policy.details(),
             "types": types,
             "exact_types": sorted(g.report.exact),
             "float_types": sorted(set(g.report.float) | set(g.report.dequantized)),

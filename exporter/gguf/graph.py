@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from exporter.gguf.levels import AccuracyPolicy
 from exporter.gguf.repack import BlockWeight, concat_rows
 
 OPSET = 17
@@ -62,7 +63,7 @@ class GraphBuilder:
     """Nodes and initializers of one graph, with unique names."""
 
     name: str
-    accuracy_level: int = 4
+    accuracy_level: int | AccuracyPolicy = 4  # one level for every MatMulNBits, or a level per weight class
     external: ExternalData | None = None
     nodes: list = field(default_factory=list)
     initializers: list = field(default_factory=list)
@@ -70,6 +71,8 @@ class GraphBuilder:
     outputs: list = field(default_factory=list)
     _count: int = 0
     _blocksums: dict = field(default_factory=dict)
+    _row_tables: dict = field(default_factory=dict)  # id(BlockWeight) -> scales (+ codes, offsets) of its rows
+    _packed: dict = field(default_factory=dict)  # id(BlockWeight) -> (the weight, its packed-blocks initializer)
 
     def _unique(self, stem: str) -> str:
         self._count += 1
@@ -93,39 +96,68 @@ class GraphBuilder:
                                            domain=domain, **attrs))
         return names[0] if len(names) == 1 else names
 
+    def packed(self, weight: BlockWeight, stem: str) -> str:
+        """The initializer of weight.packed(), made once: MatMulNBits' B and GatherBlockQuantized's data
+        have the same layout, so a tied embedding / lm_head stores its blocks once."""
+        if id(weight) not in self._packed:
+            self._packed[id(weight)] = (weight, self.const(weight.packed(), stem))  # the weight pins its id
+        return self._packed[id(weight)][1]
+
+    @property
+    def policy(self) -> AccuracyPolicy:
+        level = self.accuracy_level
+        return level if isinstance(level, AccuracyPolicy) else AccuracyPolicy.uniform(level)
+
     def linear(self, x: str, weight: Weight, stem: str, *, bias: np.ndarray | None = None, rank: int = 3) -> str:
         """x @ weight^T (+ bias) for x of `rank`; weight is [N, K]: GGUF blocks (MatMulNBits) or float.
 
         `stem` is the torch module path ("model.layers.3.mlp.down_proj"); the node is named as optimum's
         exporter names it ("/model/layers.3/mlp/down_proj/MatMul"), so --exclude patterns work on both.
+        MatMulNBits' accuracy level comes from the policy (exporter/gguf/levels.py) by weight class.
         """
-        if isinstance(weight, BlockWeight) and weight.bits == 8 and self.accuracy_level == 0:
-            hi, lo = weight.split_nibbles()  # exact, and runs on the fast 4-bit float kernel
-            y = self.op("Add", self.linear(x, hi, f"{stem}.hi", rank=rank), self.linear(x, lo, f"{stem}.lo", rank=rank))
+        if isinstance(weight, BlockWeight) and self.policy.refines(stem):
+            y = self._refined_logits(x, weight, stem, rank=rank)
         elif isinstance(weight, BlockWeight):
-            if weight.offsets is not None:  # a blocksum is needed anyway: drop the explicit zero point too
-                weight = weight.with_default_zero_point()
-            n, k = weight.shape
-            ins = [x, self.const(weight.packed(), f"{stem}.qweight"), self.const(weight.scales, f"{stem}.scales")]
-            zp = weight.zero_points()
-            if zp is not None:
-                ins.append(self.const(zp, f"{stem}.zero_points"))
-            y = self.op("MatMulNBits", *ins, domain=MS_DOMAIN, name=node_name(stem, "MatMulNBits"),
-                        K=k, N=n, bits=weight.bits,
-                        block_size=weight.block_size, accuracy_level=self.accuracy_level)
-            if weight.offsets is not None:
-                # w = scale*q + offset per block, so x @ w^T = MatMulNBits(x) + blocksum(x) @ offsets^T
-                sums = self._blocksums.get((x, weight.block_size))
-                if sums is None:  # q/k/v (and gate/up) read the same x: sum its blocks once
-                    blocks = self.op("Reshape", x, self.ints(*[0] * (rank - 1), weight.n_blocks, weight.block_size))
-                    sums = self._blocksums[(x, weight.block_size)] = self.op("ReduceSum", blocks, self.ints(-1), keepdims=0)
-                y = self.op("Add", y, self.op("MatMul", sums, self.const(weight.offsets.T.copy(), f"{stem}.offsets")))
+            y = self._block_linear(x, weight, stem, rank=rank, level=self.policy.level(stem))
         else:
             y = self.op("MatMul", x, self.const(np.asarray(weight, dtype=np.float32).T.copy(), f"{stem}.weight"),
                         name=node_name(stem, "MatMul"))
         if bias is not None:
             y = self.op("Add", y, self.const(bias.astype(np.float32), f"{stem}.bias"))
         return y
+
+    def _block_linear(self, x: str, weight: BlockWeight, stem: str, *, rank: int, level: int) -> str:
+        if weight.bits == 8 and level == 0:
+            hi, lo = weight.split_nibbles()  # exact, and runs on the fast 4-bit float kernel
+            return self.op("Add", self._block_linear(x, hi, f"{stem}.hi", rank=rank, level=0),
+                           self._block_linear(x, lo, f"{stem}.lo", rank=rank, level=0))
+        if weight.offsets is not None:  # a blocksum is needed anyway: drop the explicit zero point too
+            weight = weight.with_default_zero_point()
+        n, k = weight.shape
+        ins = [x, self.packed(weight, f"{stem}.qweight"), self.const(weight.scales, f"{stem}.scales")]
+        zp = weight.zero_points()
+        if zp is not None:
+            ins.append(self.const(zp, f"{stem}.zero_points"))
+        y = self.op("MatMulNBits", *ins, domain=MS_DOMAIN, name=node_name(stem, "MatMulNBits"),
+                    K=k, N=n, bits=weight.bits, block_size=weight.block_size, accuracy_level=level)
+        if weight.offsets is None:
+            return y
+        # w = scale*q + offset per block, so x @ w^T = MatMulNBits(x) + blocksum(x) @ offsets^T
+        sums = self._blocksums.get((x, weight.block_size))
+        if sums is None:  # q/k/v (and gate/up) read the same x: sum its blocks once
+            blocks = self.op("Reshape", x, self.ints(*[0] * (rank - 1), weight.n_blocks, weight.block_size))
+            sums = self._blocksums[(x, weight.block_size)] = self.op("ReduceSum", blocks, self.ints(-1), keepdims=0)
+        return self.op("Add", y, self.op("MatMul", sums, self.const(weight.offsets.T.copy(), f"{stem}.offsets")))
+
+    def _refined_logits(self, x: str, weight: BlockWeight, stem: str, *, rank: int) -> str:
+        """All logits at the policy's (fast) level, then each position's top k recomputed in float32 from the
+        same blocks and scattered back: the largest logits, the argmax and the softmax mass are exact."""
+        k = min(self.policy.exact_top_k or 1, weight.shape[0])
+        approx = self._block_linear(x, weight, stem, rank=rank, level=self.policy.level(stem))
+        _, top = self.op("TopK", approx, self.ints(k), axis=-1, outputs=2)  # [..., k]
+        rows = gather_rows(self, weight, top, index_rank=rank)  # [..., k, K] float32
+        exact = self.op("ReduceSum", self.op("Mul", rows, self.op("Unsqueeze", x, self.ints(-2))), self.ints(-1), keepdims=0)
+        return self.op("ScatterElements", approx, top, exact, axis=-1, name=node_name(stem, "ExactTopK"))
 
     def model(self) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
@@ -146,12 +178,12 @@ def node_name(module: str, op_type: str) -> str:
     return "/" + "/".join(parts) + f"/{op_type}"
 
 
-def linear_model(weight: BlockWeight, *, accuracy_level: int = 0) -> onnx.ModelProto:
-    """One linear layer y = x @ w^T over x float32 [M, K] (for tests and benchmarks)."""
+def linear_model(weight: BlockWeight, *, accuracy_level: int | AccuracyPolicy = 0, stem: str = "w") -> onnx.ModelProto:
+    """One linear layer y = x @ w^T over x float32 [M, K] (for tests and benchmarks); `stem` picks its weight class."""
     b = GraphBuilder("gguf_linear", accuracy_level=accuracy_level)
     n, k = weight.shape
     b.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k]))
-    y = b.linear("x", weight, "w", rank=2)
+    y = b.linear("x", weight, stem, rank=2)
     b.nodes.append(helper.make_node("Identity", [y], ["y"]))
     b.outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n]))
     return b.model()
@@ -230,7 +262,7 @@ def io_names(num_layers: int, attention: Attention = "gqa") -> tuple[list[str], 
 Attention = Literal["gqa", "plain"]
 
 
-def build_decoder(cfg: DecoderConfig, weights: DecoderWeights, *, accuracy_level: int,
+def build_decoder(cfg: DecoderConfig, weights: DecoderWeights, *, accuracy_level: int | AccuracyPolicy,
                   external: ExternalData | None = None, attention: Attention = "gqa",
                   progress: Callable[[str], None] | None = None) -> onnx.ModelProto:
     """The decoder-with-past graph of `cfg` over `weights`.
@@ -349,30 +381,45 @@ def _head_norm(b: GraphBuilder, x: str, weight: np.ndarray | None, heads: int, h
 
 
 def _embed(b: GraphBuilder, cfg: DecoderConfig, table: Weight) -> str:
-    hidden = table.shape[1]
-    if isinstance(table, BlockWeight) and table.offsets is None and table.zero_points() is None:
-        data = b.const(table.packed(), "embed.qweight")  # [vocab, blocks, block bytes]
-        scales = b.const(table.scales[..., None], "embed.scales")
-        x = b.op("GatherBlockQuantized", data, "input_ids", scales, domain=MS_DOMAIN,
-                 bits=table.bits, block_size=table.block_size, gather_axis=0, quantize_axis=2)
-        x = b.op("Reshape", x, b.ints(0, 0, hidden))
-    elif isinstance(table, BlockWeight):
-        # GatherBlockQuantized has no per-block min: gather codes, scales and offsets, dequantize the rows
-        table = table.with_default_zero_point()
-
-        def rows(array: np.ndarray, stem: str) -> str:
-            return b.op("Unsqueeze", b.op("Gather", b.const(array, stem), "input_ids"), b.ints(-1))
-
-        codes = b.op("Cast", b.op("Gather", b.const(table.codes, "embed.codes"), "input_ids"), to=TensorProto.FLOAT)
-        codes = b.op("Reshape", codes, b.ints(0, 0, table.n_blocks, table.block_size))
-        centred = b.op("Sub", codes, b.const(np.array(table.zero_point, dtype=np.float32)))
-        x = b.op("Add", b.op("Mul", centred, rows(table.scales, "embed.scales")), rows(table.offsets, "embed.offsets"))
-        x = b.op("Reshape", x, b.ints(0, 0, hidden))
+    if isinstance(table, BlockWeight):
+        x = gather_rows(b, table, "input_ids", index_rank=2)
     else:
         x = b.op("Gather", b.const(np.asarray(table, dtype=np.float32), "embed.weight"), "input_ids")
     if cfg.embed_scale is not None:
         x = b.op("Mul", x, b.const(np.array(cfg.embed_scale, dtype=np.float32)))
     return x
+
+
+def gather_rows(b: GraphBuilder, table: BlockWeight, ids: str, *, index_rank: int) -> str:
+    """Rows `ids` (int64, `index_rank` dims) of a block table as float32 [*ids.shape, K], dequantized exactly.
+
+    A table without per-block mins and with the default zero point is read by GatherBlockQuantized;
+    the initializers are made once per table (kept with the table, which pins its id), so a tied embedding
+    and lm_head share them."""
+    hidden, key = table.shape[1], id(table)
+    keep = b.ints(*[0] * index_rank, hidden)
+    if table.offsets is None and table.zero_points() is None:
+        if key not in b._row_tables:
+            b._row_tables[key] = (table, b.const(table.scales[..., None], "embed.scales"))
+        data, scales = b.packed(table, "embed.qweight"), b._row_tables[key][1]  # [vocab, blocks, block bytes]
+        x = b.op("GatherBlockQuantized", data, ids, scales, domain=MS_DOMAIN,
+                 bits=table.bits, block_size=table.block_size, gather_axis=0, quantize_axis=2)
+        return b.op("Reshape", x, keep)
+    # GatherBlockQuantized has no per-block min: gather codes, scales and offsets, dequantize the rows
+    original, table = table, table.with_default_zero_point()
+    if key not in b._row_tables:
+        b._row_tables[key] = (original, b.const(table.codes, "embed.codes"), b.const(table.scales, "embed.scales"),
+                              b.const(table.offsets, "embed.offsets"))
+    _, codes, scales, offsets = b._row_tables[key]
+
+    def rows(name: str) -> str:
+        return b.op("Unsqueeze", b.op("Gather", name, ids), b.ints(-1))
+
+    q = b.op("Cast", b.op("Gather", codes, ids), to=TensorProto.FLOAT)
+    q = b.op("Reshape", q, b.ints(*[0] * index_rank, table.n_blocks, table.block_size))
+    centred = b.op("Sub", q, b.const(np.array(table.zero_point, dtype=np.float32)))
+    x = b.op("Add", b.op("Mul", centred, rows(scales)), rows(offsets))
+    return b.op("Reshape", x, keep)
 
 
 def _rms_norm(b: GraphBuilder, x: str, weight: np.ndarray, eps: float) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,13 @@ def eval_text() -> str:
 class OnnxDecoder:
     """Runs an LM bundle's model.onnx (decoder-with-past layout) with its KV cache."""
 
-    def __init__(self, onnx_path: Path, *, threads: int = 0):
+    def __init__(self, onnx_path: Path, *, threads: int = 0, spinning: bool = True):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
+        if not spinning:  # as the agent runs it: idle intra-op threads sleep (shared cores)
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.num_layers = len(past) // 2
@@ -75,10 +78,19 @@ def _nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return logz[:-1] - logits[np.arange(len(ids) - 1), ids[1:]]
 
 
-def gguf_quality(gguf_path: Path, onnx_path: Path, tokenizer_dir: Path, *, eos_token_ids: list[int],
-                 text: str | None = None, max_tokens: int = 1024, greedy_steps: int = 64, threads: int = 0,
-                 thresholds: dict[str, float] | None = None) -> QualityReport:
-    """Compare the exported model with transformers' fp32 dequantization of the same GGUF."""
+@dataclass(frozen=True)
+class Reference:
+    """transformers' fp32 outputs for the GGUF: logits on the evaluation tokens and the greedy chat answer."""
+
+    ids: np.ndarray  # evaluation tokens
+    logits: np.ndarray  # [tokens, vocab]
+    prompt: list[int]  # the chat prompt's tokens
+    answer: list[int]  # its greedy answer
+
+
+def gguf_reference(gguf_path: Path, tokenizer_dir: Path, *, eos_token_ids: list[int], text: str | None = None,
+                   max_tokens: int = 1024, greedy_steps: int = 64) -> Reference:
+    """Run transformers' fp32 dequantization of the GGUF once (several exports can be judged against it)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,19 +100,31 @@ def gguf_quality(gguf_path: Path, onnx_path: Path, tokenizer_dir: Path, *, eos_t
     ids = np.array(tok(text if text is not None else eval_text(), add_special_tokens=False)["input_ids"][:max_tokens])
     ref_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
     with torch.no_grad():
-        ref_logits = ref_model(torch.from_numpy(ids)[None]).logits[0].numpy()
-    onnx = OnnxDecoder(onnx_path, threads=threads)
-    logits = onnx.run(ids[None], onnx.empty_past())[0][0]
-
-    ppl_ref, ppl = float(np.exp(_nll(ref_logits, ids).mean())), float(np.exp(_nll(logits, ids).mean()))
-    top1 = float((ref_logits[:-1].argmax(-1) == logits[:-1].argmax(-1)).mean())
-
+        logits = ref_model(torch.from_numpy(ids)[None]).logits[0].numpy()
     prompt = tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True)
     with torch.no_grad():
         generated = ref_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                        max_new_tokens=greedy_steps, do_sample=False, eos_token_id=eos_token_ids,
                                        pad_token_id=eos_token_ids[0] if eos_token_ids else None)
-    ref_answer = generated[0, len(prompt):].tolist()
+    return Reference(ids=ids, logits=logits, prompt=list(prompt), answer=generated[0, len(prompt):].tolist())
+
+
+def gguf_quality(gguf_path: Path, onnx_path: Path, tokenizer_dir: Path, *, eos_token_ids: list[int],
+                 text: str | None = None, max_tokens: int = 1024, greedy_steps: int = 64, threads: int = 0,
+                 thresholds: dict[str, float] | None = None, reference: Reference | None = None) -> QualityReport:
+    """Compare the exported model with transformers' fp32 dequantization of the same GGUF (`reference`, if
+    already computed with the same text and steps)."""
+    from transformers import AutoTokenizer
+
+    ref = reference or gguf_reference(gguf_path, tokenizer_dir, eos_token_ids=eos_token_ids, text=text,
+                                      max_tokens=max_tokens, greedy_steps=greedy_steps)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids, ref_logits, prompt, ref_answer = ref.ids, ref.logits, ref.prompt, ref.answer
+    onnx = OnnxDecoder(onnx_path, threads=threads)
+    logits = onnx.run(ids[None], onnx.empty_past())[0][0]
+
+    ppl_ref, ppl = float(np.exp(_nll(ref_logits, ids).mean())), float(np.exp(_nll(logits, ids).mean()))
+    top1 = float((ref_logits[:-1].argmax(-1) == logits[:-1].argmax(-1)).mean())
     answer = onnx.greedy(prompt, greedy_steps, set(eos_token_ids))
     same = 0
     for a, b in zip(ref_answer, answer):

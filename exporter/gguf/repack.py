@@ -268,14 +268,18 @@ def decode(ggml_type: str, raw: np.ndarray, k: int) -> BlockWeight:
 
 def concat_rows(weights: list[BlockWeight]) -> BlockWeight | None:
     """Weights reading the same input as one (q/k/v, gate/up): one MatMulNBits instead of several.
-    None when their blocks differ (bits, block size or zero point), e.g. Q4_K q/k with a Q6_K v."""
+    None when their blocks differ (bits, block size or zero point), e.g. Q4_K q/k with a Q6_K v.
+    Per-block zero points (requantized weights) stack like the scales."""
     first = weights[0]
-    if any(w.bits != first.bits or w.block_size != first.block_size or isinstance(w.zero_point, np.ndarray)
-           or w.zero_point != first.zero_point or w.shape[1] != first.shape[1] for w in weights):
+    per_block = all(isinstance(w.zero_point, np.ndarray) for w in weights)
+    if any(w.bits != first.bits or w.block_size != first.block_size or w.shape[1] != first.shape[1]
+           or (not per_block and (isinstance(w.zero_point, np.ndarray) or w.zero_point != first.zero_point))
+           for w in weights):
         return None
     offsets = None
     if any(w.offsets is not None for w in weights):
         offsets = np.concatenate([w.offsets if w.offsets is not None else np.zeros_like(w.scales) for w in weights])
+    zero_point = np.concatenate([w.zero_point for w in weights]) if per_block else first.zero_point
     return BlockWeight("+".join(dict.fromkeys(w.ggml_type for w in weights)), first.bits, first.block_size,
                        np.concatenate([w.codes for w in weights]), np.concatenate([w.scales for w in weights]),
-                       first.zero_point, offsets)
+                       zero_point, offsets)

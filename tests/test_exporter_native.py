@@ -32,11 +32,11 @@ CONFIGS = {
 }
 
 
-def random_model(name: str):
+def random_model(name: str, **overrides):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = {**BASE, **CONFIGS[name]}
+    cfg = {**BASE, **CONFIGS[name], **overrides}
     torch.manual_seed(0)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     config._attn_implementation = "eager"
@@ -167,6 +167,35 @@ def test_exaone4_exports_through_the_cli_path_and_the_agent_serves_it(tmp_path, 
         again = model.generate(prompt + tokens[:5], max_tokens=5, ignore_eos=True)
         more = [c.token_id for c in again if c.token_id is not None]
         assert again.stats.cached_tokens > 0 and more == expected[5:10]
+    finally:
+        model.close()
+
+
+def test_agent_kv_buffers_grow_with_use_not_to_the_whole_context(tmp_path, keypair, trusted):
+    """The shared KV buffer starts at 256 positions, not max_context, and grows (still exact) when a
+    longer conversation needs it."""
+    from agent.bundle import open_bundle
+    from agent.runtime import load_model
+    from exporter import export
+    from exporter.lm import OrtDecoder
+
+    src = tmp_path / "llama"
+    random_model("llama", max_position_embeddings=2048).save_pretrained(src)
+    for f in tiny_model("llama").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (src / f.name).write_bytes(f.read_bytes())
+    result = export(src, out=tmp_path / "bundle", key=keypair[0], quant="none", benchmark=False)
+    model = load_model(open_bundle(result.bundle, trusted))
+    try:
+        assert model.max_context == 2048
+        rng = np.random.default_rng(5)
+        short = rng.integers(3, 500, 20).tolist()
+        model.generate(short, max_tokens=4, ignore_eos=True).run()
+        assert model._kv_buffers[0][0].shape == (1, 2, 256, 16)
+        long = rng.integers(3, 500, 600).tolist()
+        tokens = [c.token_id for c in model.generate(long, max_tokens=6, ignore_eos=True) if c.token_id is not None]
+        assert model._kv_buffers[0][0].shape == (1, 2, 768, 16)
+        assert tokens == OrtDecoder(result.bundle / "model.onnx").greedy(np.array(long), 6).tolist()
     finally:
         model.close()
 

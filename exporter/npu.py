@@ -65,8 +65,12 @@ class QnnReport:
         return f"QNN HTP failed: {self.error}"
 
 
-def quantize_qdq(src: Path, dst: Path, *, recipe: QuantRecipe, feeds: Sequence[dict[str, np.ndarray]]) -> dict:
-    """Static QDQ quantization for HTP, calibrated on `feeds`; returns details for the manifest."""
+def quantize_qdq(src: Path, dst: Path, *, recipe: QuantRecipe, feeds: Sequence[dict[str, np.ndarray]],
+                 init_overrides: dict[str, list[dict]] | None = None) -> dict:
+    """Static QDQ quantization for HTP, calibrated on `feeds`; returns details for the manifest.
+
+    `init_overrides` are onnxruntime's per-tensor quantization overrides (e.g. per-channel weights).
+    """
     if recipe.activation_type not in _QTYPES or recipe.weight_type not in _QTYPES:
         raise ConversionError(
             f"qdq-static needs activation/weight types in {sorted(_QTYPES)}, got {recipe.activation_type}/{recipe.weight_type}"
@@ -87,6 +91,7 @@ def quantize_qdq(src: Path, dst: Path, *, recipe: QuantRecipe, feeds: Sequence[d
             per_channel=recipe.per_channel,
             activation_symmetric=recipe.symmetric,
             nodes_to_exclude=excluded or None,
+            init_overrides=init_overrides,
         )
         try:
             quantize(str(model_in), str(dst), config)

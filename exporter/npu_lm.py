@@ -266,6 +266,20 @@ def calibration_feeds(fp32: Path, cfg: DecoderConfig, prompts: Sequence[np.ndarr
     return feeds
 
 
+def per_channel_weights(fp32: Path, recipe: QuantRecipe) -> dict[str, list[dict]] | None:
+    """Quantization overrides for per-output-channel, symmetric MatMul weights, when the recipe is per-channel.
+
+    onnxruntime's QNN config makes only Conv weights per-channel; HTP takes them for MatMul too.
+    """
+    if not recipe.per_channel:
+        return None
+    model = onnx.load(str(fp32), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    qtype = npu._QTYPES[recipe.weight_type]
+    return {n.input[1]: [{"axis": 1, "quant_type": qtype, "symmetric": True}]
+            for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+
+
 def htp_session(path: Path, provider_options: dict[str, str]) -> Any:
     """An onnxruntime session on QNN HTP with CPU fallback disabled (any rejected node is an error)."""
     import onnxruntime as ort
@@ -331,8 +345,9 @@ def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, wor
     del model
     feeds = calibration_feeds(fp32, cfg, calibration_prompts, step=step, cache=cache)
     note(f"calibrated on {len(feeds)} static calls over {len(calibration_prompts)} texts")
-    details = npu.quantize_qdq(fp32, out, recipe=recipe, feeds=feeds)
-    details["calibration_texts"] = len(calibration_prompts)
+    overrides = per_channel_weights(fp32, recipe)
+    details = npu.quantize_qdq(fp32, out, recipe=recipe, feeds=feeds, init_overrides=overrides)
+    details.update(calibration_texts=len(calibration_prompts), per_channel_matmul_weights=len(overrides or {}))
     provider_options = {**npu.DEFAULT_PROVIDER_OPTIONS, **provider_options}
     probe = npu.verify_on_qnn(out, feeds[:1], provider_options=provider_options)
     qnn: dict[str, Any] = {"ok": probe.ok, "rejected_nodes": probe.rejected, "reasons": probe.reasons,

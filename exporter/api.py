@@ -314,8 +314,11 @@ def _export_lm(
             progress.note(f"{len(outliers)} Linear(s) with massive input activations stay float: {', '.join(outliers)}")
         spec_config = lm.decoder_spec(model, tokenizer, max_context=max_context)
         if graph == "native":
+            # the profile's int8_blocks may name the embedding table too (int4 recipes: weights-only low bits)
+            embed8 = recipe.method == "int4" and any(p in "model.embed_tokens" for p in recipe.int8_blocks)
             with progress.step("export", "edgeship graph, fused GroupQueryAttention, KV cache"):
-                fp32 = native.export_native(model, work, max_context=spec_config["max_context"])
+                fp32 = native.export_native(model, work, max_context=spec_config["max_context"],
+                                            embedding_bits=8 if embed8 else None)
             # one max_context KV buffer per layer that GroupQueryAttention reads and writes in place
             spec_config.update(past_present_share_buffer=True, attention="GroupQueryAttention")
         else:
@@ -330,6 +333,8 @@ def _export_lm(
         with progress.step("quantize", recipe_name(recipe)):
             quant = quantize(fp32, entry, recipe)
         quant = quant.model_copy(update={"details": {**quant.details, "graph": graph}})
+        if graph == "native" and embed8:
+            quant.details["embedding"] = "8-bit symmetric blocks of 32 (GatherBlockQuantized)"
         if outliers and recipe.method in ("int8-dynamic", "int4"):
             ratios = {quality.outlier_patterns({n: r}, 0)[0]: round(r, 1) for n, r in ref.activation_ratio.items()}
             if graph == "native":

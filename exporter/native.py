@@ -25,6 +25,7 @@ import onnx
 
 from exporter.errors import ConversionError, UnsupportedArchitecture
 from exporter.gguf.graph import DecoderConfig, DecoderWeights, ExternalData, LayerWeights, build_decoder
+from exporter.gguf.repack import BlockWeight
 
 # model_type -> what differs from llama, handled below
 NATIVE_ARCHITECTURES = {
@@ -71,8 +72,14 @@ def _activation(config: Any) -> str | None:
     return getattr(config, "hidden_act", None)
 
 
-def decoder_from_hf(model: Any, *, max_context: int | None = None) -> tuple[DecoderConfig, DecoderWeights]:
-    """The graph config and float32 weights of a loaded transformers causal LM (weights are not copied)."""
+def decoder_from_hf(model: Any, *, max_context: int | None = None,
+                    embedding_bits: int | None = None) -> tuple[DecoderConfig, DecoderWeights]:
+    """The graph config and float32 weights of a loaded transformers causal LM (weights are not copied).
+
+    embedding_bits=8 stores the token embedding table as symmetric 8-bit blocks of 32 (GatherBlockQuantized,
+    llama.cpp's Q8_0 grid): a quarter of the float table's bytes on disk and in RAM; the gather reads one row
+    per token, so it costs no speed. The lm_head stays a separate float weight for the quantizer.
+    """
     config = model.config
     reason = supported(config)
     if reason is not None:
@@ -137,11 +144,27 @@ def decoder_from_hf(model: Any, *, max_context: int | None = None) -> tuple[Deco
                                    **attn, **mlp, **norms))
     embedding = w("model.embed_tokens.weight")
     lm_head = opt("lm_head.weight")
+    if embedding_bits not in (None, 8):
+        raise ValueError(f"embedding_bits {embedding_bits!r}: use None (float) or 8")
     weights = DecoderWeights(
-        embedding=embedding, layers=layers, final_norm=norm(w("model.norm.weight")),
-        lm_head=embedding if lm_head is None else lm_head, rope_freq_factors=_freq_factors(model, cfg),
+        embedding=embedding if embedding_bits is None else blocks_q8(embedding), layers=layers,
+        final_norm=norm(w("model.norm.weight")), lm_head=embedding if lm_head is None else lm_head,
+        rope_freq_factors=_freq_factors(model, cfg),
     )
     return cfg, weights
+
+
+def blocks_q8(table: np.ndarray, block: int = 32) -> BlockWeight:
+    """Symmetric 8-bit blocks along the rows: w = d * (code - 128), d = max|w| / 127 per block."""
+    rows, k = table.shape
+    if k % block:
+        raise ConversionError(f"embedding width {k} is not a multiple of {block}; export with embedding_bits=None")
+    x = table.reshape(rows, k // block, block).astype(np.float32)
+    d = np.abs(x).max(axis=-1) / 127.0
+    safe = np.where(d > 0, d, 1.0)
+    codes = (np.clip(np.rint(x / safe[..., None]), -127, 127) + 128).astype(np.uint8).reshape(rows, k)
+    return BlockWeight(ggml_type="Q8_0", bits=8, block_size=block, codes=codes, scales=d.astype(np.float32),
+                       zero_point=128, offsets=None)
 
 
 def _freq_factors(model: Any, cfg: DecoderConfig) -> np.ndarray | None:
@@ -171,10 +194,10 @@ def fused_patterns(patterns: list[str]) -> list[str]:
     return out
 
 
-def export_native(model: Any, work_dir: Path, *, max_context: int | None = None,
+def export_native(model: Any, work_dir: Path, *, max_context: int | None = None, embedding_bits: int | None = None,
                   progress: Callable[[str], None] | None = None) -> Path:
     """work_dir/model.onnx (+ model.onnx.data): the float32 GroupQueryAttention graph of `model`."""
-    cfg, weights = decoder_from_hf(model, max_context=max_context)
+    cfg, weights = decoder_from_hf(model, max_context=max_context, embedding_bits=embedding_bits)
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / "model.onnx"
     external = ExternalData(work_dir / "model.onnx.data")

@@ -106,6 +106,10 @@ def test_int4_quantizes_every_linear_but_the_lm_head(arch, graph, exports):
     assert q.recipe == "int4-matmulnbits-b32-acc4-asym-int8head"
     head = ["/lm_head/MatMul"]
     assert (q.details["excluded_nodes"], q.details["int8_block_nodes"]) == ((head, []) if computed else ([], head))
+    # the native graph also keeps the embedding table as 8-bit blocks (int8_blocks names embed_tokens)
+    gathers = [n.op_type for n in g.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")]
+    assert ("GatherBlockQuantized" in gathers) is (graph == "native")
+    assert ("embedding" in q.details) is (graph == "native")
 
 
 @pytest.mark.parametrize("graph", GRAPHS)

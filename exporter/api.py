@@ -324,7 +324,8 @@ def _export_lm(
         else:
             with progress.step("export", f"ONNX opset {profile.opset}, KV cache"):
                 fp32 = lm.export_decoder(model, work, opset=profile.opset)
-        model.config.save_pretrained(stage)
+        model_config = model.config
+        model_config.save_pretrained(stage)
         write_tokenizer(src, tokenizer, stage)
         del model
         gc.collect()
@@ -335,6 +336,8 @@ def _export_lm(
         quant = quant.model_copy(update={"details": {**quant.details, "graph": graph}})
         if graph == "native" and embed8:
             quant.details["embedding"] = "8-bit symmetric blocks of 32 (GatherBlockQuantized)"
+            if getattr(model_config, "tie_word_embeddings", False):
+                quant.details["lm_head"] = "8-bit MatMulNBits over the tied embedding's blocks (stored once)"
         if outliers and recipe.method in ("int8-dynamic", "int4"):
             ratios = {quality.outlier_patterns({n: r}, 0)[0]: round(r, 1) for n, r in ref.activation_ratio.items()}
             if graph == "native":

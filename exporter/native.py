@@ -78,7 +78,8 @@ def decoder_from_hf(model: Any, *, max_context: int | None = None,
 
     embedding_bits=8 stores the token embedding table as symmetric 8-bit blocks of 32 (GatherBlockQuantized,
     llama.cpp's Q8_0 grid): a quarter of the float table's bytes on disk and in RAM; the gather reads one row
-    per token, so it costs no speed. The lm_head stays a separate float weight for the quantizer.
+    per token, so it costs no speed. An untied lm_head stays a float weight for the quantizer; a tied one
+    becomes an 8-bit MatMulNBits over the same stored blocks (level 4), so the table is stored once.
     """
     config = model.config
     reason = supported(config)
@@ -143,13 +144,16 @@ def decoder_from_hf(model: Any, *, max_context: int | None = None,
         layers.append(LayerWeights(o=w(p + "self_attn.o_proj.weight"), down=w(p + "mlp.down_proj.weight"),
                                    **attn, **mlp, **norms))
     embedding = w("model.embed_tokens.weight")
-    lm_head = opt("lm_head.weight")
+    tied = "lm_head.weight" not in state or \
+        state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    lm_head = None if tied else w("lm_head.weight")
     if embedding_bits not in (None, 8):
         raise ValueError(f"embedding_bits {embedding_bits!r}: use None (float) or 8")
+    table = embedding if embedding_bits is None else blocks_q8(embedding)
     weights = DecoderWeights(
-        embedding=embedding if embedding_bits is None else blocks_q8(embedding), layers=layers,
-        final_norm=norm(w("model.norm.weight")), lm_head=embedding if lm_head is None else lm_head,
-        rope_freq_factors=_freq_factors(model, cfg),
+        # tied: the lm_head reads the very same blocks (MatMulNBits B and GatherBlockQuantized data share a layout)
+        embedding=table, layers=layers, final_norm=norm(w("model.norm.weight")),
+        lm_head=table if lm_head is None else lm_head, rope_freq_factors=_freq_factors(model, cfg),
     )
     return cfg, weights
 

@@ -4,12 +4,14 @@ exact:        export_gguf defaults: the GGUF's blocks kept; the measured accurac
               MatMulNBits level 0, the GGUF's float math; lm_head at level 4 with each position's top-16
               logits recomputed exactly; exporter/gguf/levels.py)
 exact-acc0:   the same blocks, every MatMulNBits at level 0 (the lm_head's Q8_0 as two exact 4-bit halves)
+exact-o4:     the default policy with o_proj at level 4 too (passes SmolLM2's gate, spends half the
+              greedy answer's near-tie margin): the next-fastest candidate, not the default
 exact-acc4:   the same blocks, every MatMulNBits at level 4 (int8 activations): fast, not the GGUF's math
 requant-int4: the same weights dequantized and requantized to MatMulNBits int4 asymmetric (uint8 zero
               points), block 32, level 4, lm_head included, embeddings in float: onnxruntime's usual int4
               recipe and the fastest int4 bundle of this model.
 
-Like with like: all four graphs come from exporter.gguf.graph.build_decoder with GroupQueryAttention
+Like with like: all the graphs come from exporter.gguf.graph.build_decoder with GroupQueryAttention
 (the graph exporter/native.py builds for Hugging Face models before exporter.quantize), q/k/v and
 gate/up fused into one MatMulNBits each; only the weight format and the accuracy levels differ.
 (The product's own `--requantize` of a GGUF picks HQQ, whose float zero points take onnxruntime's slow
@@ -44,11 +46,13 @@ import onnx
 from exporter.gguf.arch import decoder_config, decoder_weights
 from exporter.gguf.export import export_gguf
 from exporter.gguf.graph import DecoderWeights, ExternalData, build_decoder
+from exporter.gguf.levels import DEFAULT_POLICY, AccuracyPolicy
 from exporter.gguf.quality import OnnxDecoder, _nll, eval_text, gguf_quality, gguf_reference
 from exporter.gguf.reader import GgufFile
 from exporter.gguf.repack import BlockWeight
 
 BASELINE = "requant-int4"
+O_PROJ_AT_4 = AccuracyPolicy({**DEFAULT_POLICY.levels, "attn_out": 4}, exact_top_k=DEFAULT_POLICY.exact_top_k, name="o_proj-at-4")
 
 
 def requant_int4_asym(w: np.ndarray, block: int = 32) -> BlockWeight:
@@ -132,6 +136,7 @@ def main() -> None:
         exact = export_gguf(gguf_path, Path(tmp) / "exact")
         paths = {"exact": exact.onnx_path,
                  "exact-acc0": export_gguf(gguf_path, Path(tmp) / "exact-acc0", accuracy_level=0).onnx_path,
+                 "exact-o4": export_gguf(gguf_path, Path(tmp) / "exact-o4", accuracy_level=O_PROJ_AT_4).onnx_path,
                  "exact-acc4": export_gguf(gguf_path, Path(tmp) / "exact-acc4", accuracy_level=4).onnx_path,
                  BASELINE: build_requant(gguf_path, Path(tmp) / "requant")}
         from transformers import AutoTokenizer
@@ -155,7 +160,7 @@ def main() -> None:
         if args.quality:
             eos = exact.model_spec.config["eos_token_ids"]
             ref = gguf_reference(gguf_path, exact.onnx_path.parent, eos_token_ids=eos)
-            for name in ("exact", "exact-acc0", "exact-acc4"):
+            for name in ("exact", "exact-acc0", "exact-o4", "exact-acc4"):
                 report = gguf_quality(gguf_path, paths[name], exact.onnx_path.parent, eos_token_ids=eos,
                                       threads=args.threads, reference=ref)
                 quality[name] = {"status": report.status.value, **report.metrics,

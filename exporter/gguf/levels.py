@@ -21,7 +21,7 @@ position exactly (float rows of the same blocks) and scatters them back: argmax,
 and the softmax mass are the GGUF's own; only logits far below the top carry level-4 error. At
 level 0 an 8-bit table runs as two exact 4-bit halves (no fast 8-bit float kernel); refined, SmolLM2's
 49152x576 Q8_0 lm_head costs a third of that: 15-20 % less prefill and 8-11 % less decode CPU in all.
-o_proj at level 4 passed too, for 4 % less decode CPU, but it spends half the near tie's margin on
+o_proj at level 4 passed too, for 4-6 % less decode CPU, but it spends half the near tie's margin on
 one prompt of one model: the default stays exact there (pass an AccuracyPolicy to export_gguf to take it).
 """
 
@@ -108,7 +108,7 @@ DEFAULT_POLICY = AccuracyPolicy(
     exact_top_k=EXACT_TOP_K,
     reasons={
         "attn_qkv": _BODY, "mlp_in": _BODY, "mlp_out": _BODY,
-        "attn_out": "level 0: level 4 passed SmolLM2's gate but halved its greedy answer's near-tie margin for 4 % decode CPU",
+        "attn_out": "level 0: level 4 passed SmolLM2's gate but halved its greedy answer's near-tie margin for 4-6 % decode CPU",
         "lm_head": f"level 4 (int8 activations) for all logits, then the top {EXACT_TOP_K} of each position recomputed "
                    "in float32 from the same blocks: argmax and softmax mass exact, a third of the level-0 cost",
     },

@@ -1,0 +1,58 @@
+"""Export the packaged SmolLM2-135M (its GGUF, dequantized) for npu-qnn-htp and print what the gate
+measured on onnxruntime-qnn's HTP simulator, the HTP compile time and seconds per call.
+
+    .venv/bin/python bench/npu_lm_smollm2.py [--keep DIR]
+
+Takes about 20 minutes on a shared 2-core host, most of it the simulator running the gate's 72
+static calls (S = 32). Not a test: never pass/fail. docs/EXPORT.md quotes its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", type=Path, help="write the bundle here instead of a temporary directory")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    from agent.bundle import generate_keypair
+    from edgeship.models import smollm2_gguf_path
+    from exporter import export
+
+    tmp = Path(tempfile.mkdtemp(prefix="edgeship-npu-lm-"))
+    out = args.keep or tmp / "bundle"
+    try:
+        key = generate_keypair(tmp / "keys", "bench").private_path
+        t0 = time.perf_counter()
+        r = export(smollm2_gguf_path(), out=out, key=key, profile="npu-qnn-htp", force=True, overwrite=True)
+        qnn = r.manifest.quantization.details["qnn"]
+        print(json.dumps({
+            "status": r.report.status.value,
+            "metrics": r.report.metrics,
+            "greedy_prefix_matches": r.report.details.get("greedy_prefix_matches"),
+            "qnn": {k: qnn.get(k) for k in ("ok", "rejected_nodes", "compile_seconds", "calls", "seconds_per_call")},
+            "export_seconds": round(time.perf_counter() - t0, 1),
+            "steps_seconds": r.stats["steps_seconds"],
+            "peak_rss_mb": r.stats["peak_rss_mb"],
+            "bundle_bytes": r.stats["bundle_bytes"],
+        }, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -238,13 +238,13 @@ def prompt_ids(seed: int = 0, vocab: int = TINYLLAMA["vocab_size"]) -> list[int]
     return np.random.default_rng(seed).integers(3, vocab, PROMPT_TOKENS).tolist()
 
 
-def measure_runtime(bundle_dir: Path, public: Path, *, vocab: int, repeats: int) -> dict:
+def measure_runtime(bundle_dir: Path, public: Path, *, vocab: int, repeats: int, spin: bool = False) -> dict:
     from agent.bundle import TrustedKeys, open_bundle
     from agent.runtime import load_model
 
     vb = open_bundle(bundle_dir, TrustedKeys.from_paths([public]), check_hashes=False)
     t0 = time.perf_counter()
-    model = load_model(vb)  # no flags: threads and EP as a device would pick them
+    model = load_model(vb, spin=spin)  # no other flags: threads and EP as a device would pick them
     load_s = time.perf_counter() - t0
     runs = []
     for i in range(repeats + 1):
@@ -428,6 +428,10 @@ def run_shape(shape: Shape, *, bandwidth_gbs: float, genai: bool, torch: bool, r
     log(f"{shape.label}: agent runtime, edgeship export default ...")
     runs["edgeship export default"] = with_bandwidth(
         measure_runtime(built["edgeship"], public, vocab=v, repeats=repeats),
+        built["edgeship"] / "model.onnx", bandwidth_gbs)
+    log(f"{shape.label}: agent runtime, edgeship export default, runtime.spin_wait = true ...")
+    runs["edgeship export, spin_wait on"] = with_bandwidth(
+        measure_runtime(built["edgeship"], public, vocab=v, repeats=repeats, spin=True),
         built["edgeship"] / "model.onnx", bandwidth_gbs)
     details = CACHE / f"{built['edgeship'].name}.export.json"
     if details.exists():

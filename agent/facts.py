@@ -99,7 +99,9 @@ def execution_providers(*, isolate: bool = False) -> tuple[list[str], str]:
         import onnxruntime as ort
     except ImportError:
         return [], ""
-    builtin = list(ort.get_available_providers())
+    # a plugin EP registered earlier in this process (a QNN bundle was loaded) shows up in onnxruntime's
+    # list too; plugins are reported by plugin_execution_providers alone, with its per-machine rule
+    builtin = [ep for ep in ort.get_available_providers() if ep not in PLUGIN_EPS]
     return [*plugin_execution_providers(), *builtin], ort.__version__
 
 

@@ -238,7 +238,7 @@ def prompt_ids(seed: int = 0, vocab: int = TINYLLAMA["vocab_size"]) -> list[int]
     return np.random.default_rng(seed).integers(3, vocab, PROMPT_TOKENS).tolist()
 
 
-def measure_runtime(bundle_dir: Path, public: Path, *, vocab: int, repeats: int, spin: bool = False) -> dict:
+def measure_runtime(bundle_dir: Path, public: Path, *, vocab: int, repeats: int, spin: bool = True) -> dict:
     from agent.bundle import TrustedKeys, open_bundle
     from agent.runtime import load_model
 
@@ -429,9 +429,9 @@ def run_shape(shape: Shape, *, bandwidth_gbs: float, genai: bool, torch: bool, r
     runs["edgeship export default"] = with_bandwidth(
         measure_runtime(built["edgeship"], public, vocab=v, repeats=repeats),
         built["edgeship"] / "model.onnx", bandwidth_gbs)
-    log(f"{shape.label}: agent runtime, edgeship export default, runtime.spin_wait = true ...")
-    runs["edgeship export, spin_wait on"] = with_bandwidth(
-        measure_runtime(built["edgeship"], public, vocab=v, repeats=repeats, spin=True),
+    log(f"{shape.label}: agent runtime, edgeship export default, runtime.spin_wait = false ...")
+    runs["edgeship export, spin_wait off"] = with_bandwidth(
+        measure_runtime(built["edgeship"], public, vocab=v, repeats=repeats, spin=False),
         built["edgeship"] / "model.onnx", bandwidth_gbs)
     details = CACHE / f"{built['edgeship'].name}.export.json"
     if details.exists():

@@ -212,15 +212,15 @@ def test_download_settings_reach_the_update_manager(tmp_path, monkeypatch):
 
 
 def test_spin_wait_reaches_the_sessions_the_update_manager_opens(tmp_path, lm):
-    """runtime.spin_wait (off by default) becomes onnxruntime's allow_spinning in the sessions models load with."""
+    """runtime.spin_wait (on by default) becomes onnxruntime's allow_spinning in the sessions models load with."""
     from agent.facts import device_facts
     from agent.runtime.session import session_options
     from agent.service import update_config
 
     facts = device_facts()
-    off = load_settings(write(tmp_path, f'device_id = "dev-1"\nstate_dir = "{tmp_path / "s"}"\n'))
-    on = load_settings(write(tmp_path, f'device_id = "dev-1"\nstate_dir = "{tmp_path / "s"}"\n[runtime]\nspin_wait = true\n'))
+    on = load_settings(write(tmp_path, f'device_id = "dev-1"\nstate_dir = "{tmp_path / "s"}"\n'))
+    off = load_settings(write(tmp_path, f'device_id = "dev-1"\nstate_dir = "{tmp_path / "s"}"\n[runtime]\nspin_wait = false\n'))
     assert (update_config(off, session="s", facts=facts).spin, update_config(on, session="s", facts=facts).spin) == (False, True)
     for spin, flag in ((False, "0"), (True, "1")):
         assert session_options(2, spin=spin).get_session_config_entry("session.intra_op.allow_spinning") == flag
-    assert lm.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert lm.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"

@@ -115,7 +115,7 @@ class LoadedModel:
 
 
 def load_model(bundle: VerifiedBundle, *, threads: int | None = None,
-               providers: list[str] | None = None, spin: bool = False) -> LoadedModel:
+               providers: list[str] | None = None, spin: bool = True) -> LoadedModel:
     """Open a session for a verified bundle (not re-verified here) and wrap it for its task."""
     from agent.runtime.encoders import ClassificationModel, EmbeddingModel
     from agent.runtime.generation import TextGenerationModel

@@ -23,7 +23,7 @@ class SessionChoice:
     tried: tuple[str, ...]  # "EP: why it was skipped", in order
 
 
-def session_options(threads: int, *, spin: bool = False):
+def session_options(threads: int, *, spin: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -32,11 +32,10 @@ def session_options(threads: int, *, spin: bool = False):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
-    # Idle pool threads sleep instead of spin-waiting: an edge device shares its few cores with
-    # other work, and spinning threads then steal the cores the next op needs. Measured on 2
-    # shared cores (bench/agent_speed.py): decode 6.9 -> 11.6 tok/s, prefill unchanged.
-    # `spin` (agent setting runtime.spin_wait) turns spinning back on for a device whose cores are the
-    # model's alone: wake-ups between ops cost less there (bench/agent_speed.py measures both).
+    # Idle pool threads spin-wait between ops by default, as onnxruntime, llama.cpp and onnxruntime-genai
+    # do: on a quiet 2-core EPYC (bench/agent_speed.py, two runs) decode +9 to +11 % for Qwen2.5-0.5B-shaped
+    # int4 and -1 to +16 % for TinyLlama. When other processes share the cores, spinning steals the cores
+    # the next op needs (measured under load: 6.9 vs 11.6 tok/s sleeping): runtime.spin_wait = false.
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return so
 
@@ -66,7 +65,7 @@ def _register_qnn() -> str | None:
 
 
 def create_session(bundle: VerifiedBundle, *, threads: int | None = None,
-                   providers: list[str] | None = None, spin: bool = False) -> SessionChoice:
+                   providers: list[str] | None = None, spin: bool = True) -> SessionChoice:
     """Try the bundle's execution providers in order (e.g. QNN, then CPU); CPU is the last resort.
 
     A plugin EP (QNN) must take the whole graph; otherwise the next EP in the list is used and the

@@ -73,7 +73,7 @@ class UpdateConfig:
     cpu_features: frozenset[str] | None = None  # None = do not check
     providers: list[str] | None = None  # passed to load_model for serving AND the smoke test
     threads: int | None = None
-    spin: bool = False  # inference threads spin-wait (agent setting runtime.spin_wait)
+    spin: bool = True  # inference threads spin-wait (agent setting runtime.spin_wait)
     download: DownloadOptions = DownloadOptions()
     disk_margin_bytes: int = 16 * 1024 * 1024
     smoke_timeout_s: float = 120.0

@@ -39,12 +39,12 @@ from exporter.gguf.graph import (
     MS_DOMAIN,
     GraphBuilder,
     LayerWeights,
-    _fuse,
     _head_norm,
     _inv_freq,
     _mlp,
     _residual,
     _rms_norm,
+    project_qkv,
 )
 from exporter.golden import GOLDEN_DIR
 from exporter.profiles import QuantRecipe, Thresholds
@@ -154,14 +154,7 @@ def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: Layer
                cos: str, sin: str, bias: str, *, step: int) -> str:
     nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     prefix = f"model.layers.{i}.self_attn"
-    fused, qkv_bias = _fuse([layer.q, layer.k, layer.v], [layer.q_bias, layer.k_bias, layer.v_bias])
-    if layer.qkv is not None or fused is not None:
-        qkv = b.linear(h, layer.qkv if layer.qkv is not None else fused, f"{prefix}.qkv_proj", bias=qkv_bias)
-        q, k, v = b.op("Split", qkv, b.ints(nq * hd, nkv * hd, nkv * hd), axis=-1, outputs=3)
-    else:
-        q = b.linear(h, layer.q, f"{prefix}.q_proj", bias=layer.q_bias)
-        k = b.linear(h, layer.k, f"{prefix}.k_proj", bias=layer.k_bias)
-        v = b.linear(h, layer.v, f"{prefix}.v_proj", bias=layer.v_bias)
+    q, k, v = project_qkv(b, cfg, i, h, layer)
     q = _head_norm(b, q, layer.q_norm, nq, hd, cfg.rms_eps)
     k = _head_norm(b, k, layer.k_norm, nkv, hd, cfg.rms_eps)
 
@@ -298,31 +291,8 @@ def static_metrics(lm: StaticDecoder, ref: LMReference) -> tuple[dict[str, float
         got.append(lm.forward(seq[: lm.cache].tolist()))
     n = min(g.shape[0] for g in got)
     got_a = np.stack([g[:n] for g in got]).astype(np.float32)
-    want = ref.logits[:, :n]
-    a, b = got_a.reshape(-1, got_a.shape[-1]), want.reshape(-1, want.shape[-1])
-    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
-    seqs = ref.sequences[:, :n]
-    ppl_ref, ppl_got = quality.perplexity(want, seqs), quality.perplexity(got_a, seqs)
     greedy = [lm.greedy(p.tolist(), ref.greedy.shape[1]) for p in ref.prompts]
-    matches = [quality.prefix_match(g, r) for g, r in zip(greedy, ref.greedy)]
-    metrics = {
-        "logits_abs_diff": float(np.abs(a - b).max()),
-        "logits_cosine": float(cos.mean()),
-        "logits_cosine_min": float(cos.min()),
-        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
-        "greedy_match": float(np.mean(matches)),
-        "ppl_reference": ppl_ref,
-        "ppl": ppl_got,
-        "ppl_delta": (ppl_got - ppl_ref) / ppl_ref,
-    }
-    details = {
-        "eval_sequences": int(seqs.shape[0]),
-        "eval_tokens_per_sequence": int(n),
-        "greedy_prompts": int(ref.prompts.shape[0]),
-        "greedy_steps": int(ref.greedy.shape[1]),
-        "greedy_prefix_matches": [round(m, 4) for m in matches],
-    }
-    return metrics, details
+    return quality.compare_lm(got_a, ref.logits[:, :n], ref.sequences[:, :n], greedy, ref)
 
 
 def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, work: Path, *, recipe: QuantRecipe,

@@ -145,17 +145,13 @@ def outlier_patterns(ratio: dict[str, float], limit: float | None) -> list[str]:
     """
     if limit is None:
         return []
+    from exporter.gguf.graph import node_name
+
     out = []
     for name, r in sorted(ratio.items(), key=lambda kv: -kv[1]):
         if r <= limit:
             break
-        parts: list[str] = []
-        for part in name.split("."):
-            if part.isdigit() and parts:
-                parts[-1] += f".{part}"
-            else:
-                parts.append(part)
-        out.append("/" + "/".join(parts) + "/")
+        out.append(node_name(name, ""))  # "/model/layers.11/mlp/down_proj/": matches that Linear's nodes
     return out
 
 
@@ -183,10 +179,17 @@ def lm_metrics(onnx_path: Path, ref: LMReference, *, threads: int = 0) -> tuple[
 
     dec = OrtDecoder(onnx_path, threads=threads)
     got = np.stack([dec.run(s[None, :], dec.empty_past())[0][0] for s in ref.sequences]).astype(np.float32)
-    a, b = got.reshape(-1, got.shape[-1]), ref.logits.reshape(-1, ref.logits.shape[-1])
+    greedy = [dec.greedy(p, ref.greedy.shape[1]) for p in ref.prompts]
+    return compare_lm(got, ref.logits, ref.sequences, greedy, ref)
+
+
+def compare_lm(got: np.ndarray, want: np.ndarray, sequences: np.ndarray, greedy: list, ref: LMReference
+               ) -> tuple[dict[str, float], dict[str, Any]]:
+    """The LM gate's metrics: logits `got` vs `want` [seqs, positions, vocab] over token `sequences`, and
+    each greedy continuation of ref.prompts against the reference's."""
+    a, b = got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])
     cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
-    ppl_ref, ppl_got = perplexity(ref.logits, ref.sequences), perplexity(got, ref.sequences)
-    greedy = np.stack([dec.greedy(p, ref.greedy.shape[1]) for p in ref.prompts])
+    ppl_ref, ppl_got = perplexity(want, sequences), perplexity(got, sequences)
     matches = [prefix_match(g, r) for g, r in zip(greedy, ref.greedy)]
     metrics = {
         "logits_abs_diff": float(np.abs(a - b).max()),
@@ -199,8 +202,8 @@ def lm_metrics(onnx_path: Path, ref: LMReference, *, threads: int = 0) -> tuple[
         "ppl_delta": (ppl_got - ppl_ref) / ppl_ref,
     }
     details = {
-        "eval_sequences": int(ref.sequences.shape[0]),
-        "eval_tokens_per_sequence": int(ref.sequences.shape[1]),
+        "eval_sequences": int(sequences.shape[0]),
+        "eval_tokens_per_sequence": int(sequences.shape[1]),
         "greedy_prompts": int(ref.prompts.shape[0]),
         "greedy_steps": int(ref.greedy.shape[1]),
         "greedy_prefix_matches": [round(m, 4) for m in matches],

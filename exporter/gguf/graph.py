@@ -462,18 +462,24 @@ def _attention_mask(b: GraphBuilder, cfg: DecoderConfig) -> str:
     return mask if groups == 1 else b.op("Tile", mask, b.ints(1, 1, groups, 1))
 
 
-def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: LayerWeights,
-               cos: str, sin: str, mask: str) -> str:
+def project_qkv(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: LayerWeights) -> tuple[str, str, str]:
+    """Layer i's q, k, v [.., heads*head_dim] from h: one fused MatMul where the weights stack, then Split."""
     nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     prefix = f"model.layers.{i}.self_attn"
     fused, bias = _fuse([layer.q, layer.k, layer.v], [layer.q_bias, layer.k_bias, layer.v_bias])
     if layer.qkv is not None or fused is not None:
         qkv = b.linear(h, layer.qkv if layer.qkv is not None else fused, f"{prefix}.qkv_proj", bias=bias)
-        q, k, v = b.op("Split", qkv, b.ints(nq * hd, nkv * hd, nkv * hd), axis=-1, outputs=3)
-    else:
-        q = b.linear(h, layer.q, f"{prefix}.q_proj", bias=layer.q_bias)
-        k = b.linear(h, layer.k, f"{prefix}.k_proj", bias=layer.k_bias)
-        v = b.linear(h, layer.v, f"{prefix}.v_proj", bias=layer.v_bias)
+        return tuple(b.op("Split", qkv, b.ints(nq * hd, nkv * hd, nkv * hd), axis=-1, outputs=3))  # type: ignore[return-value]
+    return (b.linear(h, layer.q, f"{prefix}.q_proj", bias=layer.q_bias),
+            b.linear(h, layer.k, f"{prefix}.k_proj", bias=layer.k_bias),
+            b.linear(h, layer.v, f"{prefix}.v_proj", bias=layer.v_bias))
+
+
+def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: LayerWeights,
+               cos: str, sin: str, mask: str) -> str:
+    nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    prefix = f"model.layers.{i}.self_attn"
+    q, k, v = project_qkv(b, cfg, i, h, layer)
 
     def heads(t: str, n: int) -> str:  # [b, s, n*hd] -> [b, n, s, hd]
         return b.op("Transpose", b.op("Reshape", t, b.ints(0, 0, n, hd)), perm=[0, 2, 1, 3])

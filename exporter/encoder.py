@@ -633,6 +633,12 @@ def _write_golden(out_dir: Path, model_path: Path, prepared: _Prepared, *, quant
 
 def _write_tokenizer(tokenizer, out_dir: Path) -> list[Path]:
     before = set(out_dir.iterdir())
+    # transformers writes the padding/truncation of the tokenizer's last call into tokenizer.json; the
+    # device pads and truncates per bundle (static shapes), so the file carries neither
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
     tokenizer.save_pretrained(out_dir)
     written = sorted(p for p in out_dir.iterdir() if p not in before and p.is_file())
     if not (out_dir / "tokenizer.json").exists():

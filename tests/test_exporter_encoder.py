@@ -6,6 +6,8 @@ once per module) check that automatic mixed precision meets the 0.995 / 0.98 cos
 
 from __future__ import annotations
 
+import json
+
 import os
 from collections import Counter
 from pathlib import Path
@@ -90,6 +92,9 @@ def test_tiny_embedding_on_cpu_profiles(tiny_bert, tmp_path, profile):
     assert {"model.onnx", "golden/inputs.npz", "golden/outputs.npz", "tokenizer.json", "vocab.txt"} <= names
     assert names == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert r.size_bytes < r.size_fp32_bytes
+    # the tokenizer file carries no padding/truncation of the exporter's own last call
+    saved = json.loads((out / "tokenizer.json").read_text())
+    assert saved["padding"] is None and saved["truncation"] is None
     _check_golden(r, out)
 
 

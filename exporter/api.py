@@ -33,6 +33,7 @@ from agent.bundle import (
 from agent.bundle.signing import KeyError_
 from exporter.errors import (
     ExportError,
+    IncompatibleTarget,
     MissingKey,
     NotEnoughDisk,
     OutputNotEmpty,
@@ -164,6 +165,7 @@ def export(
     calibration_text: str | Path | None = None,
     requantize: bool = False,
     graph: str = "auto",
+    ep_context: bool = False,
     benchmark: bool = True,
     progress: Progress | None = None,
 ) -> ExportResult:
@@ -194,6 +196,9 @@ def export(
     recipe = build_recipe(settings.quantization, quant=quant, block_size=block_size,
                           accuracy_level=accuracy_level, symmetric=symmetric, exclude=exclude, algorithm=int4_algorithm)
     check_target(recipe, device_class=prof.device_class, profile=prof.name, task=task)
+    if ep_context and (prof.device_class != "npu" or task == "text-generation"):
+        raise IncompatibleTarget(f"--ep-context writes the compiled NPU binary of an encoder; {task} on target "
+                                 f"{prof.name} ({prof.device_class}) has none: drop --ep-context")
     limits = merge_thresholds(settings.thresholds, thresholds)
     common = dict(out=out, private_key=private_key, profile=prof, recipe=recipe, thresholds=limits, force=force,
                   name=name or bundle_name(src.spec), version=version, progress=progress,
@@ -230,7 +235,7 @@ def export(
     if src.gguf_file:
         raise TaskNotSupported(f"GGUF files are exported as text-generation models, not {task}")
     return _export_encoder(src, config, task=task, eval_text=eval_text, calibration_text=calibration_text,
-                           benchmark=benchmark, **common)
+                           ep_context=ep_context, benchmark=benchmark, **common)
 
 
 def choose_graph(config: Any, profile: TargetProfile, graph: str, progress: Progress) -> str:
@@ -586,6 +591,7 @@ def _export_encoder(
     eval_text: str | Path | None,
     calibration_text: str | Path | None,
     benchmark: bool,
+    ep_context: bool = False,
 ) -> ExportResult:
     """Embeddings and classification: exporter.encoder builds and judges the files; this seals them."""
     import numpy as np
@@ -604,7 +610,7 @@ def _export_encoder(
     stage = _staging(out)
     try:
         result = export_encoder(src.path, stage, task=task, profile=profile, recipe=recipe, thresholds=thresholds,
-                                eval_texts=evals, calibration_texts=calib, progress=progress)
+                                eval_texts=evals, calibration_texts=calib, ep_context=ep_context, progress=progress)
         report = result.quality
         progress.note(f"quality {report.status.value}" + (f": {'; '.join(report.failures)}" if report.failures else ""))
         if report.status is QualityStatus.FAILED and not force:

@@ -62,6 +62,8 @@ def _threshold(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--graph", type=click.Choice(["auto", "native", "optimum"]), default="auto", show_default=True,
               help="LM graph: native = edgeship's builder with fused GroupQueryAttention (CPU targets, supported "
                    "architectures), optimum = traced by optimum; auto = native where it applies.")
+@click.option("--ep-context", is_flag=True,
+              help="NPU encoders: also write the HTP-compiled EP context (model_ctx.onnx) so the device skips compiling.")
 @click.option("--name", help="Bundle name (default: from the model).")
 @click.option("--version", "version", default="1.0.0", show_default=True, help="Bundle version (semver).")
 @click.option("--force", is_flag=True, help="Write the bundle even if the quality gate fails (marked failed-quality).")
@@ -71,7 +73,7 @@ def _threshold(values: tuple[str, ...]) -> dict[str, float]:
 def cli(model: str, profile: str, out: Path, key: Path, task: str | None, quant: str | None, block_size: int | None,
         accuracy_level: int | None, symmetric: bool | None, algorithm: str | None, exclude: tuple[str, ...], thresholds: tuple[str, ...],
         eval_text: Path | None, calibration_text: Path | None, adapter: Path | None, revision: str | None,
-        trust_remote_code: bool, requantize: bool, graph: str, name: str | None, version: str, force: bool, overwrite: bool,
+        trust_remote_code: bool, requantize: bool, graph: str, ep_context: bool, name: str | None, version: str, force: bool, overwrite: bool,
         no_benchmark: bool, as_json: bool) -> None:
     """Export MODEL (hub id, local directory or .gguf file) to a signed, validated bundle in --out."""
     from exporter.api import export
@@ -86,7 +88,7 @@ def cli(model: str, profile: str, out: Path, key: Path, task: str | None, quant:
             accuracy_level=accuracy_level, symmetric=symmetric, exclude=list(exclude) if exclude else None,
             algorithm=algorithm, thresholds=_threshold(thresholds), force=force, overwrite=overwrite, name=name, version=version,
             revision=revision, trust_remote_code=trust_remote_code, adapter=adapter, eval_text=eval_text,
-            calibration_text=calibration_text, requantize=requantize, graph=graph, benchmark=not no_benchmark, progress=progress,
+            calibration_text=calibration_text, requantize=requantize, graph=graph, ep_context=ep_context, benchmark=not no_benchmark, progress=progress,
         )
     except QualityGateFailed as exc:
         if as_json:

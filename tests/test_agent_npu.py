@@ -156,3 +156,31 @@ def test_without_the_qnn_plugin_the_agent_falls_back_to_cpu_and_says_so(bundles,
     # the same static QDQ graph on the CPU EP: the same padding, so nearly the NPU's numbers
     htp = npu_model.embed(TEXTS[:1])[0]
     assert float(np.dot(htp, out["vector"])) > 0.99
+
+
+def test_compiled_ep_context_is_what_the_agent_loads_on_the_npu(tmp_path, keypair, trusted):
+    """--ep-context puts the HTP-compiled graph in the bundle; the agent runs it on QNN (no compile at start)
+    with the same embeddings as the entry graph, and only NPU encoder exports accept the flag."""
+    import numpy as np
+
+    from exporter.errors import IncompatibleTarget
+    from tests.support.models import tiny_model
+
+    common = dict(key=keypair[0], task="embedding", benchmark=False, profile=PROFILE)
+    compiled = export(tiny_model("bert"), out=tmp_path / "ctx", ep_context=True, **common)
+    assert compiled.manifest.model.config["ep_context"] == "model_ctx.onnx"
+    plain = export(tiny_model("bert"), out=tmp_path / "plain", **common)
+    texts = ["the capital of france is paris", "edge"]
+    got = {}
+    for name, result in (("ctx", compiled), ("plain", plain)):
+        model = load_model(open_bundle(result.bundle, trusted))
+        try:
+            assert model.execution_provider == "QNNExecutionProvider"
+            assert Path(model.model_file).name == ("model_ctx.onnx" if name == "ctx" else "model.onnx")
+            got[name] = model.embed(texts)
+        finally:
+            model.close()
+    np.testing.assert_allclose(got["ctx"], got["plain"], atol=1e-5)
+    with pytest.raises(IncompatibleTarget, match="drop --ep-context"):
+        export(tiny_model("bert"), out=tmp_path / "cpu", key=keypair[0], task="embedding", profile="cpu-x86-avx2",
+               ep_context=True, benchmark=False)

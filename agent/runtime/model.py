@@ -33,6 +33,7 @@ class LoadedModel:
         self.execution_provider = choice.execution_provider
         self.threads = choice.threads
         self.provider_notes = choice.tried
+        self.model_file = choice.model_file
         self.loaded_at = time.time()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -21,6 +21,7 @@ class SessionChoice:
     execution_provider: str
     threads: int
     tried: tuple[str, ...]  # "EP: why it was skipped", in order
+    model_file: str = ""  # the bundle file the session runs (the entry, or QNN's compiled EP context)
 
 
 def session_options(threads: int, *, spin: bool = True):
@@ -84,6 +85,10 @@ def create_session(bundle: VerifiedBundle, *, threads: int | None = None,
     if CPU not in [name for name, _ in wanted]:
         wanted.append((CPU, {}))
     model_path = str(bundle.file_path(manifest.model.entry))
+    # NPU bundles may carry the graph already compiled for HTP (exporter --ep-context): QNN loads it
+    # instead of compiling the entry at every start
+    context = manifest.model.config.get("ep_context")
+    context_path = str(bundle.file_path(context)) if isinstance(context, str) and context else None
     tried: list[str] = []
     for name, options in wanted:
         if name == QNN:
@@ -96,6 +101,7 @@ def create_session(bundle: VerifiedBundle, *, threads: int | None = None,
             continue
         chain = [(name, options)] + ([] if name == CPU else [(CPU, {})])
         so = session_options(n, spin=spin)
+        path = model_path
         try:
             if name == CPU or not _plugin_has(name):
                 session = ort.InferenceSession(model_path, sess_options=so, providers=[c[0] for c in chain],
@@ -109,7 +115,9 @@ def create_session(bundle: VerifiedBundle, *, threads: int | None = None,
 
                     options = plugin_options(options)
                 so.add_provider_for_devices([d for d in ort.get_ep_devices() if d.ep_name == name][:1], options)
-                session = ort.InferenceSession(model_path, sess_options=so)
+                if name == QNN and context_path:
+                    path = context_path
+                session = ort.InferenceSession(path, sess_options=so)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             tried.append(f"{name}: session creation failed: {str(exc).splitlines()[0][:300]}")
             log.warning("execution provider %s failed for %s: %s", name, manifest.ref, exc)
@@ -119,7 +127,7 @@ def create_session(bundle: VerifiedBundle, *, threads: int | None = None,
             tried.append(f"{name}: onnxruntime fell back to {got}")
         if tried:  # the bundle asked for something better first: say what it got and why
             log.warning("%s runs on %s; skipped: %s", manifest.ref, got, "; ".join(tried))
-        return SessionChoice(session, got, n, tuple(tried))
+        return SessionChoice(session, got, n, tuple(tried), model_file=path)
     raise ProviderUnavailable(f"no execution provider could run {manifest.ref}: " + "; ".join(tried))
 
 

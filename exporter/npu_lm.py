@@ -44,6 +44,7 @@ from exporter.gguf.graph import (
     _mlp,
     _residual,
     _rms_norm,
+    apply_rotary,
     project_qkv,
 )
 from exporter.golden import GOLDEN_DIR
@@ -138,18 +139,6 @@ def _rotary_tables(b: GraphBuilder, cfg: DecoderConfig, freq_factors: np.ndarray
     return gather(cos, "rope.cos"), gather(signed_sin, "rope.sin")
 
 
-def _apply_rotary(b: GraphBuilder, cfg: DecoderConfig, x: str, cos: str, sin: str) -> str:
-    if cfg.rope_dim != cfg.head_dim:  # partial rotary: only the first rope_dim features turn
-        rot, rest = b.op("Split", x, b.ints(cfg.rope_dim, cfg.head_dim - cfg.rope_dim), axis=-1, outputs=2)
-        return b.op("Concat", _rotate(b, rot, cos, sin, cfg.rope_dim), rest, axis=-1)
-    return _rotate(b, x, cos, sin, cfg.rope_dim)
-
-
-def _rotate(b: GraphBuilder, x: str, cos: str, signed_sin: str, dim: int) -> str:
-    x1, x2 = b.op("Split", x, b.ints(dim // 2, dim // 2), axis=-1, outputs=2)
-    return b.op("Add", b.op("Mul", x, cos), b.op("Mul", b.op("Concat", x2, x1, axis=-1), signed_sin))
-
-
 def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: LayerWeights,
                cos: str, sin: str, bias: str, *, step: int) -> str:
     nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -163,7 +152,7 @@ def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: Layer
 
     q, k = heads(q, nq), heads(k, nkv)
     if cfg.has_rope(i):
-        q, k = _apply_rotary(b, cfg, q, cos, sin), _apply_rotary(b, cfg, k, cos, sin)
+        q, k = (apply_rotary(b, cfg, t, cos, sin, signed_sin=True) for t in (q, k))
     k = b.op("Identity", k, outputs=[f"present.{i}.key"])
     v = b.op("Identity", heads(v, nkv), outputs=[f"present.{i}.value"])
     keys = b.op("Concat", f"past_key_values.{i}.key", k, axis=2)  # [1, nkv, C+S, hd]

@@ -435,16 +435,18 @@ def _rotary(b: GraphBuilder, cfg: DecoderConfig, freq_factors: np.ndarray | None
     return b.op("Cos", emb), b.op("Sin", emb)
 
 
-def _apply_rotary(b: GraphBuilder, cfg: DecoderConfig, x: str, cos: str, sin: str) -> str:
+def apply_rotary(b: GraphBuilder, cfg: DecoderConfig, x: str, cos: str, sin: str, *, signed_sin: bool = False) -> str:
+    """HF's rotate-half rotary on x [.., head_dim]. `signed_sin`: the sin table already carries the sign of
+    the rotated first half (exporter/npu_lm.py's tables), so no Neg op is needed."""
     if cfg.rope_dim != cfg.head_dim:  # partial rotary: only the first rope_dim features turn
         rot, rest = b.op("Split", x, b.ints(cfg.rope_dim, cfg.head_dim - cfg.rope_dim), axis=-1, outputs=2)
-        return b.op("Concat", _apply_rotary_full(b, rot, cos, sin, cfg.rope_dim), rest, axis=-1)
-    return _apply_rotary_full(b, x, cos, sin, cfg.rope_dim)
+        return b.op("Concat", _rotate_half(b, rot, cos, sin, cfg.rope_dim, signed_sin), rest, axis=-1)
+    return _rotate_half(b, x, cos, sin, cfg.rope_dim, signed_sin)
 
 
-def _apply_rotary_full(b: GraphBuilder, x: str, cos: str, sin: str, dim: int) -> str:
+def _rotate_half(b: GraphBuilder, x: str, cos: str, sin: str, dim: int, signed_sin: bool) -> str:
     x1, x2 = b.op("Split", x, b.ints(dim // 2, dim // 2), axis=-1, outputs=2)
-    rotated = b.op("Concat", b.op("Neg", x2), x1, axis=-1)
+    rotated = b.op("Concat", x2 if signed_sin else b.op("Neg", x2), x1, axis=-1)
     return b.op("Add", b.op("Mul", x, cos), b.op("Mul", rotated, sin))
 
 
@@ -489,8 +491,8 @@ def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: Layer
         q = _rms_norm(b, q, layer.q_norm, cfg.rms_eps)
     if layer.k_norm is not None:
         k = _rms_norm(b, k, layer.k_norm, cfg.rms_eps)
-    q = _apply_rotary(b, cfg, q, cos, sin)
-    k = _apply_rotary(b, cfg, k, cos, sin)
+    q = apply_rotary(b, cfg, q, cos, sin)
+    k = apply_rotary(b, cfg, k, cos, sin)
     k = b.op("Concat", f"past_key_values.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])
     v = b.op("Concat", f"past_key_values.{i}.value", heads(v, nkv), axis=2, outputs=[f"present.{i}.value"])
 

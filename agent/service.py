@@ -336,6 +336,7 @@ def update_config(s: AgentSettings, *, session: str, facts: Any) -> UpdateConfig
         providers=s.runtime.providers or None,
         threads=s.runtime.threads or None,
         spin=s.runtime.spin_wait,
+        huge_pages=s.runtime.huge_pages,
         default_watch=WatchPolicy(**s.watch.model_dump()),
         drain_timeout_s=s.api.drain_timeout_s,
         download=DownloadOptions(timeout_s=s.download.timeout_s, retries=s.download.retries,

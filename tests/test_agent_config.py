@@ -224,3 +224,28 @@ def test_spin_wait_reaches_the_sessions_the_update_manager_opens(tmp_path, lm):
     for spin, flag in ((False, "0"), (True, "1")):
         assert session_options(2, spin=spin).get_session_config_entry("session.intra_op.allow_spinning") == flag
     assert lm.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+def test_huge_pages_setting_reaches_the_update_manager_and_the_loader(tmp_path, monkeypatch, keypair):
+    """runtime.huge_pages (on by default) reaches the update manager's loads; off, no collapse is started."""
+    from agent.facts import device_facts
+    from agent.runtime import session as session_mod
+    from agent.service import update_config
+
+    facts = device_facts()
+    on = load_settings(write(tmp_path, f'device_id = "dev-1"\nstate_dir = "{tmp_path / "s"}"\n'))
+    off = load_settings(write(tmp_path, f'device_id = "dev-1"\nstate_dir = "{tmp_path / "s"}"\n[runtime]\nhuge_pages = false\n'))
+    assert (update_config(off, session="s", facts=facts).huge_pages,
+            update_config(on, session="s", facts=facts).huge_pages) == (False, True)
+    started = []
+    monkeypatch.setattr(session_mod, "_collapse", lambda regions, ref: started.append(len(regions)))
+    from agent.bundle import TrustedKeys, open_bundle
+    from agent.runtime import load_model
+    from tests.support.bundles import make_bundle
+
+    make_bundle(tmp_path / "b", keypair[0])
+    vb = open_bundle(tmp_path / "b", TrustedKeys.from_paths([keypair[1]]))
+    load_model(vb, huge_pages=False).close()
+    assert started == []
+    load_model(vb).close()
+    assert len(started) == 1  # with the regions the session added (none for a model this small)

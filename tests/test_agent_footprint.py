@@ -5,12 +5,15 @@ of the execution providers, pinned keys read without cryptography) gives the sam
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent.bundle import TrustedKeys, open_bundle
@@ -122,3 +125,82 @@ def test_unusual_or_wrong_key_files_fail_with_one_line(tmp_path, keypair):
                         (tmp_path / "absent.pub", "not found"), (tmp_path, "cannot read public key")]:
         with pytest.raises(KeyError_, match=words):
             TrustedKeys.from_paths([Path(path)])
+
+
+def test_clean_file_pages_of_the_bundle_are_released_and_come_back_intact(tmp_path):
+    """release_clean_file_pages drops resident pages of clean mappings under the directory only: a written
+    (dirty) private page and a mapping of another directory stay; dropped pages read back the file's bytes."""
+    import mmap
+
+    from agent.runtime.memory import file_mappings, release_clean_file_pages
+
+    bundle, other = tmp_path / "bundle", tmp_path / "other"
+    bundle.mkdir()
+    other.mkdir()
+    size = 64 * mmap.PAGESIZE
+    data = bytes(range(256)) * (size // 256)
+    for d in (bundle, other):
+        for name in ("clean.data", "dirty.data"):
+            with open(d / name, "wb") as f:
+                f.write(data)
+                os.fsync(f.fileno())  # written back: its page-cache pages are clean, as a bundle's are
+    opened = {}
+    for d in (bundle, other):
+        for name, access in (("clean.data", mmap.ACCESS_READ), ("dirty.data", mmap.ACCESS_COPY)):
+            f = open(d / name, "rb")
+            m = mmap.mmap(f.fileno(), size, access=access)
+            assert sum(m[i] for i in range(0, size, mmap.PAGESIZE)) >= 0  # touch every page: resident
+            opened[d, name] = (f, m)
+    opened[bundle, "dirty.data"][1][5] = 250  # a private copy now differs from the file
+
+    def resident(d: Path) -> dict[int, tuple[int, int]]:
+        return {start: (rss, dirty) for start, _, rss, dirty in file_mappings(d)}
+
+    before = resident(bundle)
+    assert len(before) == 2 and all(rss >= size // 1024 for rss, _ in before.values())
+    released = release_clean_file_pages(bundle)
+    assert released == size  # the clean mapping only
+    after = resident(bundle)
+    assert sorted(rss for rss, _ in after.values()) == [0, size // 1024]
+    assert all(rss >= size // 1024 for rss, _ in resident(other).values())  # not ours: untouched
+    assert opened[bundle, "clean.data"][1][:] == data  # read back from the file
+    dirty = opened[bundle, "dirty.data"][1][:]
+    assert dirty[5] == 250 and dirty[:5] == data[:5] and dirty[6:] == data[6:]
+    assert release_clean_file_pages(tmp_path / "nothing-mapped") == 0
+    for f, m in opened.values():
+        m.close()
+        f.close()
+
+
+def test_weights_memory_collapses_to_huge_pages_with_the_same_contents():
+    """collapse_to_huge_pages backs an anonymous region with 2 MiB pages where the kernel can (THP not
+    "never", MADV_COLLAPSE from Linux 6.1), keeps every byte, and does nothing where it cannot."""
+    import platform
+
+    from agent.runtime.memory import anonymous_regions, collapse_to_huge_pages, huge_pages_available
+
+    before = anonymous_regions()
+    size = 16 << 20
+    pattern = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    buf = pattern.copy()  # a large malloc: a private anonymous mapping, like onnxruntime's packed weights
+    addr = buf.ctypes.data
+    new = anonymous_regions() - before
+    assert sum(max(0, min(e, addr + size) - max(s, addr)) for s, e in new) >= size - 4096  # seen as new
+    done = collapse_to_huge_pages(new)
+    assert np.array_equal(buf, pattern)
+    major, minor = (int(p) for p in platform.release().split(".")[:2])
+    if huge_pages_available() and (major, minor) >= (6, 1):
+        assert done >= size - (4 << 20)  # the 2 MiB-aligned inside
+        huge = 0
+        with open("/proc/self/smaps") as f:  # madvise splits the mapping: sum what overlaps the buffer
+            inside = False
+            for line in f:
+                if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                    start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                    inside = start < addr + size and end > addr
+                elif inside and line.startswith("AnonHugePages:"):
+                    huge += int(line.split()[1]) * 1024
+        assert huge >= size - (4 << 20)
+    else:
+        assert done == 0
+    assert collapse_to_huge_pages({(0, 1 << 20)}) == 0  # too small: left alone

@@ -116,7 +116,7 @@ class LoadedModel:
 
 
 def load_model(bundle: VerifiedBundle, *, threads: int | None = None,
-               providers: list[str] | None = None, spin: bool = True) -> LoadedModel:
+               providers: list[str] | None = None, spin: bool = True, huge_pages: bool = True) -> LoadedModel:
     """Open a session for a verified bundle (not re-verified here) and wrap it for its task."""
     from agent.runtime.encoders import ClassificationModel, EmbeddingModel
     from agent.runtime.generation import TextGenerationModel
@@ -124,7 +124,7 @@ def load_model(bundle: VerifiedBundle, *, threads: int | None = None,
 
     if not isinstance(bundle, VerifiedBundle):
         raise LoadError(f"load_model needs a VerifiedBundle from open_bundle(), got {type(bundle).__name__}")
-    choice = create_session(bundle, threads=threads, providers=providers, spin=spin)
+    choice = create_session(bundle, threads=threads, providers=providers, spin=spin, huge_pages=huge_pages)
     cls = {Task.TEXT_GENERATION: TextGenerationModel, Task.EMBEDDING: EmbeddingModel,
            Task.CLASSIFICATION: ClassificationModel}[bundle.manifest.task]
     if cls is TextGenerationModel and bundle.manifest.model.config.get("kv_layout") == "static":

@@ -74,6 +74,7 @@ class UpdateConfig:
     providers: list[str] | None = None  # passed to load_model for serving AND the smoke test
     threads: int | None = None
     spin: bool = True  # inference threads spin-wait (agent setting runtime.spin_wait)
+    huge_pages: bool = True  # weights on 2 MiB pages after loading (agent setting runtime.huge_pages)
     download: DownloadOptions = DownloadOptions()
     disk_margin_bytes: int = 16 * 1024 * 1024
     smoke_timeout_s: float = 120.0
@@ -492,7 +493,7 @@ class UpdateManager:
             req, err, p95 = self.host.stats.window(time.time() - self.config.baseline_window_s)
             rec.baseline = {"requests": float(req), "errors": float(err), **({"p95_ms": p95} if p95 is not None else {})}
         new = self._load(vb, threads=self.config.threads, providers=self.config.providers,
-                                    spin=self.config.spin)  # loaded BEFORE the swap
+                                    spin=self.config.spin, huge_pages=self.config.huge_pages)  # loaded BEFORE the swap
         crash_point("switch:before_rename")
         self.store.switch(sha, rec.restore_sha if rec.kind == "deploy" else None)
         crash_point("switch:after_rename")
@@ -557,7 +558,7 @@ class UpdateManager:
             return
         vb = self.store.bundle(active)
         old = self.host.swap(self._load(vb, threads=self.config.threads, providers=self.config.providers,
-                                    spin=self.config.spin))
+                                    spin=self.config.spin, huge_pages=self.config.huge_pages))
         self.host.drain(old, self.config.drain_timeout_s)
 
     # ---- messages --------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def _check(bundle_dir: Path, manifest_sha256: str, providers: list[str] | None, 
 
     crash_point("smoke:load")
     try:
-        model = load_model(vb, threads=threads, providers=providers)
+        model = load_model(vb, threads=threads, providers=providers, huge_pages=False)  # golden, then closed
     except Exception as exc:  # any load failure is the bundle's, reported as such
         return {"ok": False, "code": "smoke_load_failed", "reason": f"loading {vb.manifest.ref} failed: {exc}"[:1500]}
     try:

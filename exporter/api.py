@@ -321,14 +321,17 @@ def _export_lm(
         if graph == "native":
             # the profile's int8_blocks may name the embedding table too (int4 recipes: weights-only low bits)
             embed8 = recipe.method == "int4" and any(p in "model.embed_tokens" for p in recipe.int8_blocks)
+            head_k = recipe.lm_head_top_k if recipe.int8_head else None
             with progress.step("export", "edgeship graph, fused GroupQueryAttention, KV cache"):
                 fp32 = native.export_native(model, work, max_context=spec_config["max_context"],
-                                            embedding_bits=8 if embed8 else None)
+                                            embedding_bits=8 if embed8 else None, head_top_k=head_k)
             # one max_context KV buffer per layer that GroupQueryAttention reads and writes in place
             spec_config.update(past_present_share_buffer=True, attention="GroupQueryAttention")
         else:
+            head_k = None
             with progress.step("export", f"ONNX opset {profile.opset}, KV cache"):
                 fp32 = lm.export_decoder(model, work, opset=profile.opset)
+        recipe = recipe.model_copy(update={"lm_head_top_k": head_k})  # the recipe says what was applied
         model_config = model.config
         model_config.save_pretrained(stage)
         write_tokenizer(src, tokenizer, stage)
@@ -341,8 +344,13 @@ def _export_lm(
         quant = quant.model_copy(update={"details": {**quant.details, "graph": graph}})
         if graph == "native" and embed8:
             quant.details["embedding"] = "8-bit symmetric blocks of 32 (GatherBlockQuantized)"
-            if getattr(model_config, "tie_word_embeddings", False):
-                quant.details["lm_head"] = "8-bit MatMulNBits over the tied embedding's blocks (stored once)"
+        tied = getattr(model_config, "tie_word_embeddings", False)
+        if head_k:
+            rows = "the tied embedding's 8-bit blocks" if tied and embed8 else "the head's own 8-bit blocks"
+            quant.details["lm_head"] = (f"every logit from 4-bit asymmetric blocks (level 4), then each position's "
+                                        f"top {head_k} recomputed in float32 from {rows}")
+        elif graph == "native" and embed8 and tied:
+            quant.details["lm_head"] = "8-bit MatMulNBits over the tied embedding's blocks (stored once)"
         if outliers and recipe.method in ("int8-dynamic", "int4"):
             ratios = {quality.outlier_patterns({n: r}, 0)[0]: round(r, 1) for n, r in ref.activation_ratio.items()}
             if graph == "native":

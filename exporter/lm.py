@@ -162,19 +162,21 @@ class OrtDecoder:
             tensors[i.name] = np.zeros((batch, kv_heads, 0, head_dim), np.float32)
         return Past(tensors, 0)
 
-    def feed(self, ids: np.ndarray, past: Past) -> dict[str, np.ndarray]:
-        """The input dict for `ids` [b, s] after `past`."""
+    def feed(self, ids: np.ndarray, past: Past, *, keep: int = 0) -> dict[str, np.ndarray]:
+        """The input dict for `ids` [b, s] after `past`; `keep` = n > 0 asks graphs that take logits_to_keep
+        (edgeship's native and GGUF graphs) for the last n positions' logits only (0: every position)."""
         b, s = ids.shape
         feed = {
             "input_ids": ids.astype(np.int64),
             "attention_mask": np.ones((b, past.length + s), np.int64),
             "position_ids": np.tile(np.arange(past.length, past.length + s, dtype=np.int64), (b, 1)),
+            "logits_to_keep": np.array([keep], np.int64),
             **past.tensors,
         }
         return {k: v for k, v in feed.items() if k in self.input_names}
 
-    def run(self, ids: np.ndarray, past: Past) -> tuple[np.ndarray, Past]:
-        outputs = self.session.run(None, self.feed(ids, past))
+    def run(self, ids: np.ndarray, past: Past, *, keep: int = 0) -> tuple[np.ndarray, Past]:
+        outputs = self.session.run(None, self.feed(ids, past, keep=keep))
         named = dict(zip(self.output_names, outputs))
         present = {k.replace("present.", "past_key_values.", 1): v for k, v in named.items() if k.startswith("present.")}
         return named["logits"], Past(present, past.length + ids.shape[1])

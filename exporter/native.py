@@ -24,7 +24,8 @@ import numpy as np
 import onnx
 
 from exporter.errors import ConversionError, UnsupportedArchitecture
-from exporter.gguf.graph import DecoderConfig, DecoderWeights, ExternalData, LayerWeights, build_decoder
+from exporter.gguf.graph import (DecoderConfig, DecoderWeights, ExternalData, LayerWeights, ScannedHead, Weight,
+                                 build_decoder)
 from exporter.gguf.repack import BlockWeight
 
 # model_type -> what differs from llama, handled below
@@ -72,14 +73,18 @@ def _activation(config: Any) -> str | None:
     return getattr(config, "hidden_act", None)
 
 
-def decoder_from_hf(model: Any, *, max_context: int | None = None,
-                    embedding_bits: int | None = None) -> tuple[DecoderConfig, DecoderWeights]:
+def decoder_from_hf(model: Any, *, max_context: int | None = None, embedding_bits: int | None = None,
+                    head_top_k: int | None = None) -> tuple[DecoderConfig, DecoderWeights]:
     """The graph config and float32 weights of a loaded transformers causal LM (weights are not copied).
 
     embedding_bits=8 stores the token embedding table as symmetric 8-bit blocks of 32 (GatherBlockQuantized,
     llama.cpp's Q8_0 grid): a quarter of the float table's bytes on disk and in RAM; the gather reads one row
     per token, so it costs no speed. An untied lm_head stays a float weight for the quantizer; a tied one
     becomes an 8-bit MatMulNBits over the same stored blocks (level 4), so the table is stored once.
+
+    head_top_k=k makes the lm_head a ScannedHead instead: every logit from 4-bit blocks (decode reads the
+    head's bytes for every token: 4-bit reads ~45 % fewer than 8-bit), then each position's top k
+    recomputed in float32 from 8-bit blocks -- the tied embedding's own, or the untied head's.
     """
     config = model.config
     reason = supported(config)
@@ -150,11 +155,14 @@ def decoder_from_hf(model: Any, *, max_context: int | None = None,
     if embedding_bits not in (None, 8):
         raise ValueError(f"embedding_bits {embedding_bits!r}: use None (float) or 8")
     table = embedding if embedding_bits is None else blocks_q8(embedding)
-    weights = DecoderWeights(
-        # tied: the lm_head reads the very same blocks (MatMulNBits B and GatherBlockQuantized data share a layout)
-        embedding=table, layers=layers, final_norm=norm(w("model.norm.weight")),
-        lm_head=table if lm_head is None else lm_head, rope_freq_factors=_freq_factors(model, cfg),
-    )
+    # tied: the lm_head reads the very same blocks (MatMulNBits B and GatherBlockQuantized data share a layout)
+    head: Weight = table if lm_head is None else lm_head
+    if head_top_k is not None:
+        source = embedding if lm_head is None else lm_head
+        rows = table if lm_head is None and isinstance(table, BlockWeight) else blocks_q8(source)
+        head = ScannedHead(scan=blocks_q4(source), rows=rows, top_k=head_top_k)
+    weights = DecoderWeights(embedding=table, layers=layers, final_norm=norm(w("model.norm.weight")),
+                             lm_head=head, rope_freq_factors=_freq_factors(model, cfg))
     return cfg, weights
 
 
@@ -169,6 +177,22 @@ def blocks_q8(table: np.ndarray, block: int = 32) -> BlockWeight:
     codes = (np.clip(np.rint(x / safe[..., None]), -127, 127) + 128).astype(np.uint8).reshape(rows, k)
     return BlockWeight(ggml_type="Q8_0", bits=8, block_size=block, codes=codes, scales=d.astype(np.float32),
                        zero_point=128, offsets=None)
+
+
+def blocks_q4(weight: np.ndarray, block: int = 32) -> BlockWeight:
+    """Asymmetric 4-bit blocks along the rows, round to nearest: w = d * (code - z), d = (max - min) / 15,
+    z = round(-min / d) per block (a uint8 zero point: MatMulNBits' fast path)."""
+    rows, k = weight.shape
+    if k % block:
+        raise ConversionError(f"lm_head width {k} is not a multiple of {block}; export without head_top_k")
+    x = weight.reshape(rows, k // block, block).astype(np.float32)
+    lo, hi = x.min(axis=-1), x.max(axis=-1)
+    d = (hi - lo) / 15.0
+    safe = np.where(d > 0, d, 1.0)
+    z = np.clip(np.rint(-lo / safe), 0, 15)
+    codes = np.clip(np.rint(x / safe[..., None]) + z[..., None], 0, 15).astype(np.uint8).reshape(rows, k)
+    return BlockWeight(ggml_type="int4-asym", bits=4, block_size=block, codes=codes, scales=safe.astype(np.float32),
+                       zero_point=z.astype(np.uint8), offsets=None)
 
 
 def _freq_factors(model: Any, cfg: DecoderConfig) -> np.ndarray | None:
@@ -199,9 +223,11 @@ def fused_patterns(patterns: list[str]) -> list[str]:
 
 
 def export_native(model: Any, work_dir: Path, *, max_context: int | None = None, embedding_bits: int | None = None,
-                  progress: Callable[[str], None] | None = None) -> Path:
-    """work_dir/model.onnx (+ model.onnx.data): the float32 GroupQueryAttention graph of `model`."""
-    cfg, weights = decoder_from_hf(model, max_context=max_context, embedding_bits=embedding_bits)
+                  head_top_k: int | None = None, progress: Callable[[str], None] | None = None) -> Path:
+    """work_dir/model.onnx (+ model.onnx.data): the float32 GroupQueryAttention graph of `model` (with
+    head_top_k, its lm_head already in 4-bit + 8-bit blocks: see decoder_from_hf)."""
+    cfg, weights = decoder_from_hf(model, max_context=max_context, embedding_bits=embedding_bits,
+                                   head_top_k=head_top_k)
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / "model.onnx"
     external = ExternalData(work_dir / "model.onnx.data")

@@ -51,6 +51,15 @@ class QuantRecipe(_M):
     # int4: excluded MatMuls matching these patterns get 8-bit blocks (MatMulNBits bits=8) instead of
     # float: near-float quality at a quarter of the bytes decode reads for them (e.g. "lm_head")
     int8_blocks: list[str] = []
+    # int4, native LM graph, with "lm_head" in int8_blocks: every logit from 4-bit blocks (the fewest bytes
+    # decode reads per token), then each position's top k recomputed in float32 from the 8-bit blocks
+    # (exporter.gguf.graph.ScannedHead). None: the whole head in 8-bit blocks.
+    lm_head_top_k: int | None = None
+
+    @property
+    def int8_head(self) -> bool:
+        """int4 with the lm_head kept out of 4 bits but given 8-bit blocks (int8_blocks) instead of float."""
+        return self.method == "int4" and "lm_head" in self.int8_blocks and "lm_head" in self.exclude
     activation_type: Literal["uint8", "uint16", "int8", "int16"] = "uint8"  # qdq-static
     weight_type: Literal["uint8", "int8"] = "int8"  # qdq-static / int8-dynamic
     mixed_precision: bool = False  # keep the most sensitive layers in float until the gate passes

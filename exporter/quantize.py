@@ -51,7 +51,9 @@ def check_target(recipe: QuantRecipe, *, device_class: str, profile: str, task: 
 
 def recipe_name(recipe: QuantRecipe) -> str:
     if recipe.method == "int4":
-        head = "-int8head" if "lm_head" in recipe.int8_blocks and "lm_head" in recipe.exclude else ""
+        head = "-int8head" if recipe.int8_head else ""
+        if head and recipe.lm_head_top_k:
+            head = f"-int4scan-int8top{recipe.lm_head_top_k}head"
         if recipe.algorithm == "hqq":
             return f"int4-matmulnbits-hqq-b{recipe.block_size}-acc{recipe.accuracy_level}{head}"
         sym = "sym" if recipe.symmetric else "asym"

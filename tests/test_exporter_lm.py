@@ -68,7 +68,8 @@ def test_every_decoder_exports_a_verified_bundle_that_passes_its_gate(arch, quan
     # from attention_mask and shares one KV buffer between past and present
     first = ["input_ids", "attention_mask"] + (["position_ids"] if graph == "optimum" else [])
     assert m.model.inputs[:len(first)] == first
-    assert m.model.inputs[len(first):] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    last = ["logits_to_keep"] if graph == "native" else []  # the native graph: 1 = lm_head on the last position only
+    assert m.model.inputs[len(first):] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")] + last
     assert m.quantization.details["graph"] == graph
     assert cfg.get("past_present_share_buffer", False) is (graph == "native")
     ops = [n.op_type for n in graph_of(result.bundle).graph.node]
@@ -207,6 +208,39 @@ def test_impossible_threshold_fails_the_gate_and_writes_nothing(tmp_path, keypai
     assert "--force" in str(info.value)
     assert not (tmp_path / "b").exists()
     assert list(tmp_path.iterdir()) == []  # no staging or work directories left behind
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lm_head_top_k_profile_option_scans_in_4_bits_and_refines_from_8(arch, tmp_path, keypair):
+    """lm_head_top_k (off in the shipped profiles): one 4-bit MatMulNBits over the vocabulary, each position's top k
+    recomputed from 8-bit blocks -- the tied embedding's own when tied; the manifest says so; the gate runs."""
+    from exporter import export
+    from exporter.profiles import TARGETS_DIR
+
+    text = (TARGETS_DIR / "cpu-x86-avx2.toml").read_text().replace("\nint8_blocks", "\nlm_head_top_k = 8\nint8_blocks", 1)
+    profile = tmp_path / "cpu-x86-avx2-scan.toml"
+    profile.write_text(text)
+    result = export(tiny_model(arch), out=tmp_path / "b", key=keypair[0], profile=profile, quant="int4", benchmark=False)
+    g = graph_of(result.bundle)
+    head = [n for n in g.graph.node if n.name.startswith("/lm_head/")]
+    assert sorted(n.op_type for n in head) == ["MatMulNBits", "ScatterElements"]
+    assert {a.name: a.i for a in head[0].attribute if a.name == "bits"} == {"bits": 4}
+    topk = [n for n in g.graph.node if n.op_type == "TopK"]
+    assert len(topk) == 1 and int(numpy_helper_value(g, topk[0].input[1])[0]) == 8
+    rows = [n for n in g.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(rows) == 2 and (rows[0].input[0] == rows[1].input[0]) is (arch == "qwen2")  # tied: stored once
+    q = open_bundle(result.bundle, TrustedKeys.from_paths([keypair[1]])).manifest.quantization
+    assert q.recipe == "int4-matmulnbits-b32-acc4-asym-int4scan-int8top8head" and "top 8" in q.details["lm_head"]
+    # optimum's graph has no ScannedHead: the option is dropped and the recipe says so
+    plain = export(tiny_model(arch), out=tmp_path / "o", key=keypair[0], profile=profile, quant="int4",
+                   graph="optimum", benchmark=False)
+    assert plain.manifest.quantization.recipe == "int4-matmulnbits-b32-acc4-asym-int8head"
+
+
+def numpy_helper_value(g, name: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(next(i for i in g.graph.initializer if i.name == name))
 
 
 def test_huge_block_symmetric_recipe_with_strict_threshold_fails(tmp_path, keypair):

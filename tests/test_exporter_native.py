@@ -77,6 +77,74 @@ def test_native_graph_equals_pytorch_in_prefill_decode_and_chunks(name, tmp_path
     np.testing.assert_allclose(np.concatenate(got), ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2-tied"])
+def test_scanned_head_gives_the_8bit_heads_top_logits_from_4bit_reads(name, tmp_path):
+    """head_top_k: each position's top k logits are the 8-bit blocks' in float32 (the tied table's own
+    blocks when tied), the others come from the 4-bit scan -- so the argmax is the 8-bit head's."""
+    import onnx
+    import torch
+
+    from exporter.gguf.graph import ScannedHead
+    from exporter.lm import OrtDecoder
+    from exporter.native import blocks_q4, blocks_q8, decoder_from_hf, export_native
+
+    model = random_model(name, vocab_size=2048)
+    with torch.no_grad():  # the graph's embedding is 8-bit blocks: give PyTorch the same table
+        table = model.model.embed_tokens.weight
+        table.copy_(torch.from_numpy(blocks_q8(table.numpy()).dequantize()))
+    k = 8
+    ids = np.random.default_rng(1).integers(0, 2048, (1, 24))
+    with torch.inference_mode():
+        hidden = model.model(torch.from_numpy(ids)).last_hidden_state[0].numpy()
+    head = model.lm_head.weight.detach().numpy()
+    _, weights = decoder_from_hf(model, embedding_bits=8, head_top_k=k)
+    assert isinstance(weights.lm_head, ScannedHead) and weights.lm_head.scan.bits == 4
+    assert (weights.lm_head.rows is weights.embedding) is (name == "qwen2-tied")  # tied: one stored table
+    eight, four = hidden @ blocks_q8(head).dequantize().T, hidden @ blocks_q4(head).dequantize().T
+
+    path = export_native(model, tmp_path, embedding_bits=8, head_top_k=k)
+    g = onnx.load(str(path), load_external_data=False).graph
+    bits = sorted({a.i for n in g.node if n.name.startswith("/lm_head/") and n.op_type == "MatMulNBits"
+                   for a in n.attribute if a.name == "bits"})
+    assert bits == [4]  # the only full pass over the vocabulary reads 4-bit blocks
+    dec = OrtDecoder(path)
+    logits = dec.run(ids, dec.empty_past())[0][0]
+    order = np.argsort(-four, axis=-1)  # what the graph's TopK picks, but for level-4 rounding at the k-th place
+    for pos in range(len(ids[0])):
+        top = order[pos, :k - 2]
+        np.testing.assert_allclose(logits[pos, top], eight[pos, top], atol=1e-4, rtol=1e-4)
+        rest = order[pos, k + 2:]
+        np.testing.assert_allclose(logits[pos, rest], four[pos, rest], atol=0.05 * np.abs(four).max())
+    assert (logits.argmax(-1) == eight.argmax(-1)).mean() == 1.0
+    with pytest.raises(ValueError, match="same"):
+        ScannedHead(scan=blocks_q4(head[:, :32]), rows=blocks_q8(head))
+
+
+def test_logits_to_keep_0_gives_every_position_and_1_the_last(tmp_path):
+    """logits_to_keep: 0 (the quality gate's perplexity) gives [b, s, vocab]; 1 (what the agent feeds) gives the
+    last position's logits, the same numbers; the agent and the exporter's decoders feed it."""
+    import onnxruntime as ort
+
+    from exporter.gguf.graph import io_names
+    from exporter.lm import OrtDecoder
+    from exporter.native import export_native
+
+    path = export_native(random_model("qwen2-tied"), tmp_path, embedding_bits=8)
+    dec = OrtDecoder(path)
+    assert sorted(dec.input_names) == sorted(io_names(2)[0])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(2).integers(0, 512, (1, 12))
+    feed = dec.feed(ids, dec.empty_past())
+    assert feed["logits_to_keep"].tolist() == [0]
+    full = session.run(["logits"], feed)[0]
+    assert full.shape == (1, 12, 512)
+    for keep in (1, 3):
+        part = session.run(["logits"], {**feed, "logits_to_keep": np.array([keep], np.int64)})[0]
+        assert part.shape == (1, keep, 512)
+        np.testing.assert_allclose(part, full[:, -keep:], rtol=1e-5, atol=1e-5)
+    assert dec.run(ids, dec.empty_past(), keep=1)[0].shape == (1, 1, 512)
+
+
 def test_shared_kv_buffer_runs_in_place(tmp_path):
     """past and present bound to the same max_context buffer (how the agent runs it) give the same logits."""
     import onnxruntime as ort
@@ -95,6 +163,7 @@ def test_shared_kv_buffer_runs_in_place(tmp_path):
     for lo, hi in [(0, 12), (12, 13), (13, 20)]:
         binding.bind_cpu_input("input_ids", ids[:, lo:hi])
         binding.bind_cpu_input("attention_mask", np.ones((1, hi), np.int64))
+        binding.bind_cpu_input("logits_to_keep", np.zeros(1, np.int64))
         binding.clear_binding_outputs()
         binding.bind_output("logits", "cpu")
         for name, buf in zip(names, buffers):

@@ -274,6 +274,7 @@ def test_structure_io_and_spec(tiny_llama):
     names_out = [o.name for o in model.graph.output]
     assert names_in[:2] == ["input_ids", "attention_mask"]  # GroupQueryAttention takes positions from the mask
     assert names_in[2:4] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert names_in[-1] == "logits_to_keep"  # 1: the lm_head for the last position only (the agent)
     assert ops.count("GroupQueryAttention") == layers
     assert result.model_spec.config["past_present_share_buffer"] is True
     assert names_out[:3] == ["logits", "present.0.key", "present.0.value"]
@@ -361,7 +362,7 @@ def test_left_padding_is_masked(tiny_llama, tmp_path):
                             np.random.default_rng(3).integers(3, 512, size=(1, 8))])
     mask = np.array([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])
     pos = np.array([[0, 0, 0, 0, 1, 2, 3, 4], list(range(8))])
-    feed = {"input_ids": batch, "attention_mask": mask, "position_ids": pos}
+    feed = {"input_ids": batch, "attention_mask": mask, "position_ids": pos, "logits_to_keep": np.zeros(1, np.int64)}
     for i in range(dec.num_layers):
         for kv in ("key", "value"):
             feed[f"past_key_values.{i}.{kv}"] = np.zeros((2, 2, 0, 16), np.float32)

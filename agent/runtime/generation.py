@@ -104,6 +104,9 @@ class TextGenerationModel(LoadedModel):
         self.num_kv_heads = int(cfg.get("num_kv_heads") or first.shape[1])
         self.head_dim = int(cfg.get("head_dim") or first.shape[3])
         self.has_position_ids = "position_ids" in inputs
+        # edgeship's own LM graphs take logits_to_keep (0: all positions); 1 skips the lm_head for every
+        # prompt token but the last
+        self._keep_last = np.ones(1, np.int64) if "logits_to_keep" in inputs else None
         self.prefix_cache = PrefixCache(max_bytes=prefix_cache_bytes)
         self._mask = np.ones((1, self.max_context), np.int64)
         self._empty_kv = np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.kv_dtype)
@@ -133,10 +136,8 @@ class TextGenerationModel(LoadedModel):
 
     # ---- the model ----------------------------------------------------------------------------
 
-    def _step(self, binding, ids: list[int], past_len: int, past: list) -> tuple[np.ndarray, list]:
-        """Run `ids` after `past_len` cached positions; return last-position logits and the new KV."""
-        import onnxruntime as ort
-
+    def _bind_step_inputs(self, binding, ids: list[int], past_len: int) -> None:
+        """Bind a step's inputs besides the KV cache: `ids` after `past_len` cached positions."""
         if self.closed:
             raise Cancelled(f"model {self.ref} was closed (swapped out) during generation")
         n = len(ids)
@@ -144,6 +145,14 @@ class TextGenerationModel(LoadedModel):
         binding.bind_cpu_input("attention_mask", self._mask[:, : past_len + n])
         if self.has_position_ids:
             binding.bind_cpu_input("position_ids", np.arange(past_len, past_len + n, dtype=np.int64)[None])
+        if self._keep_last is not None:
+            binding.bind_cpu_input("logits_to_keep", self._keep_last)
+
+    def _step(self, binding, ids: list[int], past_len: int, past: list) -> tuple[np.ndarray, list]:
+        """Run `ids` after `past_len` cached positions; return last-position logits and the new KV."""
+        import onnxruntime as ort
+
+        self._bind_step_inputs(binding, ids, past_len)
         for name, value in zip(self.past_names, past):
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
@@ -179,13 +188,7 @@ class TextGenerationModel(LoadedModel):
 
     def _step_shared(self, binding, ids: list[int], past_len: int) -> np.ndarray:
         """_step for shared-buffer graphs: the KV stays in self._kv_buffers, written in place."""
-        if self.closed:
-            raise Cancelled(f"model {self.ref} was closed (swapped out) during generation")
-        n = len(ids)
-        binding.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
-        binding.bind_cpu_input("attention_mask", self._mask[:, : past_len + n])
-        if self.has_position_ids:
-            binding.bind_cpu_input("position_ids", np.arange(past_len, past_len + n, dtype=np.int64)[None])
+        self._bind_step_inputs(binding, ids, past_len)
         binding.clear_binding_outputs()
         binding.bind_output("logits", "cpu")
         for past, present, (_, value) in zip(self.past_names, self.present_names, self._shared_buffers()):

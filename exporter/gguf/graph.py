@@ -25,7 +25,31 @@ from exporter.gguf.repack import BlockWeight, concat_rows
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
-Weight = BlockWeight | np.ndarray
+
+
+@dataclass(frozen=True)
+class ScannedHead:
+    """An lm_head read twice: every logit from `scan` (4-bit blocks, the fewest bytes per token), then each
+    position's `top_k` largest recomputed in float32 from `rows` (8-bit blocks, only k rows read) and
+    scattered back. Argmax, top-k/top-p candidates and most of the softmax mass get the 8-bit head's
+    values; only logits far below the top carry the 4-bit error. A tied head's rows are the embedding table."""
+
+    scan: BlockWeight
+    rows: BlockWeight
+    top_k: int = 16
+
+    def __post_init__(self) -> None:
+        if self.scan.shape != self.rows.shape:
+            raise ValueError(f"scan {self.scan.shape} and rows {self.rows.shape} must be the same [vocab, hidden]")
+        if self.top_k < 1:
+            raise ValueError(f"top_k {self.top_k} must be at least 1")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows.shape
+
+
+Weight = BlockWeight | ScannedHead | np.ndarray
 
 
 class ExternalData:
@@ -115,7 +139,9 @@ class GraphBuilder:
         exporter names it ("/model/layers.3/mlp/down_proj/MatMul"), so --exclude patterns work on both.
         MatMulNBits' accuracy level comes from the policy (exporter/gguf/levels.py) by weight class.
         """
-        if isinstance(weight, BlockWeight) and self.policy.refines(stem):
+        if isinstance(weight, ScannedHead):
+            y = self._refined_logits(x, weight.rows, stem, rank=rank, scan=weight.scan, k=weight.top_k)
+        elif isinstance(weight, BlockWeight) and self.policy.refines(stem):
             y = self._refined_logits(x, weight, stem, rank=rank)
         elif isinstance(weight, BlockWeight):
             y = self._block_linear(x, weight, stem, rank=rank, level=self.policy.level(stem))
@@ -149,11 +175,13 @@ class GraphBuilder:
             sums = self._blocksums[(x, weight.block_size)] = self.op("ReduceSum", blocks, self.ints(-1), keepdims=0)
         return self.op("Add", y, self.op("MatMul", sums, self.const(weight.offsets.T.copy(), f"{stem}.offsets")))
 
-    def _refined_logits(self, x: str, weight: BlockWeight, stem: str, *, rank: int) -> str:
-        """All logits at the policy's (fast) level, then each position's top k recomputed in float32 from the
-        same blocks and scattered back: the largest logits, the argmax and the softmax mass are exact."""
-        k = min(self.policy.exact_top_k or 1, weight.shape[0])
-        approx = self._block_linear(x, weight, stem, rank=rank, level=self.policy.level(stem))
+    def _refined_logits(self, x: str, weight: BlockWeight, stem: str, *, rank: int, scan: BlockWeight | None = None,
+                        k: int | None = None) -> str:
+        """All logits at the policy's (fast) level -- from `scan` if given, else from `weight` itself -- then each
+        position's top k recomputed in float32 from `weight`'s blocks and scattered back: the largest logits,
+        the argmax and the softmax mass are `weight`'s own."""
+        k = min(k or self.policy.exact_top_k or 1, weight.shape[0])
+        approx = self._block_linear(x, scan or weight, stem, rank=rank, level=self.policy.level(stem))
         _, top = self.op("TopK", approx, self.ints(k), axis=-1, outputs=2)  # [..., k]
         rows = gather_rows(self, weight, top, index_rank=rank)  # [..., k, K] float32
         exact = self.op("ReduceSum", self.op("Mul", rows, self.op("Unsqueeze", x, self.ints(-2))), self.ints(-1), keepdims=0)
@@ -256,7 +284,7 @@ def io_names(num_layers: int, attention: Attention = "gqa") -> tuple[list[str], 
     for i in range(num_layers):
         inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         outputs += [f"present.{i}.key", f"present.{i}.value"]
-    return inputs, outputs
+    return inputs + [LOGITS_TO_KEEP], outputs
 
 
 Attention = Literal["gqa", "plain"]
@@ -288,7 +316,7 @@ def build_decoder(cfg: DecoderConfig, weights: DecoderWeights, *, accuracy_level
     present_shape = ["batch_size", cfg.num_kv_heads, "total_sequence_length", cfg.head_dim]
     for i in range(cfg.num_layers):
         b.inputs += [helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32, kv_shape) for kv in ("key", "value")]
-    b.outputs.append(helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", cfg.vocab_size]))
+    b.outputs.append(helper.make_tensor_value_info("logits", f32, ["batch_size", "logits_length", cfg.vocab_size]))
     for i in range(cfg.num_layers):
         b.outputs += [helper.make_tensor_value_info(f"present.{i}.{kv}", f32, present_shape) for kv in ("key", "value")]
 
@@ -308,8 +336,24 @@ def build_decoder(cfg: DecoderConfig, weights: DecoderWeights, *, accuracy_level
         x = _residual(b, cfg, x, layer.attn_norm, layer.post_attn_norm, lambda h: attend(i, h, layer))
         x = _residual(b, cfg, x, layer.ffn_norm, layer.post_ffn_norm, lambda h: _mlp(b, cfg, i, h, layer))
     x = _rms_norm(b, x, weights.final_norm, cfg.rms_eps)
+    x = _keep_last(b, x)
     b.op("Identity", b.linear(x, weights.lm_head, "lm_head"), outputs=["logits"])
     return b.model()
+
+
+LOGITS_TO_KEEP = "logits_to_keep"
+
+
+def _keep_last(b: GraphBuilder, x: str) -> str:
+    """The last `logits_to_keep` positions of x [b, s, hidden]; 0 keeps all.
+
+    The quality gate's perplexity feeds 0 (every position's logits); a generating caller feeds 1, and prefill
+    skips the lm_head for all but the last prompt token (Qwen2.5-0.5B: the head is ~27 % of the prefill's
+    multiply-adds, and the logits of a 128-token prompt are 78 MB). A required input, not an initializer
+    with a default: onnxruntime's IO binding cannot bind an overridable initializer."""
+    b.inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    start = b.op("Neg", LOGITS_TO_KEEP)  # -n: the last n; -0 = 0: all
+    return b.op("Slice", x, start, b.ints(np.iinfo(np.int64).max), b.ints(1))
 
 
 def _residual(b: GraphBuilder, cfg: DecoderConfig, x: str, pre: np.ndarray | None, post: np.ndarray | None,

@@ -47,13 +47,16 @@ class OnnxDecoder:
     def empty_past(self) -> list[np.ndarray]:
         return [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.num_layers)]
 
-    def run(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """ids [1, s] after `past` -> (logits [1, s, vocab], new past)."""
+    def run(self, ids: np.ndarray, past: list[np.ndarray], *, keep: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+        """ids [1, s] after `past` -> (logits [1, s, vocab], new past); keep = n > 0: the last n positions'
+        logits only, where the graph takes logits_to_keep."""
         done = past[0].shape[2]
         total = done + ids.shape[1]
         feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, total), np.int64)}
         if "position_ids" in self.input_names:  # plain-attention graphs; GroupQueryAttention derives positions
             feed["position_ids"] = np.arange(done, total, dtype=np.int64)[None]
+        if "logits_to_keep" in self.input_names:
+            feed["logits_to_keep"] = np.array([keep], np.int64)
         for i in range(self.num_layers):
             feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
         out = self.session.run(None, feed)

@@ -4,7 +4,10 @@ Models (random weights, shapes of the real ones; `--model`):
   tinyllama-1.1b  hidden 2048, 22 layers, 32 heads, 4 KV heads, intermediate 5632, vocab 32000
   qwen2.5-0.5b    hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864, vocab 151936, tied
                   embeddings, q/k/v bias, rope_theta 1e6, 32768 positions
-128-token prompt, 64 new tokens, greedy, one process for all variants.
+128-token prompt, 64 new tokens, greedy, one process for all variants. Every variant runs once per
+round, in turn, `--rounds` times (default 3), `--repeats` timed generations each (default 2): this
+machine's speed drifts by 10-20 % over minutes, so a variant measured only at the start or the end
+would meet other weather. Reported: best and median of all its timed runs; ratios of both.
 
 Variants, side by side in one run:
   - edgeship export default: `exporter.export(model, out=, key=, profile=<this CPU's>, benchmark=False)`,
@@ -12,6 +15,8 @@ Variants, side by side in one run:
     lm_head), loaded through agent.runtime with no flags (threads and EP as a device picks them).
     force=True only so that the bundle is written although random weights miss the quality gate
     (the gate's result is recorded; it changes nothing in the graph).
+  - edgeship, lm_head 4-bit scan: the same export with `lm_head_top_k = 16` added to the profile (every
+    logit from 4-bit blocks, each position's top 16 from the 8-bit ones; an option, off by default).
   - optimum graph (TinyLlama only): optimum's decoder-with-past trace, int4 with onnxruntime's
     MatMulNBitsQuantizer (block 32, symmetric, accuracy_level 4, lm_head int4 too), same runtime.
   - PyTorch fp32 (same weights, same thread count).
@@ -37,6 +42,7 @@ import gc
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -153,7 +159,7 @@ print(json.dumps({"stats": r.stats, "quality_status": str(rep.status.value), "me
 
 def edgeship_bundle(src: Path, profile: str) -> Path:
     """The bundle `exporter.export` makes with the profile's defaults, exported in a child process."""
-    out = CACHE / f"{src.name}-edgeship-{profile}"
+    out = CACHE / f"{src.name}-edgeship-{Path(profile).stem}"
     if (out / "manifest.json").exists():
         return out
     private, _ = keys()
@@ -167,6 +173,19 @@ def edgeship_bundle(src: Path, profile: str) -> Path:
     info = json.loads(r.stdout.strip().splitlines()[-1]) | {"wall_s": round(time.perf_counter() - t0, 1)}
     (CACHE / f"{out.name}.export.json").write_text(json.dumps(info, indent=2))
     log(f"exported in {info['wall_s']:.0f} s; quality {info['quality_status']} (random weights: means nothing)")
+    return out
+
+
+def scan_profile(profile: str) -> Path:
+    """The profile with `lm_head_top_k = 16`: the lm_head scores every token with 4-bit blocks and recomputes
+    each position's top 16 logits from its 8-bit blocks (exporter.gguf.graph.ScannedHead; off by default)."""
+    from exporter.profiles import TARGETS_DIR
+
+    text = (TARGETS_DIR / f"{profile}.toml").read_text()
+    if "\nint8_blocks" not in text:
+        raise SystemExit(f"profile {profile} has no int8_blocks line to put lm_head_top_k after")
+    out = CACHE / f"{profile}-scan16.toml"
+    out.write_text(text.replace("\nint8_blocks", "\nlm_head_top_k = 16\nint8_blocks", 1))
     return out
 
 
@@ -399,7 +418,8 @@ def serve_process(bundle_dir: Path | None, public: Path | None, *, vocab: int = 
 def build(shape: Shape, *, genai: bool) -> dict[str, Path]:
     """Every cached artifact this shape's run needs: {variant: bundle or model directory}."""
     src = hf_dir(shape)
-    built = {"hf": src, "edgeship": edgeship_bundle(src, profile_for_host())}
+    built = {"hf": src, "edgeship": edgeship_bundle(src, profile_for_host()),
+             "edgeship_scan": edgeship_bundle(src, str(scan_profile(profile_for_host())))}
     if shape.optimum_graph:
         built["optimum"] = optimum_bundle(src)
     if genai:
@@ -420,43 +440,50 @@ def with_bandwidth(r: dict, model_file: Path, bandwidth_gbs: float) -> dict:
                 "decode_bandwidth_fraction": w["bytes"] * r["decode_tok_s"] / (bandwidth_gbs * 1e9)}
 
 
-def run_shape(shape: Shape, *, bandwidth_gbs: float, genai: bool, torch: bool, repeats: int) -> dict:
+def merged(parts: list[dict]) -> dict:
+    """One variant's rounds as one result: every timed run kept, best and median of them."""
+    out = dict(parts[0])
+    for key in ("prefill", "decode"):
+        runs = [x for p in parts for x in p[f"{key}_runs"]]
+        out[f"{key}_runs"] = runs
+        out[f"{key}_tok_s"] = max(runs)
+        out[f"{key}_tok_s_median"] = statistics.median(runs)
+    return out
+
+
+def run_shape(shape: Shape, *, bandwidth_gbs: float, genai: bool, torch: bool, repeats: int, rounds: int) -> dict:
+    """Every variant, `rounds` times in turn (machine load drifts over minutes: each round meets it alike)."""
     built = build(shape, genai=genai)
     _, public = keys()
     v = shape.vocab
-    runs: dict[str, dict] = {}
-    log(f"{shape.label}: agent runtime, edgeship export default ...")
-    runs["edgeship export default"] = with_bandwidth(
-        measure_runtime(built["edgeship"], public, vocab=v, repeats=repeats),
-        built["edgeship"] / "model.onnx", bandwidth_gbs)
-    log(f"{shape.label}: agent runtime, edgeship export default, runtime.spin_wait = false ...")
-    runs["edgeship export, spin_wait off"] = with_bandwidth(
-        measure_runtime(built["edgeship"], public, vocab=v, repeats=repeats, spin=False),
-        built["edgeship"] / "model.onnx", bandwidth_gbs)
+    agent_variants = {"edgeship export default": (built["edgeship"], True),
+                      "edgeship export, spin_wait off": (built["edgeship"], False),
+                      "edgeship, lm_head 4-bit scan": (built["edgeship_scan"], True)}
+    if "optimum" in built:
+        agent_variants["optimum graph (int4 sym)"] = (built["optimum"], True)
+    if "genai_gqa" in built:
+        agent_variants["agent on genai's graph"] = (built["genai_gqa"], True)
+    parts: dict[str, list[dict]] = {}
+    for rnd in range(1, rounds + 1):
+        for name, (bundle, spin) in agent_variants.items():
+            log(f"{shape.label} round {rnd}/{rounds}: {name} ...")
+            r = measure_runtime(bundle, public, vocab=v, repeats=repeats, spin=spin)
+            parts.setdefault(name, []).append(with_bandwidth(r, bundle / "model.onnx", bandwidth_gbs))
+        if "genai" in built:
+            from bench import genai_speed
+
+            log(f"{shape.label} round {rnd}/{rounds}: onnxruntime-genai ...")
+            g = genai_speed.run(built["hf"], prompt_ids(1, v), new_tokens=NEW_TOKENS, repeats=repeats)
+            for r in g["runs"]:
+                parts.setdefault(f"onnxruntime-genai int4 {r['label']}", []).append(with_bandwidth(
+                    r | {"bundle_mb": g["model_mb"]}, built["genai"] / "model.onnx", bandwidth_gbs))
+    runs = {name: merged(p) for name, p in parts.items()}
     details = CACHE / f"{built['edgeship'].name}.export.json"
     if details.exists():
         runs["edgeship export default"]["export"] = json.loads(details.read_text())
-    if "optimum" in built:
-        log(f"{shape.label}: agent runtime, optimum graph ...")
-        runs["optimum graph (int4 sym)"] = with_bandwidth(
-            measure_runtime(built["optimum"], public, vocab=v, repeats=repeats),
-            built["optimum"] / "model.onnx", bandwidth_gbs)
-    if "genai_gqa" in built:
-        log(f"{shape.label}: agent runtime on genai's graph ...")
-        runs["agent on genai's graph"] = with_bandwidth(
-            measure_runtime(built["genai_gqa"], public, vocab=v, repeats=repeats),
-            built["genai_gqa"] / "model.onnx", bandwidth_gbs)
     if torch:
         log(f"{shape.label}: pytorch fp32 ...")
         runs["pytorch fp32"] = measure_torch(built["hf"], vocab=v, repeats=max(1, repeats - 1))
-    if "genai" in built:
-        from bench import genai_speed
-
-        log(f"{shape.label}: onnxruntime-genai ...")
-        g = genai_speed.run(built["hf"], prompt_ids(1, v), new_tokens=NEW_TOKENS, repeats=repeats)
-        for r in g["runs"]:
-            runs[f"onnxruntime-genai int4 {r['label']}"] = with_bandwidth(
-                r | {"bundle_mb": g["model_mb"]}, built["genai"] / "model.onnx", bandwidth_gbs)
     log(f"{shape.label}: agent process loading the edgeship bundle ...")
     loaded = serve_process(built["edgeship"], public, vocab=v)
     return {"label": shape.label, "config": shape.config, "profile": profile_for_host(),
@@ -469,7 +496,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--genai", action="store_true", help="also run onnxruntime-genai in bench/.venv-genai")
-    ap.add_argument("--repeats", type=int, default=3, help="timed generations per variant (after one warm-up)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed generations per variant and round (after a warm-up)")
+    ap.add_argument("--rounds", type=int, default=3, help="times every variant runs, in turn")
     ap.add_argument("--build", action="store_true", help="only build the cached models, measure nothing")
     args = ap.parse_args()
 
@@ -485,7 +513,8 @@ def main() -> None:
     log(f"host: {facts}")
     for shape in shapes:  # build everything before measuring anything
         build(shape, genai=args.genai)
-    res: dict = {"host": facts, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "repeats": args.repeats}
+    res: dict = {"host": facts, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "repeats": args.repeats,
+                 "rounds": args.rounds}
     log("memory bandwidth (numpy copy) ...")
     res["bandwidth_gbs"] = memory_bandwidth_gbs()
     log("agent process without a model ...")
@@ -494,7 +523,7 @@ def main() -> None:
     for key, shape in SHAPES.items():
         if shape in shapes:
             res["models"][key] = run_shape(shape, bandwidth_gbs=res["bandwidth_gbs"], genai=args.genai,
-                                           torch=not args.skip_torch, repeats=args.repeats)
+                                           torch=not args.skip_torch, repeats=args.repeats, rounds=args.rounds)
     report(res)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2, default=str))
@@ -507,7 +536,8 @@ def report(res: dict) -> None:
     h = res["host"]
     print(f"\nhost: {h['model']} ({h['arch']}), usable cores {h['cores_usable']}, flags {' '.join(h['flags'])}")
     print(f"memory bandwidth (numpy copy): {res['bandwidth_gbs']:.1f} GB/s; prompt {res['prompt_tokens']} tokens, "
-          f"{res['new_tokens']} new, greedy, best of {res['repeats']} after a warm-up")
+          f"{res['new_tokens']} new, greedy; {res.get('rounds', 1)} rounds of every variant in turn, {res['repeats']} "
+          "timed runs each after a warm-up: best (median)")
     idle = res["idle"]
     print(f"agent process RSS without a model: {idle['rss_mb']:.1f} MB (ready in {idle['ready_s']:.2f} s)")
     for m in res["models"].values():
@@ -517,14 +547,18 @@ def report(res: dict) -> None:
 def report_shape(m: dict) -> None:
     runs = m["runs"]
     print(f"\n== {m['label']} (random weights), profile {m['profile']} ==")
-    print(f"{'variant':34} {'threads':>7} {'MB':>6} {'prefill tok/s':>13} {'decode tok/s':>12} "
+    print(f"{'variant':34} {'threads':>7} {'MB':>6} {'prefill tok/s':>16} {'decode tok/s':>15} "
           f"{'GB/token':>8} {'% of bw':>7}")
+
+    def both(r: dict, key: str) -> str:
+        med = r.get(f"{key}_tok_s_median")
+        return f"{r[f'{key}_tok_s']:.1f}" + (f" ({med:.1f})" if med is not None else "")
+
     for name, r in runs.items():
         gb = f"{r['weight_bytes_per_token'] / 1e9:.3f}" if "weight_bytes_per_token" in r else "-"
         bw = f"{r['decode_bandwidth_fraction'] * 100:.0f}%" if "decode_bandwidth_fraction" in r else "-"
         mb = f"{r['bundle_mb']:.0f}" if "bundle_mb" in r else "-"
-        print(f"{name:34} {r['threads']!s:>7} {mb:>6} {r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.2f} "
-              f"{gb:>8} {bw:>7}")
+        print(f"{name:34} {r['threads']!s:>7} {mb:>6} {both(r, 'prefill'):>16} {both(r, 'decode'):>15} {gb:>8} {bw:>7}")
     ours = runs["edgeship export default"]
     if "export" in ours:
         e = ours["export"]
@@ -533,10 +567,15 @@ def report_shape(m: dict) -> None:
               f"8-bit blocks {q.get('details', {}).get('int8_block_nodes')}, quality {e['quality_status']} "
               f"(random weights), export {e['wall_s']:.0f} s, "
               f"peak RSS {e['stats'].get('peak_rss_mb', 0) / 1024:.1f} GB")
+    def ratio(key: str, r: dict) -> str:
+        best = f"{ours[f'{key}_tok_s'] / r[f'{key}_tok_s']:.2f}x"
+        if f"{key}_tok_s_median" in r:
+            best += f" (medians {ours[f'{key}_tok_s_median'] / r[f'{key}_tok_s_median']:.2f}x)"
+        return best
+
     for name, r in runs.items():
         if name != "edgeship export default":
-            print(f"edgeship export default / {name}: prefill {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x, "
-                  f"decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x")
+            print(f"edgeship export default / {name}: prefill {ratio('prefill', r)}, decode {ratio('decode', r)}")
     if m["label"].startswith("TinyLlama"):
         print(f"vs the issue's figures: decode {ours['decode_tok_s'] / 17.5:.2f}x genai default (17.5), "
               f"{ours['decode_tok_s'] / 33:.2f}x genai tuned (33); prefill {ours['prefill_tok_s'] / 71:.2f}x "

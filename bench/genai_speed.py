@@ -30,7 +30,7 @@ import json, sys, time
 import onnxruntime_genai as og
 path, prompt, new, repeats = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = og.Model(path)
-best = None
+runs = []
 for rep in range(repeats + 1):  # the first run warms up
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
@@ -46,9 +46,9 @@ for rep in range(repeats + 1):  # the first run warms up
         n += 1
     decode = time.perf_counter() - t1
     if rep:
-        p, d = len(prompt) / prefill, n / decode
-        best = (max(best[0], p), max(best[1], d)) if best else (p, d)
-print(json.dumps({"prefill_tok_s": best[0], "decode_tok_s": best[1]}))
+        runs.append((len(prompt) / prefill, n / decode))
+print(json.dumps({"prefill_tok_s": max(r[0] for r in runs), "decode_tok_s": max(r[1] for r in runs),
+                  "prefill_runs": [round(r[0], 1) for r in runs], "decode_runs": [round(r[1], 2) for r in runs]}))
 """
 
 

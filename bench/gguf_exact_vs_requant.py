@@ -98,11 +98,11 @@ def build_requant(gguf_path: Path, out: Path) -> Path:
 def measure(dec: OnnxDecoder, prompt: np.ndarray, new_tokens: int, *, clock=time.perf_counter) -> tuple[float, float]:
     """(prefill, decode) seconds per token on `clock` for one prompt and `new_tokens` greedy steps."""
     t0 = clock()
-    logits, past = dec.run(prompt[None], dec.empty_past())
+    logits, past = dec.run(prompt[None], dec.empty_past(), keep=1)  # as the agent asks: last position only
     t1 = clock()
     for _ in range(new_tokens):
         nxt = np.array([[int(logits[0, -1].argmax())]])
-        logits, past = dec.run(nxt, past)
+        logits, past = dec.run(nxt, past, keep=1)
     t2 = clock()
     return (t1 - t0) / len(prompt), (t2 - t1) / new_tokens
 

@@ -1,8 +1,10 @@
 """Speed of the exact GGUF export vs the same model requantized to int4, side by side in one run.
 
 exact:        export_gguf defaults: the GGUF's blocks kept; the measured accuracy policy (decoder linears at
-              MatMulNBits level 0, the GGUF's float math; lm_head at level 4 with each position's top-16
-              logits recomputed exactly; exporter/gguf/levels.py)
+              float accuracy: 4-bit ones of >= 1M weights decode on level 4's int8 kernel in two passes,
+              x = hi + lo, ~2e-5 from float, the rest and all prompts at MatMulNBits level 0, the GGUF's float
+              math; lm_head at level 4 with each position's top-16 logits recomputed exactly; exporter/gguf/levels.py)
+exact-level0: the same with every decoder linear at level 0 (the default before the two-pass decode)
 exact-acc0:   the same blocks, every MatMulNBits at level 0 (the lm_head's Q8_0 as two exact 4-bit halves)
 exact-o4:     the default policy with o_proj at level 4 too (passes SmolLM2's gate, spends half the
               greedy answer's near-tie margin): the next-fastest candidate, not the default
@@ -18,13 +20,14 @@ gate/up fused into one MatMulNBits each; only the weight format and the accuracy
 MatMulNBits path; that is slower still and not what this compares against.)
 
 Prefill: one call with a 128-token prompt. Decode: 64 new tokens through the KV cache. 2 threads that
-sleep when idle, as the agent runs them. Rounds alternate between the models so machine load hits all
-alike; medians of wall-clock tok/s, and of CPU ms per token in a 1-thread session of each model (its
+spin when idle, as the agent runs them by default (--no-spin: they sleep, as with runtime.spin_wait =
+false). Rounds alternate between the models so machine load hits all alike; medians of wall-clock tok/s, and of CPU ms per token in a 1-thread session of each model (its
 ops run on the calling thread, so thread_time counts the model's work alone: steadier under load). With
 --quality, each exact model is also judged as the exporter judges it (exporter.gguf.quality: ppl, top-1,
 greedy 64-token chat answer vs transformers' fp32 dequantization).
 
-    python -m bench.gguf_exact_vs_requant [--gguf PATH] [--rounds 3] [--threads 2] [--quality] [--json OUT]
+    python -m bench.gguf_exact_vs_requant [--gguf PATH] [--rounds 3] [--threads 2] [--no-spin] [--only VARIANT ...]
+                                          [--quality] [--json OUT]
 """
 
 from __future__ import annotations
@@ -46,13 +49,13 @@ import onnx
 from exporter.gguf.arch import decoder_config, decoder_weights
 from exporter.gguf.export import export_gguf
 from exporter.gguf.graph import DecoderWeights, ExternalData, build_decoder
-from exporter.gguf.levels import DEFAULT_POLICY, AccuracyPolicy
+from exporter.gguf.levels import LEVEL0_POLICY, AccuracyPolicy
 from exporter.gguf.quality import OnnxDecoder, _nll, eval_text, gguf_quality, gguf_reference
 from exporter.gguf.reader import GgufFile
 from exporter.gguf.repack import BlockWeight
 
 BASELINE = "requant-int4"
-O_PROJ_AT_4 = AccuracyPolicy({**DEFAULT_POLICY.levels, "attn_out": 4}, exact_top_k=DEFAULT_POLICY.exact_top_k, name="o_proj-at-4")
+O_PROJ_AT_4 = AccuracyPolicy({**LEVEL0_POLICY.levels, "attn_out": 4}, exact_top_k=LEVEL0_POLICY.exact_top_k, name="o_proj-at-4")
 
 
 def requant_int4_asym(w: np.ndarray, block: int = 32) -> BlockWeight:
@@ -126,6 +129,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--spin", action=argparse.BooleanOptionalAction, default=True,
+                    help="idle intra-op threads spin (the agent's default, runtime.spin_wait) or sleep (--no-spin)")
+    ap.add_argument("--only", nargs="*", default=None, metavar="VARIANT",
+                    help="exact variants besides `exact` to build and time (default: all)")
     ap.add_argument("--quality", action="store_true", help="also judge each exact model against transformers' fp32")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
@@ -134,17 +141,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         exact = export_gguf(gguf_path, Path(tmp) / "exact")
-        paths = {"exact": exact.onnx_path,
-                 "exact-acc0": export_gguf(gguf_path, Path(tmp) / "exact-acc0", accuracy_level=0).onnx_path,
-                 "exact-o4": export_gguf(gguf_path, Path(tmp) / "exact-o4", accuracy_level=O_PROJ_AT_4).onnx_path,
-                 "exact-acc4": export_gguf(gguf_path, Path(tmp) / "exact-acc4", accuracy_level=4).onnx_path,
-                 BASELINE: build_requant(gguf_path, Path(tmp) / "requant")}
+        policies = {"exact-level0": LEVEL0_POLICY, "exact-acc0": 0, "exact-o4": O_PROJ_AT_4, "exact-acc4": 4}
+        paths = {"exact": exact.onnx_path}
+        for name, policy in policies.items():
+            if not args.only or name in args.only:
+                paths[name] = export_gguf(gguf_path, Path(tmp) / name, accuracy_level=policy).onnx_path
+        paths[BASELINE] = build_requant(gguf_path, Path(tmp) / "requant")
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(exact.onnx_path.parent)
         ids = np.array(tok(eval_text(), add_special_tokens=False)["input_ids"])
         prompt = ids[: args.prompt_tokens]
-        models = {name: OnnxDecoder(path, threads=args.threads, spinning=False) for name, path in paths.items()}
+        models = {name: OnnxDecoder(path, threads=args.threads, spinning=args.spin) for name, path in paths.items()}
         single = {name: OnnxDecoder(path, threads=1) for name, path in paths.items()}
         ppl = {}
         for name, dec in models.items():
@@ -160,7 +168,7 @@ def main() -> None:
         if args.quality:
             eos = exact.model_spec.config["eos_token_ids"]
             ref = gguf_reference(gguf_path, exact.onnx_path.parent, eos_token_ids=eos)
-            for name in ("exact", "exact-acc0", "exact-o4", "exact-acc4"):
+            for name in [n for n in paths if n != BASELINE]:
                 report = gguf_quality(gguf_path, paths[name], exact.onnx_path.parent, eos_token_ids=eos,
                                       threads=args.threads, reference=ref)
                 quality[name] = {"status": report.status.value, **report.metrics,
@@ -191,7 +199,7 @@ def main() -> None:
         args.json.write_text(json.dumps({
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "gguf": gguf_path.name,
             "onnxruntime": onnxruntime.__version__, "cpu": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "threads": args.threads, "rounds": args.rounds,
+            "cpus": os.cpu_count(), "threads": args.threads, "spin": args.spin, "rounds": args.rounds,
             "prompt_tokens": int(len(prompt)), "new_tokens": args.new_tokens,
             "load_average_before": load_before, "load_average_after": load_after,
             "medians": med, "ratios_vs_requant": ratios, "ppl_eval_txt": ppl, "quality": quality, "runs": runs,

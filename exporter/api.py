@@ -545,7 +545,7 @@ def _export_gguf_exact(
 ) -> ExportResult:
     """GGUF kept exactly (exporter.gguf), judged by the same gate against transformers' dequantized model."""
     from exporter import quality
-    from exporter.gguf.export import DEFAULT_ACCURACY_LEVEL, export_gguf
+    from exporter.gguf.export import export_gguf
     from exporter.source import load_causal_lm, load_tokenizer
 
     text = quality.read_texts(Path(eval_text) if eval_text else None)
@@ -562,9 +562,10 @@ def _export_gguf_exact(
             ref = quality.lm_reference(model, tokenizer, text, max_context=profile.shapes.max_context)
         del model
         gc.collect()
-        level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
-        with progress.step("export", f"GGUF blocks kept exactly, accuracy level {level}"):
-            result = export_gguf(gguf_path, stage, accuracy_level=level, progress=progress.note)
+        level = "the measured policy for its size" if accuracy_level is None else accuracy_level
+        with progress.step("export", f"GGUF blocks kept exactly, accuracy level: {level}"):
+            result = export_gguf(gguf_path, stage, accuracy_level=accuracy_level, progress=progress.note)
+        progress.note(f"accuracy levels: {result.quantization.details['accuracy_levels']['policy']}")
         spec_config = {**result.model_spec.config}
         if profile.shapes.max_context:
             spec_config["max_context"] = min(spec_config["max_context"], profile.shapes.max_context)

@@ -24,6 +24,8 @@ from agent.bundle import QualityStatus  # noqa: E402
 from exporter.errors import SourceError, UnsupportedArchitecture  # noqa: E402
 from exporter.gguf.export import RECIPE, export_gguf  # noqa: E402
 from exporter.gguf.quality import OnnxDecoder  # noqa: E402
+from exporter.gguf import graph  # noqa: E402
+from exporter.gguf.levels import LEVEL0_POLICY, TWO_PASS  # noqa: E402
 from tests.support.models import TINY_CONFIGS, cache_dir, smollm2_gguf_path, tiny_model  # noqa: E402
 
 # Tests that compare every logit with the float reference export at level 0 everywhere: the GGUF's own
@@ -296,8 +298,9 @@ def test_structure_io_and_spec(tiny_llama):
 
 
 def test_default_policy_levels_recorded_and_top_logits_exact(tiny_llama, tmp_path):
-    """The default accuracy policy: every decoder linear at level 0, the lm_head at level 4 with each position's
-    top logits recomputed in float; the manifest says which class got which level and why."""
+    """The default accuracy policy: every decoder linear at float accuracy (this model's are all small: level 0),
+    the lm_head at level 4 with each position's top logits recomputed in float; the manifest says which class got
+    which level and why."""
     path, exact = tiny_llama
     result = export_gguf(path, tmp_path / "out")
     model = onnx.load(result.onnx_path, load_external_data=False)
@@ -309,7 +312,7 @@ def test_default_policy_levels_recorded_and_top_logits_exact(tiny_llama, tmp_pat
     details = result.quantization.details
     assert details["accuracy_level"] == "per-weight"
     policy = details["accuracy_levels"]
-    assert policy["levels"] == {"attn_qkv": 0, "attn_out": 0, "mlp_in": 0, "mlp_out": 0, "lm_head": 4}
+    assert policy["levels"] == {"attn_qkv": TWO_PASS, "attn_out": TWO_PASS, "mlp_in": TWO_PASS, "mlp_out": TWO_PASS, "lm_head": 4}
     assert policy["lm_head_exact_top_k"] == 16 and all(policy["reasons"].values())
     assert exact.quantization.details["accuracy_level"] == 0  # the override: one level for all
 
@@ -319,6 +322,62 @@ def test_default_policy_levels_recorded_and_top_logits_exact(tiny_llama, tmp_pat
     top = np.argsort(want, axis=-1)[..., -8:]
     np.testing.assert_allclose(np.take_along_axis(got, top, -1), np.take_along_axis(want, top, -1), atol=1e-4, rtol=1e-4)
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_two_pass_decodes_on_int8_and_prefills_at_level_0(tiny_llama, tmp_path, monkeypatch):
+    """The default policy's two-pass level (for linears of >= 1M weights; here all): each 4-bit decoder linear is an
+    If whose one-row branch runs level 4 on hi + lo and whose prompt branch is the level-0 node; prompts give the
+    level-0 policy's logits bit for bit, decode steps stay within float noise of them."""
+    path, _ = tiny_llama
+    monkeypatch.setattr(graph, "TWO_PASS_MIN_WEIGHTS", 0)
+    default = export_gguf(path, tmp_path / "default", accuracy_level=LEVEL0_POLICY)
+    two = export_gguf(path, tmp_path / "two")
+    model = onnx.load(two.onnx_path, load_external_data=False)
+    ifs = [n for n in model.graph.node if n.op_type == "If"]
+    assert ifs and all(n.name.endswith("/TwoPassIf") for n in ifs)
+    for node in ifs:
+        branches = {a.name: [(m.op_type, next((x.i for x in m.attribute if x.name == "accuracy_level"), None))
+                             for m in a.g.node] for a in node.attribute}
+        assert ("MatMulNBits", 4) in branches["then_branch"] and branches["else_branch"] == [("MatMulNBits", 0)]
+    assert two.quantization.details["accuracy_levels"]["policy"] == "measured-two-pass"
+
+    ids = np.random.default_rng(9).integers(3, 512, size=(1, 12))
+    np.testing.assert_array_equal(_onnx_logits(two, ids), _onnx_logits(default, ids))
+    steps = {}
+    for name, result in (("default", default), ("two", two)):
+        dec = OnnxDecoder(result.onnx_path, threads=1)
+        logits, past = dec.run(ids[:, :4], dec.empty_past())
+        steps[name] = []
+        for t in range(4, 12):  # one-row steps through the KV cache
+            logits, past = dec.run(ids[:, t:t + 1], past)
+            steps[name].append(logits[0, -1])
+    got, want = np.array(steps["two"]), np.array(steps["default"])
+    assert not np.array_equal(got, want)  # the int8 branch ran
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max(), np.abs(got - want).max()
+
+
+def test_agent_serves_a_two_pass_bundle_token_for_token(tiny_llama, tmp_path, keypair, monkeypatch):
+    """The agent's runtime (IO binding, one shared KV buffer, logits_to_keep = 1) on a graph of If nodes
+    generates what the plain decoder does with the same graph."""
+    from agent.bundle import TrustedKeys, open_bundle
+    from agent.runtime import load_model
+    from agent.runtime.generation import TextGenerationModel
+    from tests.support.lm_bundle import seal_lm_bundle
+
+    path, _ = tiny_llama
+    monkeypatch.setattr(graph, "TWO_PASS_MIN_WEIGHTS", 0)
+    two = export_gguf(path, tmp_path / "two")
+    assert any(n.op_type == "If" for n in onnx.load(two.onnx_path, load_external_data=False).graph.node)
+    seal_lm_bundle(two.onnx_path.parent, tmp_path / "bundle", keypair[0], config=two.model_spec.config)
+    model = load_model(open_bundle(tmp_path / "bundle", TrustedKeys.from_paths([keypair[1]])), threads=1)
+    assert isinstance(model, TextGenerationModel)
+    prompt = [int(t) for t in np.random.default_rng(4).integers(3, 512, size=9)]
+    gen = model.generate(prompt, max_tokens=12, ignore_eos=True)
+    got = [chunk.token_id for chunk in gen if chunk.token_id is not None]
+    want = OnnxDecoder(two.onnx_path, threads=1).greedy(prompt, 12, set())
+    assert got == want and len(got) == 12
+    model.close()
 
 
 def test_kv_cache_decode_equals_prefill(tiny_llama):
@@ -391,10 +450,15 @@ def test_bad_files_are_source_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_q4_1_keeps_its_quality(tmp_path):
-    """The real SmolLM2-135M-Instruct Q4_1 GGUF: ppl within ±0.5%, top-1 >= 98%, same greedy chat answer."""
+@pytest.mark.parametrize("two_pass_everywhere", [False, True], ids=["default", "two-pass-everywhere"])
+def test_smollm2_q4_1_keeps_its_quality(tmp_path, monkeypatch, two_pass_everywhere):
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF: ppl within ±0.5%, top-1 >= 98%, same greedy chat answer. Its
+    linears are too small for the two-pass int8 decode by default; forced on every one, the greedy answer (one-row
+    decode steps, on the int8 kernel) must still be the reference's."""
     from exporter.gguf.quality import gguf_quality
 
+    if two_pass_everywhere:
+        monkeypatch.setattr(graph, "TWO_PASS_MIN_WEIGHTS", 0)
     path = smollm2_gguf_path()
     result = export_gguf(path, tmp_path / "out")
     assert result.quantization.details["exact_types"] == ["Q4_1", "Q8_0"]

@@ -12,8 +12,9 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from exporter.gguf import graph
 from exporter.gguf.graph import linear_model
-from exporter.gguf.levels import DEFAULT_POLICY, WEIGHT_CLASSES, AccuracyPolicy, weight_class
+from exporter.gguf.levels import DEFAULT_POLICY, TWO_PASS, WEIGHT_CLASSES, AccuracyPolicy, weight_class
 from exporter.gguf.repack import FORMATS, BlockWeight, decode
 
 # byte ranges of the fp16 fields (d, and min/dmin where the type has one) inside one block
@@ -71,6 +72,45 @@ def test_accuracy_level_4_is_close(ggml_type):
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     scale = np.abs(x) @ np.abs(ref_w).T
     assert np.all(np.abs(y - x @ ref_w.T) <= 2e-2 * scale)
+
+
+@pytest.mark.parametrize("ggml_type", REQUIRED)
+def test_two_pass_int8_decodes_within_float_noise_and_prefills_at_level_0(ggml_type, monkeypatch):
+    """TWO_PASS: one row (decode) on level 4's int8 kernel as hi + lo, ~100x closer than level 4 alone, all-zero
+    blocks exact; more rows (prefill) and 8-bit containers take level 0's float kernel, bit for bit."""
+    monkeypatch.setattr(graph, "TWO_PASS_MIN_WEIGHTS", 0)  # this small weight too
+    n, k = 32, 512
+    raw = random_rows(ggml_type, n, k, seed=7)
+    ref_w = dequantize(raw, GGMLQuantizationType[ggml_type]).astype(np.float64)
+    w = decode(ggml_type, raw, k)
+    rng = np.random.default_rng(8)
+    sessions = {level: ort.InferenceSession(linear_model(w, accuracy_level=level, rank=3).SerializeToString(),
+                                            providers=["CPUExecutionProvider"]) for level in (0, 4, TWO_PASS)}
+    prompt = rng.standard_normal((1, 5, k)).astype(np.float32)
+    np.testing.assert_array_equal(sessions[TWO_PASS].run(None, {"x": prompt})[0], sessions[0].run(None, {"x": prompt})[0])
+
+    err = {level: [] for level in sessions}
+    for trial in range(8):
+        x = (rng.standard_normal((1, 1, k)) * np.logspace(-3, 2, k)).astype(np.float32)
+        x[0, 0, 32 * trial:32 * trial + 32] = 0.0  # one all-zero block
+        ref, scale = x.astype(np.float64) @ ref_w.T, np.abs(x).astype(np.float64) @ np.abs(ref_w).T
+        for level, sess in sessions.items():
+            err[level].append((np.abs(sess.run(None, {"x": x})[0] - ref) / scale).max())
+    worst = {level: max(e) for level, e in err.items()}
+    if w.bits == 8:  # Q8_0, Q5_K, Q6_K
+        assert worst[TWO_PASS] == worst[0], worst
+    else:
+        assert worst[TWO_PASS] <= 5e-5 and worst[TWO_PASS] * 50 < worst[4], worst
+    assert np.isfinite(worst[TWO_PASS])
+
+
+def test_two_pass_only_for_big_4bit_linears():
+    """Below TWO_PASS_MIN_WEIGHTS (and for 8-bit blocks) the two-pass level is a plain level-0 node."""
+    small = decode("Q4_0", random_rows("Q4_0", 64, 256), 256)
+    ops = {n.op_type: [a.i for a in n.attribute if a.name == "accuracy_level"] for n in linear_model(small, accuracy_level=TWO_PASS).graph.node}
+    assert "If" not in ops and ops["MatMulNBits"] == [0]
+    big = BlockWeight("Q4_0", 4, 32, np.zeros((2048, 2048), np.uint8), np.ones((2048, 64), np.float32), 8, None)
+    assert "If" in {n.op_type for n in linear_model(big, accuracy_level=TWO_PASS).graph.node}
 
 
 def test_split_nibbles_is_exact():
@@ -143,9 +183,10 @@ def test_accuracy_policy_classes_and_override():
     assert weight_class("model.layers.3.mlp.gate_up_proj") == weight_class("model.layers.0.mlp.up_proj") == "mlp_in"
     assert weight_class("model.layers.3.mlp.down_proj") == "mlp_out"
     assert weight_class("lm_head.hi") == weight_class("lm_head") == "lm_head"
-    # the default: the decoder's linears exact, the lm_head fast with its top logits recomputed
+    # the default: the decoder's linears at float accuracy (level 0, or two int8 passes for big ones' decode),
+    # the lm_head fast with its top logits recomputed
     assert {DEFAULT_POLICY.level(f"model.layers.0.{m}") for m in ("self_attn.qkv_proj", "self_attn.o_proj",
-                                                                  "mlp.gate_up_proj", "mlp.down_proj")} == {0}
+                                                                  "mlp.gate_up_proj", "mlp.down_proj")} == {TWO_PASS}
     assert DEFAULT_POLICY.level("lm_head") == 4 and DEFAULT_POLICY.refines("lm_head")
     assert not DEFAULT_POLICY.refines("model.layers.0.mlp.down_proj")
     assert set(DEFAULT_POLICY.details()["reasons"]) == set(WEIGHT_CLASSES)

@@ -23,9 +23,11 @@ RECIPE = "gguf-exact"
 # linears at level 0, the GGUF's own float math (at level 4, each of q/k/v, gate/up, down and lm_head alone
 # flips SmolLM2's greedy chat answer, a near tie); the lm_head at level 4 with each position's top-16 logits
 # recomputed exactly (ppl +0.003 %, top-1 100 %, same answer, about half the lm_head's level-0 cost).
+# 4-bit linears of at least 1M weights decode on level 4's int8 kernel in two passes instead (levels.TWO_PASS:
+# ~2e-5 from float, 1.5x level 0's decode on a TinyLlama-sized model); prompts stay at level 0, and smaller
+# linears too: they lose more to its extra ops than they gain.
 # An int accuracy_level overrides it: every MatMulNBits at that level (8-bit blocks at level 0 are split
 # into two exact 4-bit halves, because MatMulNBits has a fast float kernel only for 4 bits).
-DEFAULT_ACCURACY_LEVEL: AccuracyPolicy = DEFAULT_POLICY
 
 
 @dataclass(frozen=True)
@@ -44,21 +46,24 @@ class GgufResult:
         return [f"{t}: {v['tensors']} tensors, {v['handling']}" for t, v in types.items()]
 
 
-def export_gguf(gguf_path: Path, out_dir: Path, *, accuracy_level: int | AccuracyPolicy = DEFAULT_ACCURACY_LEVEL,
+def export_gguf(gguf_path: Path, out_dir: Path, *, accuracy_level: int | str | AccuracyPolicy | None = None,
                 attention: Attention = "gqa", progress: Callable[[str], None] | None = None) -> GgufResult:
     """Write `out_dir`/model.onnx (LM bundle I/O layout) whose quantized weights are the GGUF's own blocks.
 
-    accuracy_level: the measured per-weight policy by default (see above); an int puts every MatMulNBits at
-    that level (0 the GGUF's float math, 4 int8 activations). attention "gqa" fuses each layer's attention
+    accuracy_level: None (default) = the measured per-weight policy (see above); an int
+    puts every MatMulNBits at that level (0 the GGUF's float math, 4 int8 activations), "4x2" every 4-bit
+    linear at the two-pass int8 level. attention "gqa" fuses each layer's attention
     into GroupQueryAttention; "plain" uses standard ONNX ops.
     """
     try:
-        policy = accuracy_level if isinstance(accuracy_level, AccuracyPolicy) else AccuracyPolicy.uniform(accuracy_level)
+        policy = (None if accuracy_level is None else accuracy_level if isinstance(accuracy_level, AccuracyPolicy)
+                  else AccuracyPolicy.uniform(accuracy_level))
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     say = progress or (lambda _msg: None)
     g = GgufFile(Path(gguf_path))
     cfg = decoder_config(g)
+    policy = policy or DEFAULT_POLICY
     say(f"reading {g.path.name}: {cfg.architecture}, {cfg.num_layers} layers")
     weights = decoder_weights(g, cfg)
 

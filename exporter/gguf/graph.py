@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.gguf.levels import AccuracyPolicy
+from exporter.gguf.levels import TWO_PASS, TWO_PASS_MIN_WEIGHTS, AccuracyPolicy
 from exporter.gguf.repack import BlockWeight, concat_rows
 
 OPSET = 17
@@ -87,7 +87,7 @@ class GraphBuilder:
     """Nodes and initializers of one graph, with unique names."""
 
     name: str
-    accuracy_level: int | AccuracyPolicy = 4  # one level for every MatMulNBits, or a level per weight class
+    accuracy_level: int | str | AccuracyPolicy = 4  # one level for every MatMulNBits, or a level per weight class
     external: ExternalData | None = None
     nodes: list = field(default_factory=list)
     initializers: list = field(default_factory=list)
@@ -152,28 +152,84 @@ class GraphBuilder:
             y = self.op("Add", y, self.const(bias.astype(np.float32), f"{stem}.bias"))
         return y
 
-    def _block_linear(self, x: str, weight: BlockWeight, stem: str, *, rank: int, level: int) -> str:
+    def _block_linear(self, x: str, weight: BlockWeight, stem: str, *, rank: int, level: int | str) -> str:
+        if level == TWO_PASS:
+            n, k = weight.shape
+            if weight.bits == 4 and n * k >= TWO_PASS_MIN_WEIGHTS:
+                return self._two_pass_linear(x, weight, stem, rank=rank)
+            # smaller: its ~14 extra ops cost more than the kernel saves; 8-bit: prompts would need the 8-bit
+            # blocks and their two 4-bit halves, twice the bytes
+            level = 0
         if weight.bits == 8 and level == 0:
             hi, lo = weight.split_nibbles()  # exact, and runs on the fast 4-bit float kernel
             return self.op("Add", self._block_linear(x, hi, f"{stem}.hi", rank=rank, level=0),
                            self._block_linear(x, lo, f"{stem}.lo", rank=rank, level=0))
         if weight.offsets is not None:  # a blocksum is needed anyway: drop the explicit zero point too
             weight = weight.with_default_zero_point()
+        y = self._matmul_nbits(x, weight, stem, level=level)
+        if weight.offsets is None:
+            return y
+        return self._add_offsets(x, y, weight, stem, rank=rank)
+
+    def _add_offsets(self, x: str, y: str, weight: BlockWeight, stem: str, *, rank: int) -> str:
+        """w = scale*q + offset per block, so x @ w^T = MatMulNBits(x) + blocksum(x) @ offsets^T."""
+        sums = self._blocksums.get((x, weight.block_size))
+        if sums is None:  # q/k/v (and gate/up) read the same x: sum its blocks once
+            blocks = self._blocks(x, weight, rank)
+            sums = self._blocksums[(x, weight.block_size)] = self.op("ReduceSum", blocks, self.ints(-1), keepdims=0)
+        return self.op("Add", y, self.op("MatMul", sums, self.const(weight.offsets.T.copy(), f"{stem}.offsets")))
+
+    def _blocks(self, x: str, weight: BlockWeight, rank: int) -> str:
+        """x [..., K] as [..., K / block, block], made once per input."""
+        key = ("blocks", x, weight.block_size)
+        if key not in self._blocksums:
+            self._blocksums[key] = self.op("Reshape", x, self.ints(*[0] * (rank - 1), weight.n_blocks, weight.block_size))
+        return self._blocksums[key]
+
+    def _two_pass_linear(self, x: str, weight: BlockWeight, stem: str, *, rank: int) -> str:
+        """x @ w^T for one row of x (decode) on level 4's int8 kernel, to ~2e-5: x = hi + lo, hi on the int8 grid
+        the kernel picks for each block (scale = block max / 127, so it quantizes hi without error), lo = x - hi
+        (quantized with its own, >= 254x finer scale), both rows of one MatMulNBits call, then summed. More rows
+        (prefill) run at level 0: twice the rows at level 4 cost more than level 0 does. An If picks; both
+        branches read the same initializers (4-bit blocks only)."""
+        if weight.offsets is not None:
+            weight = weight.with_default_zero_point()
+        outer, self.nodes = self.nodes, []
+        one_row = self._blocksums.get("one row")
+        if one_row is None:  # every decoder linear before the lm_head sees the same rows: one condition
+            rows = self.op("ReduceProd", self.op("Slice", self.op("Shape", x), self.ints(0), self.ints(-1)), keepdims=0)
+            one_row = self._blocksums["one row"] = self.op("Equal", rows, self.const(np.array(1, np.int64)))
+        cond_nodes, self.nodes = self.nodes, []
+        blocks = self.op("Reshape", x, self.ints(1, weight.n_blocks, weight.block_size))  # one row: x is [1, .., 1, K]
+        peak = self.op("ReduceMax", self.op("Abs", blocks), axes=[-1], keepdims=1)  # [1, blocks, 1]
+        inverse = self.op("Div", self.const(np.array(127, np.float32)),  # as the kernel: 127 / block max
+                          self.op("Max", peak, self.const(np.array(1e-30, np.float32))))  # all-zero blocks: hi = 0
+        hi = self.op("Div", self.op("Round", self.op("Mul", blocks, inverse)), inverse)  # (Mod is slower, ~std::fmod)
+        both = self.op("Concat", hi, self.op("Sub", blocks, hi), axis=0)  # [2, blocks, block]: hi, lo
+        rows = self._matmul_nbits(self.op("Reshape", both, self.ints(2, 1, weight.shape[1])), weight, stem, level=4)
+        two = self.op("ReduceSum", rows, self.ints(0), keepdims=1)  # [1, 1, N]
+        if rank != 3:
+            two = self.op("Reshape", two, self.ints(*[1] * (rank - 1), weight.shape[0]))
+        then_nodes, self.nodes = self.nodes, []
+        one = self._matmul_nbits(x, weight, stem, level=0)
+        else_nodes, self.nodes = self.nodes, outer + cond_nodes
+
+        def branch(nodes: list, out: str, name: str) -> onnx.GraphProto:
+            return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+        y = self.op("If", one_row, name=node_name(stem, "TwoPassIf"),
+                    then_branch=branch(then_nodes, two, self._unique("two_pass")),
+                    else_branch=branch(else_nodes, one, self._unique("level0")))
+        return y if weight.offsets is None else self._add_offsets(x, y, weight, stem, rank=rank)
+
+    def _matmul_nbits(self, x: str, weight: BlockWeight, stem: str, *, level: int) -> str:
         n, k = weight.shape
         ins = [x, self.packed(weight, f"{stem}.qweight"), self.const(weight.scales, f"{stem}.scales")]
         zp = weight.zero_points()
         if zp is not None:
             ins.append(self.const(zp, f"{stem}.zero_points"))
-        y = self.op("MatMulNBits", *ins, domain=MS_DOMAIN, name=node_name(stem, "MatMulNBits"),
-                    K=k, N=n, bits=weight.bits, block_size=weight.block_size, accuracy_level=level)
-        if weight.offsets is None:
-            return y
-        # w = scale*q + offset per block, so x @ w^T = MatMulNBits(x) + blocksum(x) @ offsets^T
-        sums = self._blocksums.get((x, weight.block_size))
-        if sums is None:  # q/k/v (and gate/up) read the same x: sum its blocks once
-            blocks = self.op("Reshape", x, self.ints(*[0] * (rank - 1), weight.n_blocks, weight.block_size))
-            sums = self._blocksums[(x, weight.block_size)] = self.op("ReduceSum", blocks, self.ints(-1), keepdims=0)
-        return self.op("Add", y, self.op("MatMul", sums, self.const(weight.offsets.T.copy(), f"{stem}.offsets")))
+        return self.op("MatMulNBits", *ins, domain=MS_DOMAIN, name=node_name(stem, "MatMulNBits"),
+                       K=k, N=n, bits=weight.bits, block_size=weight.block_size, accuracy_level=level)
 
     def _refined_logits(self, x: str, weight: BlockWeight, stem: str, *, rank: int, scan: BlockWeight | None = None,
                         k: int | None = None) -> str:
@@ -206,14 +262,17 @@ def node_name(module: str, op_type: str) -> str:
     return "/" + "/".join(parts) + f"/{op_type}"
 
 
-def linear_model(weight: BlockWeight, *, accuracy_level: int | AccuracyPolicy = 0, stem: str = "w") -> onnx.ModelProto:
-    """One linear layer y = x @ w^T over x float32 [M, K] (for tests and benchmarks); `stem` picks its weight class."""
+def linear_model(weight: BlockWeight, *, accuracy_level: int | str | AccuracyPolicy = 0, stem: str = "w",
+                 rank: int = 2) -> onnx.ModelProto:
+    """One linear layer y = x @ w^T over x float32 [..., K] of `rank` (for tests and benchmarks); `stem` picks
+    its weight class."""
     b = GraphBuilder("gguf_linear", accuracy_level=accuracy_level)
     n, k = weight.shape
-    b.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k]))
-    y = b.linear("x", weight, stem, rank=2)
+    lead = [f"d{i}" for i in range(rank - 1)]
+    b.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, lead + [k]))
+    y = b.linear("x", weight, stem, rank=rank)
     b.nodes.append(helper.make_node("Identity", [y], ["y"]))
-    b.outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n]))
+    b.outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, lead + [n]))
     return b.model()
 
 

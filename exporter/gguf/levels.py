@@ -15,7 +15,8 @@ answer, whose first token is a near tie: margin 0.082 logits), one weight class 
 | lm_head | +0.10 % | 98.07 % | 0.060 | flips (-0.051) |
 | lm_head, exact top-16 | +0.003 % | 100 % | 0.060 | identical (0.082) |
 
-So the body stays at level 0. The lm_head is the one weight where level 4 is safe to use: its
+So the body stays at float accuracy: level 0, or for decode on big enough 4-bit linears level 4 run in
+two passes that together are within ~2e-5 of float (TWO_PASS below). The lm_head is the one weight where level 4 is safe to use: its
 output is the logits themselves, so the graph recomputes the 16 largest approximate logits of each
 position exactly (float rows of the same blocks) and scatters them back: argmax, greedy answers
 and the softmax mass are the GGUF's own; only logits far below the top carry level-4 error. At
@@ -30,7 +31,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 WEIGHT_CLASSES = ("attn_qkv", "attn_out", "mlp_in", "mlp_out", "lm_head")
-LEVELS = (0, 1, 2, 3, 4)
+# Not a MatMulNBits attribute value: level 4's int8 kernel run on x split into hi (on the int8 grid the
+# kernel itself would pick, so it quantizes hi without error) and lo = x - hi, both rows in one call; the
+# sum is x @ w^T to ~2e-5 relative, for ~1.2-1.5x one level-4 call (bench/matmulnbits_levels.py).
+TWO_PASS = "4x2"
+LEVELS = (0, 1, 2, 3, 4, TWO_PASS)
 EXACT_TOP_K = 16
 
 # the torch module name's last part -> weight class (stems are "model.layers.3.mlp.down_proj", "lm_head")
@@ -53,7 +58,7 @@ def weight_class(stem: str) -> str | None:
 class AccuracyPolicy:
     """A MatMulNBits accuracy level per weight class, and whether the lm_head's top-k logits are recomputed exactly."""
 
-    levels: dict[str, int]
+    levels: dict[str, int | str]
     exact_top_k: int | None = None  # lm_head at a level > 0: the top-k logits of each position recomputed in float
     reasons: dict[str, str] = field(default_factory=dict)
     name: str = "custom"
@@ -64,7 +69,8 @@ class AccuracyPolicy:
             raise ValueError(f"accuracy levels must name exactly {', '.join(WEIGHT_CLASSES)}; got {sorted(self.levels)}")
         bad = {c: lv for c, lv in self.levels.items() if lv not in LEVELS}
         if bad:
-            raise ValueError(f"accuracy levels {bad} are not MatMulNBits levels; use 0 (exact float) .. 4 (int8 activations)")
+            raise ValueError(f"accuracy levels {bad} are not MatMulNBits levels; use 0 (exact float) .. 4 (int8 activations) "
+                             f"or {TWO_PASS!r} (int8, two passes)")
         if self.exact_top_k is not None and self.exact_top_k < 1:
             raise ValueError(f"exact_top_k {self.exact_top_k} must be at least 1 (or None)")
 
@@ -72,7 +78,8 @@ class AccuracyPolicy:
     def uniform(cls, level: int) -> AccuracyPolicy:
         """Every weight at `level`, nothing recomputed (the accuracy_level override)."""
         if level not in LEVELS:
-            raise ValueError(f"accuracy_level {level!r} is not a MatMulNBits level; use 0 (exact float) .. 4 (int8 activations)")
+            raise ValueError(f"accuracy_level {level!r} is not a MatMulNBits level; use 0 (exact float) .. 4 (int8 activations) "
+                             f"or {TWO_PASS!r} (int8, two passes)")
         why = "accuracy_level override"
         return cls({c: level for c in WEIGHT_CLASSES}, None, {c: why for c in WEIGHT_CLASSES}, name=f"uniform-{level}")
 
@@ -82,14 +89,18 @@ class AccuracyPolicy:
         levels = set(self.levels.values())
         return levels.pop() if len(levels) == 1 and self.exact_top_k is None else None
 
-    def level(self, stem: str) -> int:
-        """The level of the linear at module path `stem`; a module outside the five classes gets the lowest (most exact)."""
+    def level(self, stem: str) -> int | str:
+        """The level of the linear at module path `stem`; a module outside the five classes gets the uniform level,
+        or else the most exact one (0 before the two-pass int8)."""
         cls = weight_class(stem)
-        return self.levels[cls] if cls is not None else min(self.levels.values())
+        if cls is not None:
+            return self.levels[cls]
+        levels = set(self.levels.values())
+        return levels.pop() if len(levels) == 1 else min(lv for lv in levels if lv != TWO_PASS)
 
     def refines(self, stem: str) -> bool:
         """True when `stem` is the lm_head and its top-k logits are recomputed exactly."""
-        return self.exact_top_k is not None and weight_class(stem) == "lm_head" and self.levels["lm_head"] > 0
+        return self.exact_top_k is not None and weight_class(stem) == "lm_head" and self.levels["lm_head"] == 4
 
     def details(self) -> dict:
         """What the manifest records: the level of each weight class, the top-k refinement, and why."""
@@ -98,12 +109,12 @@ class AccuracyPolicy:
 
     def __str__(self) -> str:
         levels = ", ".join(f"{c} {lv}" for c, lv in self.levels.items())
-        top = f", lm_head top-{self.exact_top_k} exact" if self.exact_top_k is not None and self.levels["lm_head"] > 0 else ""
+        top = f", lm_head top-{self.exact_top_k} exact" if self.exact_top_k is not None and self.levels["lm_head"] == 4 else ""
         return f"{self.name} ({levels}{top})"
 
 
 _BODY = "level 0 (float32, the GGUF's math): at level 4 alone it flips SmolLM2's greedy chat answer"
-DEFAULT_POLICY = AccuracyPolicy(
+LEVEL0_POLICY = AccuracyPolicy(  # the default until the two-pass int8 decode below
     levels={"attn_qkv": 0, "attn_out": 0, "mlp_in": 0, "mlp_out": 0, "lm_head": 4},
     exact_top_k=EXACT_TOP_K,
     reasons={
@@ -113,4 +124,25 @@ DEFAULT_POLICY = AccuracyPolicy(
                    "in float32 from the same blocks: argmax and softmax mass exact, a third of the level-0 cost",
     },
     name="measured",
+)
+
+# A 4-bit linear at TWO_PASS: one-row steps (decode) on level 4's int8 kernel as hi + lo, ~2e-5 from float;
+# prompts (more rows) at level 0 behind an If. It costs ~14 small ops (~27 us on a 2-core Xeon), so only
+# linears of at least TWO_PASS_MIN_WEIGHTS weights take it; smaller ones, and 8-bit ones, stay at level 0.
+# One 4-bit linear, one decode row, 2 threads (1 thread), us:   level 0   two-pass   level 4
+#   576 -> 576 (SmolLM2 o_proj)                                  32 (46)    50 (54)    20 (22)
+#   576 -> 3072 (SmolLM2 gate/up)                                92 (165)   73 (109)   44 (51)
+#   2048 -> 11264 (TinyLlama gate/up)                          1149 (2129) 509 (931)  334 (626)
+# Whole model, decode tok/s, 2 threads (bench/gguf_two_pass_size.py, random Q4_0 blocks):
+#   TinyLlama-1.1B shape: level 0 12.7, two-pass 19.4 (1.53x), level 4 21.8
+# SmolLM2 at two-pass everywhere: ppl +0.008 %, top-1 100 %, the same greedy answer.
+TWO_PASS_MIN_WEIGHTS = 1 << 22
+_TWO_PASS = ("linears of >= 1M 4-bit weights: level 4's int8 kernel in two passes for decode (x = hi + lo, "
+             "~2e-5 from float), level 0 for prompts (1.5x level 0's decode at TinyLlama's size); smaller ones level 0")
+DEFAULT_POLICY = AccuracyPolicy(
+    levels={"attn_qkv": TWO_PASS, "attn_out": TWO_PASS, "mlp_in": TWO_PASS, "mlp_out": TWO_PASS, "lm_head": 4},
+    exact_top_k=EXACT_TOP_K,
+    reasons={**{c: _TWO_PASS for c in ("attn_qkv", "attn_out", "mlp_in", "mlp_out")},
+             "lm_head": LEVEL0_POLICY.reasons["lm_head"]},
+    name="measured-two-pass",
 )

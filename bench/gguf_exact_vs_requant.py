@@ -1,10 +1,10 @@
 """Speed of the exact GGUF export vs the same model requantized to int4, side by side in one run.
 
 exact:        export_gguf defaults: the GGUF's blocks kept; the measured accuracy policy (decoder linears at
-              float accuracy: 4-bit ones of >= 1M weights decode on level 4's int8 kernel in two passes,
-              x = hi + lo, ~2e-5 from float, the rest and all prompts at MatMulNBits level 0, the GGUF's float
-              math; lm_head at level 4 with each position's top-16 logits recomputed exactly; exporter/gguf/levels.py)
-exact-level0: the same with every decoder linear at level 0 (the default before the two-pass decode)
+              MatMulNBits level 0, the GGUF's float math; lm_head at level 4 with each position's top-16
+              logits recomputed exactly; exporter/gguf/levels.py)
+exact-2pass:  TWO_PASS_POLICY (opt-in): 4-bit linears of >= 4M weights decode on level 4's int8 kernel in two
+              passes (x = hi + lo, ~5e-6 from float; none of SmolLM2's are that big)
 exact-acc0:   the same blocks, every MatMulNBits at level 0 (the lm_head's Q8_0 as two exact 4-bit halves)
 exact-o4:     the default policy with o_proj at level 4 too (passes SmolLM2's gate, spends half the
               greedy answer's near-tie margin): the next-fastest candidate, not the default
@@ -49,13 +49,13 @@ import onnx
 from exporter.gguf.arch import decoder_config, decoder_weights
 from exporter.gguf.export import export_gguf
 from exporter.gguf.graph import DecoderWeights, ExternalData, build_decoder
-from exporter.gguf.levels import LEVEL0_POLICY, AccuracyPolicy
+from exporter.gguf.levels import DEFAULT_POLICY, TWO_PASS_POLICY, AccuracyPolicy
 from exporter.gguf.quality import OnnxDecoder, _nll, eval_text, gguf_quality, gguf_reference
 from exporter.gguf.reader import GgufFile
 from exporter.gguf.repack import BlockWeight
 
 BASELINE = "requant-int4"
-O_PROJ_AT_4 = AccuracyPolicy({**LEVEL0_POLICY.levels, "attn_out": 4}, exact_top_k=LEVEL0_POLICY.exact_top_k, name="o_proj-at-4")
+O_PROJ_AT_4 = AccuracyPolicy({**DEFAULT_POLICY.levels, "attn_out": 4}, exact_top_k=DEFAULT_POLICY.exact_top_k, name="o_proj-at-4")
 
 
 def requant_int4_asym(w: np.ndarray, block: int = 32) -> BlockWeight:
@@ -141,7 +141,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         exact = export_gguf(gguf_path, Path(tmp) / "exact")
-        policies = {"exact-level0": LEVEL0_POLICY, "exact-acc0": 0, "exact-o4": O_PROJ_AT_4, "exact-acc4": 4}
+        policies = {"exact-2pass": TWO_PASS_POLICY, "exact-acc0": 0, "exact-o4": O_PROJ_AT_4, "exact-acc4": 4}
         paths = {"exact": exact.onnx_path}
         for name, policy in policies.items():
             if not args.only or name in args.only:

@@ -2,13 +2,13 @@
 
 The exact GGUF graph runs its decoder linears at MatMulNBits level 0 (float32, the GGUF's math). TWO_PASS
 runs one-row steps (decode) on level 4's int8 kernel as x = hi + lo (~2e-5 from float) behind an If, at
-the price of ~14 small ops per linear. This builds one random Q4_0 decoder per shape with the product's graph
+the price of ~14 small ops per linear and a second packed copy of those weights in memory. This builds one random Q4_0 decoder per shape with the product's graph
 builder (exporter.gguf.graph.build_decoder: GroupQueryAttention, fused q/k/v and gate/up, a Q8_0 lm_head
 with the default top-16 refinement) and times decode side by side in one run, in alternating rounds:
 
-    level0:  the decoder linears at level 0 (the default before TWO_PASS)
-    2pass:   the default policy: 4-bit decoder linears of >= 4M weights at TWO_PASS (none of SmolLM2's, Qwen2.5-0.5B's
-             gate/up and down, all of TinyLlama's)
+    level0:  the default policy (decoder linears at level 0)
+    2pass:   TWO_PASS_POLICY (opt-in): 4-bit decoder linears of >= 4M weights at TWO_PASS (none of SmolLM2's,
+             Qwen2.5-0.5B's gate/up and down, all of TinyLlama's)
     level4:  the decoder linears at level 4 (int8 activations, not exact)
     requant: the same weights dequantized and requantized to int4 asymmetric (uint8 zero points), block 32,
              level 4, lm_head included, embeddings in float (bench/gguf_exact_vs_requant.py's baseline)
@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from exporter.gguf.graph import DecoderConfig, DecoderWeights, ExternalData, LayerWeights, build_decoder
-from exporter.gguf.levels import DEFAULT_POLICY, LEVEL0_POLICY, AccuracyPolicy
+from exporter.gguf.levels import DEFAULT_POLICY, TWO_PASS_POLICY, AccuracyPolicy
 from exporter.gguf.quality import OnnxDecoder
 from exporter.gguf.repack import BlockWeight
 
@@ -97,8 +97,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     policies = {
-        "level0": LEVEL0_POLICY,
-        "2pass": DEFAULT_POLICY,
+        "level0": DEFAULT_POLICY,
+        "2pass": TWO_PASS_POLICY,
         "level4": AccuracyPolicy({**{c: 4 for c in DEFAULT_POLICY.levels}}, exact_top_k=DEFAULT_POLICY.exact_top_k,
                                  name="level-4"),
     }

@@ -25,7 +25,7 @@ from exporter.errors import SourceError, UnsupportedArchitecture  # noqa: E402
 from exporter.gguf.export import RECIPE, export_gguf  # noqa: E402
 from exporter.gguf.quality import OnnxDecoder  # noqa: E402
 from exporter.gguf import graph  # noqa: E402
-from exporter.gguf.levels import LEVEL0_POLICY, TWO_PASS  # noqa: E402
+from exporter.gguf.levels import TWO_PASS_POLICY  # noqa: E402
 from tests.support.models import TINY_CONFIGS, cache_dir, smollm2_gguf_path, tiny_model  # noqa: E402
 
 # Tests that compare every logit with the float reference export at level 0 everywhere: the GGUF's own
@@ -298,9 +298,8 @@ def test_structure_io_and_spec(tiny_llama):
 
 
 def test_default_policy_levels_recorded_and_top_logits_exact(tiny_llama, tmp_path):
-    """The default accuracy policy: every decoder linear at float accuracy (this model's are all small: level 0),
-    the lm_head at level 4 with each position's top logits recomputed in float; the manifest says which class got
-    which level and why."""
+    """The default accuracy policy: every decoder linear at level 0, the lm_head at level 4 with each position's
+    top logits recomputed in float; the manifest says which class got which level and why."""
     path, exact = tiny_llama
     result = export_gguf(path, tmp_path / "out")
     model = onnx.load(result.onnx_path, load_external_data=False)
@@ -312,7 +311,7 @@ def test_default_policy_levels_recorded_and_top_logits_exact(tiny_llama, tmp_pat
     details = result.quantization.details
     assert details["accuracy_level"] == "per-weight"
     policy = details["accuracy_levels"]
-    assert policy["levels"] == {"attn_qkv": TWO_PASS, "attn_out": TWO_PASS, "mlp_in": TWO_PASS, "mlp_out": TWO_PASS, "lm_head": 4}
+    assert policy["levels"] == {"attn_qkv": 0, "attn_out": 0, "mlp_in": 0, "mlp_out": 0, "lm_head": 4}
     assert policy["lm_head_exact_top_k"] == 16 and all(policy["reasons"].values())
     assert exact.quantization.details["accuracy_level"] == 0  # the override: one level for all
 
@@ -325,13 +324,14 @@ def test_default_policy_levels_recorded_and_top_logits_exact(tiny_llama, tmp_pat
 
 
 def test_two_pass_decodes_on_int8_and_prefills_at_level_0(tiny_llama, tmp_path, monkeypatch):
-    """The default policy's two-pass level (for linears of >= 1M weights; here all): each 4-bit decoder linear is an
-    If whose one-row branch runs level 4 on hi + lo and whose prompt branch is the level-0 node; prompts give the
-    level-0 policy's logits bit for bit, decode steps stay within float noise of them."""
+    """TWO_PASS_POLICY (opt-in; for linears of >= 4M weights, here all): each 4-bit decoder linear is an If whose
+    one-row branch runs level 4 on hi + lo and whose prompt branch is the level-0 node, both on one set of
+    initializers; prompts give the default policy's logits bit for bit, decode steps stay within float noise."""
     path, _ = tiny_llama
     monkeypatch.setattr(graph, "TWO_PASS_MIN_WEIGHTS", 0)
-    default = export_gguf(path, tmp_path / "default", accuracy_level=LEVEL0_POLICY)
-    two = export_gguf(path, tmp_path / "two")
+    default = export_gguf(path, tmp_path / "default")
+    two = export_gguf(path, tmp_path / "two", accuracy_level=TWO_PASS_POLICY)
+    assert (two.onnx_path.parent / "model.onnx.data").stat().st_size == (default.onnx_path.parent / "model.onnx.data").stat().st_size
     model = onnx.load(two.onnx_path, load_external_data=False)
     ifs = [n for n in model.graph.node if n.op_type == "If"]
     assert ifs and all(n.name.endswith("/TwoPassIf") for n in ifs)
@@ -339,7 +339,7 @@ def test_two_pass_decodes_on_int8_and_prefills_at_level_0(tiny_llama, tmp_path, 
         branches = {a.name: [(m.op_type, next((x.i for x in m.attribute if x.name == "accuracy_level"), None))
                              for m in a.g.node] for a in node.attribute}
         assert ("MatMulNBits", 4) in branches["then_branch"] and branches["else_branch"] == [("MatMulNBits", 0)]
-    assert two.quantization.details["accuracy_levels"]["policy"] == "measured-two-pass"
+    assert two.quantization.details["accuracy_levels"]["policy"] == "two-pass-decode"
 
     ids = np.random.default_rng(9).integers(3, 512, size=(1, 12))
     np.testing.assert_array_equal(_onnx_logits(two, ids), _onnx_logits(default, ids))
@@ -367,7 +367,7 @@ def test_agent_serves_a_two_pass_bundle_token_for_token(tiny_llama, tmp_path, ke
 
     path, _ = tiny_llama
     monkeypatch.setattr(graph, "TWO_PASS_MIN_WEIGHTS", 0)
-    two = export_gguf(path, tmp_path / "two")
+    two = export_gguf(path, tmp_path / "two", accuracy_level=TWO_PASS_POLICY)
     assert any(n.op_type == "If" for n in onnx.load(two.onnx_path, load_external_data=False).graph.node)
     seal_lm_bundle(two.onnx_path.parent, tmp_path / "bundle", keypair[0], config=two.model_spec.config)
     model = load_model(open_bundle(tmp_path / "bundle", TrustedKeys.from_paths([keypair[1]])), threads=1)
@@ -452,15 +452,17 @@ def test_bad_files_are_source_errors(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("two_pass_everywhere", [False, True], ids=["default", "two-pass-everywhere"])
 def test_smollm2_q4_1_keeps_its_quality(tmp_path, monkeypatch, two_pass_everywhere):
-    """The real SmolLM2-135M-Instruct Q4_1 GGUF: ppl within ±0.5%, top-1 >= 98%, same greedy chat answer. Its
-    linears are too small for the two-pass int8 decode by default; forced on every one, the greedy answer (one-row
-    decode steps, on the int8 kernel) must still be the reference's."""
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF: ppl within ±0.5%, top-1 >= 98%, same greedy chat answer; and with
+    the opt-in two-pass int8 decode forced on every linear (its own are under the size limit), the greedy answer
+    (one-row decode steps on the int8 kernel) must still be the reference's."""
     from exporter.gguf.quality import gguf_quality
 
+    policy = None
     if two_pass_everywhere:
         monkeypatch.setattr(graph, "TWO_PASS_MIN_WEIGHTS", 0)
+        policy = TWO_PASS_POLICY
     path = smollm2_gguf_path()
-    result = export_gguf(path, tmp_path / "out")
+    result = export_gguf(path, tmp_path / "out", accuracy_level=policy)
     assert result.quantization.details["exact_types"] == ["Q4_1", "Q8_0"]
     report = gguf_quality(path, result.onnx_path, tmp_path / "out",
                           eos_token_ids=result.model_spec.config["eos_token_ids"], threads=2)

@@ -183,10 +183,9 @@ def test_accuracy_policy_classes_and_override():
     assert weight_class("model.layers.3.mlp.gate_up_proj") == weight_class("model.layers.0.mlp.up_proj") == "mlp_in"
     assert weight_class("model.layers.3.mlp.down_proj") == "mlp_out"
     assert weight_class("lm_head.hi") == weight_class("lm_head") == "lm_head"
-    # the default: the decoder's linears at float accuracy (level 0, or two int8 passes for big ones' decode),
-    # the lm_head fast with its top logits recomputed
+    # the default: the decoder's linears exact, the lm_head fast with its top logits recomputed
     assert {DEFAULT_POLICY.level(f"model.layers.0.{m}") for m in ("self_attn.qkv_proj", "self_attn.o_proj",
-                                                                  "mlp.gate_up_proj", "mlp.down_proj")} == {TWO_PASS}
+                                                                  "mlp.gate_up_proj", "mlp.down_proj")} == {0}
     assert DEFAULT_POLICY.level("lm_head") == 4 and DEFAULT_POLICY.refines("lm_head")
     assert not DEFAULT_POLICY.refines("model.layers.0.mlp.down_proj")
     assert set(DEFAULT_POLICY.details()["reasons"]) == set(WEIGHT_CLASSES)

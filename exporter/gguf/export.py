@@ -23,9 +23,8 @@ RECIPE = "gguf-exact"
 # linears at level 0, the GGUF's own float math (at level 4, each of q/k/v, gate/up, down and lm_head alone
 # flips SmolLM2's greedy chat answer, a near tie); the lm_head at level 4 with each position's top-16 logits
 # recomputed exactly (ppl +0.003 %, top-1 100 %, same answer, about half the lm_head's level-0 cost).
-# 4-bit linears of at least 1M weights decode on level 4's int8 kernel in two passes instead (levels.TWO_PASS:
-# ~2e-5 from float, 1.5x level 0's decode on a TinyLlama-sized model); prompts stay at level 0, and smaller
-# linears too: they lose more to its extra ops than they gain.
+# levels.TWO_PASS_POLICY (opt-in) decodes big 4-bit linears on level 4's int8 kernel in two passes (~5e-6 from
+# float, 1.3-1.5x level 0's decode on a TinyLlama-sized model) but holds a second packed copy of those weights.
 # An int accuracy_level overrides it: every MatMulNBits at that level (8-bit blocks at level 0 are split
 # into two exact 4-bit halves, because MatMulNBits has a fast float kernel only for 4 bits).
 
@@ -52,7 +51,7 @@ def export_gguf(gguf_path: Path, out_dir: Path, *, accuracy_level: int | str | A
 
     accuracy_level: None (default) = the measured per-weight policy (see above); an int
     puts every MatMulNBits at that level (0 the GGUF's float math, 4 int8 activations), "4x2" every 4-bit
-    linear at the two-pass int8 level. attention "gqa" fuses each layer's attention
+    linear of >= 4M weights at the two-pass int8 level (levels.TWO_PASS). attention "gqa" fuses each layer's attention
     into GroupQueryAttention; "plain" uses standard ONNX ops.
     """
     try:

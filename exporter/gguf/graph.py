@@ -223,11 +223,14 @@ class GraphBuilder:
         return y if weight.offsets is None else self._add_offsets(x, y, weight, stem, rank=rank)
 
     def _matmul_nbits(self, x: str, weight: BlockWeight, stem: str, *, level: int) -> str:
+        """One MatMulNBits node; a weight's initializers are made once, however many nodes read it."""
         n, k = weight.shape
-        ins = [x, self.packed(weight, f"{stem}.qweight"), self.const(weight.scales, f"{stem}.scales")]
-        zp = weight.zero_points()
-        if zp is not None:
-            ins.append(self.const(zp, f"{stem}.zero_points"))
+        key = ("scales", id(weight))
+        if key not in self._blocksums:
+            zp = weight.zero_points()
+            self._blocksums[key] = (weight, [self.const(weight.scales, f"{stem}.scales")]
+                                    + ([self.const(zp, f"{stem}.zero_points")] if zp is not None else []))
+        ins = [x, self.packed(weight, f"{stem}.qweight"), *self._blocksums[key][1]]
         return self.op("MatMulNBits", *ins, domain=MS_DOMAIN, name=node_name(stem, "MatMulNBits"),
                        K=k, N=n, bits=weight.bits, block_size=weight.block_size, accuracy_level=level)
 

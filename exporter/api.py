@@ -562,7 +562,7 @@ def _export_gguf_exact(
             ref = quality.lm_reference(model, tokenizer, text, max_context=profile.shapes.max_context)
         del model
         gc.collect()
-        level = "the measured policy for its size" if accuracy_level is None else accuracy_level
+        level = "the measured per-weight policy" if accuracy_level is None else accuracy_level
         with progress.step("export", f"GGUF blocks kept exactly, accuracy level: {level}"):
             result = export_gguf(gguf_path, stage, accuracy_level=accuracy_level, progress=progress.note)
         progress.note(f"accuracy levels: {result.quantization.details['accuracy_levels']['policy']}")

@@ -97,6 +97,8 @@ class GraphBuilder:
     _blocksums: dict = field(default_factory=dict)
     _row_tables: dict = field(default_factory=dict)  # id(BlockWeight) -> scales (+ codes, offsets) of its rows
     _packed: dict = field(default_factory=dict)  # id(BlockWeight) -> (the weight, its packed-blocks initializer)
+    _scales: dict = field(default_factory=dict)  # id(BlockWeight) -> (the weight, its scales [+ zero points] initializers)
+    _one_row: str | None = None  # the two-pass If's condition, made once
 
     def _unique(self, stem: str) -> str:
         self._count += 1
@@ -175,19 +177,12 @@ class GraphBuilder:
         """w = scale*q + offset per block, so x @ w^T = MatMulNBits(x) + blocksum(x) @ offsets^T."""
         sums = self._blocksums.get((x, weight.block_size))
         if sums is None:  # q/k/v (and gate/up) read the same x: sum its blocks once
-            blocks = self._blocks(x, weight, rank)
+            blocks = self.op("Reshape", x, self.ints(*[0] * (rank - 1), weight.n_blocks, weight.block_size))
             sums = self._blocksums[(x, weight.block_size)] = self.op("ReduceSum", blocks, self.ints(-1), keepdims=0)
         return self.op("Add", y, self.op("MatMul", sums, self.const(weight.offsets.T.copy(), f"{stem}.offsets")))
 
-    def _blocks(self, x: str, weight: BlockWeight, rank: int) -> str:
-        """x [..., K] as [..., K / block, block], made once per input."""
-        key = ("blocks", x, weight.block_size)
-        if key not in self._blocksums:
-            self._blocksums[key] = self.op("Reshape", x, self.ints(*[0] * (rank - 1), weight.n_blocks, weight.block_size))
-        return self._blocksums[key]
-
     def _two_pass_linear(self, x: str, weight: BlockWeight, stem: str, *, rank: int) -> str:
-        """x @ w^T for one row of x (decode) on level 4's int8 kernel, to ~2e-5: x = hi + lo, hi on the int8 grid
+        """x @ w^T for one row of x (decode) on level 4's int8 kernel, to ~5e-6: x = hi + lo, hi on the int8 grid
         the kernel picks for each block (scale = block max / 127, so it quantizes hi without error), lo = x - hi
         (quantized with its own, >= 254x finer scale), both rows of one MatMulNBits call, then summed. More rows
         (prefill) run at level 0: twice the rows at level 4 cost more than level 0 does. An If picks; both
@@ -195,10 +190,9 @@ class GraphBuilder:
         if weight.offsets is not None:
             weight = weight.with_default_zero_point()
         outer, self.nodes = self.nodes, []
-        one_row = self._blocksums.get("one row")
-        if one_row is None:  # every decoder linear before the lm_head sees the same rows: one condition
+        if self._one_row is None:  # every decoder linear before the lm_head sees the same rows: one condition
             rows = self.op("ReduceProd", self.op("Slice", self.op("Shape", x), self.ints(0), self.ints(-1)), keepdims=0)
-            one_row = self._blocksums["one row"] = self.op("Equal", rows, self.const(np.array(1, np.int64)))
+            self._one_row = self.op("Equal", rows, self.const(np.array(1, np.int64)))
         cond_nodes, self.nodes = self.nodes, []
         blocks = self.op("Reshape", x, self.ints(1, weight.n_blocks, weight.block_size))  # one row: x is [1, .., 1, K]
         peak = self.op("ReduceMax", self.op("Abs", blocks), axes=[-1], keepdims=1)  # [1, blocks, 1]
@@ -217,7 +211,7 @@ class GraphBuilder:
         def branch(nodes: list, out: str, name: str) -> onnx.GraphProto:
             return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
 
-        y = self.op("If", one_row, name=node_name(stem, "TwoPassIf"),
+        y = self.op("If", self._one_row, name=node_name(stem, "TwoPassIf"),
                     then_branch=branch(then_nodes, two, self._unique("two_pass")),
                     else_branch=branch(else_nodes, one, self._unique("level0")))
         return y if weight.offsets is None else self._add_offsets(x, y, weight, stem, rank=rank)
@@ -225,12 +219,11 @@ class GraphBuilder:
     def _matmul_nbits(self, x: str, weight: BlockWeight, stem: str, *, level: int) -> str:
         """One MatMulNBits node; a weight's initializers are made once, however many nodes read it."""
         n, k = weight.shape
-        key = ("scales", id(weight))
-        if key not in self._blocksums:
+        if id(weight) not in self._scales:  # the weight pins its id
             zp = weight.zero_points()
-            self._blocksums[key] = (weight, [self.const(weight.scales, f"{stem}.scales")]
-                                    + ([self.const(zp, f"{stem}.zero_points")] if zp is not None else []))
-        ins = [x, self.packed(weight, f"{stem}.qweight"), *self._blocksums[key][1]]
+            self._scales[id(weight)] = (weight, [self.const(weight.scales, f"{stem}.scales")]
+                                        + ([self.const(zp, f"{stem}.zero_points")] if zp is not None else []))
+        ins = [x, self.packed(weight, f"{stem}.qweight"), *self._scales[id(weight)][1]]
         return self.op("MatMulNBits", *ins, domain=MS_DOMAIN, name=node_name(stem, "MatMulNBits"),
                        K=k, N=n, bits=weight.bits, block_size=weight.block_size, accuracy_level=level)
 

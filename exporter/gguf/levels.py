@@ -16,7 +16,8 @@ answer, whose first token is a near tie: margin 0.082 logits), one weight class 
 | lm_head, exact top-16 | +0.003 % | 100 % | 0.060 | identical (0.082) |
 
 So the body stays at level 0 (TWO_PASS below, opt-in: level 4 run in two passes that together are within
-~5e-6 of float, for decode on big 4-bit linears, at the price of a second packed copy of them). The lm_head is the one weight where level 4 is safe to use: its
+~5e-6 of float, for decode on big 4-bit linears, at the price of a second packed copy of them).
+The lm_head is the one weight where level 4 is safe to use: its
 output is the logits themselves, so the graph recomputes the 16 largest approximate logits of each
 position exactly (float rows of the same blocks) and scatters them back: argmax, greedy answers
 and the softmax mass are the GGUF's own; only logits far below the top carry level-4 error. At
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 WEIGHT_CLASSES = ("attn_qkv", "attn_out", "mlp_in", "mlp_out", "lm_head")
 # Not a MatMulNBits attribute value: level 4's int8 kernel run on x split into hi (on the int8 grid the
 # kernel itself would pick, so it quantizes hi without error) and lo = x - hi, both rows in one call; the
-# sum is x @ w^T to ~2e-5 relative, for ~1.2-1.5x one level-4 call (bench/matmulnbits_levels.py).
+# sum is x @ w^T to ~5e-6 relative, for ~1.2-1.5x one level-4 call (bench/matmulnbits_levels.py).
 TWO_PASS = "4x2"
 LEVELS = (0, 1, 2, 3, 4, TWO_PASS)
 EXACT_TOP_K = 16

@@ -41,6 +41,7 @@ from exporter.errors import (
     SourceError,
     TaskNotSupported,
 )
+from exporter.gguf.levels import TWO_PASS, TWO_PASS_POLICY
 from exporter.profiles import QuantRecipe, TargetProfile, Thresholds, load_profile
 from exporter.progress import Progress
 from exporter.quantize import QUANT_CHOICES, check_target, free_bytes, model_size, quantize, recipe_name
@@ -149,7 +150,7 @@ def export(
     task: str | None = None,
     quant: str | None = None,
     block_size: int | None = None,
-    accuracy_level: int | None = None,
+    accuracy_level: int | str | None = None,
     symmetric: bool | None = None,
     exclude: list[str] | None = None,
     algorithm: str | None = None,
@@ -193,8 +194,12 @@ def export(
     settings = prof.task(task)
     # GGUF weights sit on an affine grid with float offsets, which HQQ refits almost exactly
     int4_algorithm = "hqq" if algorithm is None and src.gguf_file and requantize else algorithm
+    if accuracy_level == TWO_PASS and not (src.gguf_file and not requantize and task == "text-generation"):
+        raise ExportError(f"--accuracy-level {TWO_PASS} (two-pass int8 decode) is for exact GGUF imports of text-generation "
+                          "models; use 0-4 here")
     recipe = build_recipe(settings.quantization, quant=quant, block_size=block_size,
-                          accuracy_level=accuracy_level, symmetric=symmetric, exclude=exclude, algorithm=int4_algorithm)
+                          accuracy_level=None if accuracy_level == TWO_PASS else accuracy_level, symmetric=symmetric,
+                          exclude=exclude, algorithm=int4_algorithm)
     check_target(recipe, device_class=prof.device_class, profile=prof.name, task=task)
     if ep_context and (prof.device_class != "npu" or task == "text-generation"):
         raise IncompatibleTarget(f"--ep-context writes the compiled NPU binary of an encoder; {task} on target "
@@ -541,7 +546,7 @@ def _export_gguf_exact(
     t_start: float,
     eval_text: str | Path | None,
     benchmark: bool,
-    accuracy_level: int | None,
+    accuracy_level: int | str | None,
 ) -> ExportResult:
     """GGUF kept exactly (exporter.gguf), judged by the same gate against transformers' dequantized model."""
     from exporter import quality
@@ -563,8 +568,9 @@ def _export_gguf_exact(
         del model
         gc.collect()
         level = "the measured per-weight policy" if accuracy_level is None else accuracy_level
+        policy = TWO_PASS_POLICY if accuracy_level == TWO_PASS else accuracy_level  # 4x2: the lm_head stays refined
         with progress.step("export", f"GGUF blocks kept exactly, accuracy level: {level}"):
-            result = export_gguf(gguf_path, stage, accuracy_level=accuracy_level, progress=progress.note)
+            result = export_gguf(gguf_path, stage, accuracy_level=policy, progress=progress.note)
         progress.note(f"accuracy levels: {result.quantization.details['accuracy_levels']['policy']}")
         spec_config = {**result.model_spec.config}
         if profile.shapes.max_context:

@@ -42,7 +42,9 @@ def _threshold(values: tuple[str, ...]) -> dict[str, float]:
               help="Default: what the checkpoint was trained for.")
 @click.option("--quant", type=click.Choice(["int4", "int8", "fp16", "none"]), help="Override the profile's precision.")
 @click.option("--block-size", type=int, help="int4: weights per quantization block (power of two, >= 16).")
-@click.option("--accuracy-level", type=int, help="int4: MatMulNBits kernel, 0 exact math .. 4 int8 activations.")
+@click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "3", "4", "4x2"]),
+              help="int4: MatMulNBits kernel, 0 exact math .. 4 int8 activations; GGUF only: 4x2 = two-pass int8 decode "
+                   "(~float accuracy, faster decode on big linears, a second packed copy of them in RAM).")
 @click.option("--symmetric/--asymmetric", default=None, help="int4: symmetric (no zero points) or asymmetric weights.")
 @click.option("--int4-algorithm", "algorithm", type=click.Choice(["rtn", "hqq"]),
               help="int4: round-to-nearest (fast) or HQQ (slower, lower error). Default: the profile's; hqq for GGUF.")
@@ -71,7 +73,7 @@ def _threshold(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--no-benchmark", is_flag=True, help="Skip the host speed benchmark.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (no progress).")
 def cli(model: str, profile: str, out: Path, key: Path, task: str | None, quant: str | None, block_size: int | None,
-        accuracy_level: int | None, symmetric: bool | None, algorithm: str | None, exclude: tuple[str, ...], thresholds: tuple[str, ...],
+        accuracy_level: str | None, symmetric: bool | None, algorithm: str | None, exclude: tuple[str, ...], thresholds: tuple[str, ...],
         eval_text: Path | None, calibration_text: Path | None, adapter: Path | None, revision: str | None,
         trust_remote_code: bool, requantize: bool, graph: str, ep_context: bool, name: str | None, version: str, force: bool, overwrite: bool,
         no_benchmark: bool, as_json: bool) -> None:
@@ -85,7 +87,8 @@ def cli(model: str, profile: str, out: Path, key: Path, task: str | None, quant:
     try:
         result = export(
             model, out=out, key=key, profile=profile, task=task, quant=quant, block_size=block_size,
-            accuracy_level=accuracy_level, symmetric=symmetric, exclude=list(exclude) if exclude else None,
+            accuracy_level=int(accuracy_level) if accuracy_level and accuracy_level.isdigit() else accuracy_level,
+            symmetric=symmetric, exclude=list(exclude) if exclude else None,
             algorithm=algorithm, thresholds=_threshold(thresholds), force=force, overwrite=overwrite, name=name, version=version,
             revision=revision, trust_remote_code=trust_remote_code, adapter=adapter, eval_text=eval_text,
             calibration_text=calibration_text, requantize=requantize, graph=graph, ep_context=ep_context, benchmark=not no_benchmark, progress=progress,

@@ -45,6 +45,16 @@ def test_local_directory_exports_with_no_network(tmp_path, keypair):
         assert row in p.stdout
 
 
+def test_two_pass_level_is_refused_outside_gguf_imports(tmp_path, keypair):
+    """--accuracy-level 4x2 exists for exact GGUF imports only: anything else gets one line saying so, and no bundle;
+    a level outside the choices is click's usage error."""
+    p = run(str(tiny_model("llama")), "--out", str(tmp_path / "b"), "--key", str(keypair[0]), "--accuracy-level", "4x2")
+    assert p.returncode != 0 and "--accuracy-level 4x2 (two-pass int8 decode) is for exact GGUF imports" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "b").exists()
+    p = run(str(tiny_model("llama")), "--out", str(tmp_path / "b"), "--key", str(keypair[0]), "--accuracy-level", "5")
+    assert p.returncode == 2 and "'5' is not one of" in p.stderr
+
+
 def test_gate_failure_exits_1_with_a_readable_report_and_no_bundle(tmp_path, keypair):
     p = run(str(tiny_model("llama")), "--out", str(tmp_path / "b"), "--key", str(keypair[0]),
             "--threshold", "min_logits_cosine=0.999999", "--threshold", "max_logits_abs_diff=1e-9", "--no-benchmark")

@@ -489,3 +489,17 @@ def test_export_api_keeps_gguf_blocks_and_seals_a_gated_bundle(tmp_path, keypair
     assert m.quality.metrics["top1_agreement"] >= 0.98
     assert {"input_ids", "attention_mask", "past_key_values.0.key"} <= set(m.model.inputs)
     assert m.golden is not None and (res.bundle / m.golden.inputs).exists()
+
+
+def test_export_api_takes_the_two_pass_level_for_a_gguf(tmp_path, keypair):
+    """accuracy_level="4x2" (the CLI's --accuracy-level 4x2) exports with TWO_PASS_POLICY: decoder linears at the
+    two-pass level (this tiny model's are under the size limit: plain level 0), the lm_head still refined."""
+    from agent.bundle import TrustedKeys, open_bundle
+    from exporter import export
+
+    (tmp_path / "src").mkdir()
+    path, _ = write_tiny_gguf("llama", tmp_path / "src")
+    res = export(path, out=tmp_path / "bundle", key=keypair[0], benchmark=False, accuracy_level="4x2")
+    details = open_bundle(res.bundle, TrustedKeys.from_paths([keypair[1]])).manifest.quantization.details
+    assert details["accuracy_levels"]["policy"] == "two-pass-decode"
+    assert details["accuracy_levels"]["levels"]["mlp_in"] == "4x2" and details["accuracy_levels"]["lm_head_exact_top_k"] == 16

@@ -571,7 +571,6 @@ def _export_gguf_exact(
         policy = TWO_PASS_POLICY if accuracy_level == TWO_PASS else accuracy_level  # 4x2: the lm_head stays refined
         with progress.step("export", f"GGUF blocks kept exactly, accuracy level: {level}"):
             result = export_gguf(gguf_path, stage, accuracy_level=policy, progress=progress.note)
-        progress.note(f"accuracy levels: {result.quantization.details['accuracy_levels']['policy']}")
         spec_config = {**result.model_spec.config}
         if profile.shapes.max_context:
             spec_config["max_context"] = min(spec_config["max_context"], profile.shapes.max_context)

@@ -55,14 +55,13 @@ def export_gguf(gguf_path: Path, out_dir: Path, *, accuracy_level: int | str | A
     into GroupQueryAttention; "plain" uses standard ONNX ops.
     """
     try:
-        policy = (None if accuracy_level is None else accuracy_level if isinstance(accuracy_level, AccuracyPolicy)
-                  else AccuracyPolicy.uniform(accuracy_level))
+        policy = (DEFAULT_POLICY if accuracy_level is None else accuracy_level
+                  if isinstance(accuracy_level, AccuracyPolicy) else AccuracyPolicy.uniform(accuracy_level))
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     say = progress or (lambda _msg: None)
     g = GgufFile(Path(gguf_path))
     cfg = decoder_config(g)
-    policy = policy or DEFAULT_POLICY
     say(f"reading {g.path.name}: {cfg.architecture}, {cfg.num_layers} layers")
     weights = decoder_weights(g, cfg)
 

@@ -155,10 +155,7 @@ class GraphBuilder:
         return y
 
     def _block_linear(self, x: str, weight: BlockWeight, stem: str, *, rank: int, level: int | str) -> str:
-        if level == TWO_PASS:
-            n, k = weight.shape
-            if weight.bits == 4 and n * k >= TWO_PASS_MIN_WEIGHTS:
-                return self._two_pass_linear(x, weight, stem, rank=rank)
+        if level == TWO_PASS and not (weight.bits == 4 and weight.shape[0] * weight.shape[1] >= TWO_PASS_MIN_WEIGHTS):
             # smaller: its ~14 extra ops cost more than the kernel saves; 8-bit: prompts would need the 8-bit
             # blocks and their two 4-bit halves, twice the bytes
             level = 0
@@ -168,13 +165,13 @@ class GraphBuilder:
                            self._block_linear(x, lo, f"{stem}.lo", rank=rank, level=0))
         if weight.offsets is not None:  # a blocksum is needed anyway: drop the explicit zero point too
             weight = weight.with_default_zero_point()
-        y = self._matmul_nbits(x, weight, stem, level=level)
+        if level == TWO_PASS:
+            y = self._two_pass_linear(x, weight, stem, rank=rank)
+        else:
+            y = self._matmul_nbits(x, weight, stem, level=level)
         if weight.offsets is None:
             return y
-        return self._add_offsets(x, y, weight, stem, rank=rank)
-
-    def _add_offsets(self, x: str, y: str, weight: BlockWeight, stem: str, *, rank: int) -> str:
-        """w = scale*q + offset per block, so x @ w^T = MatMulNBits(x) + blocksum(x) @ offsets^T."""
+        # w = scale*q + offset per block, so x @ w^T = MatMulNBits(x) + blocksum(x) @ offsets^T
         sums = self._blocksums.get((x, weight.block_size))
         if sums is None:  # q/k/v (and gate/up) read the same x: sum its blocks once
             blocks = self.op("Reshape", x, self.ints(*[0] * (rank - 1), weight.n_blocks, weight.block_size))
@@ -186,9 +183,7 @@ class GraphBuilder:
         the kernel picks for each block (scale = block max / 127, so it quantizes hi without error), lo = x - hi
         (quantized with its own, >= 254x finer scale), both rows of one MatMulNBits call, then summed. More rows
         (prefill) run at level 0: twice the rows at level 4 cost more than level 0 does. An If picks; both
-        branches read the same initializers (4-bit blocks only)."""
-        if weight.offsets is not None:
-            weight = weight.with_default_zero_point()
+        branches read the same initializers (4-bit blocks only; a Q4_1/K-quant's offsets are added by the caller)."""
         outer, self.nodes = self.nodes, []
         if self._one_row is None:  # every decoder linear before the lm_head sees the same rows: one condition
             rows = self.op("ReduceProd", self.op("Slice", self.op("Shape", x), self.ints(0), self.ints(-1)), keepdims=0)
@@ -211,10 +206,9 @@ class GraphBuilder:
         def branch(nodes: list, out: str, name: str) -> onnx.GraphProto:
             return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
 
-        y = self.op("If", self._one_row, name=node_name(stem, "TwoPassIf"),
-                    then_branch=branch(then_nodes, two, self._unique("two_pass")),
-                    else_branch=branch(else_nodes, one, self._unique("level0")))
-        return y if weight.offsets is None else self._add_offsets(x, y, weight, stem, rank=rank)
+        return self.op("If", self._one_row, name=node_name(stem, "TwoPassIf"),
+                       then_branch=branch(then_nodes, two, self._unique("two_pass")),
+                       else_branch=branch(else_nodes, one, self._unique("level0")))
 
     def _matmul_nbits(self, x: str, weight: BlockWeight, stem: str, *, level: int) -> str:
         """One MatMulNBits node; a weight's initializers are made once, however many nodes read it."""

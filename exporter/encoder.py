@@ -378,6 +378,7 @@ def _dynamic_quantize(src: Path | onnx.ModelProto, dst: Path, *, recipe: QuantRe
             str(dst),
             per_channel=recipe.per_channel,
             weight_type=QuantType.QUInt8 if recipe.weight_type == "uint8" else QuantType.QInt8,
+            reduce_range=recipe.reduce_range,  # 7-bit weights where uint8 x int8 pairs saturate (no VNNI)
             op_types_to_quantize=["MatMul"],
             nodes_to_exclude=list(exclude),
             # activation x activation MatMuls (attention scores) stay float: quantizing both sides
@@ -396,6 +397,7 @@ def _int8_dynamic(src: Path, dst: Path, *, task: str, recipe: QuantRecipe, thres
     details: dict[str, Any] = {
         "per_channel": recipe.per_channel,
         "weight_type": recipe.weight_type,
+        "reduce_range": recipe.reduce_range,
         "matmuls": len(candidates),
         "mixed_precision": recipe.mixed_precision,
     }
@@ -442,7 +444,7 @@ def _int8_dynamic(src: Path, dst: Path, *, task: str, recipe: QuantRecipe, thres
 
 
 def _int8_recipe_name(recipe: QuantRecipe, details: dict) -> str:
-    name = "int8-dynamic-" + ("per-channel" if recipe.per_channel else "per-tensor")
+    name = "int8-dynamic-" + ("per-channel" if recipe.per_channel else "per-tensor") + ("-7bit" if recipe.reduce_range else "")
     if details.get("float_nodes"):
         name += f"-mixed-{len(details['float_nodes'])}float"
     return name

@@ -62,6 +62,12 @@ class QuantRecipe(_M):
         return self.method == "int4" and "lm_head" in self.int8_blocks and "lm_head" in self.exclude
     activation_type: Literal["uint8", "uint16", "int8", "int16"] = "uint8"  # qdq-static
     weight_type: Literal["uint8", "int8"] = "int8"  # qdq-static / int8-dynamic
+    # int8-dynamic: int8 weights in 7 bits (onnxruntime's reduce_range). x86 CPUs without VNNI multiply
+    # uint8 activations by int8 weights with VPMADDUBSW, which adds each pair of products in a saturating
+    # int16: with full-range weights a large activation range overflows it (SmolLM2 requantized to int8:
+    # ppl x97, top-1 17 % on an AMD EPYC, fine on a VNNI Xeon). 7-bit weights keep every pair in range.
+    # TargetProfile.task() sets it where the profile's CPUs may lack VNNI (int8_saturates); True here forces it.
+    reduce_range: bool = False
     mixed_precision: bool = False  # keep the most sensitive layers in float until the gate passes
     calibration_samples: int = 32
     # int4: "rtn" rounds each block to its min/max grid (fast); "hqq" fits scales and float zero
@@ -106,13 +112,23 @@ class TargetProfile(_M):
     onnxruntime: str = ">=1.20"
     tasks: dict[Literal["text-generation", "embedding", "text-classification"], TaskSettings] = Field(default_factory=dict)
 
+    @property
+    def int8_saturates(self) -> bool:
+        """True when the profile's CPUs may lack VNNI (x86 without avx512_vnni / avx_vnni among the features it
+        requires): their uint8 x int8 dot products saturate in int16, so int8-dynamic weights need 7 bits."""
+        return (self.device_class == "cpu" and "x86_64" in self.arch
+                and not {"avx512_vnni", "avx_vnni"} & set(self.cpu_features))
+
     def task(self, task: str) -> TaskSettings:
         try:
-            return self.tasks[task]  # type: ignore[index]
+            settings = self.tasks[task]  # type: ignore[index]
         except KeyError:
             raise ProfileError(
                 f"profile {self.name!r} has no settings for task {task!r}; it covers: {', '.join(self.tasks) or 'none'}"
             ) from None
+        if self.int8_saturates and not settings.quantization.reduce_range:  # whatever method --quant picks later
+            settings = settings.model_copy(update={"quantization": settings.quantization.model_copy(update={"reduce_range": True})})
+        return settings
 
 
 def available_profiles() -> list[str]:

@@ -59,7 +59,7 @@ def recipe_name(recipe: QuantRecipe) -> str:
         sym = "sym" if recipe.symmetric else "asym"
         return f"int4-matmulnbits-b{recipe.block_size}-acc{recipe.accuracy_level}-{sym}{head}"
     if recipe.method == "int8-dynamic":
-        return f"int8-dynamic-{'per-channel' if recipe.per_channel else 'per-tensor'}"
+        return f"int8-dynamic-{'per-channel' if recipe.per_channel else 'per-tensor'}{'-7bit' if recipe.reduce_range else ''}"
     return {"none": "fp32", "fp16": "fp16"}.get(recipe.method, recipe.method)
 
 
@@ -165,6 +165,7 @@ def _int8_dynamic(src: Path, out: Path, recipe: QuantRecipe) -> dict[str, Any]:
         op_types_to_quantize=["MatMul"],
         per_channel=recipe.per_channel,
         weight_type=QuantType.QInt8 if recipe.weight_type == "int8" else QuantType.QUInt8,
+        reduce_range=recipe.reduce_range,
         nodes_to_exclude=exclude,
         use_external_data_format=True,
         # DefaultTensorType: shape inference cannot type the outputs of com.microsoft ops (GroupQueryAttention)
@@ -176,7 +177,8 @@ def _int8_dynamic(src: Path, out: Path, recipe: QuantRecipe) -> dict[str, Any]:
     data = tmp.parent / (tmp.stem + ".onnx.data")
     if data.exists():
         data.unlink()
-    return {"per_channel": recipe.per_channel, "weight_type": recipe.weight_type, "excluded_nodes": exclude}
+    return {"per_channel": recipe.per_channel, "weight_type": recipe.weight_type, "reduce_range": recipe.reduce_range,
+            "excluded_nodes": exclude}
 
 
 def _int4(src: Path, out: Path, recipe: QuantRecipe) -> dict[str, Any]:

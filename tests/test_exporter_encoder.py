@@ -136,7 +136,7 @@ def test_impossible_gate_fails_with_a_clear_report(tiny_bert, tmp_path):
     assert len(r.quality.failures) == 2
     assert r.quality.failures[0].startswith("cosine_mean 0.99") and "< 0.9999999 (min_cosine_mean)" in r.quality.failures[0]
     assert "(min_cosine_min)" in r.quality.failures[1]
-    assert r.quantization.recipe == "int8-dynamic-per-tensor"
+    assert r.quantization.recipe == "int8-dynamic-per-tensor-7bit"
     assert r.quantization.details["float_nodes"] == []
     assert r.onnx_path.exists()  # the caller decides (--force) whether a failed model ships
 
@@ -228,7 +228,8 @@ def test_minilm_mixed_precision_meets_the_gate(minilm_int8):
                             and n.input[1] in {i.name for i in model.graph.initializer}]
     assert sorted(float_weight_matmuls) == sorted(q["float_nodes"])
     assert _ops(r.onnx_path)["MatMulInteger"] == 36 - len(q["float_nodes"])
-    assert r.quantization.recipe == f"int8-dynamic-per-channel-mixed-{len(q['float_nodes'])}float"
+    assert r.quantization.recipe == f"int8-dynamic-per-channel-7bit-mixed-{len(q['float_nodes'])}float"  # AVX2: no VNNI
+    assert q["reduce_range"] is True
     assert r.model_spec.config["dim"] == 384 and r.model_spec.config["pooling"] == "mean"
     assert r.size_bytes < 0.8 * r.size_fp32_bytes
     _check_golden(r, out)

@@ -46,3 +46,36 @@ def test_hqq_float_zero_points_become_offsets_with_the_same_result(shape):
     assert all(inits[nd.input[3]].data_type == TensorProto.UINT8 for nd in nbits)
     assert sum(nd.op_type == "ReduceSum" for nd in fast.graph.node) == 1  # x's blocks summed once for both
     assert float_zero_points_to_offsets(fast) == 0  # idempotent
+
+
+def test_int8_dynamic_weights_take_7_bits_where_uint8_x_int8_pairs_saturate(tmp_path):
+    """x86 CPUs without VNNI add pairs of uint8 x int8 products in a saturating int16 (VPMADDUBSW): with a large
+    activation range and full-range int8 weights the sums overflow (SmolLM2 requantized to int8: ppl x97 on an
+    AMD EPYC). Profiles whose CPUs may lack VNNI quantize int8-dynamic weights to 7 bits, whatever --quant
+    picks; VNNI and Arm profiles keep 8. The 7-bit model stays within quantization error on any CPU."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporter.profiles import load_profile
+    from exporter.quantize import quantize
+
+    avx2, vnni, arm = (load_profile(p) for p in ("cpu-x86-avx2", "cpu-x86-avx512-vnni", "cpu-arm64"))
+    assert avx2.int8_saturates and not vnni.int8_saturates and not arm.int8_saturates
+    for task in ("text-generation", "embedding", "text-classification"):  # int4 by default, int8 after --quant int8
+        assert avx2.task(task).quantization.reduce_range and not vnni.task(task).quantization.reduce_range
+
+    k, n = 1536, 576  # a SmolLM2 down_proj, fed one massive negative activation as its real inputs carry
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="down_proj")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
+    recipe = avx2.task("embedding").quantization.model_copy(update={"mixed_precision": False})
+    result = quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", recipe)
+    assert result.recipe == "int8-dynamic-per-channel-7bit" and result.details["reduce_range"] is True
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    x[0, 7] = -380.0
+    y = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(y - x @ w).max() < 0.1 * np.abs(x @ w).max()  # full 8 bits on a non-VNNI CPU: ~2.5

@@ -5,6 +5,8 @@ exact:        export_gguf defaults: the GGUF's blocks kept; the measured accurac
               logits recomputed exactly; exporter/gguf/levels.py)
 exact-2pass:  TWO_PASS_POLICY (opt-in): 4-bit linears of >= 4M weights decode on level 4's int8 kernel in two
               passes (x = hi + lo, ~5e-6 from float; none of SmolLM2's are that big)
+exact-2pass-all: TWO_PASS_POLICY with two_pass_min_weights=0: every 4-bit linear decodes in two passes (pays where
+              level 0's one-row kernel is slow, as on AVX2 without VNNI; a second packed copy of the body)
 exact-acc0:   the same blocks, every MatMulNBits at level 0 (the lm_head's Q8_0 as two exact 4-bit halves)
 exact-o4:     the default policy with o_proj at level 4 too (passes SmolLM2's gate, spends half the
               greedy answer's near-tie margin): the next-fastest candidate, not the default
@@ -55,6 +57,7 @@ from exporter.gguf.reader import GgufFile
 from exporter.gguf.repack import BlockWeight
 
 BASELINE = "requant-int4"
+TWO_PASS_ALL = dataclasses.replace(TWO_PASS_POLICY, two_pass_min_weights=0, name="two-pass-decode-all")
 O_PROJ_AT_4 = AccuracyPolicy({**DEFAULT_POLICY.levels, "attn_out": 4}, exact_top_k=DEFAULT_POLICY.exact_top_k, name="o_proj-at-4")
 
 
@@ -141,7 +144,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         exact = export_gguf(gguf_path, Path(tmp) / "exact")
-        policies = {"exact-2pass": TWO_PASS_POLICY, "exact-acc0": 0, "exact-o4": O_PROJ_AT_4, "exact-acc4": 4}
+        policies = {"exact-2pass": TWO_PASS_POLICY, "exact-2pass-all": TWO_PASS_ALL, "exact-acc0": 0,
+                    "exact-o4": O_PROJ_AT_4, "exact-acc4": 4}
         paths = {"exact": exact.onnx_path}
         for name, policy in policies.items():
             if not args.only or name in args.only:
@@ -182,9 +186,9 @@ def main() -> None:
               for name, m in med.items() if name != BASELINE}
     print(f"{gguf_path.name}: prompt {len(prompt)} tokens, {args.new_tokens} new tokens, {args.threads} threads, "
           f"{args.rounds} rounds (medians); load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
-    print(f"{'model':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'1-thread cpu ms/tok: prefill':>30}{'decode':>9}{'ppl':>9}")
+    print(f"{'model':<16}{'prefill tok/s':>15}{'decode tok/s':>14}{'1-thread cpu ms/tok: prefill':>30}{'decode':>9}{'ppl':>9}")
     for name, m in med.items():
-        print(f"{name:<14}{m['prefill_tok_s']:>15.1f}{m['decode_tok_s']:>14.1f}{m['prefill_cpu_ms_per_tok']:>30.2f}"
+        print(f"{name:<16}{m['prefill_tok_s']:>15.1f}{m['decode_tok_s']:>14.1f}{m['prefill_cpu_ms_per_tok']:>30.2f}"
               f"{m['decode_cpu_ms_per_tok']:>9.2f}{ppl[name]:>9.3f}")
     for name, r in ratios.items():
         print(f"{name} / {BASELINE}: prefill {r['prefill']:.3f}x, decode {r['decode']:.3f}x "

@@ -4,6 +4,7 @@ out), and the real SmolLM2-135M-Instruct Q4_1 GGUF (slow), against transformers'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -24,8 +25,9 @@ from agent.bundle import QualityStatus  # noqa: E402
 from exporter.errors import SourceError, UnsupportedArchitecture  # noqa: E402
 from exporter.gguf.export import RECIPE, export_gguf  # noqa: E402
 from exporter.gguf.quality import OnnxDecoder  # noqa: E402
-from exporter.gguf import graph  # noqa: E402
 from exporter.gguf.levels import TWO_PASS_POLICY  # noqa: E402
+
+TWO_PASS_EVERYWHERE = dataclasses.replace(TWO_PASS_POLICY, two_pass_min_weights=0)  # the tiny models' linears too
 from tests.support.models import TINY_CONFIGS, cache_dir, smollm2_gguf_path, tiny_model  # noqa: E402
 
 # Tests that compare every logit with the float reference export at level 0 everywhere: the GGUF's own
@@ -323,14 +325,13 @@ def test_default_policy_levels_recorded_and_top_logits_exact(tiny_llama, tmp_pat
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
-def test_two_pass_decodes_on_int8_and_prefills_at_level_0(tiny_llama, tmp_path, monkeypatch):
-    """TWO_PASS_POLICY (opt-in; for linears of >= 4M weights, here all): each 4-bit decoder linear is an If whose
+def test_two_pass_decodes_on_int8_and_prefills_at_level_0(tiny_llama, tmp_path):
+    """TWO_PASS_POLICY (opt-in; for linears of >= 4M weights by default, here all): each 4-bit decoder linear is an If whose
     one-row branch runs level 4 on hi + lo and whose prompt branch is the level-0 node, both on one set of
     initializers; prompts give the default policy's logits bit for bit, decode steps stay within float noise."""
     path, _ = tiny_llama
-    monkeypatch.setattr(graph, "TWO_PASS_MIN_WEIGHTS", 0)
     default = export_gguf(path, tmp_path / "default")
-    two = export_gguf(path, tmp_path / "two", accuracy_level=TWO_PASS_POLICY)
+    two = export_gguf(path, tmp_path / "two", accuracy_level=TWO_PASS_EVERYWHERE)
     assert (two.onnx_path.parent / "model.onnx.data").stat().st_size == (default.onnx_path.parent / "model.onnx.data").stat().st_size
     model = onnx.load(two.onnx_path, load_external_data=False)
     ifs = [n for n in model.graph.node if n.op_type == "If"]
@@ -340,6 +341,7 @@ def test_two_pass_decodes_on_int8_and_prefills_at_level_0(tiny_llama, tmp_path, 
                              for m in a.g.node] for a in node.attribute}
         assert ("MatMulNBits", 4) in branches["then_branch"] and branches["else_branch"] == [("MatMulNBits", 0)]
     assert two.quantization.details["accuracy_levels"]["policy"] == "two-pass-decode"
+    assert two.quantization.details["accuracy_levels"]["two_pass_min_weights"] == 0  # the manifest says which took it
 
     ids = np.random.default_rng(9).integers(3, 512, size=(1, 12))
     np.testing.assert_array_equal(_onnx_logits(two, ids), _onnx_logits(default, ids))
@@ -357,7 +359,7 @@ def test_two_pass_decodes_on_int8_and_prefills_at_level_0(tiny_llama, tmp_path, 
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max(), np.abs(got - want).max()
 
 
-def test_agent_serves_a_two_pass_bundle_token_for_token(tiny_llama, tmp_path, keypair, monkeypatch):
+def test_agent_serves_a_two_pass_bundle_token_for_token(tiny_llama, tmp_path, keypair):
     """The agent's runtime (IO binding, one shared KV buffer, logits_to_keep = 1) on a graph of If nodes
     generates what the plain decoder does with the same graph."""
     from agent.bundle import TrustedKeys, open_bundle
@@ -366,8 +368,7 @@ def test_agent_serves_a_two_pass_bundle_token_for_token(tiny_llama, tmp_path, ke
     from tests.support.lm_bundle import seal_lm_bundle
 
     path, _ = tiny_llama
-    monkeypatch.setattr(graph, "TWO_PASS_MIN_WEIGHTS", 0)
-    two = export_gguf(path, tmp_path / "two", accuracy_level=TWO_PASS_POLICY)
+    two = export_gguf(path, tmp_path / "two", accuracy_level=TWO_PASS_EVERYWHERE)
     assert any(n.op_type == "If" for n in onnx.load(two.onnx_path, load_external_data=False).graph.node)
     seal_lm_bundle(two.onnx_path.parent, tmp_path / "bundle", keypair[0], config=two.model_spec.config)
     model = load_model(open_bundle(tmp_path / "bundle", TrustedKeys.from_paths([keypair[1]])), threads=1)
@@ -451,16 +452,13 @@ def test_bad_files_are_source_errors(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("two_pass_everywhere", [False, True], ids=["default", "two-pass-everywhere"])
-def test_smollm2_q4_1_keeps_its_quality(tmp_path, monkeypatch, two_pass_everywhere):
+def test_smollm2_q4_1_keeps_its_quality(tmp_path, two_pass_everywhere):
     """The real SmolLM2-135M-Instruct Q4_1 GGUF: ppl within ±0.5%, top-1 >= 98%, same greedy chat answer; and with
     the opt-in two-pass int8 decode forced on every linear (its own are under the size limit), the greedy answer
     (one-row decode steps on the int8 kernel) must still be the reference's."""
     from exporter.gguf.quality import gguf_quality
 
-    policy = None
-    if two_pass_everywhere:
-        monkeypatch.setattr(graph, "TWO_PASS_MIN_WEIGHTS", 0)
-        policy = TWO_PASS_POLICY
+    policy = TWO_PASS_EVERYWHERE if two_pass_everywhere else None
     path = smollm2_gguf_path()
     result = export_gguf(path, tmp_path / "out", accuracy_level=policy)
     assert result.quantization.details["exact_types"] == ["Q4_1", "Q8_0"]
@@ -503,3 +501,4 @@ def test_export_api_takes_the_two_pass_level_for_a_gguf(tmp_path, keypair):
     details = open_bundle(res.bundle, TrustedKeys.from_paths([keypair[1]])).manifest.quantization.details
     assert details["accuracy_levels"]["policy"] == "two-pass-decode"
     assert details["accuracy_levels"]["levels"]["mlp_in"] == "4x2" and details["accuracy_levels"]["lm_head_exact_top_k"] == 16
+    assert details["accuracy_levels"]["two_pass_min_weights"] == TWO_PASS_POLICY.two_pass_min_weights == 1 << 22

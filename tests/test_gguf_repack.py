@@ -6,15 +6,16 @@ sub-block scale and every bit of the packing.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from exporter.gguf import graph
 from exporter.gguf.graph import linear_model
-from exporter.gguf.levels import DEFAULT_POLICY, TWO_PASS, WEIGHT_CLASSES, AccuracyPolicy, weight_class
+from exporter.gguf.levels import DEFAULT_POLICY, TWO_PASS, TWO_PASS_MIN_WEIGHTS, WEIGHT_CLASSES, AccuracyPolicy, weight_class
 from exporter.gguf.repack import FORMATS, BlockWeight, decode
 
 # byte ranges of the fp16 fields (d, and min/dmin where the type has one) inside one block
@@ -75,16 +76,17 @@ def test_accuracy_level_4_is_close(ggml_type):
 
 
 @pytest.mark.parametrize("ggml_type", REQUIRED)
-def test_two_pass_int8_decodes_within_float_noise_and_prefills_at_level_0(ggml_type, monkeypatch):
+def test_two_pass_int8_decodes_within_float_noise_and_prefills_at_level_0(ggml_type):
     """TWO_PASS: one row (decode) on level 4's int8 kernel as hi + lo, ~100x closer than level 4 alone, all-zero
     blocks exact; more rows (prefill) and 8-bit containers take level 0's float kernel, bit for bit."""
-    monkeypatch.setattr(graph, "TWO_PASS_MIN_WEIGHTS", 0)  # this small weight too
+    every = dataclasses.replace(AccuracyPolicy.uniform(TWO_PASS), two_pass_min_weights=0)  # this small weight too
     n, k = 32, 512
     raw = random_rows(ggml_type, n, k, seed=7)
     ref_w = dequantize(raw, GGMLQuantizationType[ggml_type]).astype(np.float64)
     w = decode(ggml_type, raw, k)
     rng = np.random.default_rng(8)
-    sessions = {level: ort.InferenceSession(linear_model(w, accuracy_level=level, rank=3).SerializeToString(),
+    sessions = {level: ort.InferenceSession(linear_model(w, accuracy_level=every if level == TWO_PASS else level,
+                                                         rank=3).SerializeToString(),
                                             providers=["CPUExecutionProvider"]) for level in (0, 4, TWO_PASS)}
     prompt = rng.standard_normal((1, 5, k)).astype(np.float32)
     np.testing.assert_array_equal(sessions[TWO_PASS].run(None, {"x": prompt})[0], sessions[0].run(None, {"x": prompt})[0])
@@ -105,12 +107,20 @@ def test_two_pass_int8_decodes_within_float_noise_and_prefills_at_level_0(ggml_t
 
 
 def test_two_pass_only_for_big_4bit_linears():
-    """Below TWO_PASS_MIN_WEIGHTS (and for 8-bit blocks) the two-pass level is a plain level-0 node."""
+    """Below the policy's two_pass_min_weights (TWO_PASS_MIN_WEIGHTS by default) and for 8-bit blocks the
+    two-pass level is a plain level-0 node; the size is the policy's to set, and is checked."""
     small = decode("Q4_0", random_rows("Q4_0", 64, 256), 256)
     ops = {n.op_type: [a.i for a in n.attribute if a.name == "accuracy_level"] for n in linear_model(small, accuracy_level=TWO_PASS).graph.node}
     assert "If" not in ops and ops["MatMulNBits"] == [0]
     big = BlockWeight("Q4_0", 4, 32, np.zeros((2048, 2048), np.uint8), np.ones((2048, 64), np.float32), 8, None)
     assert "If" in {n.op_type for n in linear_model(big, accuracy_level=TWO_PASS).graph.node}
+    assert big.shape[0] * big.shape[1] == TWO_PASS_MIN_WEIGHTS
+    every = dataclasses.replace(AccuracyPolicy.uniform(TWO_PASS), two_pass_min_weights=0)
+    assert "If" in {n.op_type for n in linear_model(small, accuracy_level=every).graph.node}
+    q8 = decode("Q8_0", random_rows("Q8_0", 64, 256), 256)
+    assert "If" not in {n.op_type for n in linear_model(q8, accuracy_level=every).graph.node}
+    with pytest.raises(ValueError, match="two_pass_min_weights -1 must be 0"):
+        dataclasses.replace(every, two_pass_min_weights=-1)
 
 
 def test_split_nibbles_is_exact():

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.gguf.levels import TWO_PASS, TWO_PASS_MIN_WEIGHTS, AccuracyPolicy
+from exporter.gguf.levels import TWO_PASS, AccuracyPolicy
 from exporter.gguf.repack import BlockWeight, concat_rows
 
 OPSET = 17
@@ -155,9 +155,7 @@ class GraphBuilder:
         return y
 
     def _block_linear(self, x: str, weight: BlockWeight, stem: str, *, rank: int, level: int | str) -> str:
-        if level == TWO_PASS and not (weight.bits == 4 and weight.shape[0] * weight.shape[1] >= TWO_PASS_MIN_WEIGHTS):
-            # smaller: its ~14 extra ops cost more than the kernel saves; 8-bit: prompts would need the 8-bit
-            # blocks and their two 4-bit halves, twice the bytes
+        if level == TWO_PASS and not self.policy.two_pass(weight.bits, weight.shape[0] * weight.shape[1]):
             level = 0
         if weight.bits == 8 and level == 0:
             hi, lo = weight.split_nibbles()  # exact, and runs on the fast 4-bit float kernel

@@ -32,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 WEIGHT_CLASSES = ("attn_qkv", "attn_out", "mlp_in", "mlp_out", "lm_head")
+# the default smallest 4-bit linear (N*K weights) that takes TWO_PASS; see TWO_PASS_POLICY below for why
+TWO_PASS_MIN_WEIGHTS = 1 << 22
 # Not a MatMulNBits attribute value: level 4's int8 kernel run on x split into hi (on the int8 grid the
 # kernel itself would pick, so it quantizes hi without error) and lo = x - hi, both rows in one call; the
 # sum is x @ w^T to ~5e-6 relative, for ~1.2-1.5x one level-4 call (bench/matmulnbits_levels.py).
@@ -63,6 +65,7 @@ class AccuracyPolicy:
     exact_top_k: int | None = None  # lm_head at a level > 0: the top-k logits of each position recomputed in float
     reasons: dict[str, str] = field(default_factory=dict)
     name: str = "custom"
+    two_pass_min_weights: int = TWO_PASS_MIN_WEIGHTS  # smaller 4-bit linears at TWO_PASS run level 0 instead
 
     def __post_init__(self) -> None:
         unknown = set(self.levels) - set(WEIGHT_CLASSES)
@@ -74,6 +77,8 @@ class AccuracyPolicy:
                              f"or {TWO_PASS!r} (int8, two passes)")
         if self.exact_top_k is not None and self.exact_top_k < 1:
             raise ValueError(f"exact_top_k {self.exact_top_k} must be at least 1 (or None)")
+        if self.two_pass_min_weights < 0:
+            raise ValueError(f"two_pass_min_weights {self.two_pass_min_weights} must be 0 (every 4-bit linear) or more")
 
     @classmethod
     def uniform(cls, level: int) -> AccuracyPolicy:
@@ -103,10 +108,19 @@ class AccuracyPolicy:
         """True when `stem` is the lm_head and its top-k logits are recomputed exactly."""
         return self.exact_top_k is not None and weight_class(stem) == "lm_head" and self.levels["lm_head"] == 4
 
+    def two_pass(self, weight_bits: int, weights: int) -> bool:
+        """Whether a linear of `weights` (N*K) weights in `weight_bits`-bit blocks at level TWO_PASS takes the two
+        passes: 4-bit ones of at least two_pass_min_weights (8-bit prompts would need the 8-bit blocks and their
+        two 4-bit halves, twice the bytes; below the size the ~14 extra ops cost more than the kernel saves)."""
+        return weight_bits == 4 and weights >= self.two_pass_min_weights
+
     def details(self) -> dict:
         """What the manifest records: the level of each weight class, the top-k refinement, and why."""
-        return {"policy": self.name, "levels": dict(self.levels), "lm_head_exact_top_k": self.exact_top_k,
-                "reasons": dict(self.reasons)}
+        out = {"policy": self.name, "levels": dict(self.levels), "lm_head_exact_top_k": self.exact_top_k,
+               "reasons": dict(self.reasons)}
+        if TWO_PASS in self.levels.values():
+            out["two_pass_min_weights"] = self.two_pass_min_weights
+        return out
 
     def __str__(self) -> str:
         levels = ", ".join(f"{c} {lv}" for c, lv in self.levels.items())
@@ -131,7 +145,9 @@ DEFAULT_POLICY = AccuracyPolicy(
 # prompts (more rows) at level 0 behind an If. Opt-in (TWO_PASS_POLICY), not the default, because onnxruntime
 # prepacks each MatMulNBits node's weights for itself: the two branches hold two packed copies (TinyLlama-1.1B
 # shape: session RSS 1320 MB instead of 499). It costs ~14 small ops (~27 us on a 2-core Xeon) per linear,
-# so only linears of at least TWO_PASS_MIN_WEIGHTS weights take it; smaller ones, and 8-bit ones, stay at 0.
+# so by default only linears of at least TWO_PASS_MIN_WEIGHTS weights take it; smaller ones, and 8-bit ones, stay
+# at 0. Where level 0's one-row kernel is slower (2-core AMD EPYC, AVX2 without VNNI: 576 -> 3072 takes 203 us at
+# level 0, 48 at level 4), every 4-bit linear gains: dataclasses.replace(TWO_PASS_POLICY, two_pass_min_weights=0).
 # One 4-bit linear, one decode row, 2 threads (1 thread), us:   level 0   two-pass   level 4
 #   576 -> 576 (SmolLM2 o_proj)                                  32 (46)    50 (54)    20 (22)
 #   576 -> 3072 (SmolLM2 gate/up)                                92 (165)   73 (109)   44 (51)
@@ -139,7 +155,6 @@ DEFAULT_POLICY = AccuracyPolicy(
 # Whole model, decode tok/s, 2 threads (bench/gguf_two_pass_size.py, random Q4_0 blocks; this VM drifts):
 #   TinyLlama-1.1B shape: level 0 12.7-15.4, two-pass 18.5-19.4 (1.26-1.53x), level 4 21.8-24.8
 # SmolLM2 with every linear at two-pass: ppl +0.008 %, top-1 100 %, the same greedy answer (tests/test_gguf_export.py).
-TWO_PASS_MIN_WEIGHTS = 1 << 22
 _TWO_PASS = ("opt-in: linears of >= 4M 4-bit weights decode on level 4's int8 kernel in two passes (x = hi + lo, "
              "~5e-6 from float), prompts at level 0; ~1.3-1.5x level 0's decode, a second packed copy of the weights")
 TWO_PASS_POLICY = AccuracyPolicy(

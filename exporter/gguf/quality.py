@@ -117,18 +117,25 @@ def gguf_quality(gguf_path: Path, onnx_path: Path, tokenizer_dir: Path, *, eos_t
                  thresholds: dict[str, float] | None = None, reference: Reference | None = None) -> QualityReport:
     """Compare the exported model with transformers' fp32 dequantization of the same GGUF (`reference`, if
     already computed with the same text and steps)."""
-    from transformers import AutoTokenizer
-
     ref = reference or gguf_reference(gguf_path, tokenizer_dir, eos_token_ids=eos_token_ids, text=text,
                                       max_tokens=max_tokens, greedy_steps=greedy_steps)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids, ref_logits, prompt, ref_answer = ref.ids, ref.logits, ref.prompt, ref.answer
     onnx = OnnxDecoder(onnx_path, threads=threads)
-    logits = onnx.run(ids[None], onnx.empty_past())[0][0]
+    logits = onnx.run(ref.ids[None], onnx.empty_past())[0][0]
+    answer = onnx.greedy(ref.prompt, greedy_steps, set(eos_token_ids))
+    return judge(ref, logits, answer, tokenizer_dir, thresholds=thresholds)
 
+
+def judge(ref: Reference, logits: np.ndarray, answer: list[int], tokenizer_dir: Path, *,
+          thresholds: dict[str, float] | None = None) -> QualityReport:
+    """The quality report of a model whose logits on ref.ids are `logits` [tokens, vocab] and whose greedy
+    answer to ref.prompt is `answer`, against the reference (any runtime: bench/gguf_vs_llama_cpp.py judges
+    llama.cpp's own output with it)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids, ref_logits, ref_answer = ref.ids, ref.logits, ref.answer
     ppl_ref, ppl = float(np.exp(_nll(ref_logits, ids).mean())), float(np.exp(_nll(logits, ids).mean()))
     top1 = float((ref_logits[:-1].argmax(-1) == logits[:-1].argmax(-1)).mean())
-    answer = onnx.greedy(prompt, greedy_steps, set(eos_token_ids))
     same = 0
     for a, b in zip(ref_answer, answer):
         if a != b:

@@ -156,8 +156,11 @@ def test_birth_state_is_retained_and_stamped(broker, topic_prefix):
     dev.link.start()
     try:
         assert dev.connects.get(timeout=10)
+        early = Watcher(broker.port, topic_prefix)
         dev.link.publish(dev.state(labels={"site": "a"}))
         dev.link.publish(dev.health())
+        early.next(Channel.STATE)  # the broker has it (publish is asynchronous: subscribing too soon sees it live)
+        early.close()
         late = Watcher(broker.port, topic_prefix)  # subscribes after: sees the retained state
         topic, body, retain = late.next(Channel.STATE)
         assert retain and topic == Topics(topic_prefix).device(dev.device_id, Channel.STATE)

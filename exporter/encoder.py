@@ -34,6 +34,7 @@ from exporter import calibration, mixed_precision
 from exporter.errors import ConversionError, IncompatibleTarget, TaskNotSupported, UnsupportedArchitecture
 from exporter.profiles import QuantRecipe, TargetProfile, Thresholds
 from exporter.progress import Progress
+from exporter.quantize import recipe_name
 
 ENCODER_TASKS = ("embedding", "text-classification")
 SUPPORTED_ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra")
@@ -444,7 +445,7 @@ def _int8_dynamic(src: Path, dst: Path, *, task: str, recipe: QuantRecipe, thres
 
 
 def _int8_recipe_name(recipe: QuantRecipe, details: dict) -> str:
-    name = "int8-dynamic-" + ("per-channel" if recipe.per_channel else "per-tensor") + ("-7bit" if recipe.reduce_range else "")
+    name = recipe_name(recipe)  # the LM path's name for the same recipe, plus what the search kept in float
     if details.get("float_nodes"):
         name += f"-mixed-{len(details['float_nodes'])}float"
     return name

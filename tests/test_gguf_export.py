@@ -26,9 +26,9 @@ from exporter.errors import SourceError, UnsupportedArchitecture  # noqa: E402
 from exporter.gguf.export import RECIPE, export_gguf  # noqa: E402
 from exporter.gguf.quality import OnnxDecoder  # noqa: E402
 from exporter.gguf.levels import TWO_PASS_POLICY  # noqa: E402
+from tests.support.models import TINY_CONFIGS, cache_dir, smollm2_gguf_path, tiny_model  # noqa: E402
 
 TWO_PASS_EVERYWHERE = dataclasses.replace(TWO_PASS_POLICY, two_pass_min_weights=0)  # the tiny models' linears too
-from tests.support.models import TINY_CONFIGS, cache_dir, smollm2_gguf_path, tiny_model  # noqa: E402
 
 # Tests that compare every logit with the float reference export at level 0 everywhere: the GGUF's own
 # float math (the default policy computes the lm_head at level 4 and only its top logits exactly).

@@ -241,3 +241,76 @@ def test_keys_generate_permissions(tmp_path):
     assert os.stat(tmp_path / "k").st_mode & 0o777 == 0o700
     again = CliRunner().invoke(cli, ["generate", "--out", str(tmp_path / "k")])
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+# ---- members the signed manifest does not list are refused before a byte of them is written --------
+
+_UNPACK_UNDER_LIMIT = """
+import resource, sys
+from agent.bundle import BundleError, TrustedKeys, unpack
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[4]), int(sys.argv[4])))  # SIGXFSZ: Python ignores it
+try:
+    unpack(sys.argv[1], sys.argv[2], TrustedKeys.from_paths([sys.argv[3]]))
+    print("ok")
+except BundleError as exc:
+    print(type(exc).__name__, exc.code)
+except OSError as exc:
+    print("OSError", exc.errno)
+"""
+
+
+def _unpack_with_file_size_limit(archive: Path, dest: Path, public_key: Path, limit: int) -> str:
+    """Unpack in a child whose kernel file-size limit is `limit`: writing more fails with EFBIG."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _UNPACK_UNDER_LIMIT, str(archive), str(dest), str(public_key),
+                          str(limit)], capture_output=True, text=True, timeout=120, check=True)
+    return out.stdout.strip()
+
+
+def _repack(bundle: Path, archive: Path, *, add: dict[str, bytes] | None = None,
+            replace: dict[str, bytes] | None = None, first: bool = False) -> Path:
+    """pack(), then rewrite the tar with members added (before the others if `first`) or replaced."""
+    src = pack(bundle, archive.with_name("src.tar"))
+    added = [_file(name, data) for name, data in (add or {}).items()]
+    with tarfile.open(src) as tin, tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tout:
+        if first:
+            for info, data in added:
+                tout.addfile(info, io.BytesIO(data))
+        for m in tin.getmembers():
+            data = (replace or {}).get(m.name)
+            if data is None:
+                data = tin.extractfile(m).read()
+            m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+        if not first:
+            for info, data in added:
+                tout.addfile(info, io.BytesIO(data))
+    return archive
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["junk-first", "junk-last"])
+def test_an_unlisted_member_is_refused_before_its_bytes_are_written(bundle, keypair, tmp_path, first):
+    archive = _repack(bundle, tmp_path / "junk.tar", add={"junk.bin": os.urandom(8 * 1024 * 1024)}, first=first)
+    # 2 MiB per file: writing any of the 8 MiB of junk would fail with EFBIG, not ExtraFile
+    got = _unpack_with_file_size_limit(archive, tmp_path / "out", keypair[1], 2 * 1024 * 1024)
+    assert got == "ExtraFile file_extra"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "junk.tar", "src.tar"]  # nothing left behind
+
+
+def test_a_member_larger_than_its_listed_size_is_refused_before_it_is_written(bundle, keypair, tmp_path):
+    archive = _repack(bundle, tmp_path / "big.tar", replace={"model.onnx": os.urandom(8 * 1024 * 1024)})
+    got = _unpack_with_file_size_limit(archive, tmp_path / "out", keypair[1], 2 * 1024 * 1024)
+    assert got == "SizeMismatch file_size_mismatch"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_manifest_is_found_wherever_it_sits_in_the_archive(bundle, trusted, tmp_path):
+    src = pack(bundle, tmp_path / "src.tar")
+    with tarfile.open(src) as tin, tarfile.open(tmp_path / "last.tar", "w") as tout:
+        members = tin.getmembers()
+        for m in members[2:] + members[:2]:  # manifest.json and manifest.sig after the model
+            tout.addfile(m, tin.extractfile(m))
+    vb = unpack(tmp_path / "last.tar", tmp_path / "out", trusted)
+    assert vb.manifest_sha256 == open_bundle(bundle, trusted).manifest_sha256

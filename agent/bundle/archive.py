@@ -2,20 +2,32 @@
 
 Unpacking trusts nothing: every member must be a regular file or directory with a safe relative
 path; links, devices, fifos, absolute paths, '..', duplicates and oversize archives are refused
-before anything is written, and the result is then verified like any bundle directory.
+before anything is written. The signed manifest is then read and verified, and any member it does
+not list, or whose size is not the listed one, is refused before its bytes are written; each file
+is hashed as it is written, and the result is checked like any bundle directory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tarfile
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from agent.bundle.errors import ArchiveError, ArchiveTooLarge, UnsafeMember
-from agent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, check_relative_path
-from agent.bundle.signing import TrustedKeys
+from agent.bundle.durable import fsync_dir, fsync_tree
+from agent.bundle.errors import (
+    ArchiveError,
+    ArchiveTooLarge,
+    ExtraFile,
+    HashMismatch,
+    ManifestError,
+    SizeMismatch,
+    UnsafeMember,
+)
+from agent.bundle.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIGNATURE_NAME, Manifest, check_relative_path
+from agent.bundle.signing import MAX_SIGNATURE_BYTES, TrustedKeys, require_signature
 from agent.bundle.store import VerifiedBundle, open_bundle
 
 DEFAULT_MAX_BYTES = 16 * 1024**3  # 16 GiB: well above a 7B int4 model
@@ -74,6 +86,52 @@ def check_members(
             raise ArchiveTooLarge(f"archive unpacks to more than {max_bytes} bytes; refusing it")
 
 
+def _read_head(tar: tarfile.TarFile, members: list[tarfile.TarInfo]) -> tuple[bytes, bytes | None]:
+    """(manifest.json bytes, manifest.sig bytes or None) from anywhere in the archive, size-limited."""
+    found: dict[str, bytes] = {}
+    for m in members:
+        if m.name in (MANIFEST_NAME, SIGNATURE_NAME) and m.isfile():
+            limit = MAX_MANIFEST_BYTES if m.name == MANIFEST_NAME else MAX_SIGNATURE_BYTES
+            if m.size > limit:
+                raise ManifestError(f"archive member {m.name!r} is {m.size} bytes, over the {limit} limit")
+            f = tar.extractfile(m)
+            assert f is not None  # a regular file
+            found[m.name] = f.read()
+    if MANIFEST_NAME not in found:
+        raise ManifestError(f"archive has no {MANIFEST_NAME}; is it an edgeship bundle .tar?")
+    return found[MANIFEST_NAME], found.get(SIGNATURE_NAME)
+
+
+def check_listed(members: list[tarfile.TarInfo], manifest: Manifest) -> None:
+    """Refuse any member the signed manifest does not list, or whose size is not the listed one."""
+    sizes = {e.path: e.size for e in manifest.files}
+    parents = {p.as_posix() for e in manifest.files for p in PurePosixPath(e.path).parents}
+    for m in members:
+        name = m.name.rstrip("/")
+        if name in (MANIFEST_NAME, SIGNATURE_NAME) or (m.isdir() and name in parents):
+            continue
+        if name not in sizes:
+            raise ExtraFile(f"archive member {name!r} is not listed in the signed manifest; "
+                            "refused before writing it (re-pack the bundle with `edgeship export`)")
+        if m.size != sizes[name]:
+            raise SizeMismatch(f"archive member {name!r} is {m.size} bytes, the signed manifest says "
+                               f"{sizes[name]}; refused before writing it")
+
+
+def _extract(tar: tarfile.TarFile, m: tarfile.TarInfo, target: Path, want_sha256: str) -> None:
+    """Copy one checked member to `target`, hashing on the way; a wrong hash is HashMismatch."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    src = tar.extractfile(m)
+    assert src is not None  # a regular file, checked by check_members
+    h = hashlib.sha256()
+    with src, open(target, "wb") as out:
+        while chunk := src.read(1 << 20):
+            h.update(chunk)
+            out.write(chunk)
+    if h.hexdigest() != want_sha256:
+        raise HashMismatch(f"bundle file {m.name!r} does not match its sha256 (corrupt or tampered)")
+
+
 def unpack(
     archive: Path,
     dest: Path,
@@ -81,7 +139,12 @@ def unpack(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> VerifiedBundle:
-    """Unpack into `dest` (which must not exist) and verify; on any error nothing is left behind."""
+    """Unpack into `dest` (which must not exist) and verify; on any error nothing is left behind.
+
+    The signed manifest is read and verified first; a member it does not list (or of another
+    size) is refused before a byte of it is written. Every file and directory is fsynced before
+    the rename that publishes `dest`, so a power cut leaves either no `dest` or a complete one.
+    """
     archive, dest = Path(archive), Path(dest)
     if dest.exists():
         raise ArchiveError(f"unpack destination {dest} already exists")
@@ -94,20 +157,25 @@ def unpack(
             with tarfile.open(archive, "r:") as tar:
                 members = tar.getmembers()
                 check_members(members, max_bytes=max_bytes)
+                raw, sig = _read_head(tar, members)
+                trusted.verify(raw, require_signature(sig))
+                manifest = Manifest.from_bytes(raw)
+                check_listed(members, manifest)
+                hashes = {e.path: e.sha256 for e in manifest.files}
                 for m in members:
-                    target = tmp / m.name
+                    name = m.name.rstrip("/")
                     if m.isdir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    src = tar.extractfile(m)
-                    assert src is not None  # regular file, checked above
-                    with src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out, 1 << 20)
+                        (tmp / name).mkdir(parents=True, exist_ok=True)
+                    elif name in hashes:
+                        _extract(tar, m, tmp / name, hashes[name])
+                (tmp / MANIFEST_NAME).write_bytes(raw)
+                (tmp / SIGNATURE_NAME).write_bytes(sig)
         except (tarfile.TarError, EOFError) as exc:
             raise ArchiveError(f"{archive} is not a readable bundle archive: {exc}") from None
-        open_bundle(tmp, trusted)
+        open_bundle(tmp, trusted, check_hashes=False)  # every listed file present, nothing extra
+        fsync_tree(tmp)
         os.replace(tmp, dest)
+        fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.bundle.durable import fsync_dir
 from agent.protocol import BundleRef, UpdateState, WatchPolicy
 from agent.update.errors import StateFileError
 
@@ -61,14 +62,6 @@ class PersistedState(_Rec):
     schema_version: int = SCHEMA_VERSION
     update: UpdateRecord | None = None
     acks: dict[str, AckRecord] = Field(default_factory=dict)  # insertion-ordered: oldest first
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

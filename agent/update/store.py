@@ -6,6 +6,9 @@
     <state_dir>/pointer.json                 {"active": sha, "previous": sha}: ONE file, replaced
                                              atomically, so a crash leaves the old or the new pair
 
+Every file of a bundle and every directory holding one is fsynced before the rename that publishes
+it (agent/bundle/durable.py): after a power cut a published bundle is whole, never empty files.
+
 The previous committed bundle is kept for rollback; every other bundle is garbage-collected.
 """
 
@@ -18,7 +21,8 @@ from pathlib import Path
 from agent.bundle import BundleError, TrustedKeys, VerifiedBundle, open_bundle
 from agent.bundle.manifest import SHA256_RE
 from agent.update.errors import StoreError
-from agent.update.persist import atomic_write, fsync_dir
+from agent.bundle.durable import fsync_dir, fsync_tree
+from agent.update.persist import atomic_write
 
 POINTER_SCHEMA = 1
 
@@ -109,8 +113,10 @@ class BundleStore:
             if not src.exists():
                 raise StoreError(f"bundle {sha[:12]} is neither staged nor verified; download it again",
                                  code="staging_lost")
+            fsync_tree(src)  # unpack synced it; a copy left by an older agent may not be
             src.rename(self.path(sha))
             fsync_dir(self.bundles_dir)
+            fsync_dir(self.downloads_dir)
         return self.bundle(sha)
 
     def add_directory(self, directory: Path) -> VerifiedBundle:
@@ -121,7 +127,9 @@ class BundleStore:
             tmp = self.bundles_dir / f".{vb.manifest_sha256}.copy"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(directory, tmp)
+            fsync_tree(tmp)
             tmp.rename(dest)
+            fsync_dir(self.bundles_dir)
         return self.bundle(vb.manifest_sha256, check_hashes=True)
 
     def remove(self, sha: str) -> None:

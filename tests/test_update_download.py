@@ -1,5 +1,5 @@
 """The downloader against a real HTTP server with faults: resume, retry, 404/500/hang/truncation,
-disk full, bandwidth limit, progress, sha256, cancel."""
+disk full, bandwidth limit, progress, sha256, cancel, bodies without Content-Length."""
 
 from __future__ import annotations
 
@@ -127,6 +127,34 @@ def test_size_mismatch_with_the_command_is_refused(server, blob, tmp_path):
     with pytest.raises(DownloadError) as err:
         download([url], tmp_path / "b.part", expected_size=5, opts=FAST)
     assert err.value.code == "size_mismatch"
+
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["close-delimited", "chunked"])
+def test_a_body_without_content_length_is_stopped_at_the_expected_size(server, tmp_path, chunked):
+    src = tmp_path / "one-mib.tar"
+    src.write_bytes(os.urandom(MiB))
+    url = server.add("b", src)
+    server.fault = Fault("unsized", at=40 * MiB, chunked=chunked)  # the file, then 39 MiB more
+    part = tmp_path / "b.part"
+    on_disk: list[int] = []
+    with pytest.raises(DownloadError) as err:
+        download([url], part, expected_size=MiB, opts=FAST, progress=lambda d, t: on_disk.append(part.stat().st_size))
+    assert err.value.code == "download_too_large" and f"more than the {MiB} bytes" in str(err.value)
+    assert max(on_disk) <= MiB  # never a byte past the limit on disk
+    assert not part.exists()  # and nothing of a resource that is not the archive kept
+    assert len(server.requests) == 1  # not retried
+    assert server.sent < 16 * MiB  # the socket was dropped, not read to the end (40 MiB)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["close-delimited", "chunked"])
+def test_a_body_without_content_length_of_the_expected_size_is_accepted(server, blob, tmp_path, chunked):
+    url = server.add("b", blob[0])
+    server.fault = Fault("unsized", chunked=chunked)
+    part = download([url], tmp_path / "b.part", expected_size=len(blob[1]), opts=FAST)
+    assert part.read_bytes() == blob[1]
 
 
 def test_fetch_head_reads_only_the_manifest(server, tmp_path, keypair):

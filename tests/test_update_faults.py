@@ -218,6 +218,16 @@ def test_truncated_download(env):
     env.assert_old_serving()
 
 
+def test_a_download_longer_than_the_deploy_size_without_content_length_stops_at_the_size(env):
+    _, tar, sha = env.bundles.make("v2", version="1.1.0")
+    env.srv.fault = Fault("unsized", at=40 * 1024 * 1024, chunked=True)  # the archive, then junk to 40 MiB
+    cid = env.deploy("v2", tar=tar, sha=sha, size=tar.stat().st_size)
+    ev = env.failed_with(cid, "download_too_large")
+    assert f"more than the {tar.stat().st_size} bytes" in ev.reason
+    assert env.srv.sent < 16 * 1024 * 1024
+    env.assert_old_serving()
+
+
 @pytest.mark.parametrize("fault,code", [(Fault("500"), "http_500"), (Fault("hang", hang_s=3), "download_timeout")])
 def test_server_500_or_hanging(env, fault, code):
     env.srv.fault = fault

@@ -157,6 +157,11 @@ def _attempt(url: str, part: Path, opts: DownloadOptions, *, expected_size: int 
                 while chunk := resp.read(CHUNK):
                     if cancelled and cancelled():
                         raise Cancelled("download cancelled by a cancel command")
+                    if expected_size is not None and done + len(chunk) > expected_size:
+                        # no Content-Length (chunked or close-delimited): the size is only known here
+                        raise DownloadError(f"{_short(url)} sent more than the {expected_size} bytes the command "
+                                            "said; stopped there (is the URL the bundle's archive?)",
+                                            code="download_too_large")
                     f.write(chunk)
                     done += len(chunk)
                     sent += len(chunk)
@@ -184,7 +189,9 @@ def download(urls: list[str], part: Path, *, expected_size: int | None = None, s
 
     Tries the URLs in turn with exponential backoff; a 404 drops that URL for good. Raises
     DownloadError with a wire code (`http_404`, `http_500`, `download_timeout`,
-    `download_truncated`, `sha256_mismatch`, ...), DiskFull or Cancelled.
+    `download_truncated`, `download_too_large`, `sha256_mismatch`, ...), DiskFull or Cancelled.
+    A body longer than `expected_size` is stopped as soon as it passes it, whether or not the
+    server sent a Content-Length.
     """
     part.parent.mkdir(parents=True, exist_ok=True)
     live = list(urls)
@@ -207,7 +214,9 @@ def download(urls: list[str], part: Path, *, expected_size: int | None = None, s
                 continue
         except DownloadError as exc:
             last = exc
-            if exc.code == "size_mismatch":
+            if exc.code == "download_too_large":
+                part.unlink(missing_ok=True)  # not the archive the command named: keep none of it
+            if exc.code in ("size_mismatch", "download_too_large"):
                 raise
         except (urllib.error.URLError, HTTPException, OSError) as exc:
             reason = getattr(exc, "reason", exc)

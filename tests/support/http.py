@@ -4,7 +4,9 @@
     srv.fault = Fault("500", times=2)   # the next 2 requests get a 500, then normal service
 
 Faults: "404", "500", "hang" (accept, then say nothing), "truncate" (promise the full length,
-send `at` bytes, close), "slow" (limit_bps). Range requests are honoured unless `ranges=False`.
+send `at` bytes, close), "slow" (limit_bps), "unsized" (no Content-Length: the file, then junk up
+to `at` bytes in all, close-delimited or, with `chunked`, chunked). Range requests are honoured
+unless `ranges=False`. `sent` counts the body bytes the socket accepted.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 @dataclass
 class Fault:
-    kind: str  # "404" | "500" | "hang" | "truncate" | "slow"
+    kind: str  # "404" | "500" | "hang" | "truncate" | "slow" | "unsized"
     times: int | None = None  # apply to this many requests, then stop; None = always
-    at: int = 0  # truncate: bytes sent before closing
+    at: int = 0  # truncate: bytes sent before closing; unsized: bytes sent in all
+    chunked: bool = False  # unsized: Transfer-Encoding: chunked instead of close-delimited
     limit_bps: int = 0  # slow: bytes per second
     hang_s: float = 30.0
 
@@ -34,6 +37,7 @@ class FileServer:
         self.fault: Fault | None = None
         self.ranges = True
         self.requests: list[tuple[str, str]] = []  # (path, Range header)
+        self.sent = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         server = self
@@ -101,6 +105,9 @@ class FileServer:
             h.end_headers()
             return
         data = path.read_bytes()
+        if kind == "unsized":
+            self._send_unsized(h, data, fault)
+            return
         start, end, status = 0, len(data) - 1, 200
         m = _RANGE.match(rng) if self.ranges and rng else None
         if m:
@@ -141,3 +148,28 @@ class FileServer:
             h.wfile.write(body)
         except OSError:
             pass
+
+    def _send_unsized(self, h: BaseHTTPRequestHandler, data: bytes, fault: Fault) -> None:
+        """200 without Content-Length (Range ignored): `data`, then zeros up to `fault.at` bytes."""
+        h.send_response(200)
+        if fault.chunked:
+            h.send_header("Transfer-Encoding", "chunked")
+        else:
+            h.send_header("Connection", "close")
+        h.end_headers()
+        h.close_connection = True
+        step = 64 * 1024
+        for i in range(0, max(fault.at, len(data)), step):
+            piece = data[i:i + step] or bytes(min(step, fault.at - i))
+            try:
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if fault.chunked else piece)
+                h.wfile.flush()
+            except OSError:  # the client hung up
+                return
+            with self._lock:
+                self.sent += len(piece)
+        if fault.chunked:
+            try:
+                h.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                pass

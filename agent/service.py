@@ -28,7 +28,7 @@ from typing import Any
 
 from edgeship import __version__
 from agent.api import ApiServer
-from agent.bundle import TrustedKeys, open_bundle
+from agent.bundle import TrustedKeys
 from agent.bundle.signing import KeyError_
 from agent.config import AgentSettings, ConfigError, config_path, load_settings
 from agent.facts import CpuMeter, Uptime, cpu_flags, device_facts, disk_free, meminfo, process_rss, temperature_c
@@ -98,7 +98,6 @@ class AgentService:
         self.manager = None
         self.facts = None
         self.trusted = TrustedKeys([])
-        self._hash_checked: set[str] = set()
 
     # ---- start-up -----------------------------------------------------------------------------
 
@@ -129,23 +128,17 @@ class AgentService:
         except StoreError:
             return True  # recovery decides what to do; the probe is no place to fail
 
-    def _load(self, vb: Any, **kw: Any) -> Any:
-        """load_model, with every file hash checked the first time this process loads a bundle."""
-        if vb.manifest_sha256 not in self._hash_checked:
-            vb = open_bundle(vb.path, self.trusted, check_hashes=True)
-            self._hash_checked.add(vb.manifest_sha256)
-        return load_model(vb, **kw)
-
     def _start_updates(self) -> None:
         """The update manager finishes or undoes an interrupted update and loads the active bundle."""
         config = update_config(self.settings, session=self.link.session, facts=self.facts)
         self.manager = UpdateManager(config=config, store=self.store, host=self.host, publish=self._publish,
-                                     trusted=self.trusted, load=self._load,
+                                     trusted=self.trusted, load=load_model,  # it checks every hash first
                                      on_state_change=lambda: self.inbox.put(_StateChanged()))
         try:
             self.manager.recover()
         except Exception as exc:
-            # Serving nothing beats crash-looping: /readyz says not ready, the state shows no model.
+            # Active and previous bundle both damaged (recover() fell back to the previous if it could):
+            # serving nothing beats crash-looping: /readyz says not ready, the state shows no model.
             log.error("cannot load the active bundle: %s", exc)
         model = self.host.current
         if model is not None:

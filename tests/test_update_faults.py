@@ -259,12 +259,17 @@ def test_bundle_that_crashes_the_runtime_on_load(env, monkeypatch):
     env.assert_old_serving()  # the serving process (this one) never noticed
 
 
-def test_bundle_whose_model_cannot_load(env, keypair):
-    d = env.tmp / "garbage"
+def _unloadable_bundle(d: Path, private_key: Path, *, version: str = "1.1.0") -> Path:
+    """A correctly signed bundle whose model.onnx onnxruntime refuses to load."""
     d.mkdir()
     (d / "model.onnx").write_bytes(b"this is not an onnx model" * 10)
-    seal_bundle(d, private_key=load_private_key(keypair[0]), name="tiny", version="1.1.0", task=Task.EMBEDDING,
+    seal_bundle(d, private_key=load_private_key(private_key), name="tiny", version=version, task=Task.EMBEDDING,
                 target=Target(profile="cpu-x86-avx2"), model=ModelSpec(entry="model.onnx", config={"kind": "raw"}))
+    return d
+
+
+def test_bundle_whose_model_cannot_load(env, keypair):
+    d = _unloadable_bundle(env.tmp / "garbage", keypair[0])
     tar = pack(d, env.tmp / "garbage.tar")
     cid = env.deploy("garbage", tar=tar, sha=hashlib.sha256((d / "manifest.json").read_bytes()).hexdigest())
     env.failed_with(cid, "smoke_load_failed")
@@ -469,3 +474,55 @@ def test_a_clean_stop_mid_download_resumes_after_restart(env, broker, topic_pref
     ev = env.ctl.final_event(cid)
     assert ev.state.value == "committed", ev.reason
     assert any(r[1].startswith("bytes=") and not r[1].startswith("bytes=0-") for r in env.srv.requests)
+
+
+# ---- a damaged active bundle at start: the previous one serves ---------------------------------------
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped_byte", "unloadable"])
+def test_a_damaged_active_bundle_at_start_falls_back_to_the_previous_one(tmp_path, broker, topic_prefix, keypair,
+                                                                         damage):
+    trusted = TrustedKeys.from_paths([keypair[1]])
+    bundles = Bundles(tmp_path / "bundles", keypair[0])
+    v1_dir, _, v1_sha = bundles.make("v1", version="1.0.0")
+    if damage == "flipped_byte":
+        v2_dir, _, _ = bundles.make("v2", version="1.1.0", seed=3)
+    else:
+        v2_dir = _unloadable_bundle(tmp_path / "bundles" / "v2", keypair[0])
+    from agent.update.store import BundleStore
+
+    store = BundleStore(tmp_path / "state", trusted=trusted)
+    store.add_directory(v1_dir)
+    v2_sha = store.add_directory(v2_dir).manifest_sha256
+    store.switch(v2_sha, v1_sha)  # v2 committed, v1 kept for rollback
+    if damage == "flipped_byte":
+        _flip_byte(store.path(v2_sha) / "model.onnx")  # what a power cut or a bad sector leaves
+    ctl = Controller(broker.port, topic_prefix)
+    dev = InProcessDevice(tmp_path / "state", broker.port, topic_prefix, trusted)
+    try:
+        assert dev.serving_sha() == v1_sha
+        with dev.host.acquire() as model:
+            assert model.embed([[0.5] * 8]).shape == (1, 8)
+        assert dev.store.pointer() == (v1_sha, None)  # neither active nor 'previous' points at the broken one
+        assert not dev.store.path(v2_sha).exists()
+        st = ctl.wait(lambda m: m.type == "state" and m.update is not None, 10, "state after the fallback")
+        assert (st.update.state.value, st.update.code) == ("rolled_back", "active_bundle_damaged")
+        assert st.active.manifest_sha256 == v1_sha and st.previous is None
+        step, code = ("verify", "file_hash_mismatch") if damage == "flipped_byte" else ("load", "provider_unavailable")
+        assert f"failed to {step} ({code}" in st.update.reason and v2_sha[:12] in st.update.reason, st.update.reason
+        ev = ctl.wait(lambda m: m.type == "event" and m.code == "active_bundle_damaged", 10, "fallback event")
+        assert ev.state.value == "rolled_back" and ev.bundle.manifest_sha256 == v1_sha
+    finally:
+        dev.close()
+    dev = InProcessDevice(tmp_path / "state", broker.port, topic_prefix, trusted)  # the next start
+    try:
+        assert dev.serving_sha() == v1_sha and dev.store.pointer() == (v1_sha, None)
+        assert dev.manager.status.command_id == st.update.command_id  # no second fallback
+    finally:
+        dev.close()
+        ctl.close()

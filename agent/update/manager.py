@@ -172,7 +172,8 @@ class UpdateManager:
                     self._fire(_Outcome(plan.event, plan.code, plan.reason))
             elif rec is not None:
                 self._rest_action(rec)
-                self._event(rec)  # re-report the last update's outcome
+                if self._state.update is rec:  # else a fallback (_fall_back) replaced and reported it
+                    self._event(rec)  # re-report the last update's outcome
             self._ensure_serving()
         self._changed()
 
@@ -488,7 +489,7 @@ class UpdateManager:
 
     def _do_switch(self, rec: UpdateRecord) -> _Outcome:
         sha = rec.bundle.manifest_sha256
-        vb = self.store.bundle(sha)
+        vb = self.store.bundle(sha, check_hashes=True)  # the files may have changed since verifying
         if rec.kind == "deploy":
             req, err, p95 = self.host.stats.window(time.time() - self.config.baseline_window_s)
             rec.baseline = {"requests": float(req), "errors": float(err), **({"p95_ms": p95} if p95 is not None else {})}
@@ -551,15 +552,57 @@ class UpdateManager:
             self.store.gc()
 
     def _ensure_serving(self) -> None:
-        """Make the host serve the pointer's active bundle (after a rollback or a restart)."""
-        active = self.store.active_sha()
+        """Make the host serve the pointer's active bundle (after a rollback or a restart); if that
+        bundle fails to verify or load, serve the previous one instead (see _fall_back)."""
+        active, previous = self.store.pointer()
         current = self.host.current
         if active is None or (current is not None and Path(current.path).name == active):
             return
-        vb = self.store.bundle(active)
-        old = self.host.swap(self._load(vb, threads=self.config.threads, providers=self.config.providers,
-                                    spin=self.config.spin, huge_pages=self.config.huge_pages))
+        try:
+            model = self._load_verified(active)
+        except Exception as exc:  # a damaged file, a bad signature, onnxruntime refusing the model
+            model = self._fall_back(active, previous, exc)
+        old = self.host.swap(model)
         self.host.drain(old, self.config.drain_timeout_s)
+
+    def _load_verified(self, sha: str) -> Any:
+        """Load stored bundle `sha` for serving, every file's sha256 checked first."""
+        vb = self.store.bundle(sha, check_hashes=True)
+        return self._load(vb, threads=self.config.threads, providers=self.config.providers,
+                          spin=self.config.spin, huge_pages=self.config.huge_pages)
+
+    def _fall_back(self, broken: str, previous: str | None, exc: Exception) -> Any:
+        """The active bundle cannot serve: load the previous one, make it active (with no previous,
+        so the broken one is never tried again), report `rolled_back` / `active_bundle_damaged`.
+        Returns the loaded model; raises StoreError when there is nothing intact to fall back to."""
+        step = "verify" if isinstance(exc, StoreError) else "load"
+        what = f"active bundle {broken[:12]} failed to {step} ({getattr(exc, 'code', type(exc).__name__)}: {exc})"
+        if previous is None or previous == broken:
+            raise StoreError(f"{what}; there is no previous bundle to fall back to: deploy one",
+                             code="active_bundle_damaged") from exc
+        try:
+            model = self._load_verified(previous)
+        except Exception as exc2:
+            raise StoreError(f"{what}; the previous bundle {previous[:12]} cannot serve either ({exc2}): "
+                             "deploy a bundle", code="active_bundle_damaged") from exc
+        reason = f"{what}; serving the previous bundle {previous[:12]} instead"
+        log.error("%s", reason)
+        rec = self._state.update
+        resumed = rec is not None and not is_rest(rec.state)
+        if resumed:  # an update resumed before its switch keeps its record; a failure returns to `previous`
+            rec.restore_sha, rec.restore_previous_sha = previous, None
+        else:
+            rec = UpdateRecord(command_id=f"fallback-{self.config.session}", kind="rollback",
+                               state=next_state(self.state, Event.ACTIVE_DAMAGED),
+                               bundle=_ref(self.store.bundle(previous)), restore_sha=previous,
+                               code="active_bundle_damaged", reason=reason, updated_at=time.time())
+            self._state.update = rec
+        self._save()  # before the pointer moves: a crash in between re-applies rolled_back's pointer
+        self.store.switch(previous, None)
+        self.store.gc(keep=(rec.bundle.manifest_sha256,) if resumed and rec.bundle else ())
+        if not resumed:
+            self._event(rec)
+        return model
 
     # ---- messages --------------------------------------------------------------------------------
 

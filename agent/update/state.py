@@ -7,6 +7,8 @@
     after the switch:  fail | breach | rollback | crashed ──▶ rolled_back
     rest ──rollback──▶ switching ──reverted──▶ rolled_back   (explicit rollback to the previous bundle)
     rest ──already_active──▶ committed; rest ──already_rolled_back──▶ rolled_back   (idempotent no-ops)
+    rest ──active_damaged──▶ rolled_back   (at start the active bundle failed to verify or load:
+                                            the previous one serves and becomes active)
 
 The manager (agent/update/manager.py) persists the new state BEFORE carrying out its entry action,
 so a crash at any point leaves a record of what was in progress; `recovery_event` decides what to
@@ -37,6 +39,7 @@ class Event(StrEnum):
     CRASHED = "crashed"  # the agent restarted while this state was in progress
     ALREADY_ACTIVE = "already_active"  # a deploy of the bundle already serving: nothing to do
     ALREADY_ROLLED_BACK = "already_rolled_back"  # a rollback of a rollout that is not active here
+    ACTIVE_DAMAGED = "active_damaged"  # at start the active bundle failed to verify or load
 
 
 REST = frozenset({S.IDLE, S.COMMITTED, S.FAILED, S.ROLLED_BACK})
@@ -49,6 +52,7 @@ TRANSITIONS: dict[tuple[S, Event], S] = {
     **{(rest, E.ROLLBACK): S.SWITCHING for rest in REST},
     **{(rest, E.ALREADY_ACTIVE): S.COMMITTED for rest in REST},
     **{(rest, E.ALREADY_ROLLED_BACK): S.ROLLED_BACK for rest in REST},
+    **{(rest, E.ACTIVE_DAMAGED): S.ROLLED_BACK for rest in REST},
     (S.DOWNLOADING, E.DOWNLOADED): S.VERIFYING,
     (S.VERIFYING, E.VERIFIED): S.STAGING,
     (S.STAGING, E.STAGED): S.SMOKE_TESTING,

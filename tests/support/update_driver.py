@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 
 from agent.bundle import TrustedKeys
 from agent.protocol import Channel, StateMessage, Topics, encode
-from agent.runtime import ModelHost, load_model
+from agent.runtime import ModelHost
 from agent.update.manager import UpdateConfig, UpdateManager
 from agent.update.store import BundleStore
 
@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if store.active_sha() is None and args.install:
         vb = store.add_directory(args.install)
         store.switch(vb.manifest_sha256, None)
-    active = store.active()
-    host = ModelHost(load_model(active) if active else None)
+    host = ModelHost(None)  # manager.recover() loads the active bundle (or falls back), as the service does
 
     topics = Topics(args.prefix)
     seq = itertools.count().__next__

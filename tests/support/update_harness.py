@@ -118,7 +118,7 @@ class InProcessDevice:
 
     def __init__(self, state_dir: Path, port: int, prefix: str, trusted: TrustedKeys, *, install: Path | None = None,
                  device_id: str = "dev1", **config_kw):
-        from agent.runtime import ModelHost, load_model
+        from agent.runtime import ModelHost
         from agent.update.manager import UpdateConfig, UpdateManager
         from agent.update.store import BundleStore
 
@@ -128,8 +128,7 @@ class InProcessDevice:
         if self.store.active_sha() is None and install is not None:
             vb = self.store.add_directory(install)
             self.store.switch(vb.manifest_sha256, None)
-        active = self.store.active()
-        self.host = ModelHost(load_model(active) if active else None)
+        self.host = ModelHost(None)  # manager.recover() loads the active bundle (or falls back), as the service does
         self.topics = Topics(prefix)
         self.seq = itertools.count().__next__
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{device_id}-{prefix}")

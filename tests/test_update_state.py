@@ -61,6 +61,13 @@ def test_every_rest_state_takes_a_deploy_and_a_rollback_and_nothing_else_does():
         next_state(S.SWITCHING, Event.CANCEL)  # too late to cancel: rollback instead
 
 
+def test_a_damaged_active_bundle_found_at_rest_rolls_back_and_only_at_rest():
+    for rest in REST:
+        assert next_state(rest, Event.ACTIVE_DAMAGED) == S.ROLLED_BACK
+    with pytest.raises(InvalidTransition):
+        next_state(S.DOWNLOADING, Event.ACTIVE_DAMAGED)  # an update in progress keeps its own record
+
+
 def test_recovery_resumes_before_the_switch_and_rolls_back_after():
     assert recovery_event(S.DOWNLOADING, 1, max_attempts=3).resume
     r = recovery_event(S.WATCHING, 1, max_attempts=3)

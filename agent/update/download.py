@@ -23,6 +23,7 @@ from http.client import HTTPException, IncompleteRead
 from pathlib import Path
 from typing import Callable
 
+from agent.bundle.durable import fsync_dir
 from agent.bundle.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIGNATURE_NAME
 from agent.update.crashpoint import crash_at_fraction
 from agent.update.errors import Cancelled, DiskFull, DownloadError
@@ -233,6 +234,7 @@ def download(urls: list[str], part: Path, *, expected_size: int | None = None, s
     if expected_size is not None and part.stat().st_size != expected_size:
         raise DownloadError(f"downloaded {part.stat().st_size} bytes, expected {expected_size}",
                             code="download_truncated")
+    fsync_dir(part.parent)  # the content is synced after each attempt; this makes its name durable too
     if sha256 is not None:
         h = hashlib.sha256()
         with open(part, "rb") as f:

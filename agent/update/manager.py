@@ -463,6 +463,9 @@ class UpdateManager:
             self.store.bundle(sha, check_hashes=True)
             return _Outcome(Event.VERIFIED)
         part, unpacked = self.store.download_path(sha), self.store.staging_path(sha)
+        if not part.exists():
+            raise UpdateError(f"the downloaded archive {part.name} is gone (the disk lost it); deploy again",
+                              code="download_lost")
         shutil.rmtree(unpacked, ignore_errors=True)  # a half-verified copy from before a crash
         vb = unpack(part, unpacked, self.trusted)  # defensive unpack + signature + every file's sha256
         if vb.manifest_sha256 != sha:

@@ -43,7 +43,9 @@ class BundleStore:
         self.downloads_dir = self.root / "downloads"
         self.pointer_path = self.root / "pointer.json"
         for d in (self.root, self.bundles_dir, self.downloads_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            if not d.is_dir():
+                d.mkdir(parents=True, exist_ok=True)
+                fsync_dir(d.parent)
 
     # ---- the pointer ---------------------------------------------------------------------------
 

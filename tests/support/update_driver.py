@@ -6,7 +6,9 @@
 It installs BUNDLE_DIR as the first active bundle when the store is empty, serves it from a
 ModelHost (with `--rps`, a steady stream of requests through host.acquire()), recovers any
 interrupted update, then answers commands from the broker until SIGTERM. Crash injection comes
-from EDGESHIP_CRASH_AT (agent/update/crashpoint.py); without it nothing is injected.
+from EDGESHIP_CRASH_AT (agent/update/crashpoint.py); without it nothing is injected. With
+EDGESHIP_TEST_FSYNC_LOG set it logs every fsync and rename under the state dir
+(tests/support/powercut.py), after an os.sync() that makes the installed state the baseline.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 import queue
 import signal
 import sys
@@ -29,6 +32,7 @@ from agent.protocol import Channel, StateMessage, Topics, encode
 from agent.runtime import ModelHost
 from agent.update.manager import UpdateConfig, UpdateManager
 from agent.update.store import BundleStore
+from tests.support import powercut
 
 CHANNEL_OF = {"state": Channel.STATE, "ack": Channel.ACK, "event": Channel.EVENTS, "health": Channel.HEALTH}
 
@@ -63,10 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="driver %(levelname)s %(message)s")
 
     trusted = TrustedKeys.from_paths(args.trusted_key)
+    spy = powercut.FsyncLog(Path(os.environ[powercut.ENV]), args.state_dir).install() \
+        if os.environ.get(powercut.ENV) else None  # what reaches the disk, for the power-cut tests
     store = BundleStore(args.state_dir, trusted=trusted)
     if store.active_sha() is None and args.install:
         vb = store.add_directory(args.install)
         store.switch(vb.manifest_sha256, None)
+    if spy is not None:
+        spy.baseline()  # the device as installed is on disk before any update starts
     host = ModelHost(None)  # manager.recover() loads the active bundle (or falls back), as the service does
 
     topics = Topics(args.prefix)

@@ -135,6 +135,7 @@ class UpdateManager:
         self._worker: threading.Thread | None = None
         self._running = threading.Event()
         self._closed = False
+        self._hash_checked: set[str] = set()  # bundles whose every file this process has hashed
 
     # ---- public ----------------------------------------------------------------------------------
 
@@ -492,7 +493,7 @@ class UpdateManager:
 
     def _do_switch(self, rec: UpdateRecord) -> _Outcome:
         sha = rec.bundle.manifest_sha256
-        vb = self.store.bundle(sha, check_hashes=True)  # the files may have changed since verifying
+        vb = self._verified_bundle(sha)  # the files may have changed since verifying (e.g. across a restart)
         if rec.kind == "deploy":
             req, err, p95 = self.host.stats.window(time.time() - self.config.baseline_window_s)
             rec.baseline = {"requests": float(req), "errors": float(err), **({"p95_ms": p95} if p95 is not None else {})}
@@ -568,10 +569,16 @@ class UpdateManager:
         old = self.host.swap(model)
         self.host.drain(old, self.config.drain_timeout_s)
 
+    def _verified_bundle(self, sha: str) -> VerifiedBundle:
+        """Stored bundle `sha`, every file's sha256 checked the first time this process serves it
+        (a rollback to a bundle already checked does not read it all again)."""
+        vb = self.store.bundle(sha, check_hashes=sha not in self._hash_checked)
+        self._hash_checked.add(sha)
+        return vb
+
     def _load_verified(self, sha: str) -> Any:
-        """Load stored bundle `sha` for serving, every file's sha256 checked first."""
-        vb = self.store.bundle(sha, check_hashes=True)
-        return self._load(vb, threads=self.config.threads, providers=self.config.providers,
+        """Load stored bundle `sha` for serving, its files checked first (_verified_bundle)."""
+        return self._load(self._verified_bundle(sha), threads=self.config.threads, providers=self.config.providers,
                           spin=self.config.spin, huge_pages=self.config.huge_pages)
 
     def _fall_back(self, broken: str, previous: str | None, exc: Exception) -> Any:

@@ -30,7 +30,7 @@ from fleet.errors import Conflict, FleetError, InvalidRequest, NotFound, Unautho
 from fleet.models import Bundle, Device, Rollout, RolloutDevice
 from fleet.registry import Selector, device_dict, device_view, parse_labels
 from fleet.rollout.engine import Engine
-from fleet.rollout.plan import RolloutSpec, parse_duration, parse_rate, parse_waves
+from fleet.rollout.plan import DEVICE_DEADLINE, HEALTH_WINDOW, RolloutSpec, parse_duration, parse_rate, parse_waves
 from fleet.rollout.state import ACTIVE, RolloutEvent
 
 _bearer = HTTPBearer(auto_error=False, description="the controller's API token (api_token)")
@@ -63,8 +63,8 @@ class RolloutBody(BaseModel):
         try:
             return RolloutSpec(
                 waves=parse_waves(self.waves), max_failure_rate=parse_rate(self.max_failure_rate, what="--max-failure-rate"),
-                health_window_s=parse_duration(self.health_window, what="--health-window"),
-                device_deadline_s=parse_duration(self.device_deadline, what="--device-deadline"),
+                health_window_s=parse_duration(self.health_window, what="--health-window", allowed=HEALTH_WINDOW),
+                device_deadline_s=parse_duration(self.device_deadline, what="--device-deadline", allowed=DEVICE_DEADLINE),
                 auto_rollback=self.auto_rollback, max_concurrent_downloads=self.max_concurrent_downloads,
                 offline_policy=self.offline_policy,
                 max_error_rate_increase=parse_rate(self.max_error_rate_increase, what="--max-error-rate-increase"),

@@ -113,6 +113,8 @@ def test_every_cli_command_with_json(controller, bundle_dirs, tmp_path):
     assert "does not fit 3 selected device(s)" in mismatch["error"] and "sim-00002: arch x86_64" in mismatch["error"]
     assert "matches no device" in run(c, "rollout", "create", "--bundle", "tiny@1.0.0", "--selector", "site=mars", code=1)["error"]
     assert "--health-window" in run(c, "rollout", "create", "--bundle", "tiny@1.0.0", "--health-window", "soon", code=1)["error"]
+    too_long = run(c, "rollout", "create", "--bundle", "tiny@1.0.0", "--device-deadline", "99999999h", code=1)
+    assert too_long["error"] == "--device-deadline '99999999h' is out of range; allowed 1s to 720h"
     r = run(c, "rollout", "create", "--bundle", "tiny@1.0.0", "--selector", "site=plant-a", "--waves", "1,100%",
             "--health-window", "1s", "--device-deadline", "30s", "--max-failure-rate", "0%",
             "--max-concurrent-downloads", "1")

@@ -4,13 +4,17 @@ to `Engine.deliver` exactly as the MQTT thread hands them over."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from sqlalchemy import select
 
 from agent.protocol import Channel, DeviceFacts, HealthMessage, InferenceStats, OfflineMessage, StateMessage, Topics, encode
 from fleet.db import make_engine, migrate, sessions
-from fleet.models import Device
+from fleet.models import Bundle, Device, Rollout
 from fleet.rollout.engine import Engine
+from fleet.rollout.plan import RolloutSpec
+from fleet.rollout.state import RolloutEvent
 from tests.support.fleet import make_database, wait_for
 
 DBS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -24,6 +28,7 @@ def engine(request, tmp_path):
     published: list[tuple[str, bytes]] = []
     eng = Engine(sessions(sql), topics=Topics("t"), publish=lambda t, p: published.append((t, p)),
                  base_url="http://127.0.0.1:1", tick_interval_s=0.05, heartbeat_timeout_s=0.6)
+    eng.published = published  # what it sent, for the tests to read
     eng.start()
     yield eng
     eng.stop()
@@ -82,3 +87,44 @@ def test_spoofed_and_malformed_messages_are_counted_not_applied(engine):
     assert dict(engine.stats.reject_codes) == {"spoofed": 1, "bad_json": 1, "wrong_channel": 1}
     with engine.sessions() as s:
         assert s.scalars(select(Device.id)).all() == []
+
+
+def born(eng: Engine, device_id: str, **labels: str) -> None:
+    send(eng, device_id, Channel.STATE, StateMessage(device_id=device_id, session="s", seq=0, agent_version="1",
+                                                     facts=DeviceFacts(arch="x86_64"), labels=labels))
+
+
+def _bundle(s) -> None:
+    s.add(Bundle(manifest_sha256="a" * 64, name="tiny", version="1.0.0", key_id="k", manifest={"target": {}},
+                 archive_sha256="b" * 64, size=10, stored=True, urls=[], url_only=False, created_at=0.0))
+
+
+def test_a_rollout_that_cannot_be_driven_blocks_no_other(engine, caplog):
+    """A rollout stored with an unbounded deadline (before specs were bounded) fails every tick; the
+    other rollout still deploys, the bad one is paused with the reason, and the error is logged once."""
+    born(engine, "dev-bad")
+    born(engine, "dev-good")
+    wait_for(lambda: device(engine, "dev-good") and device(engine, "dev-bad"), what="devices registered")
+    engine.call(_bundle)
+    unbounded = RolloutSpec.model_construct(waves=["100%"], max_failure_rate=0.0, health_window_s=1.0,
+                                            device_deadline_s=99999999 * 3600.0)
+    bad = engine.call(lambda s: engine.create_rollout(s, bundle_ref="tiny@1.0.0", selector="id=dev-bad", spec=unbounded))
+    good = engine.call(lambda s: engine.create_rollout(s, bundle_ref="tiny@1.0.0", selector="id=dev-good", spec=RolloutSpec(
+        waves=["100%"], max_failure_rate=0.0, health_window_s=1.0, device_deadline_s=60.0)))
+
+    def rollout(rid: str) -> Rollout:
+        with engine.sessions() as s:
+            return s.get(Rollout, rid)
+
+    wait_for(lambda: any(t == engine.topics.device("dev-good", Channel.CMD) for t, _ in engine.published),
+             what="the healthy rollout's deploy")
+    assert rollout(good).state == "running"
+    paused = wait_for(lambda: (r := rollout(bad)).state == "paused" and r, what="the bad rollout paused")
+    assert f"failed to drive this rollout {engine.fault_limit} times in a row" in paused.reason
+    assert "device_deadline_s" in paused.reason and "abort it, or fix the cause and resume" in paused.reason
+    engine._stop.wait(engine.tick_interval_s * 10)  # it is left aside now: no more tries, no more log lines
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and bad in r.getMessage()]
+    assert len(errors) == 1 and errors[0].exc_info is not None, [r.getMessage() for r in errors]
+    assert not any(t == engine.topics.device("dev-bad", Channel.CMD) for t, _ in engine.published)
+    engine.call(lambda s: engine.operate(s, bad, RolloutEvent.ABORT))  # the operator can still end it
+    assert rollout(bad).state == "aborted"

@@ -11,7 +11,9 @@ from sqlalchemy import select
 
 from agent.protocol import Channel, DeviceFacts, HealthMessage, InferenceStats, OfflineMessage, StateMessage, Topics, encode
 from fleet.db import make_engine, migrate, sessions
+from fleet.errors import InvalidRequest
 from fleet.models import Bundle, Device, Rollout
+from fleet.registry import Selector, device_view, parse_labels
 from fleet.rollout.engine import Engine
 from fleet.rollout.plan import RolloutSpec
 from fleet.rollout.state import RolloutEvent
@@ -92,6 +94,31 @@ def test_spoofed_and_malformed_messages_are_counted_not_applied(engine):
 def born(eng: Engine, device_id: str, **labels: str) -> None:
     send(eng, device_id, Channel.STATE, StateMessage(device_id=device_id, session="s", seq=0, agent_version="1",
                                                      facts=DeviceFacts(arch="x86_64"), labels=labels))
+
+
+def test_reported_labels_never_shadow_reserved_selector_keys(engine, caplog):
+    born(engine, "dev-victim", site="a")
+    born(engine, "dev-evil", id="dev-victim", arch="aarch64", online="false", bundle="tiny@9.9.9", os="none", site="a")
+    d = wait_for(lambda: device(engine, "dev-evil"), what="the reporting device registered")
+    wait_for(lambda: device(engine, "dev-victim"), what="the victim registered")
+    assert d.labels == {"site": "a"}  # dropped at intake
+    assert "dev-evil reported label(s) arch, bundle, id, online, os" in caplog.text and "dropped" in caplog.text
+    with engine.sessions() as s:
+        views = {x.id: device_view(x) for x in s.scalars(select(Device))}
+    assert [i for i, v in views.items() if Selector.parse("id=dev-victim").matches(v)] == ["dev-victim"]
+    assert views["dev-evil"]["arch"] == "x86_64" and views["dev-evil"]["online"] == "true" and "bundle" not in views["dev-evil"]
+
+    def legacy(s):  # a row stored before intake dropped them: the view still takes the controller's own values
+        s.get(Device, "dev-evil").labels = {"id": "dev-victim", "bundle": "tiny@9.9.9"}
+        s.get(Device, "dev-evil").op_labels = {"arch": "aarch64"}
+
+    engine.call(legacy)
+    with engine.sessions() as s:
+        view = device_view(s.get(Device, "dev-evil"))
+    assert view["id"] == "dev-evil" and view["arch"] == "x86_64" and "bundle" not in view
+    with pytest.raises(InvalidRequest, match="label key 'id' is reserved .*choose another key"):
+        parse_labels(["id=dev-victim"])
+    assert parse_labels(["arch="]) == {"arch": None}  # removing one stored before the fix stays possible
 
 
 def _bundle(s) -> None:

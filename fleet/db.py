@@ -52,8 +52,8 @@ def make_engine(url: str, *, schema: str | None = None) -> Engine:
     return engine
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest migration (idempotent)."""
+def migrate(engine: Engine, *, revision: str = "head") -> None:
+    """Bring the schema to `revision`, by default the newest migration (idempotent)."""
     from alembic import command
     from alembic.config import Config
 
@@ -62,7 +62,7 @@ def migrate(engine: Engine) -> None:
     try:
         with engine.begin() as conn:
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, revision)
     except SQLAlchemyError as exc:
         raise ConfigError(f"cannot migrate the database at {engine.url.render_as_string()}: {exc.__cause__ or exc}") from None
 

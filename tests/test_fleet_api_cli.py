@@ -164,3 +164,17 @@ def test_serve_refuses_to_start_without_a_token(tmp_path):
     result = subprocess.run([sys.executable, "-m", "edgeship.cli", "fleet", "serve"], capture_output=True, text=True,
                             timeout=60, env=env)
     assert result.returncode == 1 and result.stderr.strip().startswith("error: no API token")
+
+
+@pytest.mark.parametrize("url", ["postgresql+nodriver://edge:s3cr3t-pw@127.0.0.1/db",  # no such driver
+                                 "postgresql+psycopg://edge:s3cr3t-pw@127.0.0.1:notaport/db",  # unparseable port
+                                 "edge:s3cr3t-pw@127.0.0.1/db",  # no scheme at all
+                                 "postgresql+psycopg://edge:s3cr3t-pw@127.0.0.1:1/db"])  # nothing listens
+def test_serve_never_prints_the_database_password(tmp_path, url):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "EDGESHIP_FLEET_DATA_DIR": str(tmp_path),
+           "EDGESHIP_FLEET_API_TOKEN": "t", "EDGESHIP_FLEET_DATABASE_URL": url}
+    result = subprocess.run([sys.executable, "-m", "edgeship.cli", "fleet", "serve"], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert result.returncode == 1 and "s3cr3t-pw" not in result.stderr + result.stdout
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "edge:***@" in line, result.stderr

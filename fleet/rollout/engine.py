@@ -405,7 +405,7 @@ class Engine:
             self._next_silence_check = now + min(5.0, self.heartbeat_timeout_s / 4)
             self._guard(self._mark_silent, now)
         ids: list[str] = []
-        self._guard(lambda session: ids.extend(self._tick_ids(session)))
+        self._guard(self._tick_ids, ids)
         for rid in ids:
             if rid not in self._given_up:
                 self._tick_rollout(rid, now)
@@ -418,14 +418,14 @@ class Engine:
             for device_id in silent:
                 self._presence[device_id] = (False, self._presence.get(device_id, (False, ""))[1])
 
-    def _tick_ids(self, session: Session) -> list[str]:
-        """Rollouts to drive, and those with unacknowledged commands to re-send, oldest first."""
+    def _tick_ids(self, session: Session, out: list[str]) -> None:
+        """Rollouts to drive, then those with unacknowledged commands to re-send, into `out`."""
         driven = session.scalars(select(Rollout.id).where(Rollout.state.in_([R.PENDING, R.RUNNING]))
                                  .order_by(Rollout.created_at)).all()
         resend = session.scalars(select(RolloutDevice.rollout_id).distinct().join(Device, Device.id == RolloutDevice.device_id)
                                  .where(RolloutDevice.state.in_([D.SENT, D.ROLLING_BACK]), RolloutDevice.acked_at.is_(None),
                                         Device.online.is_(True))).all()
-        return [*driven, *sorted(set(resend) - set(driven))]
+        out.extend([*driven, *sorted(set(resend) - set(driven))])
 
     def _tick_rollout(self, rid: str, now: float) -> None:
         try:

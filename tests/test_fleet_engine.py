@@ -149,6 +149,7 @@ def test_a_rollout_that_cannot_be_driven_blocks_no_other(engine, caplog):
     paused = wait_for(lambda: (r := rollout(bad)).state == "paused" and r, what="the bad rollout paused")
     assert f"failed to drive this rollout {engine.fault_limit} times in a row" in paused.reason
     assert "device_deadline_s" in paused.reason and "abort it, or fix the cause and resume" in paused.reason
+    assert "\n" not in paused.reason
     engine._stop.wait(engine.tick_interval_s * 10)  # it is left aside now: no more tries, no more log lines
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR and bad in r.getMessage()]
     assert len(errors) == 1 and errors[0].exc_info is not None, [r.getMessage() for r in errors]

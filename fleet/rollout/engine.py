@@ -459,7 +459,8 @@ class Engine:
             return
         self._given_up.add(rid)  # until an operator acts on it, or the controller restarts
         self._faults.pop(rid, None)
-        why = f"the controller failed to drive this rollout {tries} times in a row ({type(exc).__name__}: {exc})"[:900]
+        error = " ".join(str(exc).split())[:600]  # one line: the CLI shows the reason in a table cell
+        why = f"the controller failed to drive this rollout {tries} times in a row ({type(exc).__name__}: {error})"
         try:
             with self.sessions.begin() as session:
                 r = session.get(Rollout, rid)

@@ -154,5 +154,8 @@ def test_a_rollout_that_cannot_be_driven_blocks_no_other(engine, caplog):
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR and bad in r.getMessage()]
     assert len(errors) == 1 and errors[0].exc_info is not None, [r.getMessage() for r in errors]
     assert not any(t == engine.topics.device("dev-bad", Channel.CMD) for t, _ in engine.published)
-    engine.call(lambda s: engine.operate(s, bad, RolloutEvent.ABORT))  # the operator can still end it
+    engine.call(lambda s: engine.operate(s, bad, RolloutEvent.RESUME))  # the operator asks again: tried again
+    wait_for(lambda: rollout(bad).state == "paused", what="the bad rollout paused again")
+    assert rollout(good).state == "running"
+    engine.call(lambda s: engine.operate(s, bad, RolloutEvent.ABORT))  # and can always end it
     assert rollout(bad).state == "aborted"

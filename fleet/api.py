@@ -30,8 +30,9 @@ from fleet.errors import Conflict, FleetError, InvalidRequest, NotFound, Unautho
 from fleet.models import Bundle, Device, Rollout, RolloutDevice
 from fleet.registry import Selector, device_dict, device_view, parse_labels
 from fleet.rollout.engine import Engine
-from fleet.rollout.plan import RolloutSpec, parse_duration, parse_rate, parse_waves
+from fleet.rollout.plan import DEVICE_DEADLINE, HEALTH_WINDOW, RolloutSpec, parse_duration, parse_rate, parse_waves
 from fleet.rollout.state import ACTIVE, RolloutEvent
+from fleet.upload import UploadLimit, receive
 
 _bearer = HTTPBearer(auto_error=False, description="the controller's API token (api_token)")
 
@@ -63,8 +64,8 @@ class RolloutBody(BaseModel):
         try:
             return RolloutSpec(
                 waves=parse_waves(self.waves), max_failure_rate=parse_rate(self.max_failure_rate, what="--max-failure-rate"),
-                health_window_s=parse_duration(self.health_window, what="--health-window"),
-                device_deadline_s=parse_duration(self.device_deadline, what="--device-deadline"),
+                health_window_s=parse_duration(self.health_window, what="--health-window", allowed=HEALTH_WINDOW),
+                device_deadline_s=parse_duration(self.device_deadline, what="--device-deadline", allowed=DEVICE_DEADLINE),
                 auto_rollback=self.auto_rollback, max_concurrent_downloads=self.max_concurrent_downloads,
                 offline_policy=self.offline_policy,
                 max_error_rate_increase=parse_rate(self.max_error_rate_increase, what="--max-error-rate-increase"),
@@ -94,7 +95,13 @@ def rollout_dict(r: Rollout, counts: dict[str, int], *, devices: list[dict] | No
     return out
 
 
-def create_app(*, engine: Engine, store: BundleStore, token: str, sessions, upload_dir: Path) -> FastAPI:
+def _content_length(request: Request) -> int | None:
+    value = request.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
+
+
+def create_app(*, engine: Engine, store: BundleStore, token: str, sessions, upload_dir: Path,
+               upload_limit: UploadLimit) -> FastAPI:
     app = FastAPI(title="edgeship fleet controller", version=__version__,
                   description="Device registry, bundle registry and staged rollouts. All /v1 routes need a bearer token.")
 
@@ -172,12 +179,11 @@ def create_app(*, engine: Engine, store: BundleStore, token: str, sessions, uplo
     @app.post("/v1/bundles", tags=["bundles"], dependencies=[Depends(auth)], status_code=201,
               openapi_extra={"requestBody": {"content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}})
     async def push_bundle(request: Request) -> dict[str, Any]:
-        upload_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=upload_dir, prefix=".upload-", suffix=".tar")
+        await asyncio.to_thread(upload_dir.mkdir, parents=True, exist_ok=True)
+        fd, name = await asyncio.to_thread(tempfile.mkstemp, dir=upload_dir, prefix=".upload-", suffix=".tar")
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as f:
-                async for chunk in request.stream():
-                    f.write(chunk)
+            await receive(request.stream(), Path(name), limit=upload_limit, declared=_content_length(request))
             return await asyncio.to_thread(_register, Path(name))
         finally:
             Path(name).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from fleet.client import ClientError, FleetClient
+from fleet.rollout.plan import DEVICE_DEADLINE, HEALTH_WINDOW
 
 EXIT_PAUSED, EXIT_STOPPED = 7, 8
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -298,8 +299,9 @@ def _rollout_view(r: dict):
 @click.option("--selector", default="", help="key=value[,key=value]; empty selects every device.")
 @click.option("--waves", default="1,10%,50%,100%", show_default=True)
 @click.option("--max-failure-rate", default="5%", show_default=True)
-@click.option("--health-window", default="10m", show_default=True)
-@click.option("--device-deadline", default="30m", show_default=True)
+@click.option("--health-window", default="10m", show_default=True, help=f"Watch each wave this long ({HEALTH_WINDOW}).")
+@click.option("--device-deadline", default="30m", show_default=True,
+              help=f"Time a device has to commit, or to come online ({DEVICE_DEADLINE}).")
 @click.option("--auto-rollback", is_flag=True, help="On a failed gate, abort and roll back every updated device.")
 @click.option("--max-concurrent-downloads", type=int)
 @click.option("--offline-policy", type=click.Choice(["fail", "skip"]), default="fail", show_default=True)

@@ -48,6 +48,8 @@ class FleetSettings(BaseSettings):
     api_token: SecretStr | None = None
     api_token_file: Path | None = None
     trusted_keys: list[Path] = []
+    # the largest bundle `bundle push` accepts: a 7B int4 bundle is about 4 GiB, fp16 about 14 GiB
+    max_upload_bytes: int = Field(default=16 * 1024**3, ge=1)
 
     tick_interval_s: float = Field(default=0.5, gt=0)
     batch_max: int = Field(default=5000, ge=1)

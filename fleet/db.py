@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -17,6 +17,24 @@ from fleet.errors import ConfigError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# user:password@ after a scheme, a quote, a space or at the start; greedy to the last '@' (a raw '@' in a password)
+_USERINFO_RE = re.compile(r"((?:://|^|[\s'\"])[^:/@\s'\"]*:)(?!//)[^\s'\"]*@")
+
+
+def redact(text: str, url: str) -> str:
+    """`text` with the password of `url` replaced by ***, also when SQLAlchemy cannot parse `url`."""
+    try:
+        password = make_url(url).password
+    except Exception:  # unparseable: the pattern below still hides what sits where a password would
+        password = None
+    if password:
+        text = text.replace(str(password), "***")
+    return _USERINFO_RE.sub(r"\1***@", text)
+
+
+def _why(exc: BaseException) -> str:
+    """The driver's reason, on one line."""
+    return str(exc.__cause__ or exc).strip().splitlines()[0]
 
 
 def make_engine(url: str, *, schema: str | None = None) -> Engine:
@@ -42,18 +60,19 @@ def make_engine(url: str, *, schema: str | None = None) -> Engine:
     try:
         engine = create_engine(url, connect_args=args, pool_size=10, max_overflow=10, pool_pre_ping=True)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise ConfigError(f"database_url {url!r} is not usable: {exc}") from None
+        raise ConfigError(redact(f"database_url {url!r} is not usable: {_why(exc)}; use e.g. "
+                                 "postgresql+psycopg://user@host/db", url)) from None
     if schema:
         try:
             with engine.begin() as conn:
                 conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
         except SQLAlchemyError as exc:
-            raise ConfigError(f"cannot reach the database at {engine.url.render_as_string()}: {exc.__cause__ or exc}") from None
+            raise ConfigError(redact(f"cannot reach the database at {engine.url.render_as_string()}: {_why(exc)}", url)) from None
     return engine
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest migration (idempotent)."""
+def migrate(engine: Engine, *, revision: str = "head") -> None:
+    """Bring the schema to `revision`, by default the newest migration (idempotent)."""
     from alembic import command
     from alembic.config import Config
 
@@ -62,9 +81,10 @@ def migrate(engine: Engine) -> None:
     try:
         with engine.begin() as conn:
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, revision)
     except SQLAlchemyError as exc:
-        raise ConfigError(f"cannot migrate the database at {engine.url.render_as_string()}: {exc.__cause__ or exc}") from None
+        url = engine.url.render_as_string(hide_password=False)
+        raise ConfigError(redact(f"cannot migrate the database at {engine.url.render_as_string()}: {_why(exc)}", url)) from None
 
 
 def sessions(engine: Engine) -> sessionmaker[Session]:

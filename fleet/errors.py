@@ -3,7 +3,8 @@
     FleetError(Exception)                 .status: the HTTP status the API answers with
     ├── ConfigError(ValueError)           settings that cannot work (400 never reaches HTTP)
     ├── InvalidRequest(ValueError)        a bad value in a request (400)
-    │   └── BundleRejected                signature, hashes or archive refused (422)
+    │   ├── BundleRejected                signature, hashes or archive refused (422)
+    │   └── UploadTooLarge                an upload past max_upload_bytes (413)
     ├── NotFound(LookupError)             no such device, bundle or rollout (404)
     ├── Conflict(RuntimeError)            refused in the current state (409)
     │   └── TransitionError               a rollout event its state does not allow
@@ -31,6 +32,11 @@ class InvalidRequest(FleetError, ValueError):
 class BundleRejected(InvalidRequest):
     status = 422
     code = "bundle_rejected"
+
+
+class UploadTooLarge(InvalidRequest):
+    status = 413
+    code = "upload_too_large"
 
 
 class NotFound(FleetError, LookupError):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -46,7 +46,7 @@ class Bundle(Base):
     key_id: Mapped[str] = mapped_column(String(32))
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
     archive_sha256: Mapped[str] = mapped_column(String(64))
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)  # bytes: 7B int4 bundles pass 4 GiB
     stored: Mapped[bool] = mapped_column(Boolean, default=True)
     urls: Mapped[list[str]] = mapped_column(JSON, default=list)  # registered external URLs
     url_only: Mapped[bool] = mapped_column(Boolean, default=False)  # advertise only the external URLs
@@ -93,7 +93,7 @@ class RolloutDevice(Base):
     acked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     committed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     done_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    bytes_done: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bytes_done: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     code: Mapped[str] = mapped_column(String(64), default="")
     reason: Mapped[str] = mapped_column(Text, default="")
     baseline_requests: Mapped[int] = mapped_column(Integer, default=0)

@@ -6,6 +6,7 @@ transaction. A device's `session` tells an old connection's Last Will from the c
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,9 @@ from agent.protocol import HealthMessage, OfflineMessage, StateMessage
 from fleet.errors import InvalidRequest
 from fleet.models import Device
 
+log = logging.getLogger("edgeship.fleet.registry")
+# Selector keys the controller fills from its own knowledge; no label, reported or set, may shadow them.
+RESERVED_KEYS = frozenset({"id", "arch", "os", "online", "bundle"})
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 _VALUE_RE = re.compile(r"^[A-Za-z0-9._:/-]{0,128}$")
 
@@ -51,19 +55,26 @@ def parse_labels(items: list[str] | tuple[str, ...]) -> dict[str, str | None]:
         key, sep, value = item.partition("=")
         if not sep or not _KEY_RE.match(key) or not _VALUE_RE.match(value):
             raise InvalidRequest(f"label {item!r} is not key=value (letters, digits, . _ : / -); 'key=' removes a label")
+        if key in RESERVED_KEYS and value:
+            raise InvalidRequest(f"label key {key!r} is reserved ({', '.join(sorted(RESERVED_KEYS))} come from the "
+                                 "controller's own records); choose another key")
         out[key] = value or None
     return out
 
 
 def device_view(device: Device) -> dict[str, str]:
-    """What selectors match against: facts first, device labels over them, operator labels last."""
+    """What selectors match against: device labels, operator labels over them, then the reserved keys.
+
+    The reserved keys come from the controller's records last, also for rows stored before labels
+    that shadow them were dropped at intake.
+    """
     facts = device.facts or {}
-    view = {"id": device.id, "arch": str(facts.get("arch", "")), "os": str(facts.get("os", "")),
-            "online": "true" if device.online else "false"}
+    labels = {**(device.labels or {}), **(device.op_labels or {})}
+    view = {k: v for k, v in labels.items() if k not in RESERVED_KEYS}
+    view.update({"id": device.id, "arch": str(facts.get("arch", "")), "os": str(facts.get("os", "")),
+                 "online": "true" if device.online else "false"})
     if device.active:
         view["bundle"] = f"{device.active.get('name')}@{device.active.get('version')}"
-    view.update(device.labels or {})
-    view.update(device.op_labels or {})
     return view
 
 
@@ -82,7 +93,11 @@ def apply_state(device: Device, msg: StateMessage, now: float) -> bool:
     device.last_seen = now
     device.agent_version = msg.agent_version[:64]  # the wire does not bound it; the column does
     device.facts = msg.facts.model_dump(mode="json")
-    device.labels = dict(msg.labels)
+    shadowing = sorted(RESERVED_KEYS.intersection(msg.labels))
+    if shadowing:
+        log.warning("device %s reported label(s) %s, which are reserved selector keys; dropped them "
+                    "(rename them in the agent's labels)", device.id, ", ".join(shadowing))
+    device.labels = {k: v for k, v in msg.labels.items() if k not in RESERVED_KEYS}
     device.active = msg.active.model_dump(mode="json") if msg.active else None
     device.previous = msg.previous.model_dump(mode="json") if msg.previous else None
     device.execution_provider = msg.execution_provider[:64] if msg.execution_provider else None

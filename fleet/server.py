@@ -51,9 +51,11 @@ class Controller:
 
     def app(self):
         from fleet.api import create_app
+        from fleet.upload import UploadLimit
 
         return create_app(engine=self.engine, store=self.store, token=self.token, sessions=self.sessions,
-                          upload_dir=self.settings.data_dir / "uploads")
+                          upload_dir=self.settings.data_dir / "uploads",
+                          upload_limit=UploadLimit(self.settings.max_upload_bytes))
 
     def start(self) -> None:
         self.engine.start()

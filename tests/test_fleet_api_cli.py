@@ -4,8 +4,10 @@ controller process, the real broker and simulated devices, on SQLite and Postgre
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import httpx
@@ -113,6 +115,8 @@ def test_every_cli_command_with_json(controller, bundle_dirs, tmp_path):
     assert "does not fit 3 selected device(s)" in mismatch["error"] and "sim-00002: arch x86_64" in mismatch["error"]
     assert "matches no device" in run(c, "rollout", "create", "--bundle", "tiny@1.0.0", "--selector", "site=mars", code=1)["error"]
     assert "--health-window" in run(c, "rollout", "create", "--bundle", "tiny@1.0.0", "--health-window", "soon", code=1)["error"]
+    too_long = run(c, "rollout", "create", "--bundle", "tiny@1.0.0", "--device-deadline", "99999999h", code=1)
+    assert too_long["error"] == "--device-deadline '99999999h' is out of range; allowed 1s to 720h"
     r = run(c, "rollout", "create", "--bundle", "tiny@1.0.0", "--selector", "site=plant-a", "--waves", "1,100%",
             "--health-window", "1s", "--device-deadline", "30s", "--max-failure-rate", "0%",
             "--max-concurrent-downloads", "1")
@@ -162,3 +166,49 @@ def test_serve_refuses_to_start_without_a_token(tmp_path):
     result = subprocess.run([sys.executable, "-m", "edgeship.cli", "fleet", "serve"], capture_output=True, text=True,
                             timeout=60, env=env)
     assert result.returncode == 1 and result.stderr.strip().startswith("error: no API token")
+
+
+@pytest.mark.parametrize("url", ["postgresql+nodriver://edge:s3cr3t-pw@127.0.0.1/db",  # no such driver
+                                 "postgresql+psycopg://edge:s3cr3t-pw@127.0.0.1:notaport/db",  # unparseable port
+                                 "edge:s3cr3t-pw@127.0.0.1/db",  # no scheme at all
+                                 "postgresql+psycopg://edge:s3cr3t-pw@127.0.0.1:1/db"])  # nothing listens
+def test_serve_never_prints_the_database_password(tmp_path, url):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "EDGESHIP_FLEET_DATA_DIR": str(tmp_path),
+           "EDGESHIP_FLEET_API_TOKEN": "t", "EDGESHIP_FLEET_DATABASE_URL": url}
+    result = subprocess.run([sys.executable, "-m", "edgeship.cli", "fleet", "serve"], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert result.returncode == 1 and "s3cr3t-pw" not in result.stderr + result.stdout
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "edge:***@" in line, result.stderr
+
+
+def test_bundle_uploads_past_the_limit_get_a_413_and_leave_nothing_on_disk(broker, topic_prefix, tmp_path, keypair,
+                                                                           bundle_dirs):
+    small = pack(bundle_dirs["v1"], tmp_path / "v1.tar")
+    limit = small.stat().st_size + 4096
+    db = make_database("sqlite", tmp_path)
+    c = ControllerProcess(broker.url, topic_prefix, db, tmp_path / "data", [keypair[1]],
+                          settings={"EDGESHIP_FLEET_MAX_UPLOAD_BYTES": str(limit)}).start()
+    try:
+        big = tmp_path / "big.tar"
+        with tarfile.open(big, "w") as tar:  # a real .tar, so the CLI sends it: the controller refuses it by size
+            tar.add(bundle_dirs["v2"], arcname="bundle")
+            blob = tmp_path / "weights.bin"
+            blob.write_bytes(os.urandom(limit))
+            tar.add(blob, arcname="bundle/weights.bin")
+        err = run(c, "bundle", "push", str(big), code=1)
+        assert err["error"] == (f"bundle upload is larger than the controller's limit of {limit:,} bytes (max_upload_bytes); "
+                                "raise it with EDGESHIP_FLEET_MAX_UPLOAD_BYTES or max_upload_bytes in the config file")
+
+        def chunked():  # no Content-Length: refused as the bytes pass the limit
+            for _ in range(limit // 65536 + 2):
+                yield os.urandom(65536)
+
+        resp = httpx.post(f"{c.url}/v1/bundles", content=chunked(), headers={"Authorization": f"Bearer {TOKEN}"})
+        assert resp.status_code == 413 and resp.json()["code"] == "upload_too_large"
+        assert list((tmp_path / "data" / "uploads").iterdir()) == []
+        assert list((tmp_path / "data" / "bundles").rglob("*.tar")) == []
+        assert run(c, "bundle", "push", str(small))["ref"] == "tiny@1.0.0"  # within the limit: accepted
+        assert list((tmp_path / "data" / "uploads").iterdir()) == []
+    finally:
+        assert c.terminate() == 0

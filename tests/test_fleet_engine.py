@@ -4,13 +4,19 @@ to `Engine.deliver` exactly as the MQTT thread hands them over."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from sqlalchemy import select
 
 from agent.protocol import Channel, DeviceFacts, HealthMessage, InferenceStats, OfflineMessage, StateMessage, Topics, encode
 from fleet.db import make_engine, migrate, sessions
-from fleet.models import Device
+from fleet.errors import InvalidRequest
+from fleet.models import Bundle, Device, Rollout
+from fleet.registry import Selector, device_view, parse_labels
 from fleet.rollout.engine import Engine
+from fleet.rollout.plan import RolloutSpec
+from fleet.rollout.state import RolloutEvent
 from tests.support.fleet import make_database, wait_for
 
 DBS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -24,6 +30,7 @@ def engine(request, tmp_path):
     published: list[tuple[str, bytes]] = []
     eng = Engine(sessions(sql), topics=Topics("t"), publish=lambda t, p: published.append((t, p)),
                  base_url="http://127.0.0.1:1", tick_interval_s=0.05, heartbeat_timeout_s=0.6)
+    eng.published = published  # what it sent, for the tests to read
     eng.start()
     yield eng
     eng.stop()
@@ -82,3 +89,73 @@ def test_spoofed_and_malformed_messages_are_counted_not_applied(engine):
     assert dict(engine.stats.reject_codes) == {"spoofed": 1, "bad_json": 1, "wrong_channel": 1}
     with engine.sessions() as s:
         assert s.scalars(select(Device.id)).all() == []
+
+
+def born(eng: Engine, device_id: str, **labels: str) -> None:
+    send(eng, device_id, Channel.STATE, StateMessage(device_id=device_id, session="s", seq=0, agent_version="1",
+                                                     facts=DeviceFacts(arch="x86_64"), labels=labels))
+
+
+def test_reported_labels_never_shadow_reserved_selector_keys(engine, caplog):
+    born(engine, "dev-victim", site="a")
+    born(engine, "dev-evil", id="dev-victim", arch="aarch64", online="false", bundle="tiny@9.9.9", os="none", site="a")
+    d = wait_for(lambda: device(engine, "dev-evil"), what="the reporting device registered")
+    wait_for(lambda: device(engine, "dev-victim"), what="the victim registered")
+    assert d.labels == {"site": "a"}  # dropped at intake
+    assert "dev-evil reported label(s) arch, bundle, id, online, os" in caplog.text and "dropped" in caplog.text
+    with engine.sessions() as s:
+        views = {x.id: device_view(x) for x in s.scalars(select(Device))}
+    assert [i for i, v in views.items() if Selector.parse("id=dev-victim").matches(v)] == ["dev-victim"]
+    assert views["dev-evil"]["arch"] == "x86_64" and views["dev-evil"]["online"] == "true" and "bundle" not in views["dev-evil"]
+
+    def legacy(s):  # a row stored before intake dropped them: the view still takes the controller's own values
+        s.get(Device, "dev-evil").labels = {"id": "dev-victim", "bundle": "tiny@9.9.9"}
+        s.get(Device, "dev-evil").op_labels = {"arch": "aarch64"}
+
+    engine.call(legacy)
+    with engine.sessions() as s:
+        view = device_view(s.get(Device, "dev-evil"))
+    assert view["id"] == "dev-evil" and view["arch"] == "x86_64" and "bundle" not in view
+    with pytest.raises(InvalidRequest, match="label key 'id' is reserved .*choose another key"):
+        parse_labels(["id=dev-victim"])
+    assert parse_labels(["arch="]) == {"arch": None}  # removing one stored before the fix stays possible
+
+
+def _bundle(s) -> None:
+    s.add(Bundle(manifest_sha256="a" * 64, name="tiny", version="1.0.0", key_id="k", manifest={"target": {}},
+                 archive_sha256="b" * 64, size=10, stored=True, urls=[], url_only=False, created_at=0.0))
+
+
+def test_a_rollout_that_cannot_be_driven_blocks_no_other(engine, caplog):
+    """A rollout stored with an unbounded deadline (before specs were bounded) fails every tick; the
+    other rollout still deploys, the bad one is paused with the reason, and the error is logged once."""
+    born(engine, "dev-bad")
+    born(engine, "dev-good")
+    wait_for(lambda: device(engine, "dev-good") and device(engine, "dev-bad"), what="devices registered")
+    engine.call(_bundle)
+    unbounded = RolloutSpec.model_construct(waves=["100%"], max_failure_rate=0.0, health_window_s=1.0,
+                                            device_deadline_s=99999999 * 3600.0)
+    bad = engine.call(lambda s: engine.create_rollout(s, bundle_ref="tiny@1.0.0", selector="id=dev-bad", spec=unbounded))
+    good = engine.call(lambda s: engine.create_rollout(s, bundle_ref="tiny@1.0.0", selector="id=dev-good", spec=RolloutSpec(
+        waves=["100%"], max_failure_rate=0.0, health_window_s=1.0, device_deadline_s=60.0)))
+
+    def rollout(rid: str) -> Rollout:
+        with engine.sessions() as s:
+            return s.get(Rollout, rid)
+
+    wait_for(lambda: any(t == engine.topics.device("dev-good", Channel.CMD) for t, _ in engine.published),
+             what="the healthy rollout's deploy")
+    assert rollout(good).state == "running"
+    paused = wait_for(lambda: (r := rollout(bad)).state == "paused" and r, what="the bad rollout paused")
+    assert f"failed to drive this rollout {engine.fault_limit} times in a row" in paused.reason
+    assert "device_deadline_s" in paused.reason and "abort it, or fix the cause and resume" in paused.reason
+    assert "\n" not in paused.reason
+    engine._stop.wait(engine.tick_interval_s * 10)  # it is left aside now: no more tries, no more log lines
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and bad in r.getMessage()]
+    assert len(errors) == 1 and errors[0].exc_info is not None, [r.getMessage() for r in errors]
+    assert not any(t == engine.topics.device("dev-bad", Channel.CMD) for t, _ in engine.published)
+    engine.call(lambda s: engine.operate(s, bad, RolloutEvent.RESUME))  # the operator asks again: tried again
+    wait_for(lambda: rollout(bad).state == "paused", what="the bad rollout paused again")
+    assert rollout(good).state == "running"
+    engine.call(lambda s: engine.operate(s, bad, RolloutEvent.ABORT))  # and can always end it
+    assert rollout(bad).state == "aborted"

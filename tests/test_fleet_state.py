@@ -10,6 +10,8 @@ from fleet.errors import ConfigError, InvalidRequest, TransitionError
 from fleet.registry import Selector, parse_labels
 from fleet.rollout.engine import command_id, split_command_id
 from fleet.rollout.plan import (
+    DEVICE_DEADLINE,
+    HEALTH_WINDOW,
     HealthNumbers,
     RolloutSpec,
     judge_wave,
@@ -33,6 +35,8 @@ SCENARIOS = {
     "completed, then rolled back": [(E.START, S.RUNNING), (E.LAST_WAVE_PASSED, S.COMPLETED), (E.ROLLBACK, S.ROLLED_BACK)],
     "abort before start": [(E.ABORT, S.ABORTED)],
     "paused before its first wave": [(E.PAUSE, S.PAUSED), (E.RESUME, S.RUNNING), (E.LAST_WAVE_PASSED, S.COMPLETED)],
+    "engine fault pauses, operator aborts": [(E.START, S.RUNNING), (E.FAULT, S.PAUSED), (E.ABORT, S.ABORTED)],
+    "engine fault before start": [(E.FAULT, S.PAUSED), (E.RESUME, S.RUNNING)],
 }
 
 
@@ -88,6 +92,30 @@ def test_parsers_and_wave_sizes():
     assert wave_sizes(["1", "10%", "50%", "100%"], 1000) == [1, 100, 500, 1000]
     assert wave_sizes(["1", "10%", "50%", "100%"], 3) == [1, 2, 3]  # 10% of 3 rounds up to 1: merged
     assert wave_sizes(["5", "100%"], 2) == [2]
+
+
+@pytest.mark.parametrize("allowed, text, ok", [
+    (DEVICE_DEADLINE, "99999999h", False), (DEVICE_DEADLINE, "721h", False), (DEVICE_DEADLINE, "500ms", False),
+    (DEVICE_DEADLINE, "720h", True), (DEVICE_DEADLINE, "1s", True),
+    (HEALTH_WINDOW, "25h", False), (HEALTH_WINDOW, "0", True), (HEALTH_WINDOW, "24h", True),
+])
+def test_durations_are_bounded_and_the_error_names_the_range(allowed, text, ok):
+    if ok:
+        assert parse_duration(text, what=allowed.option, allowed=allowed) >= 0
+        return
+    with pytest.raises(InvalidRequest, match=f"^{allowed.option} '{text}' is out of range; allowed "
+                                             f"{'1s to 720h' if allowed is DEVICE_DEADLINE else '0s to 24h'}$"):
+        parse_duration(text, what=allowed.option, allowed=allowed)
+
+
+def test_spec_refuses_unbounded_durations_however_it_is_built():
+    with pytest.raises(ValueError, match="device_deadline_s"):
+        RolloutSpec(waves=["100%"], max_failure_rate=0, health_window_s=1, device_deadline_s=99999999 * 3600.0)
+    stored = {"schema_version": 1, "waves": ["100%"], "max_failure_rate": 0, "health_window_s": 1e12, "device_deadline_s": 60}
+    with pytest.raises(ValueError, match="health_window_s"):
+        RolloutSpec.load(stored)
+    with pytest.raises(ValueError, match="max_p95_ratio"):
+        RolloutSpec(waves=["100%"], max_failure_rate=0, health_window_s=1, device_deadline_s=60, max_p95_ratio=float("inf"))
 
 
 def test_command_ids_are_deterministic_and_fit_the_wire():

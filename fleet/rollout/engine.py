@@ -105,6 +105,7 @@ class Engine:
         batch_max: int = 5000,
         resend_interval_s: float = 30.0,
         heartbeat_timeout_s: float = 180.0,
+        fault_limit: int = 5,
     ):
         self.sessions = sessions
         self.topics = topics
@@ -114,6 +115,7 @@ class Engine:
         self.batch_max = batch_max
         self.resend_interval_s = resend_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.fault_limit = fault_limit  # failed ticks in a row before a rollout is paused with the reason
         self.inbox: queue.Queue = queue.Queue()
         self.stats = Stats()
         self._stop = threading.Event()
@@ -124,6 +126,8 @@ class Engine:
         self._presence: dict[str, tuple[bool, str]] | None = None  # device -> (online, session), as committed
         self._last_health: dict[str, dict | None] = {}  # device -> health row, for baselines after a restart
         self._next_silence_check = 0.0
+        self._faults: dict[str, int] = {}  # rollout -> failed ticks in a row
+        self._given_up: set[str] = set()  # rollouts paused for faults: not ticked until an operator acts
 
     # ---- owner-thread hand-over ------------------------------------------------------------
 
@@ -174,7 +178,7 @@ class Engine:
                 if item[0] == "call":
                     self._run_call(item[1], item[2])
             if time.monotonic() >= next_tick:
-                self._guard(self._tick)
+                self._tick()
                 next_tick = time.monotonic() + self.tick_interval_s
 
     def _guard(self, fn: Callable, *args: Any) -> bool:
@@ -394,22 +398,79 @@ class Engine:
 
     # ---- tick --------------------------------------------------------------------------------
 
-    def _tick(self, session: Session) -> None:
+    def _tick(self) -> None:
+        """Silence check, then each rollout in its own transaction: one that fails blocks no other."""
         now = time.time()
         if now >= self._next_silence_check:
             self._next_silence_check = now + min(5.0, self.heartbeat_timeout_s / 4)
-            t = Device.__table__
-            silent = session.execute(update(t).where(t.c.online.is_(True), t.c.last_seen < now - self.heartbeat_timeout_s)
-                                     .values(online=False, offline_reason="silent").returning(t.c.id)).scalars().all()
-            if self._presence is not None:
-                for device_id in silent:
-                    self._presence[device_id] = (False, self._presence.get(device_id, (False, ""))[1])
-        for r in session.scalars(select(Rollout).where(Rollout.state.in_([R.PENDING, R.RUNNING]))):
-            if r.state == R.PENDING:
-                self._transition(r, RolloutEvent.START, now)
-                r.wave_started_at = now
-            self._drive(session, r, now)
-        self._resend(session, now)
+            self._guard(self._mark_silent, now)
+        ids: list[str] = []
+        self._guard(self._tick_ids, ids)
+        for rid in ids:
+            if rid not in self._given_up:
+                self._tick_rollout(rid, now)
+
+    def _mark_silent(self, session: Session, now: float) -> None:
+        t = Device.__table__
+        silent = session.execute(update(t).where(t.c.online.is_(True), t.c.last_seen < now - self.heartbeat_timeout_s)
+                                 .values(online=False, offline_reason="silent").returning(t.c.id)).scalars().all()
+        if self._presence is not None:
+            for device_id in silent:
+                self._presence[device_id] = (False, self._presence.get(device_id, (False, ""))[1])
+
+    def _tick_ids(self, session: Session, out: list[str]) -> None:
+        """Rollouts to drive, then those with unacknowledged commands to re-send, into `out`."""
+        driven = session.scalars(select(Rollout.id).where(Rollout.state.in_([R.PENDING, R.RUNNING]))
+                                 .order_by(Rollout.created_at)).all()
+        resend = session.scalars(select(RolloutDevice.rollout_id).distinct().join(Device, Device.id == RolloutDevice.device_id)
+                                 .where(RolloutDevice.state.in_([D.SENT, D.ROLLING_BACK]), RolloutDevice.acked_at.is_(None),
+                                        Device.online.is_(True))).all()
+        out.extend([*driven, *sorted(set(resend) - set(driven))])
+
+    def _tick_rollout(self, rid: str, now: float) -> None:
+        try:
+            with self.sessions.begin() as session:
+                r = session.get(Rollout, rid)
+                if r is None:
+                    return
+                if r.state == R.PENDING:
+                    self._transition(r, RolloutEvent.START, now)
+                    r.wave_started_at = now
+                if r.state == R.RUNNING:
+                    self._drive(session, r, now)
+                self._resend(session, r, now)
+        except Exception as exc:  # this rollout's fault, or the database's: either way not the others'
+            self._outbox.clear()
+            self._tick_failed(rid, exc, now)
+            return
+        self._faults.pop(rid, None)
+        self._flush_outbox()
+
+    def _tick_failed(self, rid: str, exc: Exception, now: float) -> None:
+        """Count a rollout's failed tick; log it once; after `fault_limit` in a row, pause it with the reason."""
+        if not self._database_up():
+            log.error("database unavailable while driving rollout %s; retrying", rid)
+            return
+        tries = self._faults[rid] = self._faults.get(rid, 0) + 1
+        if tries == 1:
+            log.error("rollout %s: the engine cannot drive it (%s: %s); pausing it after %d failed ticks",
+                      rid, type(exc).__name__, exc, self.fault_limit, exc_info=exc)
+        if tries < self.fault_limit:
+            return
+        self._given_up.add(rid)  # until an operator acts on it, or the controller restarts
+        self._faults.pop(rid, None)
+        error = " ".join(str(exc).split())[:600]  # one line: the CLI shows the reason in a table cell
+        why = f"the controller failed to drive this rollout {tries} times in a row ({type(exc).__name__}: {error})"
+        try:
+            with self.sessions.begin() as session:
+                r = session.get(Rollout, rid)
+                if r.state in (R.PENDING, R.RUNNING):
+                    self._transition(r, RolloutEvent.FAULT, now, f"{why}; paused: abort it, or fix the cause and resume")
+                else:
+                    r.reason, r.updated_at = f"{why}; re-sends stopped until an operator acts on it", now
+        except Exception:
+            log.exception("rollout %s: cannot record its fault", rid)
+        log.warning("rollout %s: %s; left aside until an operator acts on it", rid, why)
 
     def _transition(self, r: Rollout, event: RolloutEvent, now: float, reason: str | None = None) -> None:
         r.state = next_state(r.state, event).value
@@ -560,23 +621,23 @@ class Engine:
         rd.reason = f"cancelled while {rd.update_state or 'sent'}"
         self._send(rd.device_id, CancelCommand(id=command_id(r.id, "cancel", rd.device_id), device_id=rd.device_id, rollout_id=r.id))
 
-    def _resend(self, session: Session, now: float) -> None:
-        """Re-publish unacknowledged commands (all of them right after a restart)."""
-        q = (select(RolloutDevice, Rollout).join(Rollout, Rollout.id == RolloutDevice.rollout_id)
-             .join(Device, Device.id == RolloutDevice.device_id)
-             .where(RolloutDevice.state.in_([D.SENT, D.ROLLING_BACK]), RolloutDevice.acked_at.is_(None),
-                    Device.online.is_(True)))
+    def _resend(self, session: Session, r: Rollout, now: float) -> None:
+        """Re-publish this rollout's unacknowledged commands (all of them right after a restart)."""
+        q = (select(RolloutDevice).join(Device, Device.id == RolloutDevice.device_id)
+             .where(RolloutDevice.rollout_id == r.id, RolloutDevice.state.in_([D.SENT, D.ROLLING_BACK]),
+                    RolloutDevice.acked_at.is_(None), Device.online.is_(True)))
         mono = time.monotonic()
-        bundles: dict[str, Bundle] = {}
-        for rd, r in session.execute(q):
+        bundle, spec = None, None
+        for rd in session.scalars(q):
             last = self._last_sent.get((r.id, rd.device_id))
             if last is not None and mono - last < self.resend_interval_s:
                 continue
             if rd.state == D.SENT:
                 if r.state not in (R.RUNNING, R.PAUSED):
                     continue
-                b = bundles.get(r.bundle_sha256) or bundles.setdefault(r.bundle_sha256, session.get(Bundle, r.bundle_sha256))
-                self._send(rd.device_id, self.deploy_command(r, rd, b, RolloutSpec.load(r.spec)))
+                bundle = bundle or session.get(Bundle, r.bundle_sha256)
+                spec = spec or RolloutSpec.load(r.spec)
+                self._send(rd.device_id, self.deploy_command(r, rd, bundle, spec))
             else:
                 self._send(rd.device_id, RollbackCommand(id=command_id(r.id, "rollback", rd.device_id), device_id=rd.device_id, rollout_id=r.id))
             rd.sends += 1
@@ -638,6 +699,8 @@ class Engine:
         now = time.time()
         was, paused_since = r.state, r.updated_at  # nothing else touches a paused rollout's updated_at
         self._transition(r, event, now, reason=f"{event.value} by operator")
+        self._given_up.discard(r.id)  # the operator acted: the engine tries it again
+        self._faults.pop(r.id, None)
         if event == RolloutEvent.RESUME and was == R.PAUSED:
             if r.wave_started_at is not None:
                 r.wave_started_at += max(0.0, now - paused_since)  # device deadlines do not run while paused

@@ -16,12 +16,43 @@ _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
-def parse_duration(text: str, *, what: str) -> float:
-    """'10m' -> 600.0; '1.5s', '250ms', '2h'; a bare number is seconds."""
+@dataclass(frozen=True)
+class DurationRange:
+    """The durations a rollout option accepts, in seconds, both ends inclusive."""
+
+    option: str
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{_human(self.low)} to {_human(self.high)}"
+
+    def check(self, seconds: float, *, text: str) -> float:
+        if not self.low <= seconds <= self.high:
+            raise InvalidRequest(f"{self.option} {text!r} is out of range; allowed {self}")
+        return seconds
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"  # 0s, 1.5s
+
+
+# Bounded so that every deadline the engine computes stays a real date, and so that a typo
+# (99999999h) is refused at creation instead of parking devices for centuries.
+HEALTH_WINDOW = DurationRange("--health-window", 0.0, 24 * 3600.0)  # 0 judges at once
+DEVICE_DEADLINE = DurationRange("--device-deadline", 1.0, 30 * 24 * 3600.0)  # a month offline is a lost device
+
+
+def parse_duration(text: str, *, what: str, allowed: DurationRange | None = None) -> float:
+    """'10m' -> 600.0; '1.5s', '250ms', '2h'; a bare number is seconds; checked against `allowed`."""
     m = _DURATION_RE.match(str(text).strip())
     if not m:
         raise InvalidRequest(f"{what} {text!r} is not a duration; use e.g. 30s, 10m, 1h")
-    return float(m[1]) * _UNITS[m[2]]
+    seconds = float(m[1]) * _UNITS[m[2]]
+    return allowed.check(seconds, text=str(text)) if allowed is not None else seconds
 
 
 def parse_rate(text: str, *, what: str) -> float:
@@ -64,13 +95,13 @@ def wave_sizes(waves: list[str], total: int) -> list[int]:
 class RolloutSpec(BaseModel):
     """Everything a rollout was created with; persisted as JSON with a schema version."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     schema_version: Literal[1] = SPEC_SCHEMA_VERSION
     waves: list[str]
     max_failure_rate: float = Field(ge=0, le=1)
-    health_window_s: float = Field(ge=0)
-    device_deadline_s: float = Field(gt=0)
+    health_window_s: float = Field(ge=HEALTH_WINDOW.low, le=HEALTH_WINDOW.high)
+    device_deadline_s: float = Field(ge=DEVICE_DEADLINE.low, le=DEVICE_DEADLINE.high)
     auto_rollback: bool = False
     max_concurrent_downloads: int | None = Field(default=None, ge=1)
     offline_policy: Literal["fail", "skip"] = "fail"

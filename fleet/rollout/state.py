@@ -7,6 +7,7 @@
      └──────pause────▶ paused
     running, paused, pending ──abort──▶ aborted
     running, paused, completed, aborted ──rollback / auto-rollback──▶ rolled_back
+    pending, running ──fault (the engine failed to drive it N ticks in a row)──▶ paused
 
 Per-device states within a rollout (DeviceState) move on acks and events; see `device_state_for`.
 """
@@ -38,6 +39,7 @@ class RolloutEvent(StrEnum):
     ABORT = "abort"
     ROLLBACK = "rollback"
     AUTO_ROLLBACK = "auto_rollback"
+    FAULT = "fault"
 
 
 S, E = RolloutState, RolloutEvent
@@ -45,12 +47,14 @@ TRANSITIONS: dict[tuple[RolloutState, RolloutEvent], RolloutState] = {
     (S.PENDING, E.START): S.RUNNING,
     (S.PENDING, E.ABORT): S.ABORTED,
     (S.PENDING, E.PAUSE): S.PAUSED,
+    (S.PENDING, E.FAULT): S.PAUSED,
     (S.RUNNING, E.WAVE_PASSED): S.RUNNING,
     (S.RUNNING, E.LAST_WAVE_PASSED): S.COMPLETED,
     (S.RUNNING, E.GATE_FAILED): S.PAUSED,
     (S.RUNNING, E.AUTO_ROLLBACK): S.ROLLED_BACK,
     (S.RUNNING, E.PAUSE): S.PAUSED,
     (S.RUNNING, E.ABORT): S.ABORTED,
+    (S.RUNNING, E.FAULT): S.PAUSED,
     (S.RUNNING, E.ROLLBACK): S.ROLLED_BACK,
     (S.PAUSED, E.RESUME): S.RUNNING,
     (S.PAUSED, E.ABORT): S.ABORTED,

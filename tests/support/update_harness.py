@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,11 @@ import paho.mqtt.client as mqtt
 from agent.bundle import TrustedKeys, pack
 from agent.protocol import Channel, StateMessage, Topics, encode, parse_device_message
 from tests.support.bundles import make_bundle
+
+def deadline_in(seconds: float = 3600.0) -> datetime:
+    """A deploy deadline `seconds` from now (every deploy must carry one)."""
+    return datetime.now(timezone.utc) + timedelta(seconds=seconds)
+
 
 CHANNEL_OF = {"state": Channel.STATE, "ack": Channel.ACK, "event": Channel.EVENTS, "health": Channel.HEALTH}
 

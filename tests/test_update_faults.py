@@ -48,7 +48,8 @@ class Env:
         cid = f"c{self.n}"
         cmd.setdefault("watch", WatchPolicy(window_s=0.3))
         cmd.setdefault("deadline", deadline_in())
-        self.ctl.send(DeployCommand(id=cid, device_id="dev1", rollout_id="r1", urls=[url],
+        cmd.setdefault("rollout_id", "r1")
+        self.ctl.send(DeployCommand(id=cid, device_id="dev1", urls=[url],
                                     bundle=BundleRef(name=name, version=version, manifest_sha256=sha), **cmd))
         return cid
 

@@ -37,6 +37,7 @@ class Controller:
         self.topics = Topics(prefix)
         self.messages: list[Any] = []
         self.raw: list[tuple[str, bytes]] = []
+        self.sent: dict[str, bytes] = {}  # command id -> the payload last sent with it
         self._cond = threading.Condition()
         ready = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"ctl-{prefix}")
@@ -66,7 +67,8 @@ class Controller:
         self.client.publish(self.topics.device(device_id, Channel.CMD), payload, qos=1).wait_for_publish(5)
 
     def send(self, command) -> None:
-        self.send_raw(command.device_id, encode(command))
+        self.sent[command.id] = encode(command)
+        self.send_raw(command.device_id, self.sent[command.id])
 
     def wait(self, pred: Callable[[Any], bool], timeout: float = 60.0, what: str = "message") -> Any:
         deadline = time.monotonic() + timeout

@@ -280,11 +280,6 @@ class AgentSettings(BaseSettings):
             raise ValueError("at most 32 labels")
         return v
 
-    @field_validator("bundle_names", mode="before")
-    @classmethod
-    def _names_in(cls, v: Any) -> Any:
-        return _split_list(v)
-
     @field_validator("bundle_names")
     @classmethod
     def _names(cls, v: list[str]) -> list[str]:
@@ -293,9 +288,9 @@ class AgentSettings(BaseSettings):
             raise ValueError(f"bundle name {bad[0]!r} is not a bundle name (1-64 of a-z 0-9 . _ -, as in a manifest)")
         return v
 
-    @field_validator("trusted_keys", mode="before")
+    @field_validator("trusted_keys", "bundle_names", mode="before")
     @classmethod
-    def _keys_in(cls, v: Any) -> Any:
+    def _lists_in(cls, v: Any) -> Any:
         return _split_list(v)
 
     @field_validator("trusted_keys")

@@ -157,7 +157,8 @@ class WatchSettings(_Section):
     """Defaults for watching a new model after a switch (a deploy command may override them)."""
 
     window_s: float = Field(default=60.0, ge=0)
-    min_requests: int = Field(default=0, ge=0)  # before the watch may pass, and before errors/p95 are judged
+    min_requests: int = Field(default=0, ge=0)
+    min_judged_requests: int = Field(default=0, ge=0)  # fewer since the switch: not judged (5 at least)
     max_error_rate_increase: float | None = Field(default=0.05, ge=0, le=1)  # over the old model's measured rate
     max_error_rate: float | None = Field(default=None, ge=0, le=1)  # an absolute ceiling on top, if set
     max_p95_ratio: float = Field(default=2.0, gt=0)

@@ -179,7 +179,8 @@ def test_a_device_whose_old_model_erred_at_6pct_is_judged_on_the_increase(fleet,
     assert (rd.state, rd.code, dev.manager.status.state.value) == outcome, rd.reason
     assert dev.store.active_sha() == (v2 if outcome[0] == "committed" else v1)
     watch = dev.commands[0]["watch"]  # the rollout's gate, as the device applies it to itself
-    assert watch == {"window_s": 1.5, "min_requests": 20, "max_error_rate_increase": 0.05, "max_p95_ratio": 1000.0}
+    assert watch == {"window_s": 1.5, "min_requests": 0, "min_judged_requests": 20, "max_error_rate_increase": 0.05,
+                     "max_p95_ratio": 1000.0}
 
 
 # ---- item 9: which names a device may run ----------------------------------------------------------
@@ -187,10 +188,10 @@ def test_a_device_whose_old_model_erred_at_6pct_is_judged_on_the_increase(fleet,
 def test_a_deploy_of_another_name_is_refused_unless_the_rollout_says_it_replaces_the_active_one(fleet):
     eng, dev, bundles, srv = fleet
     other = push(eng, bundles, srv, "embedder", name="embedder", version="0.1.0")
-    rd = roll_out(eng, "embedder@0.1.0", min_requests=0)
+    rd = roll_out(eng, "embedder@0.1.0")
     assert (rd.state, rd.code) == ("failed", "name_change_refused") and "--replaces tiny" in rd.reason
     assert srv.requests == [] and dev.store.active().manifest.name == "tiny"  # refused from the command alone
-    rd = roll_out(eng, "embedder@0.1.0", replaces=["tiny"], min_requests=0)
+    rd = roll_out(eng, "embedder@0.1.0", replaces=["tiny"])  # no traffic: the watch is not held waiting for it
     assert dev.commands[-1]["replaces"] == ["tiny"]
     assert rd.state == "committed", rd.reason
     assert dev.store.active_sha() == other

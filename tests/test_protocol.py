@@ -55,7 +55,7 @@ COMMANDS = [
     DeployCommand(id="r1.dev-1.deploy", device_id="dev-1", rollout_id="r1", bundle=REF,
                   urls=["http://127.0.0.1:8080/bundles/" + "a" * 64 + ".tar"], size=1234,
                   deadline=datetime(2026, 12, 3, 8, 0, tzinfo=timezone.utc), replaces=["smollm2-old"],
-                  watch=WatchPolicy(window_s=60, min_requests=20, max_error_rate_increase=0.02)),
+                  watch=WatchPolicy(window_s=60, min_judged_requests=20, max_error_rate_increase=0.02)),
     RollbackCommand(id="c2", device_id="dev-1", rollout_id="r1"),
     CancelCommand(id="c3", device_id="dev-1"),
     ReportCommand(id="c4", device_id="dev-1"),
@@ -225,7 +225,8 @@ def test_a_deploy_without_a_deadline_is_refused_with_its_own_code():
 
 def test_the_deploy_carries_the_watch_margin_and_replaces_and_an_old_watch_keeps_its_meaning():
     data = json.loads(encode(COMMANDS[0]))
-    assert data["watch"] == {"window_s": 60.0, "min_requests": 20, "max_error_rate_increase": 0.02, "max_p95_ratio": 2.0}
+    assert data["watch"] == {"window_s": 60.0, "min_requests": 0, "min_judged_requests": 20,
+                             "max_error_rate_increase": 0.02, "max_p95_ratio": 2.0}
     assert data["replaces"] == ["smollm2-old"]
     data["watch"] = {"window_s": 30, "max_error_rate": 0.1}  # a v1 controller before the margin existed
     old = parse_command(json.dumps(data)).watch

@@ -196,7 +196,7 @@ def test_store_stage_is_one_rename_and_gc_clears_half_done_work(tmp_path, keypai
 
 # ---- issue 19.8: the watch judges a margin over the device's own baseline --------------------------
 
-MARGIN = WatchPolicy(window_s=5, min_requests=20, max_error_rate_increase=0.05)  # what the controller sends
+MARGIN = WatchPolicy(window_s=5, min_judged_requests=20, max_error_rate_increase=0.05)  # what the controller sends
 
 
 @pytest.mark.parametrize("baseline,current,breach", [
@@ -213,9 +213,11 @@ def test_the_watch_judges_the_increase_over_the_old_models_own_error_rate(baseli
         assert "margin" in v.reason and v.metrics["max_error_rate_increase"] == 0.05
 
 
-def test_the_watch_judges_nothing_below_the_commands_min_requests():
+def test_the_watch_judges_nothing_below_the_commands_min_judged_requests():
     v = judge(decide.WatchSample(19, 19, 10.0), baseline=decide.WatchSample(200, 0, 10.0), elapsed=5.0, policy=MARGIN)
-    assert not v.done  # 19 of 19 failed, but the controller said 20 are needed to judge
+    assert (v.done, v.breach) == (True, False)  # 19 of 19 failed, but the gate needs 20 to judge: passed unjudged
+    assert not judge(decide.WatchSample(0, 0, None), elapsed=4.9, policy=MARGIN).done  # and it never waits past the window
+    assert judge(decide.WatchSample(0, 0, None), elapsed=5.0, policy=MARGIN).done
     assert judge(decide.WatchSample(20, 20, 10.0), baseline=decide.WatchSample(200, 0, 10.0), policy=MARGIN).breach
 
 

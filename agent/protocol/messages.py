@@ -191,7 +191,8 @@ class WatchPolicy(_Msg):
     """
 
     window_s: float = Field(default=60.0, ge=0)
-    min_requests: int = Field(default=0, ge=0)  # before the watch may pass, and before errors/p95 are judged
+    min_requests: int = Field(default=0, ge=0)  # the watch waits for this many (at most the agent's max_watch_s)
+    min_judged_requests: int = Field(default=0, ge=0)  # fewer since the switch: error rate and p95 not judged
     max_error_rate_increase: float | None = Field(default=None, ge=0, le=1)
     max_error_rate: float | None = Field(default=None, ge=0, le=1)
     max_p95_ratio: float = Field(default=2.0, gt=0)  # new p95 / old baseline p95

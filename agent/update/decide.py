@@ -210,9 +210,9 @@ def judge_watch(policy: WatchPolicy, *, baseline: WatchSample, current: WatchSam
                 max_watch_s: float, min_sample: int) -> WatchVerdict:
     """Compare the new model (since the switch) with the old one's baseline.
 
-    Nothing is judged on fewer than max(min_sample, policy.min_requests) requests; the old model's
-    error rate counts as its baseline only when it served that many too (else 0: the strict side)."""
-    floor = max(1, min_sample, policy.min_requests)
+    Nothing is judged on fewer than max(min_sample, policy.min_judged_requests) requests; the old
+    model's error rate counts as its baseline only when it served that many too (else 0: the strict side)."""
+    floor = max(1, min_sample, policy.min_judged_requests)
     base_rate = baseline.error_rate if baseline.requests >= floor else 0.0
     limit = error_rate_limit(policy, base_rate)
     metrics = {"requests": float(current.requests), "errors": float(current.errors),

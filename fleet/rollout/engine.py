@@ -657,9 +657,10 @@ class Engine:
 
 def watch_policy(spec: RolloutSpec) -> WatchPolicy:
     """The rollout's health gate, as each device applies it to itself: the same margin over the device's
-    own baseline, the same traffic floor, the same p95 ratio (no absolute ceiling: a device whose old
-    model already erred at 6 % keeps a new one that still does)."""
-    return WatchPolicy(window_s=spec.health_window_s, min_requests=spec.min_requests,
+    own baseline, the same traffic floor under which nothing is judged (an idle device is not held
+    waiting for traffic: the gate does not wait either), the same p95 ratio, and no absolute ceiling
+    (a device whose old model already erred at 6 % keeps a new one that still does)."""
+    return WatchPolicy(window_s=spec.health_window_s, min_judged_requests=spec.min_requests,
                        max_error_rate_increase=spec.max_error_rate_increase, max_p95_ratio=spec.max_p95_ratio)
 
 

@@ -197,6 +197,15 @@ def test_a_deploy_of_another_name_is_refused_unless_the_rollout_says_it_replaces
     assert dev.store.active_sha() == other
 
 
+def test_a_rollout_refuses_a_replaces_that_is_no_bundle_name():
+    from fleet.api import RolloutBody
+    from fleet.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match=r"rollout option replaces\.0: String should match pattern"):
+        RolloutBody(bundle="embedder@0.1.0", replaces=["Tiny Chat"]).spec()
+    assert RolloutBody(bundle="embedder@0.1.0", replaces=["tiny"]).spec().replaces == ["tiny"]
+
+
 # ---- item 9: replays, through the broker and the update harness ------------------------------------
 
 def test_replayed_commands_after_the_id_memory_rolled_over_change_nothing(env: Env):

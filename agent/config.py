@@ -28,6 +28,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from pydantic_settings import SettingsError as _PydanticSettingsError
 from pydantic_settings import TomlConfigSettingsSource
 
+from agent.bundle.manifest import NAME_RE as BUNDLE_NAME
 from agent.protocol import DEFAULT_PREFIX, Topics, check_device_id
 
 DEFAULT_CONFIG = Path("/etc/edgeship/agent.toml")
@@ -157,7 +158,9 @@ class WatchSettings(_Section):
 
     window_s: float = Field(default=60.0, ge=0)
     min_requests: int = Field(default=0, ge=0)
-    max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    min_judged_requests: int = Field(default=0, ge=0)  # fewer since the switch: not judged (5 at least)
+    max_error_rate_increase: float | None = Field(default=0.05, ge=0, le=1)  # over the old model's measured rate
+    max_error_rate: float | None = Field(default=None, ge=0, le=1)  # an absolute ceiling on top, if set
     max_p95_ratio: float = Field(default=2.0, gt=0)
 
 
@@ -231,6 +234,9 @@ class AgentSettings(BaseSettings):
 
     device_id: str | None = None  # default: /etc/machine-id
     labels: Annotated[dict[str, str], NoDecode] = {}
+    # bundle names this device may run (e.g. ["smollm2-chat"]); empty = any, but a deploy that changes the
+    # active bundle's name must still say it `replaces` it
+    bundle_names: Annotated[list[str], NoDecode] = []
     state_dir: Path = Path("/var/lib/edgeship")
     trusted_keys: Annotated[list[Path], NoDecode] = []
     heartbeat_interval_s: float = Field(default=30.0, ge=1, le=3600)
@@ -275,9 +281,17 @@ class AgentSettings(BaseSettings):
             raise ValueError("at most 32 labels")
         return v
 
-    @field_validator("trusted_keys", mode="before")
+    @field_validator("bundle_names")
     @classmethod
-    def _keys_in(cls, v: Any) -> Any:
+    def _names(cls, v: list[str]) -> list[str]:
+        bad = [n for n in v if not BUNDLE_NAME.match(n)]
+        if bad:
+            raise ValueError(f"bundle name {bad[0]!r} is not a bundle name (1-64 of a-z 0-9 . _ -, as in a manifest)")
+        return v
+
+    @field_validator("trusted_keys", "bundle_names", mode="before")
+    @classmethod
+    def _lists_in(cls, v: Any) -> Any:
         return _split_list(v)
 
     @field_validator("trusted_keys")

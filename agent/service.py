@@ -331,6 +331,7 @@ def update_config(s: AgentSettings, *, session: str, facts: Any) -> UpdateConfig
         spin=s.runtime.spin_wait,
         huge_pages=s.runtime.huge_pages,
         default_watch=WatchPolicy(**s.watch.model_dump()),
+        bundle_names=tuple(s.bundle_names),
         drain_timeout_s=s.api.drain_timeout_s,
         download=DownloadOptions(timeout_s=s.download.timeout_s, retries=s.download.retries,
                                  limit_bps=s.download.limit_bps or None),

@@ -31,7 +31,7 @@ from agent.update.download import DownloadOptions, download  # noqa: E402
 from agent.update.smoke import run_smoke_test  # noqa: E402
 from tests.support.broker import start_broker  # noqa: E402
 from tests.support.http import Fault, FileServer  # noqa: E402
-from tests.support.update_harness import Bundles, Controller, InProcessDevice  # noqa: E402
+from tests.support.update_harness import Bundles, Controller, InProcessDevice, deadline_in  # noqa: E402
 
 
 def bench_download(tmp: Path, mb: int) -> dict:
@@ -111,7 +111,7 @@ def bench_deploy(tmp: Path, bundles: Bundles, trusted: TrustedKeys) -> dict:
     _, tar, sha = bundles.made["v2"]
     url = srv.add("v2.tar", tar)
     t0 = time.perf_counter()
-    ctl.send(DeployCommand(id="d1", device_id="dev1", rollout_id="r1", urls=[url],
+    ctl.send(DeployCommand(id="d1", device_id="dev1", rollout_id="r1", urls=[url], deadline=deadline_in(),
                            bundle=BundleRef(name="tiny", version="1.1.0", manifest_sha256=sha),
                            watch=WatchPolicy(window_s=0)))
     ctl.ack("d1")

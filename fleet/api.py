@@ -59,6 +59,7 @@ class RolloutBody(BaseModel):
     max_error_rate_increase: str = "5%"
     max_p95_ratio: float = Field(default=1.5, gt=0)
     min_requests: int = Field(default=1, ge=0)
+    replaces: list[str] = Field(default=[], description="bundle names this bundle may replace on a device")
 
     def spec(self) -> RolloutSpec:
         try:
@@ -69,7 +70,7 @@ class RolloutBody(BaseModel):
                 auto_rollback=self.auto_rollback, max_concurrent_downloads=self.max_concurrent_downloads,
                 offline_policy=self.offline_policy,
                 max_error_rate_increase=parse_rate(self.max_error_rate_increase, what="--max-error-rate-increase"),
-                max_p95_ratio=self.max_p95_ratio, min_requests=self.min_requests)
+                max_p95_ratio=self.max_p95_ratio, min_requests=self.min_requests, replaces=self.replaces)
         except ValidationError as exc:
             err = exc.errors()[0]
             raise InvalidRequest(f"rollout option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None

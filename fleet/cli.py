@@ -308,6 +308,8 @@ def _rollout_view(r: dict):
 @click.option("--max-error-rate-increase", default="5%", show_default=True, help="Allowed error rate over baseline.")
 @click.option("--max-p95-ratio", type=float, default=1.5, show_default=True, help="Allowed p95 latency / baseline.")
 @click.option("--min-requests", type=int, default=1, show_default=True, help="Traffic needed to judge health.")
+@click.option("--replaces", multiple=True, metavar="NAME",
+              help="A bundle name this bundle may replace on a device (repeatable); devices refuse other name changes.")
 @json_option
 @command
 def rollout_create(client: FleetClient, bundle_ref: str, as_json: bool, **opts: Any) -> None:

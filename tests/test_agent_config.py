@@ -249,3 +249,13 @@ def test_huge_pages_setting_reaches_the_update_manager_and_the_loader(tmp_path, 
     assert started == []
     load_model(vb).close()
     assert len(started) == 1  # with the regions the session added (none for a model this small)
+
+
+def test_bundle_names_come_from_toml_or_the_environment_and_bad_ones_are_named(tmp_path, monkeypatch):
+    s = load_settings(write(tmp_path, 'bundle_names = ["smollm2-chat"]\n'), {"device_id": "d1"})
+    assert s.bundle_names == ["smollm2-chat"]
+    monkeypatch.setenv("EDGESHIP_AGENT_BUNDLE_NAMES", "smollm2-chat,minilm")
+    assert load_settings(write(tmp_path, ""), {"device_id": "d1"}).bundle_names == ["smollm2-chat", "minilm"]
+    monkeypatch.setenv("EDGESHIP_AGENT_BUNDLE_NAMES", "Bad Name")
+    with pytest.raises(ConfigError, match="'Bad Name' is not a bundle name"):
+        load_settings(write(tmp_path, ""), {"device_id": "d1"})

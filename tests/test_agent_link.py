@@ -29,6 +29,7 @@ from agent.protocol import (
     parse_device_message,
 )
 from tests.support.broker import Broker, free_port, mosquitto_binary
+from tests.support.update_harness import deadline_in
 
 SHA = "ab" * 32
 
@@ -114,7 +115,8 @@ def restartable_broker() -> Broker:
 
 def command(device_id: str, cid: str = "cmd-1", **kw) -> bytes:
     body = {"v": 1, "type": "command", "kind": "deploy", "id": cid, "device_id": device_id, "rollout_id": "r1",
-            "bundle": {"name": "m", "version": "1.0.0", "manifest_sha256": SHA}, "urls": ["http://127.0.0.1/x.tar"]}
+            "bundle": {"name": "m", "version": "1.0.0", "manifest_sha256": SHA}, "urls": ["http://127.0.0.1/x.tar"],
+            "deadline": deadline_in().isoformat()}
     body.update(kw)
     return json.dumps(body).encode()
 

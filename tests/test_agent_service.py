@@ -25,6 +25,7 @@ from agent.protocol import Channel, UpdateState
 from agent.update.store import BundleStore
 from tests.support.broker import free_port
 from tests.support.bundles import make_bundle
+from tests.support.update_harness import deadline_in
 from tests.test_agent_link import Watcher, restartable_broker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -412,7 +413,7 @@ def test_deploy_events_buffered_while_the_broker_is_down(tmp_path, topic_prefix,
         w.send(f"{topic_prefix}/v1/devices/{a.device_id}/cmd",
                cmd(a.device_id, "deploy", "dep-1", rollout_id="r-1", urls=[url], size=archive.stat().st_size,
                    bundle={"name": "tiny", "version": "1.1.0", "manifest_sha256": sha2},
-                   watch={"window_s": 0, "min_requests": 0}))
+                   deadline=deadline_in().isoformat(), watch={"window_s": 0, "min_requests": 0}))
         _, ack, _ = w.next(Channel.ACK)
         assert ack["accepted"], ack
         w.close()  # its persistent session keeps collecting

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+from datetime import datetime, timezone
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -29,6 +30,7 @@ from agent.protocol import (
     StateMessage,
     Topics,
     UpdateState,
+    WatchPolicy,
     encode,
     parse_command,
     parse_device_message,
@@ -51,7 +53,9 @@ DEVICE_MESSAGES = [
 ]
 COMMANDS = [
     DeployCommand(id="r1.dev-1.deploy", device_id="dev-1", rollout_id="r1", bundle=REF,
-                  urls=["http://127.0.0.1:8080/bundles/" + "a" * 64 + ".tar"], size=1234),
+                  urls=["http://127.0.0.1:8080/bundles/" + "a" * 64 + ".tar"], size=1234,
+                  deadline=datetime(2026, 12, 3, 8, 0, tzinfo=timezone.utc), replaces=["smollm2-old"],
+                  watch=WatchPolicy(window_s=60, min_judged_requests=20, max_error_rate_increase=0.02)),
     RollbackCommand(id="c2", device_id="dev-1", rollout_id="r1"),
     CancelCommand(id="c3", device_id="dev-1"),
     ReportCommand(id="c4", device_id="dev-1"),
@@ -205,3 +209,27 @@ def test_retained_state_and_last_will_over_real_broker(broker, topic_prefix):
         ctl.publish(state_topic, b"", retain=True).wait_for_publish(5)
         ctl.loop_stop()
         ctl.disconnect()
+
+
+def test_a_deploy_without_a_deadline_is_refused_with_its_own_code():
+    data = json.loads(encode(COMMANDS[0]))
+    del data["deadline"]
+    with pytest.raises(ProtocolError, match="no 'deadline'") as e:
+        parse_command(json.dumps(data))
+    assert e.value.code == "deadline_missing"
+    data.pop("urls")
+    with pytest.raises(ProtocolError) as e:  # more than the deadline wrong: the general code
+        parse_command(json.dumps(data))
+    assert e.value.code == "invalid"
+
+
+def test_the_deploy_carries_the_watch_margin_and_replaces_and_an_old_watch_keeps_its_meaning():
+    data = json.loads(encode(COMMANDS[0]))
+    assert data["watch"] == {"window_s": 60.0, "min_requests": 0, "min_judged_requests": 20,
+                             "max_error_rate_increase": 0.02, "max_p95_ratio": 2.0}
+    assert data["replaces"] == ["smollm2-old"]
+    data["watch"] = {"window_s": 30, "max_error_rate": 0.1}  # a v1 controller before the margin existed
+    old = parse_command(json.dumps(data)).watch
+    assert (old.max_error_rate, old.max_error_rate_increase) == (0.1, None)
+    data["watch"] = {"window_s": 30}
+    assert parse_command(json.dumps(data)).watch.max_error_rate == 0.05  # the documented v1 default

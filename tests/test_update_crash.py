@@ -26,7 +26,7 @@ from agent.protocol import BundleRef, DeployCommand, WatchPolicy
 from tests.support import powercut
 from tests.support.http import FileServer
 from tests.support.powercut import cut_power
-from tests.support.update_harness import Bundles, Controller, regressing_bundle
+from tests.support.update_harness import Bundles, Controller, deadline_in, regressing_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,6 +136,7 @@ def test_sigkill_in_every_state_then_recover(rig, row, cut, tmp_path):
     agent.start(crash_at=row.crash_at, rps=row.rps)
     first = _wait_ready(ctl, set())
     ctl.send(DeployCommand(id="d1", device_id="dev1", rollout_id="r1", urls=[url], size=tar.stat().st_size,
+                           deadline=deadline_in(),
                            bundle=BundleRef(name="tiny", version="1.1.0", manifest_sha256=v2_sha),
                            watch=WatchPolicy(window_s=0.5, max_p95_ratio=1000)))
     agent.wait_killed()
@@ -187,7 +188,7 @@ def test_a_crash_loop_in_the_smoke_test_is_stopped_safely(rig, tmp_path):
     sessions: set[str] = set()
     agent.start(crash_at="state:smoke_testing")
     sessions.add(_wait_ready(ctl, sessions))
-    ctl.send(DeployCommand(id="loop1", device_id="dev1", rollout_id="r1", urls=[url],
+    ctl.send(DeployCommand(id="loop1", device_id="dev1", rollout_id="r1", urls=[url], deadline=deadline_in(),
                            bundle=BundleRef(name="tiny", version="1.1.0", manifest_sha256=v2_sha)))
     agent.wait_killed()
     for _ in range(2):  # the fault persists: every resume of the smoke test dies again

@@ -12,7 +12,7 @@ import pytest
 from agent.bundle import TrustedKeys, open_bundle
 from agent.protocol import BundleRef, DeployCommand, WatchPolicy
 from tests.support.http import FileServer
-from tests.support.update_harness import Bundles, Controller
+from tests.support.update_harness import Bundles, Controller, deadline_in
 from tests.test_agent_service import Agent
 
 
@@ -34,6 +34,7 @@ def test_edgeship_agent_run_recovers_from_sigkill(tmp_path, broker, topic_prefix
         agent.start()
         first = ctl.wait(lambda m: m.type == "state" and m.device_id == dev, 60, "birth").session
         ctl.send(DeployCommand(id="d1", device_id=dev, rollout_id="r1", urls=[url], size=tar.stat().st_size,
+                               deadline=deadline_in(),
                                bundle=BundleRef(name="tiny", version="1.1.0", manifest_sha256=v2_sha),
                                watch=WatchPolicy(window_s=0.5, max_p95_ratio=1000)))
         assert agent.wait(90) == -signal.SIGKILL, agent.output()[-2000:]

@@ -22,7 +22,7 @@ from agent.bundle import ModelSpec, Target, Task, TrustedKeys, load_private_key,
 from agent.protocol import BundleRef, CancelCommand, DeployCommand, ReportCommand, RollbackCommand, WatchPolicy
 from agent.update.download import DownloadOptions
 from tests.support.http import Fault, FileServer
-from tests.support.update_harness import Bundles, Controller, InProcessDevice, regressing_bundle, slow_bundle
+from tests.support.update_harness import Bundles, Controller, InProcessDevice, deadline_in, regressing_bundle, slow_bundle
 
 FAST_DL = DownloadOptions(timeout_s=0.5, retries=1, backoff_s=0.01)
 
@@ -47,7 +47,9 @@ class Env:
         self.n += 1
         cid = f"c{self.n}"
         cmd.setdefault("watch", WatchPolicy(window_s=0.3))
-        self.ctl.send(DeployCommand(id=cid, device_id="dev1", rollout_id="r1", urls=[url],
+        cmd.setdefault("deadline", deadline_in())
+        cmd.setdefault("rollout_id", "r1")
+        self.ctl.send(DeployCommand(id=cid, device_id="dev1", urls=[url],
                                     bundle=BundleRef(name=name, version=version, manifest_sha256=sha), **cmd))
         return cid
 
@@ -120,7 +122,7 @@ def test_a_repeated_command_id_is_answered_again_never_run_twice(env):
     cid = env.deploy("v2")
     first = env.ctl.ack(cid)
     env.ctl.final_event(cid)
-    env.ctl.send(DeployCommand(id=cid, device_id="dev1", rollout_id="r1", urls=[env.srv.url("v2.tar")],
+    env.ctl.send(DeployCommand(id=cid, device_id="dev1", rollout_id="r1", urls=[env.srv.url("v2.tar")], deadline=deadline_in(),
                                bundle=BundleRef(name="tiny", version="1.1.0", manifest_sha256="f" * 64)))
     again = env.ctl.wait(lambda m: m.type == "ack" and m.command_id == cid and m.duplicate, 15, "duplicate ack")
     assert (again.accepted, again.code) == (first.accepted, first.code)
@@ -146,7 +148,7 @@ def test_wrong_target_profile_is_refused(env, tmp_path, broker, topic_prefix, ke
 
 
 def test_unknown_bundle_404(env):
-    env.ctl.send(DeployCommand(id="u1", device_id="dev1", rollout_id="r1", urls=[env.srv.url("missing.tar")],
+    env.ctl.send(DeployCommand(id="u1", device_id="dev1", rollout_id="r1", urls=[env.srv.url("missing.tar")], deadline=deadline_in(),
                                bundle=BundleRef(name="tiny", version="1.1.0", manifest_sha256="e" * 64)))
     env.failed_with("u1", "http_404")
     env.assert_old_serving()
@@ -212,7 +214,7 @@ def test_truncated_download(env):
     _, tar, sha = env.bundles.make("v3", version="1.2.0")
     url = env.srv.add("v3.tar", tar)
     env.srv.fault = Fault("truncate", at=tar.stat().st_size - 500)
-    env.ctl.send(DeployCommand(id="t2", device_id="dev1", rollout_id="r1", urls=[url],
+    env.ctl.send(DeployCommand(id="t2", device_id="dev1", rollout_id="r1", urls=[url], deadline=deadline_in(),
                                bundle=BundleRef(name="tiny", version="1.2.0", manifest_sha256=sha)))
     env.failed_with("t2", "download_truncated")
     env.assert_old_serving()
@@ -357,12 +359,12 @@ def test_explicit_rollback_after_commit_and_report(env):
     cid = env.deploy("v2")
     assert env.ctl.final_event(cid).state.value == "committed"
     v2 = env.bundles.made["v2"][2]
-    env.ctl.send(RollbackCommand(id="rb1", device_id="dev1"))
+    env.ctl.send(RollbackCommand(id="rb1", device_id="dev1", deadline=deadline_in()))
     assert env.ctl.ack("rb1").accepted
     ev = env.ctl.final_event("rb1")
     assert (ev.state.value, ev.bundle.manifest_sha256) == ("rolled_back", env.v1_sha)
     assert env.dev.serving_sha() == env.v1_sha and env.dev.store.pointer() == (env.v1_sha, None)
-    env.ctl.send(RollbackCommand(id="rb2", device_id="dev1"))
+    env.ctl.send(RollbackCommand(id="rb2", device_id="dev1", deadline=deadline_in()))
     assert env.ctl.ack("rb2").code == "no_previous"
     env.ctl.send(ReportCommand(id="rep1", device_id="dev1"))
     assert env.ctl.ack("rep1").accepted
@@ -404,7 +406,7 @@ def test_a_full_disk_when_persisting_the_command_refuses_it_and_forgets_it(env):
     assert (ack.accepted, ack.code) == (False, "state_not_saved") and "No space left" in ack.reason
     assert env.dev.manager.status is None and env.srv.requests == []
     env.assert_old_serving()
-    env.ctl.send(DeployCommand(id="again", device_id="dev1", rollout_id="r1", urls=[env.srv.url("v2.tar")],
+    env.ctl.send(DeployCommand(id="again", device_id="dev1", rollout_id="r1", urls=[env.srv.url("v2.tar")], deadline=deadline_in(),
                                bundle=BundleRef(name="tiny", version="1.1.0", manifest_sha256=env.bundles.made["v2"][2]),
                                watch=WatchPolicy(window_s=0.3)))
     assert env.ctl.final_event("again").state.value == "committed"
@@ -415,7 +417,7 @@ def test_deploying_the_active_bundle_again_is_a_committed_no_op(env):
     assert env.ctl.final_event(cid).state.value == "committed"
     env.dev.manager.wait_idle(10)
     requests_before = len(env.srv.requests)
-    env.ctl.send(DeployCommand(id="same", device_id="dev1", rollout_id="r2", urls=[env.srv.url("v2.tar")],
+    env.ctl.send(DeployCommand(id="same", device_id="dev1", rollout_id="r2", urls=[env.srv.url("v2.tar")], deadline=deadline_in(),
                                bundle=BundleRef(name="tiny", version="1.1.0", manifest_sha256=env.bundles.made["v2"][2])))
     assert env.ctl.ack("same").accepted
     ev = env.ctl.final_event("same")

@@ -24,7 +24,7 @@ NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 def deploy(version="1.1.0", sha=SHA_B, **kw) -> DeployCommand:
     return DeployCommand(id="c1", device_id="dev1", rollout_id="r1",
                          bundle=BundleRef(name="tiny", version=version, manifest_sha256=sha),
-                         urls=["http://127.0.0.1:1/b.tar"], **kw)
+                         urls=["http://127.0.0.1:1/b.tar"], **{"deadline": NOW + timedelta(hours=1), **kw})
 
 
 def test_happy_path_walks_every_state_in_order():
@@ -199,3 +199,93 @@ def test_store_stage_is_one_rename_and_gc_clears_half_done_work(tmp_path, keypai
     store.download_path("d" * 64).write_bytes(b"partial")
     store.gc()
     assert list(store.downloads_dir.iterdir()) == [] and not store.has(sha)
+
+
+# ---- issue 19.8: the watch judges a margin over the device's own baseline --------------------------
+
+MARGIN = WatchPolicy(window_s=5, min_judged_requests=20, max_error_rate_increase=0.05)  # what the controller sends
+
+
+@pytest.mark.parametrize("baseline,current,breach", [
+    (decide.WatchSample(200, 12, 10.0), decide.WatchSample(100, 6, 10.0), False),  # 6 % before, 6 % after
+    (decide.WatchSample(200, 12, 10.0), decide.WatchSample(100, 10, 10.0), False),  # +4 %: inside the margin
+    (decide.WatchSample(200, 12, 10.0), decide.WatchSample(100, 12, 10.0), True),  # +6 %: past it
+    (decide.WatchSample(200, 0, 10.0), decide.WatchSample(100, 6, 10.0), True),  # 0 % -> 6 %
+    (decide.WatchSample(3, 3, 10.0), decide.WatchSample(100, 6, 10.0), True),  # a 3-request baseline is no excuse
+])
+def test_the_watch_judges_the_increase_over_the_old_models_own_error_rate(baseline, current, breach):
+    v = judge(current, baseline=baseline, elapsed=5.0, policy=MARGIN)
+    assert (v.done, v.breach) == (True, breach), v.reason
+    if breach:
+        assert "margin" in v.reason and v.metrics["max_error_rate_increase"] == 0.05
+
+
+def test_the_watch_judges_nothing_below_the_commands_min_judged_requests():
+    v = judge(decide.WatchSample(19, 19, 10.0), baseline=decide.WatchSample(200, 0, 10.0), elapsed=5.0, policy=MARGIN)
+    assert (v.done, v.breach) == (True, False)  # 19 of 19 failed, but the gate needs 20 to judge: passed unjudged
+    assert not judge(decide.WatchSample(0, 0, None), elapsed=4.9, policy=MARGIN).done  # and it never waits past the window
+    assert judge(decide.WatchSample(0, 0, None), elapsed=5.0, policy=MARGIN).done
+    assert judge(decide.WatchSample(20, 20, 10.0), baseline=decide.WatchSample(200, 0, 10.0), policy=MARGIN).breach
+
+
+def test_an_old_controllers_watch_keeps_its_absolute_meaning_and_both_limits_apply_together():
+    legacy = WatchPolicy.model_validate({"window_s": 5, "max_error_rate": 0.05})  # what v1 controllers sent
+    assert legacy.max_error_rate_increase is None
+    six = decide.WatchSample(200, 12, 10.0)
+    assert judge(decide.WatchSample(100, 6, 10.0), baseline=six, elapsed=5.0, policy=legacy).breach
+    assert WatchPolicy().max_error_rate == 0.05  # no limit given at all: the v1 default, 5 % absolute
+    both = WatchPolicy(window_s=5, max_error_rate=0.08, max_error_rate_increase=0.05)
+    v = judge(decide.WatchSample(100, 9, 10.0), baseline=six, elapsed=5.0, policy=both)
+    assert v.breach and "ceiling 8.0%" in v.reason
+
+
+# ---- issue 19.9: names a device may run, deadlines, rollbacks that cannot be replayed harmfully ----
+
+def test_a_deploy_of_another_name_needs_replaces_and_the_devices_list():
+    other = deploy(version="0.1.0")
+    other = other.model_copy(update={"bundle": BundleRef(name="embedder", version="0.1.0", manifest_sha256=SHA_B)})
+    v = decide.check_deploy(other, INSTALLED, at=NOW, margin=0)
+    assert (v.ok, v.code) == (False, "name_change_refused") and "--replaces tiny" in v.reason
+    ok = other.model_copy(update={"replaces": ["tiny"]})
+    assert decide.check_deploy(ok, INSTALLED, at=NOW, margin=0).ok
+    v = decide.check_deploy(ok, INSTALLED, at=NOW, margin=0, allowed_names=("tiny",))
+    assert (v.ok, v.code) == (False, "bundle_not_allowed") and "bundle_names" in v.reason
+    first = decide.Installed(state=S.IDLE, free_bytes=10**9)  # nothing installed yet: the list still holds
+    assert decide.check_deploy(other, first, at=NOW, margin=0).ok
+    assert decide.check_deploy(other, first, at=NOW, margin=0, allowed_names=("tiny",)).code == "bundle_not_allowed"
+
+
+def test_an_expired_deploy_is_refused_before_anything_else_even_the_active_bundle():
+    late = deploy(sha=SHA_A, deadline=NOW)
+    v = decide.check_deploy(late, decide.Installed(state=S.DOWNLOADING), at=NOW, margin=0)
+    assert (v.ok, v.code) == (False, "deadline_passed") and "never applied" in v.reason
+
+
+def last(rollout_id="r1", state=S.COMMITTED, kind="deploy", changed=True):
+    return decide.LastUpdate(kind=kind, rollout_id=rollout_id, state=state, changed_active=changed)
+
+
+ROLLBACK_INSTALLED = decide.Installed(state=S.COMMITTED, active_sha=SHA_B, previous_sha=SHA_A)
+
+
+@pytest.mark.parametrize("cmd,now,prior,code", [
+    (dict(rollout_id="r1"), ROLLBACK_INSTALLED, last(), ""),  # rollout r1 installed the active bundle: back
+    (dict(rollout_id="r1"), ROLLBACK_INSTALLED, last("r2"), "rollout_not_active"),  # r2 came after r1: no
+    (dict(rollout_id="r1"), ROLLBACK_INSTALLED, None, "rollout_not_active"),
+    (dict(rollout_id="r1"), ROLLBACK_INSTALLED, last(state=S.ROLLED_BACK, kind="rollback"), "already_rolled_back"),
+    (dict(rollout_id="r1"), ROLLBACK_INSTALLED, last(changed=False), "already_rolled_back"),  # r1 changed nothing
+    (dict(rollout_id="r1"), decide.Installed(state=S.WATCHING), last(state=S.WATCHING), "rollback_now"),
+    (dict(rollout_id="r2"), decide.Installed(state=S.WATCHING), last(state=S.WATCHING), "rollout_not_active"),
+    (dict(), ROLLBACK_INSTALLED, last(), "deadline_missing"),
+    (dict(deadline=NOW), ROLLBACK_INSTALLED, last(), "deadline_passed"),
+    (dict(rollout_id="r1", deadline=NOW - timedelta(days=1)), ROLLBACK_INSTALLED, last(), "deadline_passed"),
+    (dict(deadline=NOW + timedelta(minutes=5)), ROLLBACK_INSTALLED, last("r9"), ""),
+    (dict(deadline=NOW + timedelta(minutes=5)), decide.Installed(state=S.COMMITTED, active_sha=SHA_B), None,
+     "no_previous"),
+])
+def test_rollback_decisions(cmd, now, prior, code):
+    from agent.protocol import RollbackCommand
+
+    v = decide.check_rollback(RollbackCommand(id="rb", device_id="dev1", **cmd), now, prior, at=NOW)
+    assert v.code == code, v.reason
+    assert v.ok == (code in ("", "already_rolled_back", "rollback_now"))

@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from agent.protocol.topics import PROTOCOL_VERSION, Channel, check_device_id
 
@@ -179,13 +179,30 @@ class EventMessage(_FromDevice):
 # ---- controller -> device ---------------------------------------------------------------------
 
 
+LEGACY_MAX_ERROR_RATE = 0.05  # what a watch policy with neither error limit has always meant: 5 % absolute
+
+
 class WatchPolicy(_Msg):
-    """How long to watch a new model after switching, and what counts as a regression."""
+    """How long to watch a new model after switching, and what counts as a regression.
+
+    `max_error_rate_increase` is a margin over the error rate the device measured on its old model;
+    `max_error_rate` is an absolute ceiling. Either or both may be given; both apply when both are.
+    A policy with neither keeps its original v1 meaning: an absolute ceiling of 5 %.
+    """
 
     window_s: float = Field(default=60.0, ge=0)
-    min_requests: int = Field(default=0, ge=0)
-    max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    min_requests: int = Field(default=0, ge=0)  # the watch waits for this many (at most the agent's max_watch_s)
+    min_judged_requests: int = Field(default=0, ge=0)  # fewer since the switch: error rate and p95 not judged
+    max_error_rate_increase: float | None = Field(default=None, ge=0, le=1)
+    max_error_rate: float | None = Field(default=None, ge=0, le=1)
     max_p95_ratio: float = Field(default=2.0, gt=0)  # new p95 / old baseline p95
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("max_error_rate") is None and data.get("max_error_rate_increase") is None:
+            return {**data, "max_error_rate": LEGACY_MAX_ERROR_RATE}
+        return data
 
 
 class _Command(_Msg):
@@ -207,7 +224,9 @@ class DeployCommand(_Command):
     bundle: BundleRef
     urls: list[str] = Field(min_length=1, max_length=8)
     size: int | None = Field(default=None, ge=0)  # archive bytes, for the free-disk check
-    deadline: datetime | None = None
+    deadline: datetime  # required: never started after this (naive = UTC), so an old deploy cannot be replayed
+    # bundle names this deploy may replace: a deploy of another name than the active bundle's must list it
+    replaces: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default=[], max_length=16)
     watch: WatchPolicy = WatchPolicy()
 
     @field_validator("urls")
@@ -220,8 +239,12 @@ class DeployCommand(_Command):
 
 
 class RollbackCommand(_Command):
+    """Back to the previous bundle. Naming a rollout, it acts only while that rollout's bundle is the
+    one installed; naming none, it must carry a deadline (the agent refuses it otherwise)."""
+
     kind: Literal["rollback"] = "rollback"
     rollout_id: str | None = None
+    deadline: datetime | None = None
 
 
 class CancelCommand(_Command):
@@ -283,7 +306,11 @@ def _validate(adapter: TypeAdapter, data: dict[str, Any]) -> Any:
     try:
         return adapter.validate_python(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errors = exc.errors()
+        if [(e["type"], e["loc"][-1:]) for e in errors] == [("missing", ("deadline",))]:
+            raise ProtocolError("deadline_missing", "deploy command has no 'deadline'; every deploy must carry one "
+                                "(an ISO 8601 time after which it is refused), so an old one cannot be replayed") from None
+        err = errors[0]
         loc = ".".join(str(p) for p in err["loc"])
         code = "unknown_type" if err["type"] in ("union_tag_invalid", "union_tag_not_found") else "invalid"
         raise ProtocolError(code, f"{loc or 'message'}: {err['msg']}"[:500]) from None

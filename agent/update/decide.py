@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 from agent.bundle import Manifest, QualityStatus, semver_key
 from agent.bundle.manifest import agent_version_satisfies
-from agent.protocol import BundleRef, DeployCommand, UpdateState, WatchPolicy
+from agent.protocol import BundleRef, DeployCommand, RollbackCommand, UpdateState, WatchPolicy
 from agent.update.state import is_rest
 
 
@@ -38,26 +38,55 @@ class Installed:
     free_bytes: int = 0
 
 
+def expired(deadline: datetime | None, at: datetime) -> bool:
+    """Has `deadline` (naive = UTC; None = none) passed at `at`?"""
+    if deadline is None:
+        return False
+    return (deadline if deadline.tzinfo else deadline.replace(tzinfo=timezone.utc)) <= at
+
+
+def _deadline_passed(deadline: datetime, what: str) -> Verdict:
+    return _no("deadline_passed", f"the {what} deadline {deadline.isoformat()} has passed; it is never applied "
+                                  "(a replayed or late command); send a new one")
+
+
+def check_name(name: str, *, active_name: str | None, replaces: list[str] | tuple[str, ...],
+               allowed: tuple[str, ...]) -> Verdict:
+    """May this device run a bundle called `name`? The device's own list first, then the deploy's `replaces`."""
+    if allowed and name not in allowed:
+        return _no("bundle_not_allowed", f"this device runs only bundles named {', '.join(allowed)} "
+                                         f"(agent setting bundle_names), not {name!r}; add it there to allow it")
+    if active_name is not None and name != active_name and active_name not in replaces:
+        return _no("name_change_refused", f"this device runs {active_name!r}; a deploy of {name!r} must say it "
+                                          f"replaces it (deploy 'replaces', edgeship fleet rollout create "
+                                          f"--replaces {active_name})")
+    return OK
+
+
 def bytes_needed(archive_size: int, *, margin: int) -> int:
     """Archive on disk + its unpacked copy + a margin for the system."""
     return 2 * archive_size + margin
 
 
-def check_deploy(cmd: DeployCommand, now: Installed, *, at: datetime, margin: int) -> Verdict:
-    """Accept or refuse a deploy from the command alone (nothing downloaded yet)."""
+def check_deploy(cmd: DeployCommand, now: Installed, *, at: datetime, margin: int,
+                 allowed_names: tuple[str, ...] = ()) -> Verdict:
+    """Accept or refuse a deploy from the command alone (nothing downloaded yet).
+
+    The name checked here is the command's; check_manifest later holds the signed manifest to it."""
     ref = cmd.bundle
+    if expired(cmd.deadline, at):  # first: an expired deploy is refused whatever else holds
+        return _deadline_passed(cmd.deadline, "deploy")
     if not is_rest(now.state):
         return _no("busy", f"an update is in progress ({now.state.value}); cancel it or wait for it to finish")
-    if cmd.deadline is not None:
-        deadline = cmd.deadline if cmd.deadline.tzinfo else cmd.deadline.replace(tzinfo=timezone.utc)
-        if deadline <= at:
-            return _no("deadline_passed", f"the deploy deadline {deadline.isoformat()} has passed")
     try:
         new_key = semver_key(ref.version)
     except ValueError:
         return _no("invalid_version", f"bundle version {ref.version!r} is not a semantic version (e.g. 1.2.0)")
     if ref.manifest_sha256 == now.active_sha:  # accepted: the controller's goal already holds
         return Verdict(True, "already_active", f"{ref.ref} is already the active bundle; nothing to do")
+    named = check_name(ref.name, active_name=now.active_name, replaces=cmd.replaces, allowed=allowed_names)
+    if not named.ok:
+        return named
     if now.active_version is not None and now.active_name == ref.name:
         old_key = semver_key(now.active_version)
         if new_key < old_key:
@@ -70,6 +99,45 @@ def check_deploy(cmd: DeployCommand, now: Installed, *, at: datetime, margin: in
     if cmd.size is not None and now.free_bytes < bytes_needed(cmd.size, margin=margin):
         return _no("insufficient_disk", f"{cmd.size} byte bundle needs {bytes_needed(cmd.size, margin=margin)} "
                                         f"bytes free, the device has {now.free_bytes}")
+    return OK
+
+
+@dataclass(frozen=True)
+class LastUpdate:
+    """The device's last (or current) update, as far as a rollback decision needs it."""
+
+    kind: str  # "deploy" or "rollback"
+    rollout_id: str | None
+    state: UpdateState
+    changed_active: bool  # it installed a bundle (False for a deploy of the bundle already active)
+
+
+ROLL_BACK_NOW = Verdict(True, "rollback_now")  # during watching: stop watching, roll back
+ALREADY_ROLLED_BACK = "already_rolled_back"
+
+
+def check_rollback(cmd: RollbackCommand, now: Installed, last: LastUpdate | None, *, at: datetime) -> Verdict:
+    """Accept or refuse a rollback. A rollback naming a rollout acts only on that rollout's own install,
+    so replaying it later can never push the device one bundle further back."""
+    if cmd.deadline is None and cmd.rollout_id is None:
+        return _no("deadline_missing", "a rollback naming no rollout_id must carry a deadline, so an old one "
+                                       "cannot be replayed; give rollout_id or deadline")
+    if expired(cmd.deadline, at):
+        return _deadline_passed(cmd.deadline, "rollback")
+    if cmd.rollout_id is not None and (last is None or last.rollout_id != cmd.rollout_id):
+        source = f"rollout {last.rollout_id}" if last is not None and last.rollout_id else "no rollout"
+        return _no("rollout_not_active", f"the bundle here did not come from rollout {cmd.rollout_id} "
+                                         f"(last update: {source}); nothing rolled back")
+    if now.state == UpdateState.WATCHING:
+        return ROLL_BACK_NOW
+    if not is_rest(now.state):
+        return _no("busy", f"an update is {now.state.value}; cancel it instead of rolling back")
+    if cmd.rollout_id is not None and (last.state in (UpdateState.FAILED, UpdateState.ROLLED_BACK)
+                                       or not last.changed_active):
+        return Verdict(True, ALREADY_ROLLED_BACK, f"rollout {cmd.rollout_id} is not active here (its update ended "
+                                                  f"{last.state.value}); nothing to roll back")
+    if now.previous_sha is None:
+        return _no("no_previous", "there is no previous bundle to roll back to")
     return OK
 
 
@@ -130,22 +198,42 @@ class WatchVerdict:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def error_rate_limit(policy: WatchPolicy, baseline_rate: float) -> float:
+    """The highest error rate the new model may show: the old model's rate plus the margin, under any ceiling."""
+    limits = [policy.max_error_rate] if policy.max_error_rate is not None else []
+    if policy.max_error_rate_increase is not None:
+        limits.append(baseline_rate + policy.max_error_rate_increase)
+    return min(limits)
+
+
 def judge_watch(policy: WatchPolicy, *, baseline: WatchSample, current: WatchSample, elapsed_s: float,
                 max_watch_s: float, min_sample: int) -> WatchVerdict:
-    """Compare the new model (since the switch) with the old one's baseline."""
+    """Compare the new model (since the switch) with the old one's baseline.
+
+    Nothing is judged on fewer than max(min_sample, policy.min_judged_requests) requests; the old
+    model's error rate counts as its baseline only when it served that many too (else 0: the strict side)."""
+    floor = max(1, min_sample, policy.min_judged_requests)
+    base_rate = baseline.error_rate if baseline.requests >= floor else 0.0
+    limit = error_rate_limit(policy, base_rate)
     metrics = {"requests": float(current.requests), "errors": float(current.errors),
                "error_rate": round(current.error_rate, 4), "elapsed_s": round(elapsed_s, 2),
                "baseline_requests": float(baseline.requests), "baseline_error_rate": round(baseline.error_rate, 4),
-               "max_error_rate": policy.max_error_rate, "max_p95_ratio": policy.max_p95_ratio}
+               "error_rate_limit": round(limit, 4), "max_p95_ratio": policy.max_p95_ratio}
+    for name in ("max_error_rate", "max_error_rate_increase"):
+        if getattr(policy, name) is not None:
+            metrics[name] = getattr(policy, name)
     if current.p95_ms is not None:
         metrics["p95_ms"] = round(current.p95_ms, 3)
     if baseline.p95_ms is not None:
         metrics["baseline_p95_ms"] = round(baseline.p95_ms, 3)
-    enough = current.requests >= max(1, min_sample)
-    if enough and current.error_rate > policy.max_error_rate:
+    enough = current.requests >= floor
+    if enough and current.error_rate > limit:
+        why = [f"ceiling {policy.max_error_rate:.1%}"] if policy.max_error_rate is not None else []
+        if policy.max_error_rate_increase is not None:
+            why.insert(0, f"old model {base_rate:.1%} + {policy.max_error_rate_increase:.1%} margin")
         return WatchVerdict(True, True, f"error rate {current.error_rate:.1%} over {current.requests} requests "
-                                        f"exceeds {policy.max_error_rate:.1%} (old model: {baseline.error_rate:.1%})", metrics)
-    if enough and current.p95_ms is not None and baseline.p95_ms and baseline.requests >= max(1, min_sample):
+                                        f"exceeds {limit:.1%} ({', '.join(why)})", metrics)
+    if enough and current.p95_ms is not None and baseline.p95_ms and baseline.requests >= floor:
         ratio = current.p95_ms / baseline.p95_ms
         metrics["p95_ratio"] = round(ratio, 3)
         if ratio > policy.max_p95_ratio:

@@ -70,6 +70,7 @@ class UpdateConfig:
     arch: str = field(default_factory=platform.machine)
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
     target_profiles: tuple[str, ...] = ()  # accepted manifest target profiles; empty = any
+    bundle_names: tuple[str, ...] = ()  # bundle names this device may run; empty = any (a name change needs `replaces`)
     cpu_features: frozenset[str] | None = None  # None = do not check
     providers: list[str] | None = None  # passed to load_model for serving AND the smoke test
     threads: int | None = None
@@ -245,7 +246,7 @@ class UpdateManager:
 
     def _accept_deploy(self, cmd: DeployCommand) -> decide.Verdict:
         verdict = decide.check_deploy(cmd, self._installed(), at=datetime.now(timezone.utc),
-                                      margin=self.config.disk_margin_bytes)
+                                      margin=self.config.disk_margin_bytes, allowed_names=self.config.bundle_names)
         if verdict.ok and verdict.code == "already_active":
             active, previous = self.store.pointer()
             self._begin(UpdateRecord(command_id=cmd.id, kind="deploy", rollout_id=cmd.rollout_id, state=self.state,
@@ -263,25 +264,29 @@ class UpdateManager:
                                      watch=watch, restore_sha=active, restore_previous_sha=previous), Event.DEPLOY)
         return verdict
 
+    def _last_update(self) -> decide.LastUpdate | None:
+        rec = self._state.update
+        if rec is None:
+            return None
+        changed = rec.kind == "rollback" or rec.bundle is None or rec.bundle.manifest_sha256 != rec.restore_sha
+        return decide.LastUpdate(kind=rec.kind, rollout_id=rec.rollout_id, state=rec.state, changed_active=changed)
+
     def _accept_rollback(self, cmd: RollbackCommand) -> decide.Verdict:
         state = self.state
-        if state == S.WATCHING:
+        active, previous = self.store.pointer()
+        target = self._safe_bundle(previous)
+        installed = decide.Installed(state=state, active_sha=active, previous_sha=previous if target else None)
+        verdict = decide.check_rollback(cmd, installed, self._last_update(), at=datetime.now(timezone.utc))
+        if verdict is decide.ROLL_BACK_NOW:
             self._rollback.set()
             return decide.OK
-        if not is_rest(state):
-            return decide.Verdict(False, "busy", f"an update is {state.value}; cancel it instead of rolling back")
-        active, previous = self.store.pointer()
-        last = self._state.update
-        if cmd.rollout_id and last is not None and last.rollout_id == cmd.rollout_id and last.kind == "deploy" \
-                and last.state in (S.FAILED, S.ROLLED_BACK):
+        if verdict.ok and verdict.code == decide.ALREADY_ROLLED_BACK:
             self._begin(UpdateRecord(command_id=cmd.id, kind="rollback", rollout_id=cmd.rollout_id, state=state,
                                      bundle=self._ref_of(active), restore_sha=active, restore_previous_sha=previous,
-                                     reason=f"rollout {cmd.rollout_id} is not active here (its update ended "
-                                            f"{last.state.value}); nothing to roll back"), Event.ALREADY_ROLLED_BACK)
+                                     reason=verdict.reason), Event.ALREADY_ROLLED_BACK)
             return decide.OK
-        target = self._safe_bundle(previous)
-        if target is None:
-            return decide.Verdict(False, "no_previous", "there is no previous bundle to roll back to")
+        if not verdict.ok:
+            return verdict
         self._rollback.clear()
         self._begin(UpdateRecord(command_id=cmd.id, kind="rollback", rollout_id=cmd.rollout_id, state=state,
                                  bundle=_ref(target), restore_sha=previous, restore_previous_sha=None), Event.ROLLBACK)
@@ -673,7 +678,4 @@ class UpdateManager:
 
     @staticmethod
     def _deadline_passed(rec: UpdateRecord) -> bool:
-        if rec.deadline is None:
-            return False
-        d = rec.deadline if rec.deadline.tzinfo else rec.deadline.replace(tzinfo=timezone.utc)
-        return d <= datetime.now(timezone.utc)
+        return decide.expired(rec.deadline, datetime.now(timezone.utc))

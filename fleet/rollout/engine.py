@@ -576,9 +576,8 @@ class Engine:
         return DeployCommand(
             id=rd.command_id, device_id=rd.device_id, rollout_id=r.id, issued_at=rd.sent_at or time.time(),
             bundle=BundleRef(name=bundle.name, version=bundle.version, manifest_sha256=bundle.manifest_sha256),
-            urls=urls[:8], size=bundle.size, deadline=deadline,
-            watch=WatchPolicy(window_s=spec.health_window_s, max_error_rate=min(1.0, spec.max_error_rate_increase),
-                              max_p95_ratio=spec.max_p95_ratio),
+            urls=urls[:8], size=bundle.size, deadline=deadline, replaces=list(spec.replaces),
+            watch=watch_policy(spec),
         )
 
     def _deploy(self, r: Rollout, rd: RolloutDevice, bundle: Bundle, spec: RolloutSpec, now: float) -> None:
@@ -717,6 +716,15 @@ class Engine:
                     rd.state, rd.done_at, rd.reason = D.CANCELLED.value, now, "rollout aborted"
         elif event == RolloutEvent.ROLLBACK:
             self._rollback_all(session, r, now)
+
+
+def watch_policy(spec: RolloutSpec) -> WatchPolicy:
+    """The rollout's health gate, as each device applies it to itself: the same margin over the device's
+    own baseline, the same traffic floor under which nothing is judged (an idle device is not held
+    waiting for traffic: the gate does not wait either), the same p95 ratio, and no absolute ceiling
+    (a device whose old model already erred at 6 % keeps a new one that still does)."""
+    return WatchPolicy(window_s=spec.health_window_s, min_judged_requests=spec.min_requests,
+                       max_error_rate_increase=spec.max_error_rate_increase, max_p95_ratio=spec.max_p95_ratio)
 
 
 def _sum_baseline(rows: list[RolloutDevice]) -> HealthNumbers:

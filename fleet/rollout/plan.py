@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.bundle.manifest import NAME_RE
 from fleet.errors import InvalidRequest
 
 SPEC_SCHEMA_VERSION = 1
@@ -108,6 +109,8 @@ class RolloutSpec(BaseModel):
     max_error_rate_increase: float = Field(default=0.05, ge=0, le=1)  # absolute, over the baseline
     max_p95_ratio: float = Field(default=1.5, gt=0)  # post p95 / baseline p95
     min_requests: int = Field(default=1, ge=0)  # below this, a wave's traffic cannot be judged
+    # bundle names the deployed bundle may replace on a device (a device refuses any other name change)
+    replaces: list[Annotated[str, Field(pattern=NAME_RE.pattern)]] = Field(default=[], max_length=16)
 
     @classmethod
     def load(cls, data: dict[str, Any]) -> RolloutSpec:

@@ -27,6 +27,7 @@ from agent.protocol import (
 from tests.e2e.conftest import check_fleet, explain, rollout, wait_for, wait_rollout
 from tests.support.bundles import make_bundle
 from tests.support.http import FileServer
+from tests.support.update_harness import deadline_in
 
 pytestmark = pytest.mark.e2e
 
@@ -84,13 +85,13 @@ def test_garbage_oversized_and_spoofed_messages_change_nothing(stack, versions, 
         (t.device("dev-0", Channel.STATE), encode(OfflineMessage(device_id="dev-0", session="not-the-real-one")), False),
         # commands: for another device, with a file:// URL, and a deploy of an untrusted bundle
         (t.device("dev-0", Channel.CMD), encode(DeployCommand(
-            id="evil-1", device_id="dev-1", rollout_id="evil", bundle=evil_ref, urls=[evil_url])), False),
+            id="evil-1", device_id="dev-1", rollout_id="evil", bundle=evil_ref, urls=[evil_url], deadline=deadline_in())), False),
         (t.device("dev-0", Channel.CMD), json.dumps({"v": 1, "type": "command", "kind": "deploy", "id": "evil-2",
                                                      "device_id": "dev-0", "rollout_id": "evil",
                                                      "bundle": evil_ref.model_dump(),
                                                      "urls": ["file:///etc/passwd"]}).encode(), False),
         (t.device("dev-1", Channel.CMD), encode(DeployCommand(
-            id="evil-3", device_id="dev-1", rollout_id="evil", bundle=evil_ref, urls=[evil_url])), False),
+            id="evil-3", device_id="dev-1", rollout_id="evil", bundle=evil_ref, urls=[evil_url], deadline=deadline_in())), False),
     ]
     try:
         _publish_all(fleet.broker_url, msgs)

@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,11 @@ import paho.mqtt.client as mqtt
 from agent.bundle import TrustedKeys, pack
 from agent.protocol import Channel, StateMessage, Topics, encode, parse_device_message
 from tests.support.bundles import make_bundle
+
+def deadline_in(seconds: float = 3600.0) -> datetime:
+    """A deploy deadline `seconds` from now (every deploy must carry one)."""
+    return datetime.now(timezone.utc) + timedelta(seconds=seconds)
+
 
 CHANNEL_OF = {"state": Channel.STATE, "ack": Channel.ACK, "event": Channel.EVENTS, "health": Channel.HEALTH}
 
@@ -31,6 +37,7 @@ class Controller:
         self.topics = Topics(prefix)
         self.messages: list[Any] = []
         self.raw: list[tuple[str, bytes]] = []
+        self.sent: dict[str, bytes] = {}  # command id -> the payload last sent with it
         self._cond = threading.Condition()
         ready = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"ctl-{prefix}")
@@ -60,7 +67,8 @@ class Controller:
         self.client.publish(self.topics.device(device_id, Channel.CMD), payload, qos=1).wait_for_publish(5)
 
     def send(self, command) -> None:
-        self.send_raw(command.device_id, encode(command))
+        self.sent[command.id] = encode(command)
+        self.send_raw(command.device_id, self.sent[command.id])
 
     def wait(self, pred: Callable[[Any], bool], timeout: float = 60.0, what: str = "message") -> Any:
         deadline = time.monotonic() + timeout

@@ -25,7 +25,8 @@ import click
 
 from agent.bundle.signing import KeyError_, key_id, load_public_key
 from agent.protocol.topics import DEFAULT_PREFIX, Topics, check_device_id
-from fleet.pki import CONTROLLER_IDENTITY, CertificateAuthority, PkiError, set_password, write_private, write_public
+from fleet.pki import (CONTROLLER_IDENTITY, CertificateAuthority, PkiError, remove_password, set_password, write_private,
+                       write_public)
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,11 @@ def enroll(device_id: str, *, ca_dir: Path, out_dir: Path, trusted_keys: list[Pa
 # ---- CLI ---------------------------------------------------------------------------------------
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception | str, *, code: int = 2, as_json: bool = False) -> None:
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": str(exc), "code": type(exc).__name__ if isinstance(exc, Exception) else "error"}))
     click.echo(f"error: {exc}", err=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 @click.group("ca")
@@ -219,9 +222,78 @@ def enroll_command(device_id: str, ca_dir: Path, trusted_keys: tuple[Path, ...],
     click.echo(f"  copy the directory to the device and run: edgeship agent run --config {e.agent_toml.name}")
 
 
+@dataclass(frozen=True)
+class Revocation:
+    device_id: str
+    crl: Path | None  # None when no CA directory was given
+    serials: list[int]  # certificates newly listed in the CRL
+    password_removed: bool
+
+
+def revoke_credentials(device_id: str, *, ca_dir: Path | None, password_file: Path | None = None) -> Revocation:
+    """Put every certificate the CA issued to `device_id` in its CRL; drop its broker password."""
+    try:
+        check_device_id(device_id)
+    except ValueError as exc:
+        raise PkiError(str(exc)) from None
+    crl, serials = None, []
+    if ca_dir is not None:
+        authority = CertificateAuthority.load(ca_dir)
+        serials = authority.revoke(device_id)
+        crl = authority.crl_path
+    removed = remove_password(Path(password_file), device_id) if password_file is not None else False
+    return Revocation(device_id, crl, serials, removed)
+
+
+@click.command("revoke")
+@click.argument("device_id")
+@click.option("--ca-dir", type=click.Path(path_type=Path), default=None,
+              help="The fleet CA directory: its crl.pem gets every certificate issued to DEVICE_ID.")
+@click.option("--password-file", type=click.Path(path_type=Path), default=None,
+              help="Also remove DEVICE_ID from this Mosquitto password file.")
+@click.option("--no-controller", is_flag=True, help="Only the broker's files; do not tell the controller.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def revoke_command(ctx: click.Context, device_id: str, ca_dir: Path | None, password_file: Path | None,
+                   no_controller: bool, as_json: bool) -> None:
+    """Revoke DEVICE_ID: the broker refuses its certificate (after a reload), the controller ignores it."""
+    from fleet.client import ClientError, FleetClient
+
+    if ca_dir is None and no_controller:
+        _fail(PkiError("nothing to revoke with: pass --ca-dir (the broker's CRL), or drop --no-controller"), as_json=as_json)
+    try:
+        r = revoke_credentials(device_id, ca_dir=ca_dir, password_file=password_file)
+    except (PkiError, OSError) as exc:
+        _fail(exc, as_json=as_json)
+    told = None
+    if not no_controller:
+        obj = ctx.find_root().obj or {}
+        client = FleetClient(obj.get("url"), obj.get("token"))
+        try:
+            told = client.revoke(device_id, enrolled=r.crl is not None)
+        except ClientError as exc:
+            done = f"the CRL {r.crl} lists it, but the controller was not told: " if r.crl else ""
+            _fail(f"{done}{exc}", code=exc.exit_code, as_json=as_json)
+        finally:
+            client.close()
+    if as_json:
+        click.echo(json.dumps({"device_id": device_id, "crl": str(r.crl) if r.crl else None,
+                               "serials": [f"{s:x}" for s in r.serials], "password_removed": r.password_removed,
+                               "controller": told is not None}))
+        return
+    if r.crl is not None:
+        click.echo(f"revoked {device_id}: {len(r.serials)} certificate(s) newly in {r.crl}; "
+                   "reload the broker to refuse them: systemctl reload mosquitto (SIGHUP)")
+    if r.password_removed:
+        click.echo(f"removed {device_id} from {password_file} (also read on reload)")
+    if told is not None:
+        click.echo(f"the controller ignores {device_id} from now on and never selects it for a rollout")
+
+
 @click.group("device")
 def device() -> None:
-    """Enrol devices."""
+    """Enrol and revoke devices."""
 
 
 device.add_command(enroll_command)
+device.add_command(revoke_command)

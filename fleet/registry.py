@@ -59,7 +59,7 @@ def device_view(device: Device) -> dict[str, str]:
     """What selectors match against: facts first, device labels over them, operator labels last."""
     facts = device.facts or {}
     view = {"id": device.id, "arch": str(facts.get("arch", "")), "os": str(facts.get("os", "")),
-            "online": "true" if device.online else "false"}
+            "online": "true" if device.online else "false", "revoked": "true" if device.revoked_at is not None else "false"}
     if device.active:
         view["bundle"] = f"{device.active.get('name')}@{device.active.get('version')}"
     view.update(device.labels or {})
@@ -70,7 +70,14 @@ def device_view(device: Device) -> dict[str, str]:
 def new_device(device_id: str, now: float) -> Device:
     return Device(id=device_id, online=False, session="", first_seen=now, last_seen=now, offline_reason="",
                   agent_version="", facts={}, labels={}, op_labels={}, active=None, previous=None,
-                  execution_provider=None, update=None, health=None)
+                  execution_provider=None, update=None, health=None, revoked_at=None)
+
+
+def revoke(device: Device, now: float) -> None:
+    """Mark `device` revoked (kept on a second revoke) and offline: it never answers again."""
+    device.revoked_at = device.revoked_at or now
+    device.online = False
+    device.offline_reason = "revoked"
 
 
 def apply_state(device: Device, msg: StateMessage, now: float) -> bool:
@@ -125,5 +132,5 @@ def device_dict(device: Device) -> dict[str, Any]:
         "offline_reason": device.offline_reason, "agent_version": device.agent_version, "facts": device.facts or {},
         "labels": device.labels or {}, "op_labels": device.op_labels or {}, "active": device.active,
         "previous": device.previous, "execution_provider": device.execution_provider, "update": device.update,
-        "health": device.health,
+        "health": device.health, "revoked": device.revoked_at is not None, "revoked_at": device.revoked_at,
     }

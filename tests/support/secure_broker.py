@@ -6,6 +6,7 @@ the run, devices enrolled with `fleet.enroll.enroll`, and the controller's crede
 from __future__ import annotations
 
 import secrets
+import signal
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,11 @@ class SecureBroker:
     def ca_file(self) -> Path:
         return self.workdir / "ca.crt"
 
+    def reload(self) -> None:
+        """What `systemctl reload mosquitto` does: SIGHUP (re-reads the password file and the CRL)."""
+        assert self.broker is not None and self.broker.proc is not None
+        self.broker.proc.send_signal(signal.SIGHUP)
+
     def stop(self) -> None:
         if self.broker is not None:
             self.broker.stop()
@@ -63,6 +69,8 @@ def start_secure_broker(workdir: Path, trusted_key: Path, *, cert_devices: tuple
     (work / "server.crt").write_bytes(cert)
     (work / "server.key").write_bytes(key)
     (work / "ca.crt").write_bytes(ca.cert_path.read_bytes())
+    # the broker reads the CRL where `edgeship fleet device revoke --ca-dir ca` writes it
+    (work / "crl.pem").symlink_to(ca.crl_path)
     cert, key = ca.issue(CONTROLLER_IDENTITY)
     (work / "controller.crt").write_bytes(cert)
     (work / "controller.key").write_bytes(key)

@@ -5,7 +5,7 @@
     edgeship fleet ca client-cert --dir CA           the controller's client certificate
     edgeship fleet device enroll ID --ca-dir CA --trusted-key signing.pub --broker mqtts://host:8883
 
-`enroll` writes into OUT/ID (mode 0700): device.crt + device.key (CN = ID, signed by the fleet
+`enroll` writes into OUT/ID (mode 0755): device.crt + device.key (CN = ID, signed by the fleet
 CA), ca.crt (to verify the broker), trusted/*.pub (the pinned bundle keys) and agent.toml (0600);
 with `--password-file` also a random password, in agent.toml and added to the broker's password file.
 Copy the directory to the device (e.g. /etc/edgeship/) and start `edgeship agent run`.
@@ -92,15 +92,18 @@ def enroll(device_id: str, *, ca_dir: Path, out_dir: Path, trusted_keys: list[Pa
     directory = Path(out_dir) / device_id
     if directory.exists() and not overwrite:
         raise PkiError(f"{directory} exists: device {device_id!r} was enrolled already; pass --overwrite to re-issue")
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    directory.chmod(0o700)
+    # 0755 with the secrets (device.key, agent.toml) 0600: the agent's DynamicUser= reads the public files in
+    # place and gets the secrets from systemd's LoadCredential= (agent/systemd.py), which reads them as root.
+    directory.mkdir(parents=True, exist_ok=True, mode=0o755)
+    directory.chmod(0o755)
 
     cert_pem, key_pem = ca.issue(device_id)
     write_public(directory / "device.crt", cert_pem)
     write_private(directory / "device.key", key_pem)
     write_public(directory / "ca.crt", Path(broker_ca).read_bytes() if broker_ca else ca.cert_path.read_bytes())
     trusted_dir = directory / "trusted"
-    trusted_dir.mkdir(exist_ok=True, mode=0o700)
+    trusted_dir.mkdir(exist_ok=True, mode=0o755)
+    trusted_dir.chmod(0o755)
     copied = []
     for p in trusted_keys:
         dest = trusted_dir / Path(p).name
@@ -213,7 +216,7 @@ def enroll_command(device_id: str, ca_dir: Path, trusted_keys: tuple[Path, ...],
                                "trusted_keys": [str(p) for p in e.trusted_keys],
                                "password": e.has_password}))
         return
-    click.echo(f"enrolled {e.device_id}: {e.directory} (mode 0700)")
+    click.echo(f"enrolled {e.device_id}: {e.directory} (device.key and agent.toml 0600, root-only on the device)")
     click.echo(f"  certificate {e.certificate.name}, key {e.key.name} (0600), broker CA {e.broker_ca.name}, "
                f"{len(e.trusted_keys)} trusted bundle key(s), {e.agent_toml.name}")
     if e.has_password:

@@ -247,7 +247,7 @@ def test_enrolment_directory_is_private_and_loads_as_agent_settings(fleet):
     from agent.config import load_settings
 
     d = fleet.devices["dev-a"]
-    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755  # the public files stay readable by the agent's DynamicUser
     for name in ("device.key", "agent.toml"):
         assert stat.S_IMODE((d / name).stat().st_mode) == 0o600
     settings = load_settings(d / "agent.toml")

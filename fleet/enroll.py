@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
+from cryptography import x509
 
 from agent.bundle.signing import KeyError_, key_id, load_public_key
 from agent.protocol.topics import DEFAULT_PREFIX, Topics, check_device_id
@@ -184,6 +185,18 @@ def ca_client_cert(ca_dir: Path, name: str, out_dir: Path | None) -> None:
     click.echo(f"client certificate for {name!r}: {out / f'{stem}.crt'} and key {out / f'{stem}.key'}")
 
 
+@ca.command("crl")
+@click.option("--dir", "ca_dir", type=click.Path(path_type=Path), required=True, help="The CA directory.")
+def ca_crl(ca_dir: Path) -> None:
+    """Write (or re-sign) crl.pem: needed once for a CA made before revocation existed."""
+    try:
+        authority = CertificateAuthority.load(ca_dir)
+        path = authority.write_crl()
+    except PkiError as exc:
+        _fail(exc)
+    click.echo(f"CRL: {path} ({len(authority.revoked())} revoked; crlfile in mosquitto.conf, reload with SIGHUP)")
+
+
 @click.command("enroll")
 @click.argument("device_id")
 @click.option("--ca-dir", type=click.Path(path_type=Path), required=True, help="The fleet CA directory.")
@@ -233,8 +246,9 @@ class Revocation:
     password_removed: bool
 
 
-def revoke_credentials(device_id: str, *, ca_dir: Path | None, password_file: Path | None = None) -> Revocation:
-    """Put every certificate the CA issued to `device_id` in its CRL; drop its broker password."""
+def revoke_credentials(device_id: str, *, ca_dir: Path | None, password_file: Path | None = None,
+                       certificates: list[Path] = ()) -> Revocation:
+    """Put every certificate the CA issued to `device_id` (and `certificates`) in its CRL; drop its broker password."""
     try:
         check_device_id(device_id)
     except ValueError as exc:
@@ -242,10 +256,17 @@ def revoke_credentials(device_id: str, *, ca_dir: Path | None, password_file: Pa
     crl, serials = None, []
     if ca_dir is not None:
         authority = CertificateAuthority.load(ca_dir)
-        serials = authority.revoke(device_id)
+        serials = authority.revoke(device_id, certificates=[_load_cert(p) for p in certificates])
         crl = authority.crl_path
     removed = remove_password(Path(password_file), device_id) if password_file is not None else False
     return Revocation(device_id, crl, serials, removed)
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PkiError(f"{path} is not a readable PEM certificate ({exc}); pass the device's device.crt") from None
 
 
 @click.command("revoke")
@@ -254,18 +275,20 @@ def revoke_credentials(device_id: str, *, ca_dir: Path | None, password_file: Pa
               help="The fleet CA directory: its crl.pem gets every certificate issued to DEVICE_ID.")
 @click.option("--password-file", type=click.Path(path_type=Path), default=None,
               help="Also remove DEVICE_ID from this Mosquitto password file.")
+@click.option("--cert", "certificates", multiple=True, type=click.Path(path_type=Path),
+              help="A certificate of DEVICE_ID to revoke too (one issued before the CA kept issued/).")
 @click.option("--no-controller", is_flag=True, help="Only the broker's files; do not tell the controller.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def revoke_command(ctx: click.Context, device_id: str, ca_dir: Path | None, password_file: Path | None,
-                   no_controller: bool, as_json: bool) -> None:
+                   certificates: tuple[Path, ...], no_controller: bool, as_json: bool) -> None:
     """Revoke DEVICE_ID: the broker refuses its certificate (after a reload), the controller ignores it."""
     from fleet.client import ClientError, FleetClient
 
     if ca_dir is None and no_controller:
         _fail(PkiError("nothing to revoke with: pass --ca-dir (the broker's CRL), or drop --no-controller"), as_json=as_json)
     try:
-        r = revoke_credentials(device_id, ca_dir=ca_dir, password_file=password_file)
+        r = revoke_credentials(device_id, ca_dir=ca_dir, password_file=password_file, certificates=list(certificates))
     except (PkiError, OSError) as exc:
         _fail(exc, as_json=as_json)
     told = None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -176,9 +177,19 @@ class CertificateAuthority:
             raise PkiError(f"{self.crl_path} cannot be read ({exc}); restore it from a backup before revoking more") from None
         return {r.serial_number: r.revocation_date_utc for r in crl}
 
-    def revoke(self, common_name: str) -> list[int]:
-        """Add every certificate issued to `common_name` to crl.pem; returns the serials newly revoked."""
-        certs = self.issued(common_name)
+    def revoke(self, common_name: str, *, certificates: list[x509.Certificate] = ()) -> list[int]:
+        """Add every certificate issued to `common_name` (and `certificates`, e.g. from before issued/
+        existed) to crl.pem; returns the serials newly revoked."""
+        for cert in certificates:
+            try:
+                cert.verify_directly_issued_by(self.cert)  # the signature, not the issuer's name: CAs share names
+                signed = True
+            except (ValueError, TypeError, InvalidSignature):
+                signed = False
+            if not signed or _common_name(cert) != common_name:
+                raise PkiError(f"certificate {cert.serial_number:x} ({_common_name(cert)!r}) is not {common_name!r} "
+                               "signed by this CA; pass that device's own device.crt")
+        certs = [*self.issued(common_name), *certificates]
         if not certs:
             raise PkiError(f"the CA in {self.directory} issued no certificate to {common_name!r}; "
                            f"check the id (issued certificates are in {self.directory / ISSUED_DIR})")

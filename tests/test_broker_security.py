@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import queue
+import shutil
 import ssl
 import stat
 import time
@@ -399,3 +400,33 @@ def test_controller_certificate_settings_say_what_is_wrong(fleet, overrides, fix
     values.update({k: (v if k == "mqtt_url" else fleet.workdir / v) for k, v in overrides.items()})
     with pytest.raises(ConfigError, match=fix):
         FleetSettings.load(**values)
+
+
+def test_revoke_a_password_device_and_a_certificate_from_before_the_index(tmp_path, keypair):
+    from cryptography import x509
+
+    runner = CliRunner()
+    ca_dir = tmp_path / "ca"
+    CertificateAuthority.init(ca_dir)
+    (ca_dir / "crl.pem").unlink()  # a CA made before revocation existed
+    r = runner.invoke(fleet_cli, ["ca", "crl", "--dir", str(ca_dir)])
+    assert r.exit_code == 0 and "0 revoked" in r.output and (ca_dir / "crl.pem").is_file()
+    e = enroll("dev-old", ca_dir=ca_dir, out_dir=tmp_path / "enrolled", trusted_keys=[keypair[1]],
+               broker_url="mqtts://127.0.0.1:8884", password_file=tmp_path / "passwd")
+    shutil.rmtree(ca_dir / "issued")  # issued before the CA kept issued/
+    revoke = ["device", "revoke", "dev-old", "--ca-dir", str(ca_dir), "--password-file", str(tmp_path / "passwd"),
+              "--no-controller"]
+    r = runner.invoke(fleet_cli, revoke)
+    assert r.exit_code == 2 and "issued no certificate to 'dev-old'" in r.output
+    assert "dev-old:" in (tmp_path / "passwd").read_text()  # nothing half-done
+    rogue = CertificateAuthority.init(tmp_path / "rogue")
+    (tmp_path / "rogue.crt").write_bytes(rogue.issue("dev-old")[0])
+    r = runner.invoke(fleet_cli, [*revoke, "--cert", str(tmp_path / "rogue.crt")])
+    assert r.exit_code == 2 and "is not 'dev-old' signed by this CA" in r.output
+    r = runner.invoke(fleet_cli, [*revoke, "--cert", str(e.certificate), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    serial = x509.load_pem_x509_certificate(e.certificate.read_bytes()).serial_number
+    assert out["serials"] == [f"{serial:x}"] and out["password_removed"] is True
+    assert "dev-old:" not in (tmp_path / "passwd").read_text()
+    assert serial in CertificateAuthority.load(ca_dir).revoked()

@@ -100,11 +100,16 @@ def run(config, device_id, labels, broker_url, state_dir, api_bind, trusted_keys
 @click.option("--allow-device", "devices", multiple=True, metavar="/dev/...", help="Device node an NPU/GPU needs (repeatable).")
 def install_service(dry_run, unit_dir, user, config, watchdog_s, devices) -> None:
     """Write a hardened systemd unit for the agent (edgeship-agent.service)."""
-    from agent.systemd import UnitError, UnitOptions, default_exec_start, install_unit, render_unit
+    from agent.systemd import (BACKOFF_SYSTEMD, CREDENTIALS, CREDENTIALS_NAME_CONFIG, UnitError, UnitOptions,
+                               credentials_for, default_exec_start, install_unit, render_unit, systemd_version)
 
+    # agent.toml (and the broker key it names) go to the service as credentials: enrolment writes them 0600.
+    config_credential, key_credential = credentials_for(config)
     try:
-        text = render_unit(UnitOptions(exec_start=default_exec_start(config), user=user,
-                                       watchdog_s=watchdog_s, devices=list(devices)))
+        text = render_unit(UnitOptions(
+            exec_start=default_exec_start(CREDENTIALS / CREDENTIALS_NAME_CONFIG if config_credential else config),
+            user=user, watchdog_s=watchdog_s, devices=list(devices), config_credential=config_credential,
+            key_credential=key_credential, restart_backoff=(systemd_version() or 0) >= BACKOFF_SYSTEMD))
         if dry_run:
             click.echo(text, nl=False)
             return
@@ -112,4 +117,7 @@ def install_service(dry_run, unit_dir, user, config, watchdog_s, devices) -> Non
     except UnitError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    if config_credential is None:
+        click.echo(f"note: {config} is not there yet, so the unit reads it in place; after enrolling the device, "
+                   "run install-service again to hand its root-only files to the service", err=True)
     click.echo(f"wrote {path}\nnext: systemctl daemon-reload && systemctl enable --now edgeship-agent")

@@ -29,6 +29,7 @@ from pydantic_settings import SettingsError as _PydanticSettingsError
 from pydantic_settings import TomlConfigSettingsSource
 
 from agent.bundle.manifest import NAME_RE as BUNDLE_NAME
+from agent.liveness import LivenessPolicy
 from agent.protocol import DEFAULT_PREFIX, Topics, check_device_id
 
 DEFAULT_CONFIG = Path("/etc/edgeship/agent.toml")
@@ -164,6 +165,21 @@ class WatchSettings(_Section):
     max_p95_ratio: float = Field(default=2.0, gt=0)
 
 
+class LivenessSettings(_Section):
+    """The systemd watchdog pings only while inference is proven to answer (agent/liveness.py)."""
+
+    probe_interval_s: float = Field(default=10.0, gt=0, le=3600)
+    max_silence_s: float = Field(default=150.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> LivenessSettings:
+        self.policy()  # the policy checks its own rule
+        return self
+
+    def policy(self) -> LivenessPolicy:
+        return LivenessPolicy(interval_s=self.probe_interval_s, max_silence_s=self.max_silence_s)
+
+
 class DownloadSettings(_Section):
     """How bundles are fetched from the controller or a mirror."""
 
@@ -246,6 +262,7 @@ class AgentSettings(BaseSettings):
     runtime: RuntimeSettings = RuntimeSettings()
     watch: WatchSettings = WatchSettings()
     download: DownloadSettings = DownloadSettings()
+    liveness: LivenessSettings = LivenessSettings()
 
     @classmethod
     def settings_customise_sources(

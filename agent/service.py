@@ -33,6 +33,7 @@ from agent.bundle.signing import KeyError_
 from agent.config import AgentSettings, ConfigError, config_path, load_settings
 from agent.facts import CpuMeter, Uptime, cpu_flags, device_facts, disk_free, meminfo, process_rss, temperature_c
 from agent.link import MqttLink
+from agent.liveness import InferenceProbe
 from agent.protocol import AckMessage, BundleRef, HealthMessage, ReportCommand, StateMessage, UpdateState, WatchPolicy
 from agent.runtime import ModelHost, load_model
 from agent.systemd import Notifier
@@ -96,6 +97,7 @@ class AgentService:
         self.api = None
         self.link: MqttLink | None = None
         self.manager = None
+        self.probe: InferenceProbe | None = None
         self.facts = None
         self.trusted = TrustedKeys([])
 
@@ -161,6 +163,25 @@ class AgentService:
         except OSError as exc:
             self.api = None
             raise StartupError(f"cannot listen on api.bind {a.bind!r}: {exc.strerror or exc}") from None
+
+    def _start_probe(self) -> None:
+        """Only under a systemd watchdog: nothing else reads the probe, so no inference is spent on it."""
+        if self.notifier.watchdog_interval_s is None:
+            return
+        api = self.api
+        self.probe = InferenceProbe(self.host, admit=lambda deadline: api.admission.enter(deadline=deadline),
+                                    policy=self.settings.liveness.policy())
+        self.probe.start()
+
+    def _watchdog(self) -> None:
+        """WATCHDOG=1 only while the API listens and inference answers; otherwise systemd restarts us."""
+        if self.api is not None and not self.api.listening:
+            log.error("the API server thread died; withholding WATCHDOG=1 so systemd restarts the agent")
+        elif self.probe is not None and not self.probe.answers():
+            log.error("inference has not answered for over %g s (wedged runtime?); withholding WATCHDOG=1 "
+                      "so systemd restarts the agent", self.probe.policy.max_silence_s)
+        else:
+            self.notifier.watchdog()
 
     # ---- what the device says -----------------------------------------------------------------
 
@@ -255,6 +276,7 @@ class AgentService:
                                  on_command=self.inbox.put, on_connected=lambda: self.inbox.put(_Connected()))
             self._start_updates()
             self._start_api()
+            self._start_probe()
         except BaseException:
             self.link = None  # never started: nothing to say goodbye on
             self._shutdown()
@@ -295,15 +317,13 @@ class AgentService:
                 self.link.publish(self.health_message())
                 next_beat = now + self.settings.heartbeat_interval_s
             if now >= next_wd:
-                # A dead API thread stops the pings: systemd restarts the agent.
-                if self.api is None or self.api.listening:
-                    self.notifier.watchdog()
-                else:
-                    log.error("the API server thread died; withholding WATCHDOG=1 so systemd restarts the agent")
+                self._watchdog()
                 next_wd = now + wd
 
     def _shutdown(self) -> None:
         self.notifier.stopping("draining requests")
+        if self.probe is not None:
+            self.probe.stop()
         if self.api is not None:
             self.api.stop(self.settings.api.drain_timeout_s)
         if self.manager is not None:

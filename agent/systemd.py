@@ -15,7 +15,9 @@ import os
 import re
 import shlex
 import socket
+import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,10 @@ UNIT_NAME = "edgeship-agent.service"
 DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
 DEFAULT_CONFIG = Path("/etc/edgeship/agent.toml")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+# RestartSteps= and RestartMaxDelaySec= (restart backoff) came with systemd 254; older ones warn and ignore them.
+BACKOFF_SYSTEMD = 254
+# Where a service finds what LoadCredential= handed it (systemd's %d specifier, $CREDENTIALS_DIRECTORY).
+CREDENTIALS = Path("%d")
 
 
 class UnitError(ValueError):
@@ -96,6 +102,12 @@ class UnitOptions:
     user: str | None = None  # None: DynamicUser=yes
     watchdog_s: int = 60
     devices: list[str] = field(default_factory=list)  # device nodes an NPU/GPU runtime needs
+    # Root-only (0600) files the service's own user could not read: systemd copies them to the
+    # service's private credentials directory (LoadCredential=). `exec_start` must then read
+    # the config from CREDENTIALS / "agent.toml".
+    config_credential: Path | None = None
+    key_credential: Path | None = None  # broker.key_file; the agent is pointed at the copy
+    restart_backoff: bool = False  # systemd >= 254: RestartSteps=/RestartMaxDelaySec=
 
     def __post_init__(self) -> None:
         if self.user is not None and not USER_RE.match(self.user):
@@ -105,10 +117,37 @@ class UnitOptions:
                 raise UnitError(f"invalid device {dev!r}: give a /dev path such as /dev/fastrpc-cdsp")
         if not 10 <= self.watchdog_s <= 3600:
             raise UnitError(f"watchdog of {self.watchdog_s}s is out of range; use 10-3600 seconds")
+        for path in (self.config_credential, self.key_credential):
+            if path is not None and (not path.is_absolute() or any(c.isspace() or c in ":%" for c in str(path))):
+                raise UnitError(f"credential file {str(path)!r} cannot go in LoadCredential=: give an absolute path "
+                                "without spaces, ':' or '%'")
 
 
-# The ExecStart of the copy in configs/systemd/ (a `pip install edgeship[agent]` as root).
-EXAMPLE_EXEC_START = ["/usr/local/bin/edgeship", "agent", "run", "--config", str(DEFAULT_CONFIG)]
+def systemd_version(run=subprocess.run) -> int | None:
+    """The running systemd's version (`systemctl --version`), None if there is none to ask."""
+    try:
+        out = run(["systemctl", "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.match(r"systemd (\d+)", out)
+    return int(match.group(1)) if match else None
+
+
+def credentials_for(config: Path) -> tuple[Path | None, Path | None]:
+    """(config, broker key) to hand over with LoadCredential=; (None, None) when `config` is not there yet."""
+    try:
+        broker = tomllib.loads(config.read_text()).get("broker", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return None, None
+    key = broker.get("key_file") if isinstance(broker, dict) else None
+    return config.resolve(), Path(key) if isinstance(key, str) and key else None
+
+
+# The ExecStart of the copy in configs/systemd/ (a `pip install edgeship[agent]` as root), for a
+# device set up with `edgeship fleet device enroll`: agent.toml and device.key are root-only.
+EXAMPLE_EXEC_START = ["/usr/local/bin/edgeship", "agent", "run", "--config", str(CREDENTIALS / DEFAULT_CONFIG.name)]
+EXAMPLE_OPTIONS = UnitOptions(exec_start=EXAMPLE_EXEC_START, config_credential=DEFAULT_CONFIG,
+                              key_credential=DEFAULT_CONFIG.parent / "device.key")
 
 
 def default_exec_start(config: Path = DEFAULT_CONFIG) -> list[str]:
@@ -116,6 +155,9 @@ def default_exec_start(config: Path = DEFAULT_CONFIG) -> list[str]:
     script = Path(sys.executable).parent / "edgeship"
     head = [str(script)] if script.is_file() else [sys.executable, "-m", "edgeship.cli"]
     return [*head, "agent", "run", "--config", str(config)]
+
+
+CREDENTIALS_NAME_CONFIG, CREDENTIALS_NAME_KEY = DEFAULT_CONFIG.name, "device.key"
 
 
 def render_unit(options: UnitOptions) -> str:
@@ -140,6 +182,20 @@ def render_unit(options: UnitOptions) -> str:
             "# --allow-device /dev/... which turns this off and admits only those nodes.\n"
             "PrivateDevices=yes\n"
         )
+    credentials = ""
+    if options.config_credential or options.key_credential:
+        credentials = ("# Root-only (0600) files the service's user cannot read: systemd hands it private copies in\n"
+                       "# $CREDENTIALS_DIRECTORY (%d), made at each start (edit, then restart: reload reads the copy).\n")
+    if options.config_credential:
+        credentials += f"LoadCredential={CREDENTIALS_NAME_CONFIG}:{options.config_credential}\n"
+    if options.key_credential:
+        credentials += (f"LoadCredential={CREDENTIALS_NAME_KEY}:{options.key_credential}\n"
+                        f"Environment=EDGESHIP_AGENT_BROKER__KEY_FILE={CREDENTIALS / CREDENTIALS_NAME_KEY}\n")
+    backoff = (
+        "# Each failed start waits longer, up to 10 minutes between tries.\nRestartSteps=10\nRestartMaxDelaySec=600\n"
+        if options.restart_backoff
+        else f"# With systemd >= {BACKOFF_SYSTEMD}, install-service adds RestartSteps=/RestartMaxDelaySec= (backoff).\n"
+    )
     return f"""\
 # edgeship agent: serves the active bundle to local apps and reports to the fleet over MQTT.
 # Written by `edgeship agent install-service`; docs/AGENT.md explains every line.
@@ -147,20 +203,28 @@ def render_unit(options: UnitOptions) -> str:
 Description=edgeship edge agent (local inference and fleet updates)
 Wants=network-online.target
 After=network-online.target
-StartLimitIntervalSec=600
-StartLimitBurst=5
+# Never give up for good: an unattended device keeps trying (a broker, a disk, a bad bundle may recover).
+StartLimitIntervalSec=0
 
 [Service]
 # READY=1 comes only after the model is loaded (or none is installed) and the API listens.
 Type=notify
 NotifyAccess=main
-ExecStart={shlex.join(options.exec_start)}
+{credentials}ExecStart={shlex.join(options.exec_start)}
 # SIGHUP reloads labels, heartbeat interval and log level, and re-publishes state.
 ExecReload=/bin/kill -HUP $MAINPID
-# WATCHDOG=1 comes from the health loop every WatchdogSec/2; a hung agent is restarted.
+# WATCHDOG=1 comes from the owner loop every WatchdogSec/2, only while inference answers (a request
+# or a tiny probe did within liveness.max_silence_s): a hung agent or a wedged runtime is restarted.
 WatchdogSec={options.watchdog_s}
 Restart=on-failure
 RestartSec=5
+{backoff}# The agent is the device's main workload, but a runaway (a leak, a model too big for the board)
+# must not take sshd and the OS down with it: reclaim above MemoryHigh, OOM-kill (then restart) at
+# MemoryMax. Percentages are of the device's RAM.
+MemoryHigh=80%
+MemoryMax=90%
+# onnxruntime's threads (one per core) + one per API connection + MQTT, probe and update threads.
+TasksMax=512
 # Loading a large bundle from slow flash can take minutes.
 TimeoutStartSec=300
 # SIGTERM drains in-flight requests (api.drain_timeout_s, 10 s) then publishes the offline state.

@@ -41,6 +41,10 @@ class LabelsBody(BaseModel):
     labels: list[str] = Field(description="k=v to set, k= to remove")
 
 
+class RevokeBody(BaseModel):
+    enrolled: bool = False  # the fleet CA issued it a certificate: record the revocation even if never seen
+
+
 class UrlBody(BaseModel):
     url: str = Field(pattern=r"^https?://", max_length=2048)
     only: bool = False  # advertise only external URLs, not the controller's own copy
@@ -164,6 +168,10 @@ def create_app(*, engine: Engine, store: BundleStore, token: str, sessions, uplo
             return device_dict(d)
 
         return engine.call(do)
+
+    @app.post("/v1/devices/{device_id}/revoke", tags=["devices"], dependencies=[Depends(auth)])
+    def revoke_device(device_id: str, body: RevokeBody) -> dict[str, Any]:
+        return engine.call(lambda s: device_dict(engine.revoke_device(s, device_id, enrolled=body.enrolled)))
 
     # ---- bundles ---------------------------------------------------------------------------
 

@@ -117,7 +117,8 @@ def _devices_table(rows: list[dict]) -> None:
         inf = (d.get("health") or {}).get("inference") or {}
         active = d.get("active") or {}
         labels = {**d.get("labels", {}), **d.get("op_labels", {})}
-        t.add_row(d["id"], "[green]yes[/]" if d["online"] else f"[red]no[/] {d.get('offline_reason', '')}",
+        online = "[green]yes[/]" if d["online"] else f"[red]no[/] {d.get('offline_reason', '')}"
+        t.add_row(d["id"], "[red]revoked[/]" if d.get("revoked") else online,
                   _ago(d.get("last_seen")), d.get("agent_version") or "-", (d.get("facts") or {}).get("arch", "-"),
                   f"{active.get('name')}@{active.get('version')}" if active else "-",
                   ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-",
@@ -387,9 +388,10 @@ _operation("abort", "Stop the rollout and cancel updates not yet committed.")
 _operation("rollback", "Roll every device this rollout updated back to its previous bundle.")
 
 
-# ---- broker credentials (fleet/enroll.py): the fleet CA, `device enroll` ----------------------
+# ---- broker credentials (fleet/enroll.py): the fleet CA, `device enroll`, `device revoke` -------
 
-from fleet.enroll import ca as _ca_group, enroll_command as _enroll_command  # noqa: E402
+from fleet.enroll import ca as _ca_group, enroll_command as _enroll_command, revoke_command as _revoke_command  # noqa: E402
 
 cli.add_command(_ca_group)
 device.add_command(_enroll_command)
+device.add_command(_revoke_command)

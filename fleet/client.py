@@ -64,6 +64,9 @@ class FleetClient:
     def label(self, device_id: str, labels: list[str]) -> dict:
         return self.request("POST", f"/v1/devices/{device_id}/labels", json={"labels": labels})
 
+    def revoke(self, device_id: str, *, enrolled: bool = False) -> dict:
+        return self.request("POST", f"/v1/devices/{device_id}/revoke", json={"enrolled": enrolled})
+
     def status(self) -> dict:
         return self.request("GET", "/v1/status")
 

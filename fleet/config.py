@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from agent.protocol import DEFAULT_PREFIX, Topics
@@ -35,7 +35,11 @@ class FleetSettings(BaseSettings):
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     mqtt_username: str | None = None
     mqtt_password: SecretStr | None = None
-    mqtt_ca_file: Path | None = None
+    mqtt_ca_file: Path | None = None  # CA of the broker's certificate (mqtts://; system CAs when unset)
+    # Client certificate login (the shipped broker's port 8883): the certificate's CN is the MQTT
+    # username, `fleet@controller` for `edgeship fleet ca client-cert`.
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
     mqtt_client_id: str = "edgeship-fleet"
     # Set to a group name to subscribe through $share/<group>/... (EMQX, HiveMQ, mosquitto 2).
     mqtt_shared_group: str | None = None
@@ -64,6 +68,21 @@ class FleetSettings(BaseSettings):
     def _prefix(cls, v: str) -> str:
         Topics(v)
         return v
+
+    @field_validator("mqtt_ca_file", "mqtt_cert_file", "mqtt_key_file")
+    @classmethod
+    def _exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"no such file: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _client_certificate(self) -> FleetSettings:
+        if (self.mqtt_cert_file is None) != (self.mqtt_key_file is None):
+            raise ValueError("mqtt_cert_file and mqtt_key_file go together (client certificate); set both or neither")
+        if self.mqtt_cert_file is not None and urlsplit(self.mqtt_url).scheme != "mqtts":
+            raise ValueError(f"a client certificate needs TLS: make mqtt_url mqtts://HOST:8883, not {self.mqtt_url!r}")
+        return self
 
     @field_validator("mqtt_url")
     @classmethod

@@ -5,7 +5,7 @@
     edgeship fleet ca client-cert --dir CA           the controller's client certificate
     edgeship fleet device enroll ID --ca-dir CA --trusted-key signing.pub --broker mqtts://host:8883
 
-`enroll` writes into OUT/ID (mode 0700): device.crt + device.key (CN = ID, signed by the fleet
+`enroll` writes into OUT/ID (mode 0755): device.crt + device.key (CN = ID, signed by the fleet
 CA), ca.crt (to verify the broker), trusted/*.pub (the pinned bundle keys) and agent.toml (0600);
 with `--password-file` also a random password, in agent.toml and added to the broker's password file.
 Copy the directory to the device (e.g. /etc/edgeship/) and start `edgeship agent run`.
@@ -22,10 +22,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
+from cryptography import x509
 
 from agent.bundle.signing import KeyError_, key_id, load_public_key
 from agent.protocol.topics import DEFAULT_PREFIX, Topics, check_device_id
-from fleet.pki import CONTROLLER_IDENTITY, CertificateAuthority, PkiError, set_password, write_private, write_public
+from fleet.pki import (CONTROLLER_IDENTITY, CertificateAuthority, PkiError, remove_password, set_password, write_private,
+                       write_public)
 
 
 @dataclass(frozen=True)
@@ -91,15 +93,18 @@ def enroll(device_id: str, *, ca_dir: Path, out_dir: Path, trusted_keys: list[Pa
     directory = Path(out_dir) / device_id
     if directory.exists() and not overwrite:
         raise PkiError(f"{directory} exists: device {device_id!r} was enrolled already; pass --overwrite to re-issue")
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    directory.chmod(0o700)
+    # 0755 with the secrets (device.key, agent.toml) 0600: the agent's DynamicUser= reads the public files in
+    # place and gets the secrets from systemd's LoadCredential= (agent/systemd.py), which reads them as root.
+    directory.mkdir(parents=True, exist_ok=True, mode=0o755)
+    directory.chmod(0o755)
 
     cert_pem, key_pem = ca.issue(device_id)
     write_public(directory / "device.crt", cert_pem)
     write_private(directory / "device.key", key_pem)
     write_public(directory / "ca.crt", Path(broker_ca).read_bytes() if broker_ca else ca.cert_path.read_bytes())
     trusted_dir = directory / "trusted"
-    trusted_dir.mkdir(exist_ok=True, mode=0o700)
+    trusted_dir.mkdir(exist_ok=True, mode=0o755)
+    trusted_dir.chmod(0o755)
     copied = []
     for p in trusted_keys:
         dest = trusted_dir / Path(p).name
@@ -122,9 +127,11 @@ def enroll(device_id: str, *, ca_dir: Path, out_dir: Path, trusted_keys: list[Pa
 # ---- CLI ---------------------------------------------------------------------------------------
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception | str, *, code: int = 2, as_json: bool = False) -> None:
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": str(exc), "code": type(exc).__name__ if isinstance(exc, Exception) else "error"}))
     click.echo(f"error: {exc}", err=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 @click.group("ca")
@@ -178,6 +185,18 @@ def ca_client_cert(ca_dir: Path, name: str, out_dir: Path | None) -> None:
     click.echo(f"client certificate for {name!r}: {out / f'{stem}.crt'} and key {out / f'{stem}.key'}")
 
 
+@ca.command("crl")
+@click.option("--dir", "ca_dir", type=click.Path(path_type=Path), required=True, help="The CA directory.")
+def ca_crl(ca_dir: Path) -> None:
+    """Write (or re-sign) crl.pem: needed once for a CA made before revocation existed."""
+    try:
+        authority = CertificateAuthority.load(ca_dir)
+        path = authority.write_crl()
+    except PkiError as exc:
+        _fail(exc)
+    click.echo(f"CRL: {path} ({len(authority.revoked())} revoked; crlfile in mosquitto.conf, reload with SIGHUP)")
+
+
 @click.command("enroll")
 @click.argument("device_id")
 @click.option("--ca-dir", type=click.Path(path_type=Path), required=True, help="The fleet CA directory.")
@@ -210,7 +229,7 @@ def enroll_command(device_id: str, ca_dir: Path, trusted_keys: tuple[Path, ...],
                                "trusted_keys": [str(p) for p in e.trusted_keys],
                                "password": e.has_password}))
         return
-    click.echo(f"enrolled {e.device_id}: {e.directory} (mode 0700)")
+    click.echo(f"enrolled {e.device_id}: {e.directory} (device.key and agent.toml 0600, root-only on the device)")
     click.echo(f"  certificate {e.certificate.name}, key {e.key.name} (0600), broker CA {e.broker_ca.name}, "
                f"{len(e.trusted_keys)} trusted bundle key(s), {e.agent_toml.name}")
     if e.has_password:
@@ -219,9 +238,88 @@ def enroll_command(device_id: str, ca_dir: Path, trusted_keys: tuple[Path, ...],
     click.echo(f"  copy the directory to the device and run: edgeship agent run --config {e.agent_toml.name}")
 
 
+@dataclass(frozen=True)
+class Revocation:
+    device_id: str
+    crl: Path | None  # None when no CA directory was given
+    serials: list[int]  # certificates newly listed in the CRL
+    password_removed: bool
+
+
+def revoke_credentials(device_id: str, *, ca_dir: Path | None, password_file: Path | None = None,
+                       certificates: list[Path] = ()) -> Revocation:
+    """Put every certificate the CA issued to `device_id` (and `certificates`) in its CRL; drop its broker password."""
+    try:
+        check_device_id(device_id)
+    except ValueError as exc:
+        raise PkiError(str(exc)) from None
+    crl, serials = None, []
+    if ca_dir is not None:
+        authority = CertificateAuthority.load(ca_dir)
+        serials = authority.revoke(device_id, certificates=[_load_cert(p) for p in certificates])
+        crl = authority.crl_path
+    removed = remove_password(Path(password_file), device_id) if password_file is not None else False
+    return Revocation(device_id, crl, serials, removed)
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PkiError(f"{path} is not a readable PEM certificate ({exc}); pass the device's device.crt") from None
+
+
+@click.command("revoke")
+@click.argument("device_id")
+@click.option("--ca-dir", type=click.Path(path_type=Path), default=None,
+              help="The fleet CA directory: its crl.pem gets every certificate issued to DEVICE_ID.")
+@click.option("--password-file", type=click.Path(path_type=Path), default=None,
+              help="Also remove DEVICE_ID from this Mosquitto password file.")
+@click.option("--cert", "certificates", multiple=True, type=click.Path(path_type=Path),
+              help="A certificate of DEVICE_ID to revoke too (one issued before the CA kept issued/).")
+@click.option("--no-controller", is_flag=True, help="Only the broker's files; do not tell the controller.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def revoke_command(ctx: click.Context, device_id: str, ca_dir: Path | None, password_file: Path | None,
+                   certificates: tuple[Path, ...], no_controller: bool, as_json: bool) -> None:
+    """Revoke DEVICE_ID: the broker refuses its certificate (after a reload), the controller ignores it."""
+    from fleet.client import ClientError, FleetClient
+
+    if ca_dir is None and no_controller:
+        _fail(PkiError("nothing to revoke with: pass --ca-dir (the broker's CRL), or drop --no-controller"), as_json=as_json)
+    try:
+        r = revoke_credentials(device_id, ca_dir=ca_dir, password_file=password_file, certificates=list(certificates))
+    except (PkiError, OSError) as exc:
+        _fail(exc, as_json=as_json)
+    told = None
+    if not no_controller:
+        obj = ctx.find_root().obj or {}
+        client = FleetClient(obj.get("url"), obj.get("token"))
+        try:
+            told = client.revoke(device_id, enrolled=r.crl is not None)
+        except ClientError as exc:
+            done = f"the CRL {r.crl} lists it, but the controller was not told: " if r.crl else ""
+            _fail(f"{done}{exc}", code=exc.exit_code, as_json=as_json)
+        finally:
+            client.close()
+    if as_json:
+        click.echo(json.dumps({"device_id": device_id, "crl": str(r.crl) if r.crl else None,
+                               "serials": [f"{s:x}" for s in r.serials], "password_removed": r.password_removed,
+                               "controller": told is not None}))
+        return
+    if r.crl is not None:
+        click.echo(f"revoked {device_id}: {len(r.serials)} certificate(s) newly in {r.crl}; "
+                   "reload the broker to refuse them: systemctl reload mosquitto (SIGHUP)")
+    if r.password_removed:
+        click.echo(f"removed {device_id} from {password_file} (also read on reload)")
+    if told is not None:
+        click.echo(f"the controller ignores {device_id} from now on and never selects it for a rollout")
+
+
 @click.group("device")
 def device() -> None:
-    """Enrol devices."""
+    """Enrol and revoke devices."""
 
 
 device.add_command(enroll_command)
+device.add_command(revoke_command)

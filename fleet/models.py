@@ -33,6 +33,8 @@ class Device(Base):
     execution_provider: Mapped[str | None] = mapped_column(String(64), nullable=True)
     update: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     health: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Set by `edgeship fleet device revoke`: its messages are ignored, rollouts never select it.
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     __table_args__ = (Index("ix_devices_online", "online"),)
 

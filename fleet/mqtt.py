@@ -19,6 +19,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol import Channel, Topics
+from fleet.config import FleetSettings
 from fleet.errors import ConfigError
 
 log = logging.getLogger("edgeship.fleet.mqtt")
@@ -36,6 +37,8 @@ class ControllerLink:
         username: str | None = None,
         password: str | None = None,
         ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
         shared_group: str | None = None,
         keepalive: int = 30,
     ):
@@ -53,11 +56,29 @@ class ControllerLink:
         if username:
             self.client.username_pw_set(username, password)
         if parts.scheme == "mqtts":
-            self.client.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
+            try:
+                self.client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file, cert_reqs=ssl.CERT_REQUIRED)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"MQTT TLS files (ca {ca_file}, cert {cert_file}, key {key_file}) cannot be used: "
+                                  f"{exc}; check mqtt_ca_file, mqtt_cert_file and mqtt_key_file") from None
         self.client.reconnect_delay_set(1, 30)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+
+    @classmethod
+    def from_settings(cls, settings: FleetSettings, *, deliver: Callable[[str, bytes], None]) -> ControllerLink:
+        """The link `settings` describe: broker URL, password or client certificate, CA."""
+
+        def path(p: object) -> str | None:
+            return str(p) if p is not None else None
+
+        return cls(settings.mqtt_url, topics=settings.topics, deliver=deliver, client_id=settings.mqtt_client_id,
+                   username=settings.mqtt_username,
+                   password=settings.mqtt_password.get_secret_value() if settings.mqtt_password else None,
+                   ca_file=path(settings.mqtt_ca_file), cert_file=path(settings.mqtt_cert_file),
+                   key_file=path(settings.mqtt_key_file), shared_group=settings.mqtt_shared_group,
+                   keepalive=settings.mqtt_keepalive_s)
 
     def filters(self) -> list[str]:
         out = []

@@ -1,9 +1,12 @@
 """The fleet's own small PKI for the MQTT broker: a CA, the broker's server certificate, client
-certificates for devices and the controller, and Mosquitto password-file entries.
+certificates for devices and the controller, revocation (a CRL the broker reads), and Mosquitto
+password-file entries.
 
 Everything is ECDSA P-256 (what every TLS stack on a gateway speaks) and written with private
 files 0600 in 0700 directories. The CN of a client certificate is its MQTT identity: mosquitto's
 `use_identity_as_username` turns it into the username that the ACL's `%u` patterns match.
+Every certificate the CA signs is kept (public) in `issued/SERIAL.pem`, so `revoke(name)` can find
+the serials to put in `crl.pem`, the CRL mosquitto's `crlfile` names.
 
     PkiError(ValueError)     bad input or a CA that cannot be read; the message says what to do
 """
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -27,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 # The controller's MQTT identity. '@' is not allowed in a device id (agent/protocol/topics.py),
 # so no device can ever be enrolled under the controller's name and inherit its ACL.
 CONTROLLER_IDENTITY = "fleet@controller"
-CA_CERT, CA_KEY = "ca.crt", "ca.key"
+CA_CERT, CA_KEY, CRL_FILE, ISSUED_DIR = "ca.crt", "ca.key", "crl.pem", "issued"
 CA_DAYS, LEAF_DAYS = 3650, 825
 # Mosquitto 2.x password hashes: "$7$" is PBKDF2-SHA512; 101 iterations is mosquitto_passwd's default.
 PASSWD_ITERATIONS = 101
@@ -81,6 +85,10 @@ class CertificateAuthority:
     def cert_path(self) -> Path:
         return self.directory / CA_CERT
 
+    @property
+    def crl_path(self) -> Path:
+        return self.directory / CRL_FILE
+
     @classmethod
     def init(cls, directory: Path, *, name: str = "edgeship fleet CA", overwrite: bool = False) -> CertificateAuthority:
         """Create a new CA in `directory` (ca.key 0600, ca.crt 0644)."""
@@ -106,7 +114,9 @@ class CertificateAuthority:
         )
         write_private(directory / CA_KEY, _key_pem(key))
         write_public(directory / CA_CERT, _cert_pem(cert))
-        return cls(cert, key, directory)
+        authority = cls(cert, key, directory)
+        authority.write_crl()  # mosquitto's crlfile must exist before anything is revoked
+        return authority
 
     @classmethod
     def load(cls, directory: Path) -> CertificateAuthority:
@@ -145,7 +155,68 @@ class CertificateAuthority:
         if server_names:
             builder = builder.add_extension(x509.SubjectAlternativeName([_san(n) for n in server_names]), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
+        write_public(self.directory / ISSUED_DIR / f"{cert.serial_number:x}.pem", _cert_pem(cert))
         return _cert_pem(cert), _key_pem(key)
+
+    def issued(self, common_name: str) -> list[x509.Certificate]:
+        """Every certificate this CA signed for `common_name` (from issued/)."""
+        found = []
+        for path in sorted((self.directory / ISSUED_DIR).glob("*.pem")):
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+            if _common_name(cert) == common_name:
+                found.append(cert)
+        return found
+
+    def revoked(self) -> dict[int, dt.datetime]:
+        """serial -> revocation time, as listed in crl.pem (empty if there is none yet)."""
+        if not self.crl_path.exists():
+            return {}
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
+        except ValueError as exc:
+            raise PkiError(f"{self.crl_path} cannot be read ({exc}); restore it from a backup before revoking more") from None
+        return {r.serial_number: r.revocation_date_utc for r in crl}
+
+    def revoke(self, common_name: str, *, certificates: list[x509.Certificate] = ()) -> list[int]:
+        """Add every certificate issued to `common_name` (and `certificates`, e.g. from before issued/
+        existed) to crl.pem; returns the serials newly revoked."""
+        for cert in certificates:
+            try:
+                cert.verify_directly_issued_by(self.cert)  # the signature, not the issuer's name: CAs share names
+                signed = True
+            except (ValueError, TypeError, InvalidSignature):
+                signed = False
+            if not signed or _common_name(cert) != common_name:
+                raise PkiError(f"certificate {cert.serial_number:x} ({_common_name(cert)!r}) is not {common_name!r} "
+                               "signed by this CA; pass that device's own device.crt")
+        certs = [*self.issued(common_name), *certificates]
+        if not certs:
+            raise PkiError(f"the CA in {self.directory} issued no certificate to {common_name!r}; "
+                           f"check the id (issued certificates are in {self.directory / ISSUED_DIR})")
+        revoked = self.revoked()
+        new = [c.serial_number for c in certs if c.serial_number not in revoked]
+        now = _now()
+        self.write_crl({**revoked, **{serial: now for serial in new}})
+        return new
+
+    def write_crl(self, revoked: dict[int, dt.datetime] | None = None) -> Path:
+        """Sign and write crl.pem listing `revoked` (default: what it lists now, re-signed)."""
+        revoked = self.revoked() if revoked is None else revoked
+        # OpenSSL refuses every client once a CRL's nextUpdate has passed: make it last as long as the CA.
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
+                   .last_update(_now() - dt.timedelta(minutes=5)).next_update(self.cert.not_valid_after_utc)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False))
+        for serial, when in sorted(revoked.items()):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
+        crl = builder.sign(self.key, hashes.SHA256())
+        write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        return self.crl_path
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
 
 
 def _san(name: str) -> x509.GeneralName:
@@ -167,8 +238,22 @@ def mosquitto_password_line(username: str, password: str, *, salt: bytes | None 
 
 def set_password(password_file: Path, username: str, password: str) -> None:
     """Add or replace `username` in a Mosquitto password file (kept 0600); send SIGHUP to reload."""
+    kept = _password_lines_without(Path(password_file), username)
+    kept.append(mosquitto_password_line(username, password))
+    write_private(Path(password_file), ("\n".join(kept) + "\n").encode())
+
+
+def remove_password(password_file: Path, username: str) -> bool:
+    """Remove `username` from a Mosquitto password file; False if it had no entry. SIGHUP to reload."""
     password_file = Path(password_file)
     lines = password_file.read_text().splitlines() if password_file.exists() else []
-    kept = [ln for ln in lines if ln.strip() and ln.split(":", 1)[0] != username]
-    kept.append(mosquitto_password_line(username, password))
-    write_private(password_file, ("\n".join(kept) + "\n").encode())
+    kept = _password_lines_without(password_file, username)
+    if len(kept) == len([ln for ln in lines if ln.strip()]):
+        return False
+    write_private(password_file, ("\n".join(kept) + "\n").encode() if kept else b"")
+    return True
+
+
+def _password_lines_without(password_file: Path, username: str) -> list[str]:
+    lines = password_file.read_text().splitlines() if password_file.exists() else []
+    return [ln for ln in lines if ln.strip() and ln.split(":", 1)[0] != username]

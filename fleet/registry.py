@@ -17,7 +17,7 @@ from fleet.models import Device
 
 log = logging.getLogger("edgeship.fleet.registry")
 # Selector keys the controller fills from its own knowledge; no label, reported or set, may shadow them.
-RESERVED_KEYS = frozenset({"id", "arch", "os", "online", "bundle"})
+RESERVED_KEYS = frozenset({"id", "arch", "os", "online", "revoked", "bundle"})
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 _VALUE_RE = re.compile(r"^[A-Za-z0-9._:/-]{0,128}$")
 
@@ -72,7 +72,8 @@ def device_view(device: Device) -> dict[str, str]:
     labels = {**(device.labels or {}), **(device.op_labels or {})}
     view = {k: v for k, v in labels.items() if k not in RESERVED_KEYS}
     view.update({"id": device.id, "arch": str(facts.get("arch", "")), "os": str(facts.get("os", "")),
-                 "online": "true" if device.online else "false"})
+                 "online": "true" if device.online else "false",
+                 "revoked": "true" if device.revoked_at is not None else "false"})
     if device.active:
         view["bundle"] = f"{device.active.get('name')}@{device.active.get('version')}"
     return view
@@ -81,7 +82,14 @@ def device_view(device: Device) -> dict[str, str]:
 def new_device(device_id: str, now: float) -> Device:
     return Device(id=device_id, online=False, session="", first_seen=now, last_seen=now, offline_reason="",
                   agent_version="", facts={}, labels={}, op_labels={}, active=None, previous=None,
-                  execution_provider=None, update=None, health=None)
+                  execution_provider=None, update=None, health=None, revoked_at=None)
+
+
+def revoke(device: Device, now: float) -> None:
+    """Mark `device` revoked (kept on a second revoke) and offline: it never answers again."""
+    device.revoked_at = device.revoked_at or now
+    device.online = False
+    device.offline_reason = "revoked"
 
 
 def apply_state(device: Device, msg: StateMessage, now: float) -> bool:
@@ -140,5 +148,5 @@ def device_dict(device: Device) -> dict[str, Any]:
         "offline_reason": device.offline_reason, "agent_version": device.agent_version, "facts": device.facts or {},
         "labels": device.labels or {}, "op_labels": device.op_labels or {}, "active": device.active,
         "previous": device.previous, "execution_provider": device.execution_provider, "update": device.update,
-        "health": device.health,
+        "health": device.health, "revoked": device.revoked_at is not None, "revoked_at": device.revoked_at,
     }

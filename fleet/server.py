@@ -37,13 +37,7 @@ class Controller:
             tick_interval_s=settings.tick_interval_s, batch_max=settings.batch_max,
             resend_interval_s=settings.resend_interval_s, heartbeat_timeout_s=settings.heartbeat_timeout_s,
         )
-        self.link = ControllerLink(
-            settings.mqtt_url, topics=settings.topics, deliver=self.engine.deliver, client_id=settings.mqtt_client_id,
-            username=settings.mqtt_username,
-            password=settings.mqtt_password.get_secret_value() if settings.mqtt_password else None,
-            ca_file=str(settings.mqtt_ca_file) if settings.mqtt_ca_file else None,
-            shared_group=settings.mqtt_shared_group, keepalive=settings.mqtt_keepalive_s,
-        )
+        self.link = ControllerLink.from_settings(settings, deliver=self.engine.deliver)
 
     def _publish(self, topic: str, payload: bytes) -> None:
         assert self.link is not None

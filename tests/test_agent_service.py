@@ -453,3 +453,77 @@ def test_deploy_events_buffered_while_the_broker_is_down(tmp_path, topic_prefix,
     finally:
         files.stop()
         own.stop()
+
+
+def test_a_wedged_runtime_stops_the_watchdog_pings(tmp_path, keypair, bundle_dir, caplog):
+    """WATCHDOG=1 needs inference that answers: a runtime stuck inside a run stops the pings."""
+    import threading
+
+    from agent.bundle import open_bundle
+    from agent.config import load_settings
+    from agent.runtime import load_model
+    from agent.service import AgentService
+    from agent.systemd import Notifier
+
+    notify = NotifySocket()
+    config = tmp_path / "agent.toml"
+    config.write_text(f'device_id = "dev-wedge"\nstate_dir = "{tmp_path / "state"}"\n'
+                      f'[api]\nbind = "127.0.0.1:{free_port()}"\nqueue_size = 4\ndrain_timeout_s = 0\n'
+                      '[liveness]\nprobe_interval_s = 0.2\nmax_silence_s = 1.5\n')
+    service = AgentService(load_settings(config),
+                           notifier=Notifier({"NOTIFY_SOCKET": notify.env, "WATCHDOG_USEC": "400000"}))
+    model = load_model(open_bundle(bundle_dir, TrustedKeys.from_paths([keypair[1]])))
+    service.host.swap(model)
+    service._start_api()
+    service._start_probe()
+    # The wedge: onnxruntime's run never returns (an execution provider hung in a driver call).
+    wedged, release, real_run = threading.Event(), threading.Event(), model.session.run
+
+    def run(*args, **kwargs):
+        if wedged.is_set():
+            release.wait()
+        return real_run(*args, **kwargs)
+
+    model.session.run = run
+    loop = threading.Thread(target=service._loop, daemon=True)
+    loop.start()
+
+    def pings(seconds: float) -> list[float]:
+        got, deadline = [], time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            notify.sock.settimeout(left)
+            try:
+                data = notify.sock.recv(4096).decode()
+            except TimeoutError:
+                break
+            got += [time.monotonic()] * data.splitlines().count("WATCHDOG=1")
+        return got
+
+    def request() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", service.settings.api.port, timeout=60)
+        conn.request("POST", "/v1/embeddings", body=json.dumps({"model": "tiny", "input": [[0.5] * 8]}),
+                     headers={"Content-Type": "application/json"})
+        assert conn.getresponse().status == 200
+        conn.close()
+
+    try:
+        start = time.monotonic()
+        idle = pings(3.0)  # idle: the probe's inference answers, so pings go on past max_silence_s
+        assert len(idle) >= 8 and max(idle) - start > 2.5, idle
+        request()
+        wedged.set()
+        stuck = threading.Thread(target=request, daemon=True)  # a request stuck inside the run, holding its slot
+        stuck.start()
+        start = time.monotonic()
+        got = pings(4.0)
+        assert got and max(got) - start < 2.0, got  # max_silence_s (1.5) after the last answer, no more pings
+        assert "inference has not answered for over 1.5 s (wedged runtime?)" in caplog.text
+        release.set()  # the runtime comes back: the stuck request answers and the pings resume
+        stuck.join(30)
+        assert len(pings(1.5)) >= 2
+    finally:
+        release.set()
+        service.inbox.put(signal.SIGTERM)
+        loop.join(10)
+        service._shutdown()
+        notify.close()

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import httpx
@@ -212,3 +213,38 @@ def test_bundle_uploads_past_the_limit_get_a_413_and_leave_nothing_on_disk(broke
         assert list((tmp_path / "data" / "uploads").iterdir()) == []
     finally:
         assert c.terminate() == 0
+
+
+def status(c: ControllerProcess) -> dict:
+    return httpx.get(f"{c.url}/v1/status", headers={"Authorization": f"Bearer {TOKEN}"}).json()["engine"]
+
+
+def test_a_revoked_device_is_ignored_never_selected_and_stays_revoked(controller, bundle_dirs):
+    c = controller
+    run(c, "bundle", "push", str(bundle_dirs["v1"]))
+    assert "not found" in run(c, "device", "revoke", "nope", code=5)["error"]  # unknown to the controller, no CA
+    revoked = run(c, "device", "revoke", "edge-b")
+    assert revoked["controller"] is True and revoked["crl"] is None
+    shown = run(c, "device", "show", "edge-b")
+    assert shown["revoked"] is True and shown["online"] is False and shown["offline_reason"] == "revoked"
+    seen = shown["last_seen"]
+    # the simulator keeps sending edge-b's heartbeats every 0.3 s: every one is dropped
+    wait_for(lambda: status(c)["ignored_revoked"] >= 3, what="edge-b's heartbeats ignored")
+    assert run(c, "device", "show", "edge-b")["last_seen"] == seen
+    assert [d["id"] for d in run(c, "devices", "--selector", "revoked=true")] == ["edge-b"]
+    assert "matches no device" in run(c, "rollout", "create", "--bundle", "tiny@1.0.0", "--selector", "id=edge-b",
+                                      code=1)["error"]
+    r = run(c, "rollout", "create", "--bundle", "tiny@1.0.0", "--waves", "100%")
+    assert r["total"] == 3
+    assert "edge-b" not in {d["device"] for d in run(c, "rollout", "show", r["id"])["devices"]}
+    run(c, "rollout", "abort", r["id"])
+    assert c.log().count("ignoring messages from revoked device edge-b") == 1
+    # persisted: a restarted controller still refuses it
+    assert c.terminate() == 0
+    c.start()
+    time.sleep(1.0)  # several heartbeats of edge-b reach the new process
+    shown = run(c, "device", "show", "edge-b")
+    assert shown["revoked"] is True and shown["online"] is False and shown["last_seen"] == seen
+    assert status(c)["ignored_revoked"] >= 1
+    human = CliRunner().invoke(cli, ["--url", c.url, "--token", TOKEN, "devices"], obj={})
+    assert "revoked" in human.stdout

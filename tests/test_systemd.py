@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.systemd import EXAMPLE_EXEC_START, UNIT_NAME, Notifier, UnitError, UnitOptions, render_unit, watchdog_interval
+from agent.systemd import (BACKOFF_SYSTEMD, EXAMPLE_EXEC_START, EXAMPLE_OPTIONS, UNIT_NAME, Notifier, UnitError,
+                           UnitOptions, render_unit, systemd_version, watchdog_interval)
 from tests.test_agent_service import Agent, NotifySocket
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,14 +73,17 @@ def test_unit_has_the_promised_directives():
                       "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "SystemCallFilter=@system-service",
                       "MemoryDenyWriteExecute=yes", "CapabilityBoundingSet=", "LockPersonality=yes",
                       "RestrictRealtime=yes", "ProtectKernelTunables=yes", "ProtectKernelModules=yes",
-                      "ProtectControlGroups=yes", "ExecReload=/bin/kill -HUP $MAINPID"):
+                      "ProtectControlGroups=yes", "ExecReload=/bin/kill -HUP $MAINPID",
+                      # restarts never give up for good; a runaway cannot starve the OS
+                      "StartLimitIntervalSec=0", "RestartSec=5", "MemoryHigh=80%", "MemoryMax=90%", "TasksMax=512"):
         assert directive in lines, directive
     assert "ProcSubset=pid" not in lines  # would hide /proc/meminfo and /proc/cpuinfo from facts
+    assert not any(line.startswith("StartLimitBurst=") for line in lines)
 
 
 def test_repository_copy_is_what_install_service_writes():
     copy = (ROOT / "configs" / "systemd" / UNIT_NAME).read_text()
-    assert copy == render_unit(UnitOptions(exec_start=EXAMPLE_EXEC_START)), \
+    assert copy == render_unit(EXAMPLE_OPTIONS), \
         "configs/systemd/edgeship-agent.service is stale: regenerate it from agent.systemd.render_unit"
 
 
@@ -150,3 +154,78 @@ def test_agent_serves_under_memory_deny_write_execute(tmp_path, broker, topic_pr
         out.close()
         notify.close()
     assert "PR_SET_MDWE failed" not in a.output()
+
+
+def test_restart_backoff_only_where_this_systemd_knows_it(tmp_path):
+    analyze, version = systemd_analyze(), systemd_version()
+    assert version is not None, "systemctl --version did not answer"
+    unit = tmp_path / UNIT_NAME
+    unit.write_text(render_unit(UnitOptions(exec_start=[sys.executable], restart_backoff=True)))
+    check = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    knows = "Unknown key 'RestartSteps'" not in check.stdout + check.stderr
+    assert knows == (version >= BACKOFF_SYSTEMD), (version, check.stdout + check.stderr)
+    # install-service asks the running systemd and writes the backoff lines only where they work
+    proc = edgeship("install-service", "--dry-run")
+    assert ("RestartSteps=10\nRestartMaxDelaySec=600\n" in proc.stdout) == knows
+
+
+def test_enrolled_files_reach_a_dynamic_user(tmp_path, keypair):
+    """DynamicUser= cannot read root's 0600 agent.toml and device.key: the unit hands them over with
+    LoadCredential=, and everything else the agent reads stays readable in place. Checked as a real
+    unprivileged uid, with the credentials directory laid out as systemd makes it."""
+    import tempfile
+
+    from fleet.enroll import enroll
+    from fleet.pki import CertificateAuthority
+
+    if os.geteuid() != 0:
+        pytest.fail("this test plays systemd (root) handing files to an unprivileged uid; run it as root")
+    etc = Path(tempfile.mkdtemp(prefix="edgeship-etc-", dir="/tmp"))  # pytest's tmp_path is 0700: nobody could look in
+    try:
+        etc.chmod(0o755)
+        CertificateAuthority.init(tmp_path / "ca")
+        e = enroll("dev-unit", ca_dir=tmp_path / "ca", out_dir=etc, trusted_keys=[keypair[1]],
+                   broker_url="mqtts://127.0.0.1:8883")
+        assert {p.name: stat_mode(p) for p in (e.key, e.agent_toml)} == {"device.key": 0o600, "agent.toml": 0o600}
+
+        proc = edgeship("install-service", "--dry-run", "--config", str(e.agent_toml))
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert f"LoadCredential=agent.toml:{e.agent_toml}" in lines
+        assert f"LoadCredential=device.key:{e.key.resolve()}" in lines
+        assert "Environment=EDGESHIP_AGENT_BROKER__KEY_FILE=%d/device.key" in lines
+        assert any(line.startswith("ExecStart=") and line.endswith(" --config %d/agent.toml") for line in lines)
+        unit = tmp_path / UNIT_NAME
+        unit.write_text(proc.stdout)
+        check = subprocess.run([systemd_analyze(), "verify", str(unit)], capture_output=True, text=True, timeout=60)
+        assert UNIT_NAME not in check.stdout + check.stderr.replace(f"Command {sys.executable}", ""), check.stderr
+
+        # What systemd does at start: copies owned by the service's uid, 0400, in a private directory.
+        nobody = 65534
+        creds = Path(tempfile.mkdtemp(prefix="edgeship-creds-", dir="/tmp"))
+        for name, src in (("agent.toml", e.agent_toml), ("device.key", e.key)):
+            shutil.copyfile(src, creds / name)
+            os.chown(creds / name, nobody, nobody)
+            (creds / name).chmod(0o400)
+        os.chown(creds, nobody, nobody)
+        probe = (
+            "import ssl; from agent.config import load_settings; from agent.bundle import TrustedKeys\n"
+            f"s = load_settings(__import__('pathlib').Path('{creds}/agent.toml'))\n"
+            "ssl.create_default_context(cafile=str(s.broker.ca_file)).load_cert_chain(s.broker.cert_file, s.broker.key_file)\n"
+            "TrustedKeys.from_paths(s.trusted_keys); print('read', s.broker.key_file)\n"
+        )
+        env = {**os.environ, "EDGESHIP_AGENT_BROKER__KEY_FILE": str(creds / "device.key"), "PYTHONDONTWRITEBYTECODE": "1"}
+        as_nobody = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", sys.executable, "-c", probe]
+        run = subprocess.run(as_nobody, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+        assert run.returncode == 0 and f"read {creds}/device.key" in run.stdout, run.stderr[-2000:]
+        # and the root-only originals stay out of its reach
+        denied = subprocess.run(["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", "cat", str(e.key)],
+                                capture_output=True, text=True, timeout=10)
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)
+        shutil.rmtree(locals().get("creds", etc), ignore_errors=True)
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777

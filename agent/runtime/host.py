@@ -51,6 +51,7 @@ class StatsCollector:
         self.latency_counts = [0] * (len(self.latency_buckets) + 1)
         self.latency_sum_ms = 0.0
         self.queue_depth = 0  # set by the API server
+        self.last_ok_monotonic = 0.0  # when a request last succeeded (agent/liveness.py)
         self.in_flight = 0
 
     def record(self, latency_ms: float, *, ok: bool, prefill_tokens: int = 0, prefill_s: float = 0.0,
@@ -63,6 +64,7 @@ class StatsCollector:
             p.errors += 0 if ok else 1
             if ok:  # a failure's latency says nothing about serving speed
                 p.latencies.append(latency_ms)
+                self.last_ok_monotonic = time.monotonic()
             p.prefill_tokens += prefill_tokens
             p.prefill_s += prefill_s
             p.decode_tokens += decode_tokens

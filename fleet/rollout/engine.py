@@ -43,9 +43,11 @@ from agent.protocol import (
     encode,
     parse_device_message,
 )
+from agent.protocol.topics import check_device_id
 from fleet.errors import Conflict, InvalidRequest, NotFound
 from fleet.models import Bundle, Device, Rollout, RolloutDevice
-from fleet.registry import Selector, apply_health, apply_offline, apply_state, device_view, health_summary, new_device
+from fleet.registry import (Selector, apply_health, apply_offline, apply_state, device_view, health_summary, new_device,
+                            revoke)
 from fleet.rollout.plan import HealthNumbers, RolloutSpec, judge_wave, target_mismatch, wave_sizes
 from fleet.rollout.state import (
     ACTIVE,
@@ -79,6 +81,7 @@ def split_command_id(cid: str) -> tuple[str, str] | None:
 class Stats:
     received: int = 0
     rejected: int = 0
+    ignored_revoked: int = 0  # messages from revoked devices, dropped
     batches: int = 0
     published: int = 0
     last_batch: int = 0
@@ -87,7 +90,8 @@ class Stats:
     reject_codes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"received": self.received, "rejected": self.rejected, "batches": self.batches,
+        return {"received": self.received, "rejected": self.rejected, "ignored_revoked": self.ignored_revoked,
+                "batches": self.batches,
                 "published": self.published, "last_batch": self.last_batch,
                 "last_batch_s": round(self.last_batch_s, 4), "lag_s": round(self.lag_s, 4),
                 "reject_codes": dict(self.reject_codes)}
@@ -124,6 +128,8 @@ class Engine:
         self._last_sent: dict[tuple[str, str], float] = {}  # (rollout, device) -> monotonic; empty after restart
         self._recent: dict[str, deque] = {}  # device -> (ts, requests, errors, p95)
         self._presence: dict[str, tuple[bool, str]] | None = None  # device -> (online, session), as committed
+        self._revoked: set[str] | None = None  # revoked devices, as committed; their messages are dropped
+        self._revoked_logged: set[str] = set()  # one log line per revoked device per controller run
         self._last_health: dict[str, dict | None] = {}  # device -> health row, for baselines after a restart
         self._next_silence_check = 0.0
         self._faults: dict[str, int] = {}  # rollout -> failed ticks in a row
@@ -255,6 +261,9 @@ class Engine:
         self.stats.received += len(msgs)
         if self._presence is None:
             self._presence = {i: (on, sess) for i, on, sess in session.execute(select(Device.id, Device.online, Device.session))}
+        if self._revoked is None:
+            self._revoked = set(session.scalars(select(Device.id).where(Device.revoked_at.is_not(None))))
+        parsed = self._drop_revoked(parsed)
         # Heartbeats of known, online devices (the bulk of the traffic at scale) skip the ORM:
         # one executemany UPDATE per batch. Any other message puts its device on the ORM path.
         slow_ids = {d for d, m in parsed if not (isinstance(m, HealthMessage) and self._presence.get(d) == (True, m.session))}
@@ -337,6 +346,16 @@ class Engine:
         self.stats.last_batch = len(msgs)
         self.stats.last_batch_s = time.time() - started
         self.stats.lag_s = time.time() - min(i[3] for i in msgs)
+
+    def _drop_revoked(self, parsed: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        assert self._revoked is not None
+        kept = [(d, m) for d, m in parsed if d not in self._revoked]
+        self.stats.ignored_revoked += len(parsed) - len(kept)
+        for device_id in sorted({d for d, _ in parsed if d in self._revoked} - self._revoked_logged):
+            self._revoked_logged.add(device_id)
+            log.warning("ignoring messages from revoked device %s (edgeship fleet device revoke); "
+                        "status shows how many (ignored_revoked)", device_id)
+        return kept
 
     def _health_sample(self, device_id: str, m: HealthMessage, hit: tuple[Rollout, RolloutDevice] | None, now: float) -> None:
         """Keep the heartbeat for baselines; add it to the health gate's numbers when observed."""
@@ -652,7 +671,7 @@ class Engine:
         if not bundle.stored and not bundle.urls:
             raise Conflict(f"bundle {bundle_ref} was removed and has no external URL; push it again")
         sel = Selector.parse(selector)
-        devices = [d for d in session.scalars(select(Device)) if sel.matches(device_view(d))]
+        devices = [d for d in session.scalars(select(Device).where(Device.revoked_at.is_(None))) if sel.matches(device_view(d))]
         if not devices:
             raise InvalidRequest(f"selector {selector!r} matches no device; list them with: edgeship fleet devices")
         target = bundle.manifest.get("target", {})
@@ -690,6 +709,27 @@ class Engine:
                              post_p95_sum=0.0, post_p95_weight=0))
         session.execute(RolloutDevice.__table__.insert(), rows)
         return rid
+
+    def revoke_device(self, session: Session, device_id: str, *, enrolled: bool = False) -> Device:
+        """Refuse `device_id` from now on (persisted). `enrolled`: the CA knows it, so record it even if never seen."""
+        d = session.get(Device, device_id)
+        if d is None:
+            try:
+                check_device_id(device_id)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
+            if not enrolled:
+                raise NotFound(f"device {device_id!r} not found; list them with: edgeship fleet devices "
+                               "(a device that never connected: revoke it with --ca-dir)")
+            d = new_device(device_id, time.time())
+            session.add(d)
+        revoke(d, time.time())
+        session.flush()
+        if self._revoked is not None:
+            self._revoked.add(device_id)
+        if self._presence is not None:
+            self._presence[device_id] = (False, d.session)
+        return d
 
     def operate(self, session: Session, rollout_id: str, event: RolloutEvent) -> None:
         r = session.get(Rollout, rollout_id)

@@ -1,13 +1,12 @@
 """The whole fleet on the production broker example: TLS only, the ACL of configs/mosquitto/, agents
 configured by nothing but the agent.toml that `edgeship fleet device enroll` wrote (client
-certificate or password), the controller logging in as fleet@controller."""
+certificate or password), the controller logging in as fleet@controller with its client certificate."""
 
 from __future__ import annotations
 
 import pytest
 
 from edgeship.localstack import LocalFleet
-from fleet.pki import CONTROLLER_IDENTITY
 from tests.e2e.conftest import check_fleet, explain, rollout, wait_rollout
 from tests.support.secure_broker import start_secure_broker
 
@@ -20,9 +19,9 @@ def test_rollout_over_tls_with_enrolled_devices(tmp_path, processes, versions, k
     try:
         fleet = LocalFleet(
             tmp_path / "fleet", processes, broker_url=f"mqtts://127.0.0.1:{secure.cert_port}",
-            trusted_keys=[keypair[1]], controller_mqtt_url=f"mqtts://127.0.0.1:{secure.password_port}",
-            controller_env={"EDGESHIP_FLEET_MQTT_USERNAME": CONTROLLER_IDENTITY,
-                            "EDGESHIP_FLEET_MQTT_PASSWORD": secure.controller_password,
+            trusted_keys=[keypair[1]], controller_mqtt_url=f"mqtts://127.0.0.1:{secure.cert_port}",
+            controller_env={"EDGESHIP_FLEET_MQTT_CERT_FILE": str(secure.workdir / "controller.crt"),
+                            "EDGESHIP_FLEET_MQTT_KEY_FILE": str(secure.workdir / "controller.key"),
                             "EDGESHIP_FLEET_MQTT_CA_FILE": str(secure.ca_file)})
         fleet.start_controller()
         for device_id, directory in secure.devices.items():

@@ -5,13 +5,13 @@ the run, devices enrolled with `fleet.enroll.enroll`, and the controller's crede
 
 from __future__ import annotations
 
-import secrets
+import signal
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleet.enroll import enroll
-from fleet.pki import CONTROLLER_IDENTITY, CertificateAuthority, set_password
+from fleet.pki import CONTROLLER_IDENTITY, CertificateAuthority
 from tests.support.broker import Broker, free_port, mosquitto_binary, start_broker
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "mosquitto"
@@ -43,11 +43,15 @@ class SecureBroker:
     broker: Broker | None = None
     devices: dict[str, Path] = field(default_factory=dict)  # device id -> enrolment directory
     passwords: dict[str, str] = field(default_factory=dict)  # password-enrolled device -> password
-    controller_password: str = ""
 
     @property
     def ca_file(self) -> Path:
         return self.workdir / "ca.crt"
+
+    def reload(self) -> None:
+        """What `systemctl reload mosquitto` does: SIGHUP (re-reads the password file and the CRL)."""
+        assert self.broker is not None and self.broker.proc is not None
+        self.broker.proc.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         if self.broker is not None:
@@ -63,6 +67,8 @@ def start_secure_broker(workdir: Path, trusted_key: Path, *, cert_devices: tuple
     (work / "server.crt").write_bytes(cert)
     (work / "server.key").write_bytes(key)
     (work / "ca.crt").write_bytes(ca.cert_path.read_bytes())
+    # the broker reads the CRL where `edgeship fleet device revoke --ca-dir ca` writes it
+    (work / "crl.pem").symlink_to(ca.crl_path)
     cert, key = ca.issue(CONTROLLER_IDENTITY)
     (work / "controller.crt").write_bytes(cert)
     (work / "controller.key").write_bytes(key)
@@ -76,8 +82,6 @@ def start_secure_broker(workdir: Path, trusted_key: Path, *, cert_devices: tuple
                    broker_url=f"mqtts://127.0.0.1:{s.password_port}", password_file=work / "passwd")
         s.devices[dev] = e.directory
         s.passwords[dev] = tomllib.loads(e.agent_toml.read_text())["broker"]["password"]
-    # the controller may log in with a password too (FleetSettings has no client-certificate option)
-    s.controller_password = secrets.token_urlsafe(16)
-    set_password(work / "passwd", CONTROLLER_IDENTITY, s.controller_password)
+    (work / "passwd").touch(mode=0o600)  # as README.md's setup does: the config names it even if no device uses one
     s.broker = start_broker(extra_config=render_conf(work, s.cert_port, s.password_port), port=s.cert_port)
     return s

@@ -80,6 +80,7 @@ def unpack(
     trusted: TrustedKeys,
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    verify_signature: bool = True,
 ) -> VerifiedBundle:
     """Unpack into `dest` (which must not exist) and verify; on any error nothing is left behind."""
     archive, dest = Path(archive), Path(dest)
@@ -106,9 +107,9 @@ def unpack(
                         shutil.copyfileobj(src, out, 1 << 20)
         except (tarfile.TarError, EOFError) as exc:
             raise ArchiveError(f"{archive} is not a readable bundle archive: {exc}") from None
-        open_bundle(tmp, trusted)
+        open_bundle(tmp, trusted, verify_signature=verify_signature)
         os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return open_bundle(dest, trusted, check_hashes=False)
+    return open_bundle(dest, trusted, check_hashes=False, verify_signature=verify_signature)

@@ -43,8 +43,12 @@ def bytes_needed(archive_size: int, *, margin: int) -> int:
     return 2 * archive_size + margin
 
 
-def check_deploy(cmd: DeployCommand, now: Installed, *, at: datetime, margin: int) -> Verdict:
-    """Accept or refuse a deploy from the command alone (nothing downloaded yet)."""
+def check_deploy(cmd: DeployCommand, now: Installed, *, at: datetime, margin: int,
+                 allow_downgrade: bool = False) -> Verdict:
+    """Accept or refuse a deploy from the command alone (nothing downloaded yet).
+
+    `allow_downgrade` is set only by an operator on the device (`edgeship agent install --allow-downgrade`).
+    """
     ref = cmd.bundle
     if not is_rest(now.state):
         return _no("busy", f"an update is in progress ({now.state.value}); cancel it or wait for it to finish")
@@ -60,7 +64,7 @@ def check_deploy(cmd: DeployCommand, now: Installed, *, at: datetime, margin: in
         return Verdict(True, "already_active", f"{ref.ref} is already the active bundle; nothing to do")
     if now.active_version is not None and now.active_name == ref.name:
         old_key = semver_key(now.active_version)
-        if new_key < old_key:
+        if new_key < old_key and not allow_downgrade:
             return _no("downgrade_refused",
                        f"{ref.ref} is older than the committed {now.active_name}@{now.active_version}; "
                        "send a rollback command to return to the previous bundle")

@@ -164,6 +164,8 @@ def status(settings: AgentSettings) -> dict[str, Any]:
 
 def describe(step: Step, via: str) -> str:
     """The one line a finished install prints."""
+    if step.code == "downgrade_refused":
+        return f"error: {step.code}: {step.reason.split('; send a rollback')[0]}; pass --allow-downgrade to install it anyway"
     if not step.ok:
         return f"error: {step.code}: {step.reason}"
     if step.state == UpdateState.WATCHING.value:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -184,13 +185,18 @@ def refusal_cases(tmp_path: Path, keypair, other_keypair, tiny) -> list[tuple[st
     data[-1] ^= 0xFF
     (tampered / "model.onnx").write_bytes(bytes(data))
     make_bundle(tmp_path / "foreign-key", other_keypair[0], version="1.2.0", seed=6)
+    make_bundle(tmp_path / "unsigned", keypair[0], version="1.2.0", seed=9)
+    with tarfile.open(tmp_path / "unsigned.tar", "w") as tar:  # `pack` refuses to leave out the signature
+        for rel in ("manifest.json", "model.onnx", "golden/inputs.npz", "golden/outputs.npz"):
+            tar.add(tmp_path / "unsigned" / rel, arcname=rel)
     make_bundle(tmp_path / "riscv", keypair[0], version="1.2.0", seed=7, arch=["riscv64"])
     make_bundle(tmp_path / "bad-golden", keypair[0], version="1.2.0", seed=8, golden_scale=2.0)
     (tmp_path / "notes.txt").write_text("not a bundle")
     return [
         ("downgrade", [tiny["v1"]], "error: downgrade_refused: tiny@1.0.0 is older"),
-        ("hash mismatch", [pack(tampered, tmp_path / "tampered.tar")], "error: hash_mismatch:"),
-        ("bad signature", [tmp_path / "foreign-key"], "error: untrusted_key:"),
+        ("hash mismatch", [pack(tampered, tmp_path / "tampered.tar")], "error: file_hash_mismatch:"),
+        ("bad signature", [tmp_path / "foreign-key"], "error: signature_untrusted:"),
+        ("unsigned", [tmp_path / "unsigned.tar"], "error: signature_missing:"),
         ("another CPU", [tmp_path / "riscv"], "error: arch_mismatch:"),
         ("smoke test failed", [tmp_path / "bad-golden"], "error: golden_mismatch:"),
         ("not a bundle", [tmp_path / "notes.txt"], "is not a bundle archive"),
@@ -201,7 +207,8 @@ def refusal_cases(tmp_path: Path, keypair, other_keypair, tiny) -> list[tuple[st
 def test_every_refusal_is_one_line_a_nonzero_exit_and_the_agent_keeps_serving(tmp_path, broker, topic_prefix,
                                                                               keypair, other_keypair, tiny):
     (tmp_path / "dev").mkdir()
-    agent = Agent(tmp_path / "dev", broker.port, topic_prefix, public_key=keypair[1], config=FAST_WATCH)
+    long_watch = "[watch]\nwindow_s = 60.0\nmax_p95_ratio = 1000.0\n"  # the downgrade below is still watched at the end
+    agent = Agent(tmp_path / "dev", broker.port, topic_prefix, public_key=keypair[1], config=long_watch)
     agent.install(tiny["v2"], keypair[1])
     agent.start()
     try:
@@ -223,8 +230,8 @@ def test_every_refusal_is_one_line_a_nonzero_exit_and_the_agent_keeps_serving(tm
         assert served_version(agent) == "1.0.0"
         # A second install while the first is being watched: busy, exit 4.
         busy = edgeship("agent", "install", tiny["v2"], "--config", agent.config)
-        if "busy" in busy.stderr:
-            assert busy.returncode == 4 and one_error_line(busy).startswith("error: busy:")
+        assert busy.returncode == 4 and one_error_line(busy).startswith("error: busy:"), busy.stderr
+        assert served_version(agent) == "1.0.0"
     finally:
         agent.stop()
 
@@ -247,9 +254,10 @@ def test_a_second_process_cannot_take_the_state_dir(tmp_path, topic_prefix, keyp
 
 @pytest.fixture
 def small_disk(tmp_path):
+    """A 20 MiB tmpfs: room for a tiny bundle and the 16 MiB margin, not for a 3 MB one (3x its size + margin)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.fail("cannot mount a tmpfs for the full-disk case (needs root)")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=True)
@@ -260,7 +268,7 @@ def test_full_disk_is_refused_in_one_line_and_the_active_bundle_stays(tmp_path, 
     agent.state_dir = small_disk / "state"
     agent.config.write_text(agent.config.read_text().replace(str(tmp_path / "state"), str(agent.state_dir)))
     assert edgeship("agent", "install", tiny["v1"], "--config", agent.config).returncode == 0
-    make_bundle(tmp_path / "big", keypair[0], version="1.2.0", extra_files={"pad.bin": os.urandom(1_500_000)})
+    make_bundle(tmp_path / "big", keypair[0], version="1.2.0", extra_files={"pad.bin": os.urandom(3_000_000)})
     full = edgeship("agent", "install", tmp_path / "big", "--config", agent.config)
     assert full.returncode == 1 and one_error_line(full).startswith("error: insufficient_disk:"), full.stderr
     status = json.loads(edgeship("agent", "status", "--json", "--config", agent.config).stdout)

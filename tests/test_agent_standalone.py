@@ -310,3 +310,42 @@ def test_sigkill_during_a_local_install_ends_with_a_valid_bundle_served(tmp_path
         agent.stop()
     active = status["active"]["manifest_sha256"]
     open_bundle(agent.state_dir / "bundles" / active, TrustedKeys.from_paths([keypair[1]]))
+
+
+# ---- the pure pieces --------------------------------------------------------------------------
+
+
+def test_file_urls_come_only_from_the_device_never_off_the_wire(tmp_path, tiny):
+    from agent.protocol import ProtocolError, parse_command
+    from agent.update.local import LOCAL_ROLLOUT, local_deploy
+
+    cmd = local_deploy(tiny["v2.tar"], device_id="dev-1")
+    assert cmd.urls == [tiny["v2.tar"].resolve().as_uri()] and cmd.rollout_id == LOCAL_ROLLOUT
+    assert cmd.bundle.ref == "tiny@1.1.0" and cmd.size == tiny["v2.tar"].stat().st_size and cmd.deadline is not None
+    with pytest.raises(ProtocolError):
+        parse_command(cmd.model_dump_json())  # the same command from the broker is refused
+
+
+def test_allow_downgrade_is_explicit():
+    from datetime import datetime, timezone
+
+    from agent.protocol import BundleRef, DeployCommand, UpdateState
+    from agent.update.decide import Installed, check_deploy
+
+    now = Installed(state=UpdateState.IDLE, active_sha="a" * 64, active_version="1.1.0", active_name="tiny")
+    cmd = DeployCommand(id="d", device_id="dev-1", rollout_id="local", urls=["http://127.0.0.1/x.tar"],
+                        bundle=BundleRef(name="tiny", version="1.0.0", manifest_sha256="b" * 64))
+    at = datetime.now(timezone.utc)
+    assert check_deploy(cmd, now, at=at, margin=0).code == "downgrade_refused"
+    assert check_deploy(cmd, now, at=at, margin=0, allow_downgrade=True).ok
+
+
+@pytest.mark.parametrize("arch,flags,profile", [
+    ("aarch64", set(), "cpu-arm64"),
+    ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, "cpu-x86-avx512-vnni"),
+    ("x86_64", {"avx2", "fma"}, "cpu-x86-avx2"),
+])
+def test_serve_exports_with_the_default_profile_for_this_cpu(arch, flags, profile):
+    from agent.serve import profile_for
+
+    assert profile_for(arch, frozenset(flags)) == profile

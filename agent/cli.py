@@ -139,7 +139,8 @@ _state_dir_option = click.option("--state-dir", type=click.Path(path_type=Path),
 @_config_option
 @_state_dir_option
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
-              help="Pinned public key (repeatable); default: the agent's trusted_keys.")
+              help="Pinned public key (repeatable) for a stopped agent; default: the agent's trusted_keys. "
+                   "A running agent always checks against its own.")
 @click.option("--allow-downgrade", is_flag=True, help="Install even if PATH is older than the active bundle.")
 def install_cmd(path, config, state_dir, trusted_keys, allow_downgrade) -> None:
     """Install a bundle directory or .tar on this device, without a controller.

@@ -104,6 +104,8 @@ def test_install_into_a_stopped_agent_then_run_without_a_broker_serves_it(tmp_pa
     assert first.returncode == 0 and "installed tiny@1.0.0 (committed)" in first.stdout, first.stderr
     second = edgeship("agent", "install", tiny["v2.tar"], "--config", agent.config)
     assert second.returncode == 0, second.stderr
+    again = edgeship("agent", "install", tiny["v2"], "--config", agent.config)
+    assert again.returncode == 0 and "tiny@1.1.0 is already the active bundle" in again.stdout, again.stderr
     status = json.loads(edgeship("agent", "status", "--json", "--config", agent.config).stdout)
     assert status["active"]["version"] == "1.1.0" and status["previous"]["version"] == "1.0.0"
     assert status["update"]["source"] == "local" and status["update"]["state"] == "committed"

@@ -120,7 +120,8 @@ def run_local_install(manager: UpdateManager, src: BinaryIO, *, size: int, devic
     state_dir = Path(manager.config.state_dir)
     if not is_rest(manager.state):
         return Step(manager.state.value, ok=False, final=True, code="busy", reason=(
-            f"an update is in progress ({manager.state.value}); wait for it to finish (edgeship agent status)"))
+            f"an update is in progress ({manager.state.value}); wait for it to finish (edgeship agent status), "
+            "or start the agent to finish an interrupted one"))
     try:
         archive = receive_archive(src, state_dir, size=size, free_bytes=manager.store.free_bytes(),
                                   margin=manager.config.disk_margin_bytes)

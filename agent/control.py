@@ -93,7 +93,7 @@ def _in_dir(directory: Path) -> Iterator[str]:
         os.close(fd)
 
 
-def _send_line(conn: socket.socket, model: BaseModel, fds: list[int] = ()) -> None:
+def _send_line(conn: socket.socket, model: BaseModel, fds: tuple[int, ...] | list[int] = ()) -> None:
     data = model.model_dump_json().encode() + b"\n"
     if fds:
         socket.send_fds(conn, [data], list(fds))
@@ -215,7 +215,7 @@ def connect(state_dir: Path, *, timeout: float | None = None) -> socket.socket |
     return sock
 
 
-def request(conn: socket.socket, req: ControlRequest, *, fds: list[int] = ()) -> Iterator[ControlReply]:
+def request(conn: socket.socket, req: ControlRequest, *, fds: tuple[int, ...] | list[int] = ()) -> Iterator[ControlReply]:
     """Send `req` and yield the replies up to and including the final one."""
     _send_line(conn, req, fds)
     lines = _Lines(conn)

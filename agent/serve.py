@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,11 @@ def looks_exportable(source: str) -> bool:
     return (p.is_file() and p.suffix == ".gguf") or (not p.exists() and source.count("/") == 1 and " " not in source)
 
 
-def export_cached(source: str, *, progress=None) -> tuple[Path, Path]:
-    """Export `source` once per (source, profile) into the cache; returns (bundle dir, public key)."""
+def export_cached(source: str, *, announce: Callable[[str], None] = lambda line: None) -> tuple[Path, Path]:
+    """Export `source` once per (source, profile) into the cache; returns (bundle dir, public key).
+
+    `announce` hears one line when an export really starts (not when the cache has it).
+    """
     if importlib.util.find_spec("exporter") is None or importlib.util.find_spec("torch") is None:
         raise ServeError(f"{source!r} is a model, not a bundle; exporting it needs the export extra: "
                          "pip install 'edgeship[export]', or pass a bundle directory or .tar")
@@ -87,10 +91,10 @@ def export_cached(source: str, *, progress=None) -> tuple[Path, Path]:
         generate_keypair(keys, overwrite=True)
     if not (out / MANIFEST_NAME).is_file():
         root.mkdir(parents=True, exist_ok=True)
+        announce(f"exporting {source} for {profile} into {out} (once; the next run reuses it)...")
         with tempfile.TemporaryDirectory(prefix=f".{key}.", dir=root) as tmp:
             try:
-                export(source, out=Path(tmp) / "b", key=keys / "edgeship.key", profile=profile, benchmark=False,
-                       progress=progress)
+                export(source, out=Path(tmp) / "b", key=keys / "edgeship.key", profile=profile, benchmark=False)
             except ExportError as exc:
                 raise ServeError(f"cannot export {source!r}: {exc}") from None
             os.replace(Path(tmp) / "b", out)

@@ -39,8 +39,7 @@ def cli(path: str, host: str, port: int, keys: tuple[Path, ...], threads: int | 
             if not source.exists() or looks_exportable(path):
                 if not looks_exportable(path):
                     raise ServeError(f"{path} does not exist; pass a bundle directory, its .tar, a .gguf or a hub id")
-                click.echo(f"exporting {path} (once; cached for the next run)...", err=True)
-                source, key = export_cached(path)
+                source, key = export_cached(path, announce=lambda line: click.echo(line, err=True))
                 trusted = TrustedKeys.from_paths([key, *keys])
             opened = open_for_serving(source, trusted, workdir=Path(tmp))
             model = load_model(opened.bundle, threads=threads)

@@ -351,3 +351,31 @@ def test_serve_exports_with_the_default_profile_for_this_cpu(arch, flags, profil
     from agent.serve import profile_for
 
     assert profile_for(arch, frozenset(flags)) == profile
+
+
+def test_serve_a_gguf_exports_it_once_into_the_cache_and_serves_it(tmp_path):
+    from tests.test_gguf_export import write_tiny_gguf
+
+    gguf_path, _ = write_tiny_gguf("llama", tmp_path)
+    env = {**os.environ, "EDGESHIP_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    for run in ("export", "cached"):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "edgeship.cli", "serve", str(gguf_path), "--port", str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        try:
+            ready = proc.stdout.readline()
+            assert ready.startswith("serving ") and f"127.0.0.1:{port}" in ready, (ready, proc.stderr.read()[-3000:])
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+            out = client.completions.create(model=client.models.list().data[0].id, prompt="Edge", max_tokens=3,
+                                            temperature=0)
+            assert out.usage.completion_tokens >= 1
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0
+            err = proc.stderr.read()
+            assert ("exporting" in err) == (run == "export"), err[-2000:]
+            assert "the signature was not checked" not in err  # checked against the cache's own key
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert len([p for p in (tmp_path / "cache" / "serve").iterdir() if p.name != "key"]) == 1

@@ -121,3 +121,83 @@ def install_service(dry_run, unit_dir, user, config, watchdog_s, devices) -> Non
         click.echo(f"note: {config} is not there yet, so the unit reads it in place; after enrolling the device, "
                    "run install-service again to hand its root-only files to the service", err=True)
     click.echo(f"wrote {path}\nnext: systemctl daemon-reload && systemctl enable --now edgeship-agent")
+
+
+def _local_settings(config: Path | None, state_dir: Path | None, trusted_keys: tuple[Path, ...]):
+    """The agent's settings as `agent run` resolves them, for the commands that act on its state dir."""
+    from agent.config import ConfigError, load_settings
+
+    flags = {"state_dir": state_dir, "trusted_keys": list(trusted_keys) or None}
+    try:
+        return load_settings(config, {k: v for k, v in flags.items() if v is not None})
+    except ConfigError as exc:
+        for line in exc.lines:
+            click.echo(line, err=True)
+        sys.exit(2)
+
+
+_config_option = click.option("--config", "config", type=click.Path(path_type=Path), default=None,
+                              help="The agent's TOML config (as for `agent run`).")
+_state_dir_option = click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+                                 help="The agent's state dir (default /var/lib/edgeship).")
+
+
+@cli.command("install")
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@_config_option
+@_state_dir_option
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
+              help="Pinned public key (repeatable) for a stopped agent; default: the agent's trusted_keys. "
+                   "A running agent always checks against its own.")
+@click.option("--allow-downgrade", is_flag=True, help="Install even if PATH is older than the active bundle.")
+def install_cmd(path, config, state_dir, trusted_keys, allow_downgrade) -> None:
+    """Install a bundle directory or .tar on this device, without a controller.
+
+    A running agent switches to it without a restart; a stopped one serves it on its next start.
+    Exit codes: 0 installed, 1 refused or failed, 2 bad config, 4 busy.
+    """
+    from agent.control import ControlError
+    from agent.install import InstallError, describe, install
+
+    settings = _local_settings(config, state_dir, trusted_keys)
+    try:
+        result = install(settings, path, allow_downgrade=allow_downgrade,
+                         progress=lambda step: click.echo(f"{step.state}...", err=True))
+    except (InstallError, ControlError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(describe(result.step, result.via), err=not result.step.ok)
+    sys.exit(result.exit_code)
+
+
+@cli.command("status")
+@_config_option
+@_state_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def status_cmd(config, state_dir, as_json) -> None:
+    """Show the active and previous bundle and the last update, with its outcome."""
+    from agent.install import InstallError, status
+    from agent.update.errors import StateFileError
+
+    settings = _local_settings(config, state_dir, ())
+    try:
+        info = status(settings)
+    except (InstallError, StateFileError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+
+    def ref(r):
+        return f"{r['name']}@{r['version']} ({r['manifest_sha256'][:12]})" if r else "none"
+
+    click.echo(f"agent:    {'running' if info['agent_running'] else 'not running'} ({info['state_dir']})")
+    click.echo(f"active:   {ref(info['active'])}")
+    click.echo(f"previous: {ref(info['previous'])}")
+    u = info["update"]
+    if u is None:
+        click.echo("last update: none")
+    else:
+        outcome = f"{u['state']}" + (f" ({u['code']}: {u['reason']})" if u["code"] else (f" ({u['reason']})" if u["reason"] else ""))
+        click.echo(f"last update: {u['kind']} {u['bundle']} from {u['source']}: {outcome}")

@@ -137,6 +137,7 @@ class MqttLink:
         self.connects = 0
         self.refusals = 0  # CONNACKs that said no (bad credentials, not authorised)
         self._backoff = Backoff(min_s=settings.reconnect_min_s, max_s=settings.reconnect_max_s)
+        self._said_offline = False  # one log line per change of connection state, not one per attempt
         self._client = self._make_client()
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -255,6 +256,7 @@ class MqttLink:
             return
         self._backoff.reset()
         self.connects += 1
+        self._said_offline = False
         log.info("connected to %s (session present: %s)", self.settings.url, flags.session_present)
         # Subscribing again is harmless with a persistent session and needed without one.
         client.subscribe(self.topic(Channel.CMD), qos=1)
@@ -274,7 +276,10 @@ class MqttLink:
 
     def _handle_connect_fail(self, client, userdata) -> None:
         delay = self._backoff.next()
-        log.info("broker %s unreachable; retrying in %.1fs", self.settings.url, delay)
+        if not self._said_offline:
+            self._said_offline = True
+            log.warning("broker %s unreachable; serving anyway, retrying with backoff (up to %.0fs apart)",
+                        self.settings.url, self.settings.reconnect_max_s)
         client.reconnect_delay_set(min_delay=delay, max_delay=self.settings.reconnect_max_s)
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -284,7 +289,8 @@ class MqttLink:
         delay = self._backoff.next()
         client.reconnect_delay_set(min_delay=delay, max_delay=self.settings.reconnect_max_s)
         if was:
-            log.warning("lost the broker (%s); reconnecting in %.1fs", reason_code, delay)
+            self._said_offline = True
+            log.warning("lost the broker (%s); serving anyway, reconnecting with backoff", reason_code)
 
     def _handle_message(self, client, userdata, message) -> None:
         if message.topic != self.topic(Channel.CMD):

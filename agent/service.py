@@ -6,11 +6,13 @@ Threads:
     main (owner)   signals, commands, heartbeats, watchdog, state publishing: one inbox, one loop
     paho           MqttLink's network thread; hands parsed commands to the inbox
     api            the ApiServer's threads (inference)
+    control        ControlServer: one thread per `edgeship agent install` / `status` conversation
     update worker  UpdateManager's own thread (publishes events through MqttLink.publish)
 
-Start-up order: config (invalid -> exit 2 before anything is touched) -> state dir and store ->
+Start-up order: config (invalid -> exit 2 before anything is touched) -> state dir lock and store ->
 update recovery -> load the active bundle (hashes and signature verified) -> API listening ->
-READY=1 -> MQTT (in the background; inference never waits for the broker).
+control socket (local installs, agent/control.py) -> READY=1 -> MQTT (in the background;
+inference never waits for the broker).
 
 Errors: StartupError(RuntimeError) — the agent cannot start (state dir, keys, store); one line.
 """
@@ -18,6 +20,7 @@ Errors: StartupError(RuntimeError) — the agent cannot start (state dir, keys, 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import time
@@ -31,6 +34,7 @@ from agent.api import ApiServer
 from agent.bundle import TrustedKeys
 from agent.bundle.signing import KeyError_
 from agent.config import AgentSettings, ConfigError, config_path, load_settings
+from agent.control import ControlReply, ControlRequest, ControlServer, StateDirLock
 from agent.facts import CpuMeter, Uptime, cpu_flags, device_facts, disk_free, meminfo, process_rss, temperature_c
 from agent.link import MqttLink
 from agent.liveness import InferenceProbe
@@ -39,6 +43,7 @@ from agent.runtime import ModelHost, load_model
 from agent.systemd import Notifier
 from agent.update.download import DownloadOptions
 from agent.update.errors import StoreError
+from agent.update.local import Step, clean_incoming, run_local_install
 from agent.update.manager import UpdateConfig, UpdateManager
 from agent.update.store import BundleStore
 
@@ -100,6 +105,8 @@ class AgentService:
         self.probe: InferenceProbe | None = None
         self.facts = None
         self.trusted = TrustedKeys([])
+        self.lock: StateDirLock | None = None
+        self.control: ControlServer | None = None
 
     # ---- start-up -----------------------------------------------------------------------------
 
@@ -113,6 +120,11 @@ class AgentService:
         except OSError as exc:
             raise StartupError(f"state_dir {s.state_dir} is not writable ({exc.strerror}); "
                                "fix its permissions or set state_dir") from None
+        lock = StateDirLock(s.state_dir)
+        if not lock.acquire():
+            raise StartupError(f"state_dir {s.state_dir} is in use by another edgeship process (an agent, or an "
+                               f"`edgeship agent install` in progress); stop it or wait, then start again")
+        self.lock = lock
         try:
             self.trusted = TrustedKeys.from_paths(s.trusted_keys)
         except KeyError_ as exc:
@@ -142,6 +154,7 @@ class AgentService:
             # Active and previous bundle both damaged (recover() fell back to the previous if it could):
             # serving nothing beats crash-looping: /readyz says not ready, the state shows no model.
             log.error("cannot load the active bundle: %s", exc)
+        clean_incoming(self.settings.state_dir, keep_urls=self.manager.pending_urls)
         model = self.host.current
         if model is not None:
             log.info("serving %s on %s with %d threads", model.ref, model.execution_provider, model.threads)
@@ -182,6 +195,32 @@ class AgentService:
                       "so systemd restarts the agent", self.probe.policy.max_silence_s)
         else:
             self.notifier.watchdog()
+
+    def _start_control(self) -> None:
+        self.control = ControlServer(self.settings.state_dir, self._on_control)
+        try:
+            self.control.start()
+        except OSError as exc:
+            self.control = None
+            raise StartupError(f"cannot open the control socket in {self.settings.state_dir}: {exc}") from None
+
+    def _on_control(self, req: ControlRequest, fds: list[int], send: Any) -> None:
+        """A local `edgeship agent install` / `status` (control thread): the same manager as a fleet deploy."""
+        if req.op == "status":
+            send(ControlReply(final=True, data={k: v.model_dump(mode="json") if v is not None else None
+                                                for k, v in self.manager.snapshot().items()}))
+            return
+        if len(fds) != 1:
+            send(ControlReply(ok=False, final=True, code="bad_request", reason="install needs the archive's file descriptor"))
+            return
+        with open(fds.pop(), "rb") as src:
+            log.info("local install requested%s", " (downgrade allowed)" if req.allow_downgrade else "")
+            final = run_local_install(self.manager, src, size=os.fstat(src.fileno()).st_size,
+                                      device_id=self.settings.device_id, allow_downgrade=req.allow_downgrade,
+                                      watch=None, stop_at=frozenset({UpdateState.WATCHING}),
+                                      emit=lambda step: send(_reply(step)))
+        log.info("local install: %s%s", final.state or final.code, f" ({final.reason})" if final.reason else "")
+        send(_reply(final))
 
     # ---- what the device says -----------------------------------------------------------------
 
@@ -277,6 +316,7 @@ class AgentService:
             self._start_updates()
             self._start_api()
             self._start_probe()
+            self._start_control()
         except BaseException:
             self.link = None  # never started: nothing to say goodbye on
             self._shutdown()
@@ -324,6 +364,8 @@ class AgentService:
         self.notifier.stopping("draining requests")
         if self.probe is not None:
             self.probe.stop()
+        if self.control is not None:
+            self.control.stop()
         if self.api is not None:
             self.api.stop(self.settings.api.drain_timeout_s)
         if self.manager is not None:
@@ -334,6 +376,13 @@ class AgentService:
         model = self.host.swap(None)
         if model is not None:
             model.close()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _reply(step: Step) -> ControlReply:
+    return ControlReply(state=step.state, ok=step.ok, final=step.final, code=step.code, reason=step.reason,
+                        bundle=step.bundle)
 
 
 def update_config(s: AgentSettings, *, session: str, facts: Any) -> UpdateConfig:

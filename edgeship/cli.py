@@ -34,6 +34,12 @@ GROUPS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
         ("sqlalchemy", "alembic", "paho.mqtt", "httpx", "rich", "fastapi", "uvicorn"),
         "Run and drive the fleet controller.",
     ),
+    "serve": (
+        "agent.serve_cli",
+        "agent",
+        ("onnxruntime", "numpy", "tokenizers", "cryptography"),
+        "Serve a bundle (or, with the export extra, a model) on the OpenAI-compatible API, no fleet needed.",
+    ),
     "keys": (
         "agent.keys_cli",
         "agent",

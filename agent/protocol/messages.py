@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
 from agent.protocol.topics import PROTOCOL_VERSION, Channel, check_device_id
 
@@ -218,6 +218,9 @@ class _Command(_Msg):
         return check_device_id(v)
 
 
+LOCAL_FILES = "local_files"  # validation context key: this deploy was built on the device
+
+
 class DeployCommand(_Command):
     kind: Literal["deploy"] = "deploy"
     rollout_id: str = Field(min_length=1, max_length=64)
@@ -231,9 +234,11 @@ class DeployCommand(_Command):
 
     @field_validator("urls")
     @classmethod
-    def _urls(cls, v: list[str]) -> list[str]:
+    def _urls(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        # file:// only for a deploy built on the device itself (agent/update/local.py), never off the wire.
+        schemes = ("http://", "https://", "file://") if (info.context or {}).get(LOCAL_FILES) else ("http://", "https://")
         for url in v:
-            if not url.startswith(("http://", "https://")) or len(url) > 2048:
+            if not url.startswith(schemes) or len(url) > 2048:
                 raise ValueError(f"download URL must be http(s) and at most 2048 chars: {url[:80]!r}")
         return v
 

@@ -69,10 +69,12 @@ def bytes_needed(archive_size: int, *, margin: int) -> int:
 
 
 def check_deploy(cmd: DeployCommand, now: Installed, *, at: datetime, margin: int,
-                 allowed_names: tuple[str, ...] = ()) -> Verdict:
+                 allowed_names: tuple[str, ...] = (), allow_downgrade: bool = False) -> Verdict:
     """Accept or refuse a deploy from the command alone (nothing downloaded yet).
 
-    The name checked here is the command's; check_manifest later holds the signed manifest to it."""
+    The name checked here is the command's; check_manifest later holds the signed manifest to it.
+    `allow_downgrade` is set only by an operator on the device (`edgeship agent install --allow-downgrade`).
+    """
     ref = cmd.bundle
     if expired(cmd.deadline, at):  # first: an expired deploy is refused whatever else holds
         return _deadline_passed(cmd.deadline, "deploy")
@@ -89,7 +91,7 @@ def check_deploy(cmd: DeployCommand, now: Installed, *, at: datetime, margin: in
         return named
     if now.active_version is not None and now.active_name == ref.name:
         old_key = semver_key(now.active_version)
-        if new_key < old_key:
+        if new_key < old_key and not allow_downgrade:
             return _no("downgrade_refused",
                        f"{ref.ref} is older than the committed {now.active_name}@{now.active_version}; "
                        "send a rollback command to return to the previous bundle")

@@ -152,6 +152,12 @@ class UpdateManager:
     def state(self) -> UpdateState:
         return self._state.update.state if self._state.update else S.IDLE
 
+    @property
+    def pending_urls(self) -> list[str]:
+        """Where the update in progress reads its archive from (empty when none is in progress)."""
+        rec = self._state.update
+        return list(rec.urls) if rec is not None and not is_rest(rec.state) else []
+
     def snapshot(self) -> dict[str, Any]:
         """Fields for the service's StateMessage: active, previous, update."""
         active, previous = self.store.pointer()
@@ -179,14 +185,17 @@ class UpdateManager:
             self._ensure_serving()
         self._changed()
 
-    def handle(self, command: Any) -> AckMessage:
-        """Answer a parsed command at once; an accepted update then runs on the worker thread."""
+    def handle(self, command: Any, *, allow_downgrade: bool = False) -> AckMessage:
+        """Answer a parsed command at once; an accepted update then runs on the worker thread.
+
+        `allow_downgrade` comes only from an operator on the device (a local install), never from the wire.
+        """
         with self._lock:
             seen = self._state.acks.get(command.id)
             if seen is not None:
                 return self._ack(command.id, seen, duplicate=True)
             if isinstance(command, DeployCommand):
-                verdict = self._accept_deploy(command)
+                verdict = self._accept_deploy(command, allow_downgrade=allow_downgrade)
             elif isinstance(command, RollbackCommand):
                 verdict = self._accept_rollback(command)
             elif isinstance(command, CancelCommand):
@@ -244,9 +253,10 @@ class UpdateManager:
                                 active_version=vb.manifest.version if vb else None,
                                 active_name=vb.manifest.name if vb else None, free_bytes=self.store.free_bytes())
 
-    def _accept_deploy(self, cmd: DeployCommand) -> decide.Verdict:
+    def _accept_deploy(self, cmd: DeployCommand, *, allow_downgrade: bool = False) -> decide.Verdict:
         verdict = decide.check_deploy(cmd, self._installed(), at=datetime.now(timezone.utc),
-                                      margin=self.config.disk_margin_bytes, allowed_names=self.config.bundle_names)
+                                      margin=self.config.disk_margin_bytes, allowed_names=self.config.bundle_names,
+                                      allow_downgrade=allow_downgrade)
         if verdict.ok and verdict.code == "already_active":
             active, previous = self.store.pointer()
             self._begin(UpdateRecord(command_id=cmd.id, kind="deploy", rollout_id=cmd.rollout_id, state=self.state,

@@ -1,0 +1,101 @@
+"""`edgeship serve PATH`: try a bundle in one command, with the agent's own API and no fleet.
+
+PATH is a bundle directory or its .tar; with the export extra also a hub id or a .gguf, exported
+first with the default profile for this CPU into a cache directory that later runs reuse.
+With trusted keys the signature is checked; without, every file's hash still is, and the caller
+says once that the signature was not.
+
+Errors: ServeError(ValueError) — PATH cannot be served; the message says what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.bundle import BundleError, TrustedKeys, VerifiedBundle, open_bundle, unpack
+from agent.bundle.manifest import MANIFEST_NAME
+
+DEFAULT_PORT = 8321
+
+
+class ServeError(ValueError):
+    """PATH is neither a bundle nor a model this machine can export; one line."""
+
+
+@dataclass(frozen=True)
+class Opened:
+    bundle: VerifiedBundle
+    signature_checked: bool
+
+
+def cache_root() -> Path:
+    """Where exports made by `edgeship serve` live ($EDGESHIP_CACHE, else ~/.cache/edgeship)."""
+    return Path(os.environ.get("EDGESHIP_CACHE") or Path.home() / ".cache" / "edgeship")
+
+
+def profile_for(arch: str, cpu_flags: frozenset[str]) -> str:
+    """The default target profile for this CPU (the same presets `edgeship export --profile` names)."""
+    if arch in ("aarch64", "arm64"):
+        return "cpu-arm64"
+    if {"avx512f", "avx512_vnni"} <= cpu_flags:
+        return "cpu-x86-avx512-vnni"
+    return "cpu-x86-avx2"
+
+
+def open_for_serving(path: Path, trusted: TrustedKeys, *, workdir: Path) -> Opened:
+    """A bundle directory or .tar, verified: signature when keys are given, every file's hash always."""
+    check_sig = len(trusted) > 0
+    try:
+        if path.is_dir():
+            if not (path / MANIFEST_NAME).is_file():
+                raise ServeError(f"{path} is a directory without {MANIFEST_NAME}; pass a bundle directory, its .tar, "
+                                 "a .gguf or a hub id")
+            return Opened(open_bundle(path, trusted, verify_signature=check_sig), check_sig)
+        return Opened(unpack(path, workdir / "bundle", trusted, verify_signature=check_sig), check_sig)
+    except BundleError as exc:
+        raise ServeError(f"{path}: {exc.code}: {exc}; pass a bundle directory, its .tar, a .gguf or a hub id") from None
+
+
+def looks_exportable(source: str) -> bool:
+    """A .gguf file or something shaped like a hub id (org/name), not an existing bundle path."""
+    p = Path(source)
+    return (p.is_file() and p.suffix == ".gguf") or (not p.exists() and source.count("/") == 1 and " " not in source)
+
+
+def export_cached(source: str, *, announce: Callable[[str], None] = lambda line: None) -> tuple[Path, Path]:
+    """Export `source` once per (source, profile) into the cache; returns (bundle dir, public key).
+
+    `announce` hears one line when an export really starts (not when the cache has it).
+    """
+    if importlib.util.find_spec("exporter") is None or importlib.util.find_spec("torch") is None:
+        raise ServeError(f"{source!r} is a model, not a bundle; exporting it needs the export extra: "
+                         "pip install 'edgeship[export]', or pass a bundle directory or .tar")
+    from agent.bundle import generate_keypair
+    from agent.facts import cpu_facts
+    from exporter.api import export
+    from exporter.errors import ExportError
+
+    cpu = cpu_facts()
+    profile = profile_for(cpu["arch"], frozenset(cpu["flags"]))
+    src = str(Path(source).resolve()) if Path(source).exists() else source
+    key = hashlib.sha256(f"{src}\0{profile}".encode()).hexdigest()[:16]
+    root = cache_root() / "serve"
+    out, keys = root / key, root / "key"
+    if not (keys / "edgeship.pub").is_file():
+        generate_keypair(keys, overwrite=True)
+    if not (out / MANIFEST_NAME).is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        announce(f"exporting {source} for {profile} into {out} (once; the next run reuses it)...")
+        with tempfile.TemporaryDirectory(prefix=f".{key}.", dir=root) as tmp:
+            try:
+                export(source, out=Path(tmp) / "b", key=keys / "edgeship.key", profile=profile, benchmark=False)
+            except ExportError as exc:
+                raise ServeError(f"cannot export {source!r}: {exc}") from None
+            os.replace(Path(tmp) / "b", out)
+    return out, keys / "edgeship.pub"

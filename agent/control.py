@@ -42,7 +42,7 @@ class ControlError(RuntimeError):
 
 class ControlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    op: Literal["install", "status"]
+    op: Literal["install"]
     allow_downgrade: bool = False
 
 
@@ -54,7 +54,6 @@ class ControlReply(BaseModel):
     code: str = ""
     reason: str = ""
     bundle: str = ""  # name@version
-    data: dict = {}  # the status op's snapshot
 
 
 class StateDirLock:

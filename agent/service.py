@@ -6,7 +6,7 @@ Threads:
     main (owner)   signals, commands, heartbeats, watchdog, state publishing: one inbox, one loop
     paho           MqttLink's network thread; hands parsed commands to the inbox
     api            the ApiServer's threads (inference)
-    control        ControlServer: one thread per `edgeship agent install` / `status` conversation
+    control        ControlServer: one thread per `edgeship agent install` conversation
     update worker  UpdateManager's own thread (publishes events through MqttLink.publish)
 
 Start-up order: config (invalid -> exit 2 before anything is touched) -> state dir lock and store ->
@@ -205,11 +205,7 @@ class AgentService:
             raise StartupError(f"cannot open the control socket in {self.settings.state_dir}: {exc}") from None
 
     def _on_control(self, req: ControlRequest, fds: list[int], send: Any) -> None:
-        """A local `edgeship agent install` / `status` (control thread): the same manager as a fleet deploy."""
-        if req.op == "status":
-            send(ControlReply(final=True, data={k: v.model_dump(mode="json") if v is not None else None
-                                                for k, v in self.manager.snapshot().items()}))
-            return
+        """A local `edgeship agent install` (control thread): the same manager as a fleet deploy."""
         if len(fds) != 1:
             send(ControlReply(ok=False, final=True, code="bad_request", reason="install needs the archive's file descriptor"))
             return

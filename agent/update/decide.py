@@ -134,10 +134,12 @@ def check_rollback(cmd: RollbackCommand, now: Installed, last: LastUpdate | None
         return ROLL_BACK_NOW
     if not is_rest(now.state):
         return _no("busy", f"an update is {now.state.value}; cancel it instead of rolling back")
-    if cmd.rollout_id is not None and (last.state in (UpdateState.FAILED, UpdateState.ROLLED_BACK)
-                                       or not last.changed_active):
+    if cmd.rollout_id is not None and last.state in (UpdateState.FAILED, UpdateState.ROLLED_BACK):
         return Verdict(True, ALREADY_ROLLED_BACK, f"rollout {cmd.rollout_id} is not active here (its update ended "
                                                   f"{last.state.value}); nothing to roll back")
+    if cmd.rollout_id is not None and not last.changed_active:
+        return Verdict(True, ALREADY_ROLLED_BACK, f"rollout {cmd.rollout_id} changed nothing here (its bundle was "
+                                                  "already active); nothing to roll back")
     if now.previous_sha is None:
         return _no("no_previous", "there is no previous bundle to roll back to")
     return OK

@@ -170,8 +170,9 @@ def create_app(*, engine: Engine, store: BundleStore, token: str, sessions, uplo
         return engine.call(do)
 
     @app.post("/v1/devices/{device_id}/revoke", tags=["devices"], dependencies=[Depends(auth)])
-    def revoke_device(device_id: str, body: RevokeBody) -> dict[str, Any]:
-        return engine.call(lambda s: device_dict(engine.revoke_device(s, device_id, enrolled=body.enrolled)))
+    def revoke_device(device_id: str, body: RevokeBody | None = None) -> dict[str, Any]:
+        enrolled = body is not None and body.enrolled
+        return engine.call(lambda s: device_dict(engine.revoke_device(s, device_id, enrolled=enrolled)))
 
     # ---- bundles ---------------------------------------------------------------------------
 

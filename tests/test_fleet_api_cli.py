@@ -223,6 +223,8 @@ def test_a_revoked_device_is_ignored_never_selected_and_stays_revoked(controller
     c = controller
     run(c, "bundle", "push", str(bundle_dirs["v1"]))
     assert "not found" in run(c, "device", "revoke", "nope", code=5)["error"]  # unknown to the controller, no CA
+    bare = httpx.post(f"{c.url}/v1/devices/nope/revoke", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert bare.status_code == 404 and "not found" in bare.json()["error"]  # no body needed
     revoked = run(c, "device", "revoke", "edge-b")
     assert revoked["controller"] is True and revoked["crl"] is None
     shown = run(c, "device", "show", "edge-b")
@@ -238,7 +240,7 @@ def test_a_revoked_device_is_ignored_never_selected_and_stays_revoked(controller
     assert r["total"] == 3
     assert "edge-b" not in {d["device"] for d in run(c, "rollout", "show", r["id"])["devices"]}
     run(c, "rollout", "abort", r["id"])
-    assert c.log().count("ignoring messages from revoked device edge-b") == 1
+    assert c.log_path.read_text().count("ignoring messages from revoked device edge-b") == 1
     # persisted: a restarted controller still refuses it
     assert c.terminate() == 0
     c.start()

@@ -5,13 +5,19 @@ the run, devices enrolled with `fleet.enroll.enroll`, and the controller's crede
 
 from __future__ import annotations
 
+import queue
+import secrets
 import signal
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
 from fleet.enroll import enroll
-from fleet.pki import CONTROLLER_IDENTITY, CertificateAuthority
+from fleet.pki import CONTROLLER_IDENTITY, CertificateAuthority, set_password
 from tests.support.broker import Broker, free_port, mosquitto_binary, start_broker
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "mosquitto"
@@ -48,10 +54,37 @@ class SecureBroker:
     def ca_file(self) -> Path:
         return self.workdir / "ca.crt"
 
-    def reload(self) -> None:
-        """What `systemctl reload mosquitto` does: SIGHUP (re-reads the password file and the CRL)."""
+    def reload(self, timeout: float = 10.0) -> None:
+        """What `systemctl reload mosquitto` does: SIGHUP (re-reads the password file and the CRL).
+
+        Returns once the broker has reloaded: mosquitto logs nothing for it, so a fresh user is added
+        to the password file first and the reload is done when that user can log in.
+        """
         assert self.broker is not None and self.broker.proc is not None
+        marker, password = f"reload-{secrets.token_hex(4)}", secrets.token_urlsafe(12)
+        set_password(self.workdir / "passwd", marker, password)
         self.broker.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while not self._password_login(marker, password):
+            assert time.monotonic() < deadline, f"mosquitto did not reload within {timeout} s of SIGHUP"
+            time.sleep(0.05)
+
+    def _password_login(self, username: str, password: str) -> bool:
+        got: queue.Queue = queue.Queue()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=username, protocol=mqtt.MQTTv5)
+        c.tls_set(ca_certs=str(self.ca_file))
+        c.username_pw_set(username, password)
+        c.on_connect = lambda client, userdata, flags, rc, props: got.put(not rc.is_failure)
+        c.on_disconnect = lambda client, userdata, flags, rc, props: got.put(False)
+        try:
+            c.connect("127.0.0.1", self.password_port, keepalive=10)
+            c.loop_start()
+            return got.get(timeout=5)
+        except (OSError, queue.Empty):
+            return False
+        finally:
+            c.disconnect()
+            c.loop_stop()
 
     def stop(self) -> None:
         if self.broker is not None:

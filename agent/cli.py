@@ -150,7 +150,9 @@ _state_dir_option = click.option("--state-dir", type=click.Path(path_type=Path),
               help="Pinned public key (repeatable) for a stopped agent; default: the agent's trusted_keys. "
                    "A running agent always checks against its own.")
 @click.option("--allow-downgrade", is_flag=True, help="Install even if PATH is older than the active bundle.")
-def install_cmd(path, config, state_dir, trusted_keys, allow_downgrade) -> None:
+@click.option("--replaces", multiple=True, metavar="NAME",
+              help="PATH's bundle may replace the active bundle of this name (repeatable); needed when the names differ.")
+def install_cmd(path, config, state_dir, trusted_keys, allow_downgrade, replaces) -> None:
     """Install a bundle directory or .tar on this device, without a controller.
 
     A running agent switches to it without a restart; a stopped one serves it on its next start.
@@ -161,7 +163,7 @@ def install_cmd(path, config, state_dir, trusted_keys, allow_downgrade) -> None:
 
     settings = _local_settings(config, state_dir, trusted_keys)
     try:
-        result = install(settings, path, allow_downgrade=allow_downgrade,
+        result = install(settings, path, allow_downgrade=allow_downgrade, replaces=tuple(replaces),
                          progress=lambda step: click.echo(f"{step.state}...", err=True))
     except (InstallError, ControlError) as exc:
         click.echo(f"error: {exc}", err=True)

@@ -25,9 +25,9 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger("edgeship.agent.control")
 
@@ -44,6 +44,7 @@ class ControlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     op: Literal["install"]
     allow_downgrade: bool = False
+    replaces: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default=[], max_length=16)
 
 
 class ControlReply(BaseModel):

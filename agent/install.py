@@ -67,7 +67,7 @@ def _archive_of(path: Path, workdir: Path) -> Path:
     return path
 
 
-def install(settings: AgentSettings, path: Path, *, allow_downgrade: bool = False,
+def install(settings: AgentSettings, path: Path, *, allow_downgrade: bool = False, replaces: tuple[str, ...] = (),
             progress: Callable[[Step], None] = lambda step: None) -> InstallResult:
     """Install the bundle at `path` into the agent that owns `settings.state_dir` (running or not)."""
     with tempfile.TemporaryDirectory(prefix="edgeship-install-") as tmp:
@@ -76,7 +76,8 @@ def install(settings: AgentSettings, path: Path, *, allow_downgrade: bool = Fals
         if conn is not None:
             with conn, open(archive, "rb") as src:
                 final = None
-                for reply in request(conn, ControlRequest(op="install", allow_downgrade=allow_downgrade),
+                for reply in request(conn, ControlRequest(op="install", allow_downgrade=allow_downgrade,
+                                                            replaces=list(replaces)),
                                      fds=[src.fileno()]):
                     step = Step(reply.state, ok=reply.ok, final=reply.final, code=reply.code, reason=reply.reason,
                                 bundle=reply.bundle)
@@ -84,11 +85,12 @@ def install(settings: AgentSettings, path: Path, *, allow_downgrade: bool = Fals
                         progress(step)
                     final = step
             return InstallResult(final, via="agent")
-        return InstallResult(_install_offline(settings, archive, allow_downgrade=allow_downgrade, progress=progress),
+        return InstallResult(_install_offline(settings, archive, allow_downgrade=allow_downgrade, replaces=replaces,
+                                              progress=progress),
                              via="offline")
 
 
-def _install_offline(settings: AgentSettings, archive: Path, *, allow_downgrade: bool,
+def _install_offline(settings: AgentSettings, archive: Path, *, allow_downgrade: bool, replaces: tuple[str, ...],
                      progress: Callable[[Step], None]) -> Step:
     from agent.facts import device_facts
     from agent.runtime import ModelHost, load_model
@@ -111,7 +113,7 @@ def _install_offline(settings: AgentSettings, archive: Path, *, allow_downgrade:
                                 load=load_model)
         with open(archive, "rb") as src:
             return run_local_install(manager, src, size=os.fstat(src.fileno()).st_size, device_id=settings.device_id,
-                                     allow_downgrade=allow_downgrade, watch=NOTHING_TO_WATCH, stop_at=frozenset(),
+                                     allow_downgrade=allow_downgrade, replaces=replaces, watch=NOTHING_TO_WATCH, stop_at=frozenset(),
                                      emit=progress)
     finally:
         if manager is not None:

@@ -213,6 +213,7 @@ class AgentService:
             log.info("local install requested%s", " (downgrade allowed)" if req.allow_downgrade else "")
             final = run_local_install(self.manager, src, size=os.fstat(src.fileno()).st_size,
                                       device_id=self.settings.device_id, allow_downgrade=req.allow_downgrade,
+                                      replaces=tuple(req.replaces),
                                       watch=None, stop_at=frozenset({UpdateState.WATCHING}),
                                       emit=lambda step: send(_reply(step)))
         log.info("local install: %s%s", final.state or final.code, f" ({final.reason})" if final.reason else "")

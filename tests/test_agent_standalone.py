@@ -254,6 +254,21 @@ def test_a_second_process_cannot_take_the_state_dir(tmp_path, topic_prefix, keyp
     assert not (agent.state_dir / "pointer.json").exists()
 
 
+def test_a_bundle_of_another_name_installs_only_with_replaces(tmp_path, topic_prefix, keypair, tiny):
+    agent = Agent(tmp_path, free_port(), topic_prefix, public_key=keypair[1])
+    assert edgeship("agent", "install", tiny["v1"], "--config", agent.config).returncode == 0
+    make_bundle(tmp_path / "other", keypair[0], name="other", version="0.1.0", seed=4)
+    refused = edgeship("agent", "install", tmp_path / "other", "--config", agent.config)
+    assert refused.returncode == 1
+    assert one_error_line(refused).startswith("error: name_change_refused:") and "--replaces tiny" in refused.stderr
+    status = json.loads(edgeship("agent", "status", "--json", "--config", agent.config).stdout)
+    assert status["active"]["name"] == "tiny" and status["active"]["version"] == "1.0.0"
+    taken = edgeship("agent", "install", tmp_path / "other", "--replaces", "tiny", "--config", agent.config)
+    assert taken.returncode == 0, taken.stderr
+    status = json.loads(edgeship("agent", "status", "--json", "--config", agent.config).stdout)
+    assert status["active"]["name"] == "other" and status["previous"]["name"] == "tiny"
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 20 MiB tmpfs: room for a tiny bundle and the 16 MiB margin, not for a 3 MB one (3x its size + margin)."""
@@ -329,15 +344,16 @@ def test_file_urls_come_only_from_the_device_never_off_the_wire(tmp_path, tiny):
 
 
 def test_allow_downgrade_is_explicit():
-    from datetime import datetime, timezone
+    from datetime import datetime, timedelta, timezone
 
     from agent.protocol import BundleRef, DeployCommand, UpdateState
     from agent.update.decide import Installed, check_deploy
 
     now = Installed(state=UpdateState.IDLE, active_sha="a" * 64, active_version="1.1.0", active_name="tiny")
-    cmd = DeployCommand(id="d", device_id="dev-1", rollout_id="local", urls=["http://127.0.0.1/x.tar"],
-                        bundle=BundleRef(name="tiny", version="1.0.0", manifest_sha256="b" * 64))
     at = datetime.now(timezone.utc)
+    cmd = DeployCommand(id="d", device_id="dev-1", rollout_id="local", urls=["http://127.0.0.1/x.tar"],
+                        bundle=BundleRef(name="tiny", version="1.0.0", manifest_sha256="b" * 64),
+                        deadline=at + timedelta(hours=1))
     assert check_deploy(cmd, now, at=at, margin=0).code == "downgrade_refused"
     assert check_deploy(cmd, now, at=at, margin=0, allow_downgrade=True).ok
 

@@ -58,8 +58,8 @@ def check_name(name: str, *, active_name: str | None, replaces: list[str] | tupl
                                          f"(agent setting bundle_names), not {name!r}; add it there to allow it")
     if active_name is not None and name != active_name and active_name not in replaces:
         return _no("name_change_refused", f"this device runs {active_name!r}; a deploy of {name!r} must say it "
-                                          f"replaces it (deploy 'replaces', edgeship fleet rollout create "
-                                          f"--replaces {active_name})")
+                                          f"replaces it (`edgeship fleet rollout create --replaces {active_name}`, "
+                                          f"or on the device `edgeship agent install --replaces {active_name}`)")
     return OK
 
 

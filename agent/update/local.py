@@ -65,8 +65,11 @@ def receive_archive(src: BinaryIO, state_dir: Path, *, size: int, free_bytes: in
     return dest
 
 
-def local_deploy(archive: Path, *, device_id: str, watch: WatchPolicy | None = None) -> DeployCommand:
+def local_deploy(archive: Path, *, device_id: str, watch: WatchPolicy | None = None,
+                 replaces: tuple[str, ...] = ()) -> DeployCommand:
     """The deploy command for an archive on this device, named `local-...` with rollout id `local`.
+
+    `replaces` (the operator's `--replaces`) names the active bundles it may take over, as a fleet deploy's does.
 
     Raises DownloadError(code="not_a_bundle") when the file does not start with a bundle manifest.
     """
@@ -83,6 +86,7 @@ def local_deploy(archive: Path, *, device_id: str, watch: WatchPolicy | None = N
         "urls": [url],
         "size": archive.stat().st_size,
         "deadline": datetime.now(timezone.utc) + LOCAL_DEADLINE,
+        "replaces": list(replaces),
     }
     if watch is not None:  # otherwise the device's configured watch policy applies, as for a fleet deploy
         body["watch"] = watch
@@ -113,7 +117,7 @@ class Step:
 
 
 def run_local_install(manager: UpdateManager, src: BinaryIO, *, size: int, device_id: str, allow_downgrade: bool,
-                      watch: WatchPolicy | None, stop_at: frozenset[UpdateState], emit: Callable[[Step], None],
+                      replaces: tuple[str, ...] = (), watch: WatchPolicy | None, stop_at: frozenset[UpdateState], emit: Callable[[Step], None],
                       poll_s: float = 0.1) -> Step:
     """Receive `src`, hand the manager a local deploy, and report each state until one in `stop_at`
     (or a rest state). Run by the process that owns the state dir. Returns the final step."""
@@ -128,7 +132,7 @@ def run_local_install(manager: UpdateManager, src: BinaryIO, *, size: int, devic
     except UpdateError as exc:
         return Step("", ok=False, final=True, code=exc.code, reason=str(exc))
     try:
-        cmd = local_deploy(archive, device_id=device_id, watch=watch)
+        cmd = local_deploy(archive, device_id=device_id, watch=watch, replaces=replaces)
     except (UpdateError, BundleError) as exc:
         archive.unlink(missing_ok=True)
         return Step("", ok=False, final=True, code=exc.code, reason=str(exc))

@@ -516,7 +516,8 @@ def test_a_wedged_runtime_stops_the_watchdog_pings(tmp_path, keypair, bundle_dir
         stuck.start()
         start = time.monotonic()
         got = pings(4.0)
-        assert got and max(got) - start < 2.0, got  # max_silence_s (1.5) after the last answer, no more pings
+        # no ping later than max_silence_s (1.5) after the last answer (+1 s for a busy machine), then 1.5 s of none
+        assert got and max(got) - start < 2.5, got
         assert "inference has not answered for over 1.5 s (wedged runtime?)" in caplog.text
         release.set()  # the runtime comes back: the stuck request answers and the pings resume
         stuck.join(30)

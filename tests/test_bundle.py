@@ -314,3 +314,14 @@ def test_the_manifest_is_found_wherever_it_sits_in_the_archive(bundle, trusted, 
             tout.addfile(m, tin.extractfile(m))
     vb = unpack(tmp_path / "last.tar", tmp_path / "out", trusted)
     assert vb.manifest_sha256 == open_bundle(bundle, trusted).manifest_sha256
+
+
+def test_an_archive_never_outgrows_its_manifests_ceiling(tmp_path, keypair):
+    from agent.bundle import pack
+    from agent.bundle.archive import archive_ceiling
+
+    deep = "d/" * 40 + "x" * 120  # a name past tar's 100 bytes: a PAX header of its own
+    manifest = make_bundle(tmp_path / "b", keypair[0], extra_files={deep: b"1" * 1000, "e/f.bin": b"", "g": b"2" * 513})
+    tar = pack(tmp_path / "b", tmp_path / "b.tar")
+    head = (tmp_path / "b" / "manifest.json").stat().st_size + (tmp_path / "b" / "manifest.sig").stat().st_size
+    assert tar.stat().st_size <= archive_ceiling(manifest, head_bytes=head + 1024)

@@ -230,6 +230,16 @@ def test_a_download_longer_than_the_deploy_size_without_content_length_stops_at_
     env.assert_old_serving()
 
 
+def test_a_deploy_without_a_size_stops_where_no_archive_of_its_manifest_can_reach(env):
+    _, tar, sha = env.bundles.make("v2", version="1.1.0")
+    env.srv.fault = Fault("unsized", at=40 * 1024 * 1024, chunked=True)  # the archive, then junk to 40 MiB
+    cid = env.deploy("v2", tar=tar, sha=sha)  # no size: the manifest's own files bound the archive
+    ev = env.failed_with(cid, "download_too_large")
+    assert "an archive of its manifest can hold" in ev.reason
+    assert env.srv.sent < 16 * 1024 * 1024
+    env.assert_old_serving()
+
+
 @pytest.mark.parametrize("fault,code", [(Fault("500"), "http_500"), (Fault("hang", hang_s=3), "download_timeout")])
 def test_server_500_or_hanging(env, fault, code):
     env.srv.fault = fault

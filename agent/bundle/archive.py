@@ -31,6 +31,14 @@ from agent.bundle.signing import MAX_SIGNATURE_BYTES, TrustedKeys, require_signa
 from agent.bundle.store import VerifiedBundle, open_bundle
 
 DEFAULT_MAX_BYTES = 16 * 1024**3  # 16 GiB: well above a 7B int4 model
+
+
+def archive_ceiling(manifest: Manifest, *, head_bytes: int = 0) -> int:
+    """The most bytes `pack` can write for this manifest: each file padded to 512 with its header,
+    room for a long-name (PAX) header and a directory entry per file, the head, the end blocks and
+    the last record's padding. A download without a size stops past it."""
+    per_file = sum(-(-e.size // 512) * 512 + 4 * 512 for e in manifest.files)
+    return per_file + -(-head_bytes // 512) * 512 + 8 * 512 + tarfile.RECORDSIZE
 DEFAULT_MAX_MEMBERS = 10_000
 SUFFIX = ".tar"
 

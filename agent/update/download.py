@@ -134,7 +134,7 @@ def _throttle(started: float, sent: int, limit_bps: int | None) -> None:
             time.sleep(ahead)
 
 
-def _attempt(url: str, part: Path, opts: DownloadOptions, *, expected_size: int | None,
+def _attempt(url: str, part: Path, opts: DownloadOptions, *, expected_size: int | None, max_size: int | None,
              progress: Progress | None, cancelled: Callable[[], bool] | None) -> int:
     """One GET (resuming from `part`'s size); returns the size on disk when the body ended."""
     existing = part.stat().st_size if part.exists() else 0
@@ -163,6 +163,10 @@ def _attempt(url: str, part: Path, opts: DownloadOptions, *, expected_size: int 
                         raise DownloadError(f"{_short(url)} sent more than the {expected_size} bytes the command "
                                             "said; stopped there (is the URL the bundle's archive?)",
                                             code="download_too_large")
+                    if expected_size is None and max_size is not None and done + len(chunk) > max_size:
+                        raise DownloadError(f"{_short(url)} sent more than the {max_size} bytes an archive of its "
+                                            "manifest can hold; stopped there (is the URL the bundle's archive?)",
+                                            code="download_too_large")
                     f.write(chunk)
                     done += len(chunk)
                     sent += len(chunk)
@@ -183,7 +187,8 @@ def _attempt(url: str, part: Path, opts: DownloadOptions, *, expected_size: int 
         return done
 
 
-def download(urls: list[str], part: Path, *, expected_size: int | None = None, sha256: str | None = None,
+def download(urls: list[str], part: Path, *, expected_size: int | None = None, max_size: int | None = None,
+             sha256: str | None = None,
              opts: DownloadOptions = DownloadOptions(), progress: Progress | None = None,
              cancelled: Callable[[], bool] | None = None, sleep: Callable[[float], None] = time.sleep) -> Path:
     """Download into `part` (resuming what is there) and return it once complete and checked.
@@ -192,7 +197,7 @@ def download(urls: list[str], part: Path, *, expected_size: int | None = None, s
     DownloadError with a wire code (`http_404`, `http_500`, `download_timeout`,
     `download_truncated`, `download_too_large`, `sha256_mismatch`, ...), DiskFull or Cancelled.
     A body longer than `expected_size` is stopped as soon as it passes it, whether or not the
-    server sent a Content-Length.
+    server sent a Content-Length; without an expected size, `max_size` is the ceiling.
     """
     part.parent.mkdir(parents=True, exist_ok=True)
     live = list(urls)
@@ -202,7 +207,8 @@ def download(urls: list[str], part: Path, *, expected_size: int | None = None, s
             break
         url = live[attempt % len(live)]
         try:
-            _attempt(url, part, opts, expected_size=expected_size, progress=progress, cancelled=cancelled)
+            _attempt(url, part, opts, expected_size=expected_size, max_size=max_size, progress=progress,
+                     cancelled=cancelled)
             break
         except (DiskFull, Cancelled):
             raise

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from agent.bundle import BundleError, Manifest, TrustedKeys, VerifiedBundle, unpack
+from agent.bundle.archive import archive_ceiling
 from agent.protocol import (
     AckMessage,
     BundleRef,
@@ -435,7 +436,7 @@ class UpdateManager:
         sha = rec.bundle.manifest_sha256
         if self.store.has(sha):  # already in the store (e.g. the previous bundle): nothing to fetch
             return _Outcome(Event.DOWNLOADED)
-        self._check_head(rec)
+        ceiling = self._check_head(rec)
         part = self.store.download_path(sha)
         last = [-1.0]
 
@@ -446,15 +447,18 @@ class UpdateManager:
                 self._emit(EventMessage(**self._base(rec), state=S.DOWNLOADING, bytes_done=done, bytes_total=total))
 
         try:
-            download(rec.urls, part, expected_size=rec.size, opts=self.config.download, progress=progress,
+            download(rec.urls, part, expected_size=rec.size, max_size=ceiling, opts=self.config.download,
+                     progress=progress,
                      cancelled=lambda: self._cancel.is_set() or self._closed)
         except DiskFull:
             part.unlink(missing_ok=True)  # give the space back before persisting the failure
             raise
         return _Outcome(Event.DOWNLOADED, metrics={"bytes": float(part.stat().st_size)})
 
-    def _check_head(self, rec: UpdateRecord) -> None:
-        """Trust and compatibility from the archive's manifest, before the payload is fetched."""
+    def _check_head(self, rec: UpdateRecord) -> int:
+        """Trust and compatibility from the archive's manifest, before the payload is fetched.
+
+        Returns the most bytes an archive of this manifest can take (the download's ceiling)."""
         raw, sig = fetch_head_any(rec.urls, self.config.download)
         got = hashlib.sha256(raw).hexdigest()
         if got != rec.bundle.manifest_sha256:
@@ -472,6 +476,7 @@ class UpdateManager:
                                         margin=self.config.disk_margin_bytes)
         if not verdict.ok:
             raise UpdateError(verdict.reason, code=verdict.code)
+        return archive_ceiling(manifest, head_bytes=len(raw) + len(sig) + 2 * 512)
 
     def _do_verify(self, rec: UpdateRecord) -> _Outcome:
         sha = rec.bundle.manifest_sha256

@@ -58,11 +58,11 @@ class RolloutBody(BaseModel):
     health_window: str = "10m"
     device_deadline: str = "30m"
     auto_rollback: bool = False
-    max_concurrent_downloads: int | None = Field(default=None, ge=1)
+    max_concurrent_downloads: int | None = Field(default=None, ge=1, le=1_000_000)
     offline_policy: Literal["fail", "skip"] = "fail"
     max_error_rate_increase: str = "5%"
-    max_p95_ratio: float = Field(default=1.5, gt=0)
-    min_requests: int = Field(default=1, ge=0)
+    max_p95_ratio: float = Field(default=1.5, gt=0, le=1000)
+    min_requests: int = Field(default=1, ge=0, le=1_000_000)
     replaces: list[str] = Field(default=[], description="bundle names this bundle may replace on a device")
 
     def spec(self) -> RolloutSpec:

@@ -116,6 +116,9 @@ def test_spec_refuses_unbounded_durations_however_it_is_built():
         RolloutSpec.load(stored)
     with pytest.raises(ValueError, match="max_p95_ratio"):
         RolloutSpec(waves=["100%"], max_failure_rate=0, health_window_s=1, device_deadline_s=60, max_p95_ratio=float("inf"))
+    for field, value in [("min_requests", 10**12), ("max_concurrent_downloads", 10**12), ("max_p95_ratio", 1e9)]:
+        with pytest.raises(ValueError, match=field):  # counts too: a huge one would only fail later, on the device
+            RolloutSpec(waves=["100%"], max_failure_rate=0, health_window_s=1, device_deadline_s=60, **{field: value})
 
 
 def test_command_ids_are_deterministic_and_fit_the_wire():

@@ -104,11 +104,11 @@ class RolloutSpec(BaseModel):
     health_window_s: float = Field(ge=HEALTH_WINDOW.low, le=HEALTH_WINDOW.high)
     device_deadline_s: float = Field(ge=DEVICE_DEADLINE.low, le=DEVICE_DEADLINE.high)
     auto_rollback: bool = False
-    max_concurrent_downloads: int | None = Field(default=None, ge=1)
+    max_concurrent_downloads: int | None = Field(default=None, ge=1, le=1_000_000)
     offline_policy: Literal["fail", "skip"] = "fail"
     max_error_rate_increase: float = Field(default=0.05, ge=0, le=1)  # absolute, over the baseline
-    max_p95_ratio: float = Field(default=1.5, gt=0)  # post p95 / baseline p95
-    min_requests: int = Field(default=1, ge=0)  # below this, a wave's traffic cannot be judged
+    max_p95_ratio: float = Field(default=1.5, gt=0, le=1000)  # post p95 / baseline p95
+    min_requests: int = Field(default=1, ge=0, le=1_000_000)  # below this, a wave's traffic cannot be judged
     # bundle names the deployed bundle may replace on a device (a device refuses any other name change)
     replaces: list[Annotated[str, Field(pattern=NAME_RE.pattern)]] = Field(default=[], max_length=16)
 

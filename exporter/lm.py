@@ -2,9 +2,11 @@
 small onnxruntime driver for it (prefill, decode, greedy) used by the quality gate, golden files
 and the benchmark.
 
-The graph takes `input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.key/value` and
-returns `logits`, `present.{i}.key/value` (docs/ARCHITECTURE.md). Past length 0 is the prefill, so
-one file serves both phases.
+The graph takes `input_ids`, `attention_mask`, `position_ids` (where the model takes positions),
+`past_key_values.{i}.key/value` and returns `logits`, `present.{i}.key/value` (docs/ARCHITECTURE.md).
+Past length 0 is the prefill, so one file serves both phases. Every family optimum-onnx exports for
+text-generation with past takes this path, less the refused ones (`supported_architectures`,
+`refused_architectures`; the table in docs/EXPORT.md).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def check_architecture(config: Any, *, optimum: bool = False) -> str:
     known = supported_architectures(optimum=optimum)
     if model_type not in known:
         why_not = _optimum_candidates().get(model_type)
-        where = " by the optimum graph (the native graph takes more on CPU targets)" if optimum else ""
+        where = " by the optimum graph (the native graph takes others on CPU targets)" if optimum else ""
         raise UnsupportedArchitecture(
             f"unsupported architecture {model_type!r} for text-generation{where}"
             + (f" ({why_not})" if why_not else "") + f"; supported: {', '.join(known)}"

@@ -1,6 +1,6 @@
 """Every decoder family optimum's graph takes: the supported list is computed from optimum's TasksManager, each
 family exports from a tiny random checkpoint and matches PyTorch in prefill and decode, and Phi-2, GPT-NeoX and
-Gemma 2 bundles (the int4 recipe, the gate, the golden smoke test) are served by a real agent process."""
+Gemma 2 bundles (the int8 recipe, the gate, the golden smoke test) are served by a real agent process."""
 
 from __future__ import annotations
 
@@ -91,8 +91,7 @@ def test_family_exports_matches_pytorch_and_the_agent_runtime_serves_it(arch, tm
 
 
 def test_unsupported_architectures_get_one_line_naming_the_supported_ones(tmp_path, keypair):
-    from transformers import (BartConfig, BartForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, MambaConfig,
-                              MambaForCausalLM)
+    from transformers import BartConfig, BartForCausalLM, MambaConfig, MambaForCausalLM
 
     from exporter import export
     from exporter.errors import UnsupportedArchitecture
@@ -112,16 +111,34 @@ def test_unsupported_architectures_get_one_line_naming_the_supported_ones(tmp_pa
     message = str(info.value)
     assert "\n" not in message and "'bart'" in message and "encoder-decoder family" in message
     assert message.endswith(f"; supported: {supported}")
-    deepseek = tmp_path / "deepseek"  # optimum takes it, but its graph would drop experts: refused, saying why
+    with pytest.raises(UnsupportedArchitecture, match=DEEPSEEK_REFUSED):
+        export(tiny_deepseek(tmp_path / "deepseek"), out=tmp_path / "o3", key=keypair[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bart", "deepseek", "mamba"]
+
+
+# optimum takes deepseek_v3, but its graph would drop experts: refused, saying why and what is supported
+DEEPSEEK_REFUSED = (r"^unsupported architecture 'deepseek_v3' for text-generation \(optimum-onnx 0\.1\.0 traces its "
+                    r"mixture-of-experts loop .*\); supported: llama, mistral, .*gpt_neox")
+
+
+def tiny_deepseek(path: Path) -> Path:
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
     DeepseekV3ForCausalLM(DeepseekV3Config(hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
                                            num_hidden_layers=1, num_attention_heads=2, n_routed_experts=4,
                                            kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                           v_head_dim=8, n_group=2, topk_group=1, vocab_size=64)).save_pretrained(deepseek)
-    with pytest.raises(UnsupportedArchitecture,
-                       match=r"^unsupported architecture 'deepseek_v3' for text-generation \(optimum-onnx 0\.1\.0 "
-                             r"traces its mixture-of-experts loop .*\); supported: llama, mistral, .*gpt_neox"):
-        export(deepseek, out=tmp_path / "o3", key=keypair[0])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bart", "deepseek", "mamba"]
+                                           v_head_dim=8, n_group=2, topk_group=1, vocab_size=64)).save_pretrained(path)
+    return path
+
+
+def test_edgeship_export_of_a_refused_architecture_exits_2_with_one_line(tmp_path, keypair):
+    from tests.test_exporter_cli import run
+
+    p = run(str(tiny_deepseek(tmp_path / "deepseek")), "--out", str(tmp_path / "b"), "--key", str(keypair[0]))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(DEEPSEEK_REFUSED, errors[0].removeprefix("error: ")), p.stderr
+    assert not (tmp_path / "b").exists()
 
 
 def test_export_md_table_has_one_row_per_supported_architecture_with_its_paths():

@@ -316,6 +316,8 @@ def _export_lm(
         max_context = profile.shapes.max_context
         with progress.step("reference", "PyTorch float32 on the evaluation text"):
             ref = quality.lm_reference(model, tokenizer, text, max_context=max_context)
+        recipe = recipe.model_copy(update={"exclude": lm.head_patterns(model, recipe.exclude),
+                                           "int8_blocks": lm.head_patterns(model, recipe.int8_blocks)})
         outliers = quality.outlier_patterns(ref.activation_ratio, recipe.outlier_ratio)
         if graph == "native":  # q/k/v and gate/up are one MatMul each there
             outliers = native.fused_patterns(outliers)
@@ -336,6 +338,7 @@ def _export_lm(
             head_k = None
             with progress.step("export", f"ONNX opset {profile.opset}, KV cache"):
                 fp32 = lm.export_decoder(model, work, opset=profile.opset)
+            spec_config.update(lm.cache_layout(fp32))  # the graph's, not the config's name for it
         recipe = recipe.model_copy(update={"lm_head_top_k": head_k})  # the recipe says what was applied
         model_config = model.config
         model_config.save_pretrained(stage)

@@ -264,7 +264,7 @@ def test_force_writes_a_verified_bundle_marked_failed_quality(tmp_path, keypair)
 
 
 def test_early_errors_name_the_problem_and_the_fix(tmp_path, keypair):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import MambaConfig, MambaForCausalLM
 
     from exporter import export
     from exporter.api import check_disk
@@ -277,10 +277,10 @@ def test_early_errors_name_the_problem_and_the_fix(tmp_path, keypair):
         UnsupportedArchitecture,
     )
 
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
-    with pytest.raises(UnsupportedArchitecture, match=r"'gpt2'.*supported: llama, qwen2, mistral, phi3, gemma"):
-        export(gpt2, out=tmp_path / "o1", key=keypair[0])
+    mamba = tmp_path / "mamba"  # a state-space model: no attention, no KV cache
+    MambaForCausalLM(MambaConfig(hidden_size=16, num_hidden_layers=1, vocab_size=64)).save_pretrained(mamba)
+    with pytest.raises(UnsupportedArchitecture, match=r"'mamba'.*supported: llama, mistral, qwen2, .*gpt_neox"):
+        export(mamba, out=tmp_path / "o1", key=keypair[0])
     with pytest.raises(TaskNotSupported, match="cannot do text-generation; use --task embedding"):
         export(tiny_model("bert"), out=tmp_path / "o2", key=keypair[0], task="text-generation")
     with pytest.raises(IncompatibleTarget, match="'int4' does not run on target 'npu-qnn-htp'"):
@@ -296,7 +296,7 @@ def test_early_errors_name_the_problem_and_the_fix(tmp_path, keypair):
         export(tiny_model("llama"), out=tmp_path / "o4", key=tmp_path / "no.key")
     with pytest.raises(NotEnoughDisk, match="GB free"):
         check_disk(tmp_path / "o5", 10**18)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "gpt2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "mamba"]
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,52 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 DECODERS = ("llama", "qwen2", "mistral", "phi3", "gemma")
 
+# Every further decoder family optimum's graph takes (exporter.lm.optimum_architectures()), tiny and random the same
+# way, special tokens inside the tiny tokenizer's vocabulary. Parameter names are each config class's own.
+_TOKENS = dict(vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256, **_TOKENS)
+_GPT2_LIKE = dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, **_TOKENS)
+FAMILY_CONFIGS: dict[str, dict] = {
+    # Phi-2: multi-head attention (optimum's dummy cache has num_attention_heads heads), partial rotary, parallel block
+    "phi": dict(_LLAMA_LIKE, num_key_value_heads=4),
+    # GPT-NeoX / Polyglot-Ko / Dolly: rotary over a quarter of each head, parallel residual
+    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     rotary_pct=0.25, use_parallel_residual=True, max_position_embeddings=256, **_TOKENS),
+    # Gemma 2: a sliding window shorter than the evaluation text, so the gate compares windowed attention
+    "gemma2": dict(_LLAMA_LIKE, head_dim=16, sliding_window=16),
+    "arcee": dict(_LLAMA_LIKE),
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4, **_TOKENS),  # ALiBi, no position_ids
+    "codegen": dict(_GPT2_LIKE, n_ctx=256, rotary_dim=8),
+    "cohere": dict(_LLAMA_LIKE),
+    "gemma3_text": dict(_LLAMA_LIKE, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+    "glm": dict(_LLAMA_LIKE, head_dim=16),
+    "gpt2": dict(_GPT2_LIKE),
+    "gptj": dict(_GPT2_LIKE, rotary_dim=8),
+    "granite": dict(_LLAMA_LIKE),
+    "helium": dict(_LLAMA_LIKE, head_dim=16),
+    "nemotron": dict(_LLAMA_LIKE, head_dim=16),
+    "olmo": dict(_LLAMA_LIKE),
+    "olmo2": dict(_LLAMA_LIKE),
+    "smollm3": dict(_LLAMA_LIKE),
+    "stablelm": dict(_LLAMA_LIKE),
+    "qwen3": dict(_LLAMA_LIKE, head_dim=16),  # native too (tests/test_exporter_native.py); here its optimum graph
+    "qwen3_moe": dict(_LLAMA_LIKE, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+                   **_TOKENS),  # multi-query: one KV head
+    "gpt_bigcode": dict(_GPT2_LIKE),  # multi-query: one KV head
+    # mixture of experts, attention sinks, alternating sliding / full attention
+    "gpt_oss": dict(_LLAMA_LIKE, intermediate_size=64, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                    sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+    "gpt_neo": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, window_size=16,
+                    attention_types=[[["global", "local"], 1]], max_position_embeddings=256, **_TOKENS),
+    "mpt": dict(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=256, **_TOKENS),  # ALiBi
+    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
+                max_position_embeddings=256, **_TOKENS),
+}
+TINY_CONFIGS.update({arch: dict(cfg, model_type=arch) for arch, cfg in FAMILY_CONFIGS.items()})
+CAUSAL = (*DECODERS, *FAMILY_CONFIGS)
+
 
 def cache_dir() -> Path:
     d = Path(os.environ.get("EDGESHIP_TEST_CACHE", Path.home() / ".cache" / "edgeship-tests"))
@@ -82,7 +128,7 @@ def tiny_model(arch: str, *, num_labels: int | None = None) -> Path:
         cfg["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
         cfg["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
     config = AutoConfig.for_model(model_type, **cfg)
-    if arch in DECODERS:
+    if arch in CAUSAL:
         model = AutoModelForCausalLM.from_config(config)
     elif num_labels:
         model = AutoModelForSequenceClassification.from_config(config)
@@ -90,7 +136,7 @@ def tiny_model(arch: str, *, num_labels: int | None = None) -> Path:
         model = AutoModel.from_config(config)
     model.eval()
     model.save_pretrained(tmp, safe_serialization=True)
-    if arch in DECODERS:
+    if arch in CAUSAL:
         _tiny_tokenizer(tmp, cfg["vocab_size"])
     else:
         vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(97, 123)] + \

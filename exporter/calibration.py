@@ -4,7 +4,7 @@ Calibration text comes from a file the user gives (`.txt`: one text per line; `.
 object per line with a "text" field) or from the small built-in set in exporter/data/. The
 evaluation sentences (real English, varied domains and lengths) are a separate built-in set so
 that a recipe chosen on calibration text is judged on text it has not seen; the mixed evaluation
-set adds what a device's RAG index also holds: one-word and very long texts, eleven other
+set adds what a device's RAG index also holds: one-word and very long texts, ten other
 languages, code, logs and numbers.
 """
 

@@ -6,9 +6,9 @@ onnxruntime's dynamic int8 (`DynamicQuantizeLinear`) takes one activation scale 
 sentence's numbers depend on what it is batched with and on the padding. Here each row x of the
 activation [.., k] is quantized alone:
 
-    s = max(|x|) / 127            (per row, ReduceMax over the last axis)
-    q = QuantizeLinear(x / s, 1, 128)                  uint8, zero point 128 (symmetric)
-    y = MatMulIntegerToFloat(q, Wq, 1, w_scale, 128) * s      int8 per-channel weights
+    m = max(|x|)                  (per row, ReduceMax over the last axis)
+    q = QuantizeLinear(x / m, 1/127, 128)                 uint8, zero point 128 (symmetric)
+    y = MatMulIntegerToFloat(q, Wq, 1/127, w_scale, 128) * m      int8 per-channel weights
 
 A row's output depends on that row alone: a sentence gets the same vector alone and in any padded
 batch. The quantization of one activation is shared by every MatMul that reads it (q, k, v).
@@ -28,7 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 from exporter.mixed_precision import weight_matmuls
 
 MS_DOMAIN = "com.microsoft"
-# A row of zeros would give scale 0; any positive floor keeps it finite (its codes are all 128).
+# A row of zeros would give m = 0 and NaN codes, which attention would spread from a padded row to the
+# whole sentence (0 * NaN); any positive floor keeps it finite (its codes are all 128).
 MIN_SCALE = 1e-12
 
 
@@ -39,9 +40,8 @@ def quantize_rows(fp32: onnx.ModelProto, *, exclude: Sequence[str] = (), per_cha
     targets = set(weight_matmuls(fp32)) - set(exclude)
     qmax = 63 if reduce_range else 127
     consts = [
-        numpy_helper.from_array(np.array(1.0 / 127, np.float32), "rowq.inv_127"),
+        numpy_helper.from_array(np.array(1.0 / 127, np.float32), "rowq.step"),  # the unit row's code step
         numpy_helper.from_array(np.array(MIN_SCALE, np.float32), "rowq.min_scale"),
-        numpy_helper.from_array(np.array(1.0, np.float32), "rowq.one"),
         numpy_helper.from_array(np.array(128, np.uint8), "rowq.zero_point"),
     ]
     new_inits, nodes, quantized = list(consts), [], {}
@@ -62,7 +62,7 @@ def quantize_rows(fp32: onnx.ModelProto, *, exclude: Sequence[str] = (), per_cha
                       numpy_helper.from_array(w_scale.astype(np.float32), f"{w_name}.rowq_scale")]
         nodes += [
             helper.make_node("MatMulIntegerToFloat",
-                             [q, f"{w_name}.rowq_int8", "rowq.one", f"{w_name}.rowq_scale", "rowq.zero_point"],
+                             [q, f"{w_name}.rowq_int8", "rowq.step", f"{w_name}.rowq_scale", "rowq.zero_point"],
                              [f"{name}.rowq_acc"], name=f"{name}/RowQ", domain=MS_DOMAIN),
             helper.make_node("Mul", [f"{name}.rowq_acc", scale], list(node.output), name=name),
         ]
@@ -81,10 +81,9 @@ def _quantize_activation(x: str, nodes: list[onnx.NodeProto], *, tag: str) -> tu
     nodes += [
         helper.make_node("Abs", [x], [f"{tag}.abs"], name=f"{tag}/Abs"),
         helper.make_node("ReduceMax", [f"{tag}.abs"], [f"{tag}.amax"], axes=[-1], keepdims=1, name=f"{tag}/ReduceMax"),
-        helper.make_node("Mul", [f"{tag}.amax", "rowq.inv_127"], [f"{tag}.raw_scale"], name=f"{tag}/Scale"),
-        helper.make_node("Max", [f"{tag}.raw_scale", "rowq.min_scale"], [f"{tag}.scale"], name=f"{tag}/Floor"),
+        helper.make_node("Max", [f"{tag}.amax", "rowq.min_scale"], [f"{tag}.scale"], name=f"{tag}/Floor"),
         helper.make_node("Div", [x, f"{tag}.scale"], [f"{tag}.unit"], name=f"{tag}/Div"),
-        helper.make_node("QuantizeLinear", [f"{tag}.unit", "rowq.one", "rowq.zero_point"], [f"{tag}.q"],
+        helper.make_node("QuantizeLinear", [f"{tag}.unit", "rowq.step", "rowq.zero_point"], [f"{tag}.q"],
                          name=f"{tag}/Quantize"),
     ]
     return f"{tag}.q", f"{tag}.scale"

@@ -28,8 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 from exporter.mixed_precision import weight_matmuls
 
 MS_DOMAIN = "com.microsoft"
-# A row of zeros would give m = 0 and NaN codes, which attention would spread from a padded row to the
-# whole sentence (0 * NaN); any positive floor keeps it finite (its codes are all 128).
+# A row of zeros would give m = 0 and x / m = NaN, whose uint8 code is up to the kernel (onnxruntime's CPU
+# output is then 0 * code = 0); a positive floor keeps every code defined (a zero row's are all 128).
 MIN_SCALE = 1e-12
 
 

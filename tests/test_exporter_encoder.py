@@ -263,8 +263,8 @@ def _alone_and_batched(model: onnx.ModelProto | Path, tokenizer_dir: Path) -> tu
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     short = "the pump stopped"
     loud = " ".join(["ALARM 9999 overflow !!"] * 8)
-    feeds = [{k: v.astype(np.int64) for k, v in tok(texts, padding=True, truncation=True, max_length=64, return_tensors="np").items()}
-             for texts in ([short], [loud, short])]
+    encoded = [tok(texts, padding=True, truncation=True, max_length=64, return_tensors="np") for texts in ([short], [loud, short])]
+    feeds = [{k: v.astype(np.int64) for k, v in enc.items()} for enc in encoded]
     alone, batched = mixed_precision.run_model(model if isinstance(model, onnx.ModelProto) else str(model), feeds)
     return alone[0], batched[1]
 
@@ -289,6 +289,23 @@ def test_per_row_activations_make_a_sentence_batch_invariant(tiny_bert, tmp_path
     assert len(weights) == 12 and all(w.dtype == np.int8 and np.abs(w).max() == 63 for w in weights)
 
 
+def test_per_row_quantization_of_a_small_matmul():
+    """Rows quantized alone, close to float; an all-zero row (a dead activation) gives zeros."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+                              [numpy_helper.from_array(w, "w")])
+    fp32 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(3, 16)).astype(np.float32) * np.array([[1.0], [1000.0], [0.0]], np.float32)
+    for per_channel in (True, False):  # 7-bit weights: this host may lack VNNI (int16 pairs saturate)
+        y = mixed_precision.run_model(quantize_rows(fp32, per_channel=per_channel, reduce_range=True), [{"x": x}])[0]
+        assert np.isfinite(y).all() and not y[2].any()
+        for row in (0, 1):  # each row to ~1 % of its own size, whatever its neighbour's scale
+            assert np.abs(y[row] - x[row] @ w).max() < 0.03 * np.abs(x[row] @ w).max()
 
 
 def test_restore_float_on_the_per_row_graph(tiny_bert, tmp_path):

@@ -3,7 +3,9 @@
 Calibration text comes from a file the user gives (`.txt`: one text per line; `.jsonl`: one
 object per line with a "text" field) or from the small built-in set in exporter/data/. The
 evaluation sentences (real English, varied domains and lengths) are a separate built-in set so
-that a recipe chosen on calibration text is judged on text it has not seen.
+that a recipe chosen on calibration text is judged on text it has not seen; the mixed evaluation
+set adds what a device's RAG index also holds: one-word and very long texts, ten other
+languages, code, logs and numbers.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from onnxruntime.quantization import CalibrationDataReader
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUILTIN_CALIBRATION = DATA_DIR / "calibration.jsonl"
 BUILTIN_EVAL = DATA_DIR / "eval_sentences.txt"
+BUILTIN_MIXED_EVAL = DATA_DIR / "eval_mixed.txt"
 
 
 class CalibrationError(ValueError):
@@ -62,6 +65,11 @@ def calibration_texts(path: str | Path | None = None, *, limit: int | None = Non
 def eval_texts(path: str | Path | None = None) -> list[str]:
     """The user's evaluation texts, or the ~50 built-in English sentences."""
     return load_texts(path if path is not None else BUILTIN_EVAL)
+
+
+def mixed_eval_texts() -> list[str]:
+    """The 40 built-in short, long, non-English and code texts (none of them calibration text)."""
+    return load_texts(BUILTIN_MIXED_EVAL)
 
 
 def batches(feeds: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:

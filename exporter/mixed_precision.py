@@ -12,8 +12,9 @@ cosine; a handful of MatMuls (those fed by outlier-heavy activations) cause most
 
 Step 2 does not re-run the quantizer for every candidate: the all-int8 graph is edited in memory
 (the quantized pattern that produces the MatMul's output is swapped for the original float
-MatMul, dead nodes pruned), which is exactly what `nodes_to_exclude` produces, at a fraction of
-the cost. The final model is always written by onnxruntime's quantizer with the chosen exclusions.
+MatMul, dead nodes pruned), which is exactly what excluding it from the quantizer produces
+(onnxruntime's `nodes_to_exclude`, `row_quant.quantize_rows(exclude=...)`; both tested), at a fraction
+of the cost. The final model is always written by the quantizer with the chosen exclusions.
 """
 
 from __future__ import annotations

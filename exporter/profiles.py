@@ -88,6 +88,7 @@ class Thresholds(_M):
     max_logits_abs_diff: float | None = None
     min_cosine_mean: float | None = None  # embeddings
     min_cosine_min: float | None = None
+    min_batch_cosine: float | None = None  # a text alone vs in a padded batch (dynamic-shape graphs)
     min_label_agreement: float | None = None  # classification
 
     def as_dict(self) -> dict[str, float]:

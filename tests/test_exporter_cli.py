@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from agent.bundle import QualityStatus, TrustedKeys, open_bundle
@@ -108,3 +109,11 @@ def test_encoder_checkpoints_go_through_the_same_command(tmp_path, keypair):
     m = open_bundle(tmp_path / "b", TrustedKeys.from_paths([keypair[1]])).manifest
     assert m.task.value == "embedding" and m.model.outputs == ["sentence_embedding"]
     assert m.quality.status is QualityStatus.PASSED and m.benchmark.metrics["latency_ms"] > 0
+    # the device's embedding runtime gives a text the same vector alone and batched beside a longer one
+    from agent.runtime import load_model
+
+    assert "-rowwise" in m.quantization.recipe and m.quality.metrics["batch_cosine_min"] >= 0.999
+    model = load_model(open_bundle(tmp_path / "b", TrustedKeys.from_paths([keypair[1]])), threads=1)
+    alone = model.embed(["the pump stopped"])[0]
+    batched = model.embed(["ALARM 9999 overflow on line 7, pressure 14.2 bar and rising fast", "the pump stopped"])[1]
+    np.testing.assert_allclose(batched, alone, atol=1e-6)

@@ -1,7 +1,8 @@
 """Encoder export (embeddings, classification) on the CPU profiles: structure, quality gate, golden files.
 
 Tiny random BERTs cover every CPU profile x task; the real all-MiniLM-L6-v2 weights (exported
-once per module) check that automatic mixed precision meets the 0.995 / 0.98 cosine gate.
+once per module) check that automatic mixed precision meets the 0.995 / 0.98 cosine gate at batch 1,
+8 and 32, and that a sentence's vector is the same alone and in a padded batch (>= 0.999).
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 import pytest
 
 from agent.bundle import QualityStatus
 from exporter import calibration, mixed_precision
-from exporter.encoder import EncoderResult, encoder_metrics, export_encoder
+from exporter.encoder import (EncoderResult, _batched, _run, encoder_metrics, export_encoder, gate_failures,
+                              layout_metrics)
 from exporter.errors import IncompatibleTarget, TaskNotSupported
 from exporter.profiles import Thresholds, load_profile
+from exporter.row_quant import quantize_rows
 from tests.support.models import minilm_path, tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,15 +73,20 @@ def test_tiny_embedding_on_cpu_profiles(tiny_bert, tmp_path, profile):
     r = _export(tiny_bert, out, profile, "embedding")
     assert r.quality.status is QualityStatus.PASSED, r.quality.failures
     assert r.quality.metrics["cosine_mean"] >= 0.995 and r.quality.metrics["cosine_min"] >= 0.98
-    assert r.quality.thresholds == {"min_cosine_mean": 0.995, "min_cosine_min": 0.98}
+    assert r.quality.thresholds == {"min_cosine_mean": 0.995, "min_cosine_min": 0.98, "min_batch_cosine": 0.999}
+    assert r.quality.metrics["batch_cosine_min"] >= 0.999
+    assert set(r.quality.details["batch_sizes"]) == {"1", "8", "32"}
     # every weight MatMul is int8 unless the search kept it float; attention-score MatMuls stay float
     d = r.quantization.details
     ops = _ops(r.onnx_path)
     assert d["matmuls"] == 12  # 2 layers x (q, k, v, attention out, ffn in, ffn out)
-    assert ops["MatMulInteger"] == 12 - len(d["float_nodes"]) == d["quantized_matmuls"]
+    assert ops["MatMulIntegerToFloat"] == 12 - len(d["float_nodes"]) == d["quantized_matmuls"]
     assert ops["MatMul"] == 5 + len(d["float_nodes"])  # 2 layers x (QK^T, PV), mean pooling, kept-float
-    assert ops["DynamicQuantizeLinear"] > 0 and ops["LayerNormalization"] > 0
-    assert r.quantization.recipe.startswith("int8-dynamic-per-channel")
+    # per-row activation scales: one QuantizeLinear per quantized activation (q, k and v share one), no
+    # per-tensor DynamicQuantizeLinear
+    assert 0 < ops["QuantizeLinear"] == d["quantized_activations"] < ops["MatMulIntegerToFloat"]
+    assert ops["DynamicQuantizeLinear"] == 0 and ops["LayerNormalization"] > 0
+    assert r.quantization.recipe.startswith("int8-dynamic-per-channel") and "-rowwise" in r.quantization.recipe
     # pooling and normalization are in the graph: the device gets unit vectors [batch, dim]
     sess = ort.InferenceSession(str(r.onnx_path), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
@@ -108,7 +117,8 @@ def test_tiny_classifier_on_cpu_profiles(tiny_classifier, tmp_path, profile):
     assert r.model_spec.outputs == ["logits"]
     d = r.quantization.details
     assert d["matmuls"] == 14  # 2 layers x 6, the pooler and the classifier head
-    assert _ops(r.onnx_path)["MatMulInteger"] == 14 - len(d["float_nodes"])
+    assert _ops(r.onnx_path)["MatMulIntegerToFloat"] == 14 - len(d["float_nodes"])
+    assert "min_batch_cosine" not in r.quality.thresholds  # the batch check is the embeddings' gate
     sess = ort.InferenceSession(str(r.onnx_path), providers=["CPUExecutionProvider"])
     logits = sess.run(None, dict(np.load(out / r.golden.inputs)))[0]
     assert logits.shape == (4, 3)
@@ -124,7 +134,8 @@ def test_fp16_and_fp32_recipes(tiny_bert, tmp_path):
     assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 I/O kept
     r32 = _export(tiny_bert, tmp_path / "fp32", "cpu-x86-avx2", "embedding", recipe={"method": "none"})
     assert r32.quality.metrics["max_abs_diff"] < 1e-4
-    assert _ops(r32.onnx_path)["MatMulInteger"] == 0
+    assert _ops(r32.onnx_path)["MatMulIntegerToFloat"] == 0
+    assert r16.quality.metrics["batch_cosine_min"] >= 0.999 and r32.quality.metrics["batch_cosine_min"] > 0.99999
 
 
 def test_impossible_gate_fails_with_a_clear_report(tiny_bert, tmp_path):
@@ -136,7 +147,7 @@ def test_impossible_gate_fails_with_a_clear_report(tiny_bert, tmp_path):
     assert len(r.quality.failures) == 2
     assert r.quality.failures[0].startswith("cosine_mean 0.99") and "< 0.9999999 (min_cosine_mean)" in r.quality.failures[0]
     assert "(min_cosine_min)" in r.quality.failures[1]
-    assert r.quantization.recipe == "int8-dynamic-per-tensor-7bit"
+    assert r.quantization.recipe == "int8-dynamic-per-tensor-7bit-rowwise"
     assert r.quantization.details["float_nodes"] == []
     assert r.onnx_path.exists()  # the caller decides (--force) whether a failed model ships
 
@@ -218,7 +229,12 @@ def test_minilm_mixed_precision_meets_the_gate(minilm_int8):
     q = r.quantization.details
     assert r.quality.status is QualityStatus.PASSED, r.quality.failures
     assert r.quality.metrics["cosine_mean"] >= 0.995 and r.quality.metrics["cosine_min"] >= 0.98
-    assert r.quality.details["eval_texts"] >= 50
+    # the built-in English sentences and the mixed set (short, long, non-English, code), at batch 1, 8, 32
+    assert r.quality.details["eval_texts"] == len(calibration.eval_texts()) + len(calibration.mixed_eval_texts())
+    for size in ("1", "8", "32"):
+        assert r.quality.details["batch_sizes"][size]["cosine_mean"] >= 0.995
+        assert r.quality.details["batch_sizes"][size]["cosine_min"] >= 0.98
+    assert r.quality.metrics["batch_cosine_min"] >= 0.999
     # found automatically: some MatMuls stay float, most are int8 (so it stays faster than fp32)
     assert q["matmuls"] == 36
     assert len(q["float_nodes"]) >= 1 and q["float_share_of_macs"] <= 0.34
@@ -227,9 +243,117 @@ def test_minilm_mixed_precision_meets_the_gate(minilm_int8):
     float_weight_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"
                             and n.input[1] in {i.name for i in model.graph.initializer}]
     assert sorted(float_weight_matmuls) == sorted(q["float_nodes"])
-    assert _ops(r.onnx_path)["MatMulInteger"] == 36 - len(q["float_nodes"])
-    assert r.quantization.recipe == f"int8-dynamic-per-channel-7bit-mixed-{len(q['float_nodes'])}float"  # AVX2: no VNNI
+    assert _ops(r.onnx_path)["MatMulIntegerToFloat"] == 36 - len(q["float_nodes"])
+    assert r.quantization.recipe == f"int8-dynamic-per-channel-7bit-rowwise-mixed-{len(q['float_nodes'])}float"  # AVX2: no VNNI
     assert q["reduce_range"] is True
     assert r.model_spec.config["dim"] == 384 and r.model_spec.config["pooling"] == "mean"
     assert r.size_bytes < 0.8 * r.size_fp32_bytes
     _check_golden(r, out)
+
+
+def _fp32(tiny_bert: Path, tmp_path: Path) -> tuple[EncoderResult, onnx.ModelProto]:
+    r = _export(tiny_bert, tmp_path / "fp32", "cpu-x86-avx2", "embedding", recipe={"method": "none"})
+    return r, onnx.load(str(r.onnx_path))
+
+
+def _alone_and_batched(model: onnx.ModelProto | Path, tokenizer_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A short sentence's vector alone, and in a padded batch beside a long, loud one."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    short = "the pump stopped"
+    loud = " ".join(["ALARM 9999 overflow !!"] * 8)
+    encoded = [tok(texts, padding=True, truncation=True, max_length=64, return_tensors="np") for texts in ([short], [loud, short])]
+    feeds = [{k: v.astype(np.int64) for k, v in enc.items()} for enc in encoded]
+    alone, batched = mixed_precision.run_model(model if isinstance(model, onnx.ModelProto) else str(model), feeds)
+    return alone[0], batched[1]
+
+
+def test_per_row_activations_make_a_sentence_batch_invariant(tiny_bert, tmp_path):
+    """A sentence alone and beside a long text: the same vector with per-row scales; not with per-tensor ones."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    r, fp32 = _fp32(tiny_bert, tmp_path)
+    rows = quantize_rows(fp32, reduce_range=True)
+    alone, batched = _alone_and_batched(rows, tmp_path / "fp32")
+    moved = float(np.abs(batched - alone).max())
+    assert moved < 1e-6  # float summation order over the padded length, nothing more
+    quantize_dynamic(str(r.onnx_path), str(tmp_path / "per_tensor.onnx"), per_channel=True, weight_type=QuantType.QInt8,
+                     reduce_range=True, op_types_to_quantize=["MatMul"], extra_options={"MatMulConstBOnly": True})
+    alone, batched = _alone_and_batched(tmp_path / "per_tensor.onnx", tmp_path / "fp32")
+    assert np.abs(batched - alone).max() > 10 * max(moved, 1e-6)  # the test sees what per-row scales fix
+    # structure: every weight MatMul on int8, 7-bit weights, q/k/v share their input's quantization
+    ops = Counter(n.op_type for n in rows.graph.node)
+    assert ops["MatMulIntegerToFloat"] == 12 and ops["QuantizeLinear"] == 2 * 4
+    weights = [numpy_helper.to_array(i) for i in rows.graph.initializer if i.name.endswith(".rowq_int8")]
+    assert len(weights) == 12 and all(w.dtype == np.int8 and np.abs(w).max() == 63 for w in weights)
+
+
+def test_per_row_quantization_of_a_small_matmul():
+    """Rows quantized alone, close to float; an all-zero row (a dead activation) gives zeros."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+                              [numpy_helper.from_array(w, "w")])
+    fp32 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(3, 16)).astype(np.float32) * np.array([[1.0], [1000.0], [0.0]], np.float32)
+    for per_channel in (True, False):  # 7-bit weights: this host may lack VNNI (int16 pairs saturate)
+        y = mixed_precision.run_model(quantize_rows(fp32, per_channel=per_channel, reduce_range=True), [{"x": x}])[0]
+        assert np.isfinite(y).all() and not y[2].any()
+        for row in (0, 1):  # each row to ~1 % of its own size, whatever its neighbour's scale
+            assert np.abs(y[row] - x[row] @ w).max() < 0.03 * np.abs(x[row] @ w).max()
+
+
+def test_restore_float_on_the_per_row_graph(tiny_bert, tmp_path):
+    """The search's in-memory edit of the per-row graph equals quantize_rows with those MatMuls excluded."""
+    r, fp32 = _fp32(tiny_bert, tmp_path)
+    names = mixed_precision.weight_matmuls(fp32)
+    keep = [names[0], names[6]]  # a query (its input's quantization stays for k and v) and a layer-2 one
+    edited = mixed_precision.restore_float(quantize_rows(fp32, reduce_range=True), fp32, keep)
+    written = quantize_rows(fp32, exclude=keep, reduce_range=True)
+    assert Counter(n.op_type for n in edited.graph.node) == Counter(n.op_type for n in written.graph.node)
+    assert Counter(n.op_type for n in written.graph.node)["MatMulIntegerToFloat"] == 10
+    feeds = [dict(np.load(tmp_path / "fp32" / r.golden.inputs))]
+    np.testing.assert_allclose(mixed_precision.run_model(edited, feeds)[0], mixed_precision.run_model(written, feeds)[0],
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_batch_gate_metrics_and_failure_line():
+    ref = np.eye(4, dtype=np.float32)
+    moved = ref.copy()
+    moved[3] = [0, 0, 0.1, 1]  # one text's vector in a batch is not its vector alone
+    m = layout_metrics("embedding", {1: ref, 8: moved}, ref)
+    assert m["batch_cosine_min"] == pytest.approx(1 / np.sqrt(1.01))
+    assert m["cosine_min"] == m["batch_cosine_min"] and m["cosine_mean"] < 1.0  # the worst layout counts
+    failures = gate_failures(m, {"min_batch_cosine": 0.999})
+    assert failures == [f"batch_cosine_min {m['batch_cosine_min']:.4f} < 0.999 (min_batch_cosine)"]
+    assert "batch_cosine_min" not in layout_metrics("embedding", {1: ref}, ref)  # one layout: nothing to compare
+
+
+@pytest.mark.slow
+def test_gate_refuses_a_batch_variant_minilm(minilm_int8, tmp_path):
+    """Per-tensor activation scales on the real MiniLM: the gate's batch check refuses them; the bundle passes it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoTokenizer
+
+    r, out = minilm_int8
+    fp32 = _export(minilm_path(), tmp_path / "fp32", "cpu-x86-avx2", "embedding", recipe={"method": "none"},
+                   eval_texts=calibration.mixed_eval_texts())
+    quantize_dynamic(str(fp32.onnx_path), str(tmp_path / "per_tensor.onnx"), per_channel=True,
+                     weight_type=QuantType.QInt8, reduce_range=True, op_types_to_quantize=["MatMul"],
+                     nodes_to_exclude=r.quantization.details["float_nodes"], extra_options={"MatMulConstBOnly": True})
+    tok = AutoTokenizer.from_pretrained(out)
+    texts = calibration.mixed_eval_texts()
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    layouts = {size: _batched(tok, texts, names, size=size, seq_len=256) for size in (1, 8, 32)}
+    reference = _run(fp32.onnx_path, layouts[1])
+    variant = layout_metrics("embedding", {s: _run(tmp_path / "per_tensor.onnx", p) for s, p in layouts.items()},
+                             reference)
+    failures = gate_failures(variant, r.quality.thresholds)
+    assert any(f.endswith("(min_batch_cosine)") for f in failures), variant
+    shipped = layout_metrics("embedding", {s: _run(r.onnx_path, p) for s, p in layouts.items()}, reference)
+    assert gate_failures(shipped, r.quality.thresholds) == [] and shipped["batch_cosine_min"] >= 0.999

@@ -42,6 +42,7 @@ def quantize_rows(fp32: onnx.ModelProto, *, exclude: Sequence[str] = (), per_cha
     consts = [
         numpy_helper.from_array(np.array(1.0 / 127, np.float32), "rowq.step"),  # the unit row's code step
         numpy_helper.from_array(np.array(MIN_SCALE, np.float32), "rowq.min_scale"),
+        # uint8 codes around 128, not int8: signed x signed ran at 0.39x fp32 on an AVX2 EPYC without VNNI
         numpy_helper.from_array(np.array(128, np.uint8), "rowq.zero_point"),
     ]
     new_inits, nodes, quantized = list(consts), [], {}

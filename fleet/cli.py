@@ -120,7 +120,8 @@ def _devices_table(rows: list[dict]) -> None:
         online = "[green]yes[/]" if d["online"] else f"[red]no[/] {d.get('offline_reason', '')}"
         t.add_row(d["id"], "[red]revoked[/]" if d.get("revoked") else online,
                   _ago(d.get("last_seen")), d.get("agent_version") or "-", (d.get("facts") or {}).get("arch", "-"),
-                  f"{active.get('name')}@{active.get('version')}" if active else "-",
+                  (f"{active.get('name')}@{active.get('version')}" + (f" ({d['source']})" if d.get("source") else ""))
+                  if active else "-",
                   ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-",
                   f"{inf.get('errors', 0)}/{inf.get('requests', 0)}" if inf else "-",
                   f"{inf['p95_ms']:.0f}" if inf.get("p95_ms") is not None else "-")

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from agent.protocol import HealthMessage, OfflineMessage, StateMessage
+from agent.protocol import LOCAL_ROLLOUT, HealthMessage, OfflineMessage, StateMessage
 from fleet.errors import InvalidRequest
 from fleet.models import Device
 
@@ -141,6 +141,22 @@ def health_summary(msg: HealthMessage) -> dict[str, Any]:
     return data
 
 
+def bundle_source(active: dict[str, Any] | None, update: dict[str, Any] | None) -> str:
+    """Where the device's active bundle came from, as far as its last update tells:
+    `rollout:<id>`, `local` (`edgeship agent install` on the device), `fallback` (the agent fell back
+    to its previous bundle), or `` when the last update is about another bundle."""
+    if not active or not update:
+        return ""
+    if update.get("code") == "active_bundle_damaged":
+        return "fallback"
+    bundle = update.get("bundle") or {}
+    if bundle.get("manifest_sha256") != active.get("manifest_sha256") or update.get("state") not in (
+            "watching", "committed"):
+        return ""
+    rollout = update.get("rollout_id") or ""
+    return LOCAL_ROLLOUT if rollout == LOCAL_ROLLOUT else f"rollout:{rollout}" if rollout else ""
+
+
 def device_dict(device: Device) -> dict[str, Any]:
     """The API's view of a device."""
     return {
@@ -149,4 +165,5 @@ def device_dict(device: Device) -> dict[str, Any]:
         "labels": device.labels or {}, "op_labels": device.op_labels or {}, "active": device.active,
         "previous": device.previous, "execution_provider": device.execution_provider, "update": device.update,
         "health": device.health, "revoked": device.revoked_at is not None, "revoked_at": device.revoked_at,
+        "source": bundle_source(device.active, device.update),
     }

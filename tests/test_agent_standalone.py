@@ -269,6 +269,31 @@ def test_a_bundle_of_another_name_installs_only_with_replaces(tmp_path, topic_pr
     assert status["active"]["name"] == "other" and status["previous"]["name"] == "tiny"
 
 
+def test_the_controller_shows_a_bundle_installed_locally_once_the_broker_is_there(tmp_path, broker, topic_prefix,
+                                                                                  keypair, tiny):
+    from tests.support.fleet import ControllerProcess, make_database
+    from tests.test_fleet_api_cli import run
+
+    agent = Agent(tmp_path, broker.port, topic_prefix, public_key=keypair[1])
+    assert edgeship("agent", "install", tiny["v1"], "--config", agent.config).returncode == 0  # no controller, no agent
+    controller = ControllerProcess(broker.url, topic_prefix, make_database("sqlite", tmp_path), tmp_path / "fleet",
+                                   [keypair[1]]).start()
+    agent.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            shown = run(controller, "devices")
+            shown = shown if isinstance(shown, list) else [shown]
+            if shown and shown[0].get("active"):
+                break
+            time.sleep(0.3)
+        device = run(controller, "device", "show", agent.device_id)
+        assert device["active"]["version"] == "1.0.0" and device["source"] == "local", device
+    finally:
+        agent.stop()
+        controller.terminate()
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 20 MiB tmpfs: room for a tiny bundle and the 16 MiB margin, not for a 3 MB one (3x its size + margin)."""

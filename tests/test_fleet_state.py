@@ -187,3 +187,27 @@ def test_settings_order_and_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("EDGESHIP_FLEET_MQTT_URL")
     with pytest.raises(ConfigError, match="no API token"):
         FleetSettings.load().token()
+
+
+def test_the_controller_shows_where_a_devices_bundle_came_from():
+    from agent.protocol import LOCAL_ROLLOUT, BundleRef, StateMessage, UpdateStatus
+    from fleet.registry import apply_state, device_dict, new_device
+
+    v2 = BundleRef(name="tiny", version="1.1.0", manifest_sha256="b" * 64)
+    v1 = BundleRef(name="tiny", version="1.0.0", manifest_sha256="a" * 64)
+
+    def shown(active, update) -> str:
+        device = new_device("dev-1", 0.0)
+        apply_state(device, StateMessage(device_id="dev-1", session="s", seq=0, agent_version="0.1.0", active=active,
+                                         update=update), 1.0)
+        return device_dict(device)["source"]
+
+    local = UpdateStatus(command_id="local-1", rollout_id=LOCAL_ROLLOUT, state=UpdateState.COMMITTED, bundle=v2)
+    assert shown(v2, local) == "local"  # `edgeship agent install` while the broker was away
+    fleet = UpdateStatus(command_id="c", rollout_id="ro1", state=UpdateState.WATCHING, bundle=v2)
+    assert shown(v2, fleet) == "rollout:ro1"
+    failed = UpdateStatus(command_id="c", rollout_id="ro1", state=UpdateState.FAILED, bundle=v2)
+    assert shown(v1, failed) == ""  # the last update is about another bundle: nothing to say
+    damaged = UpdateStatus(command_id="fallback-s", state=UpdateState.ROLLED_BACK, code="active_bundle_damaged")
+    assert shown(v1, damaged) == "fallback"
+    assert shown(None, None) == ""

@@ -1,6 +1,7 @@
 """The wire contract: MQTT topics and messages between agents and the controller (docs/PROTOCOL.md)."""
 
 from agent.protocol.messages import (
+    LOCAL_ROLLOUT,
     MAX_PAYLOAD_BYTES,
     AckMessage,
     BundleRef,

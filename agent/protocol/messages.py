@@ -73,6 +73,9 @@ class UpdateState(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
+LOCAL_ROLLOUT = "local"  # the rollout_id of an `edgeship agent install` on the device (no controller)
+
+
 class UpdateStatus(_Msg):
     command_id: str
     rollout_id: str | None = None

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from agent.bundle import BundleError, Manifest
-from agent.protocol import BundleRef, DeployCommand, UpdateState, WatchPolicy
+from agent.protocol import LOCAL_ROLLOUT, BundleRef, DeployCommand, UpdateState, WatchPolicy
 from agent.protocol.messages import LOCAL_FILES
 from agent.update import decide
 from agent.update.download import fetch_head
@@ -30,7 +30,6 @@ from agent.update.manager import UpdateManager
 from agent.update.persist import fsync_dir
 from agent.update.state import is_rest
 
-LOCAL_ROLLOUT = "local"  # rollout_id of a local install: the controller shows where a bundle came from
 INCOMING = "incoming"
 # The deploy fields a controller sets; a local install has no controller to wait for.
 LOCAL_DEADLINE = timedelta(days=1)

@@ -296,7 +296,24 @@ def test_not_ready_without_a_model_then_ready_after_swap(lm):
         server.stop(1)
 
 
-def test_stop_cuts_streams_after_the_drain_deadline(lm):
+class _SlowGeneration:
+    """A generation whose tokens come 20 ms apart, so a stream is surely still going at a deadline."""
+
+    def __init__(self, gen) -> None:
+        self._gen = gen
+
+    def __getattr__(self, name: str):
+        return getattr(self._gen, name)
+
+    def __iter__(self):
+        for chunk in self._gen:
+            time.sleep(0.02)
+            yield chunk
+
+
+def test_stop_cuts_streams_after_the_drain_deadline(lm, monkeypatch):
+    generate = lm.generate
+    monkeypatch.setattr(lm, "generate", lambda *a, **kw: _SlowGeneration(generate(*a, **kw)))
     server = _serve(lm)
     s = _raw_stream_request(server.port, {"model": MODEL, "messages": CHAT, "max_tokens": 240, "stream": True,
                                           "ignore_eos": True})
@@ -309,8 +326,9 @@ def test_stop_cuts_streams_after_the_drain_deadline(lm):
         got += chunk
     s.close()
     assert not server.listening
-    if not clean:  # the stream was still going: it ends with an error event and [DONE]
-        assert b'"code": "overloaded"' in got and got.rstrip().endswith(b"data: [DONE]")
+    assert not clean  # 240 tokens at 20 ms each: the stream was still going, so it ends with an error and [DONE]
+    assert b'"code": "overloaded"' in got and got.rstrip().endswith(b"data: [DONE]")
+    assert b'"finish_reason": "length"' not in got
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=2)
 

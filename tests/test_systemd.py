@@ -4,6 +4,7 @@ kernel's own PR_SET_MDWE on a real agent serving a real request)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -208,15 +209,28 @@ def test_enrolled_files_reach_a_dynamic_user(tmp_path, keypair):
             os.chown(creds / name, nobody, nobody)
             (creds / name).chmod(0o400)
         os.chown(creds, nobody, nobody)
-        probe = (
-            "import ssl; from agent.config import load_settings; from agent.bundle import TrustedKeys\n"
-            f"s = load_settings(__import__('pathlib').Path('{creds}/agent.toml'))\n"
-            "ssl.create_default_context(cafile=str(s.broker.ca_file)).load_cert_chain(s.broker.cert_file, s.broker.key_file)\n"
-            "TrustedKeys.from_paths(s.trusted_keys); print('read', s.broker.key_file)\n"
-        )
+        # The agent's own settings code says which files it will open (as root here: the checkout and
+        # its venv need not be readable by that uid, e.g. a 0700 CI clone); the uid then opens each of
+        # them and builds the TLS context with the stdlib alone (-I -S: nothing of the project imported).
         env = {**os.environ, "EDGESHIP_AGENT_BROKER__KEY_FILE": str(creds / "device.key"), "PYTHONDONTWRITEBYTECODE": "1"}
-        as_nobody = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", sys.executable, "-c", probe]
-        run = subprocess.run(as_nobody, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+        settings = subprocess.run(
+            [sys.executable, "-c", "import json, pathlib, sys; from agent.config import load_settings\n"
+             "from agent.bundle import TrustedKeys\n"
+             "s = load_settings(pathlib.Path(sys.argv[1])); TrustedKeys.from_paths(s.trusted_keys)\n"
+             "print(json.dumps([str(s.broker.ca_file), str(s.broker.cert_file), str(s.broker.key_file),"
+             " *map(str, s.trusted_keys)]))", str(creds / "agent.toml")],
+            capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+        assert settings.returncode == 0, settings.stderr[-2000:]
+        ca, cert, key, *trusted = json.loads(settings.stdout)
+        assert key == str(creds / "device.key")
+        probe = (
+            "import ssl, sys; ca, cert, key, *rest = sys.argv[1:]\n"
+            "for f in (ca, cert, key, *rest): open(f, 'rb').read()\n"
+            "ssl.create_default_context(cafile=ca).load_cert_chain(cert, key); print('read', key)\n"
+        )
+        as_nobody = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups",
+                     os.path.realpath(sys.executable), "-I", "-S", "-c", probe, ca, cert, key, str(creds / "agent.toml"), *trusted]
+        run = subprocess.run(as_nobody, capture_output=True, text=True, timeout=60, cwd="/")
         assert run.returncode == 0 and f"read {creds}/device.key" in run.stdout, run.stderr[-2000:]
         # and the root-only originals stay out of its reach
         denied = subprocess.run(["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", "cat", str(e.key)],

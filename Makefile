@@ -9,8 +9,11 @@ bootstrap:
 	VENV=$(VENV) bash scripts/bootstrap.sh
 
 # The whole test suite (unit, real broker, real PostgreSQL where available, real models, e2e).
+# Test files run in parallel (pytest-xdist, one worker per core, a file's tests stay together): many
+# of them wait on brokers, subprocesses and deadlines, so the other core keeps working meanwhile.
+PYTEST_WORKERS ?= auto
 test: bootstrap
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Only the end-to-end system tests.
 test-e2e: bootstrap

@@ -5,6 +5,7 @@ of the execution providers, pinned keys read without cryptography) gives the sam
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import signal
@@ -182,7 +183,11 @@ def test_weights_memory_collapses_to_huge_pages_with_the_same_contents():
     before = anonymous_regions()
     size = 16 << 20
     pattern = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
-    buf = pattern.copy()  # a large malloc: a private anonymous mapping, like onnxruntime's packed weights
+    # A private anonymous mapping of its own, like onnxruntime's packed weights. (A plain malloc of
+    # 16 MiB may land in a region that already existed: glibc raises its mmap threshold after frees.)
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf = np.frombuffer(region, dtype=np.uint8)
+    buf[:] = pattern
     addr = buf.ctypes.data
     new = anonymous_regions() - before
     assert sum(max(0, min(e, addr + size) - max(s, addr)) for s, e in new) >= size - 4096  # seen as new
@@ -204,3 +209,5 @@ def test_weights_memory_collapses_to_huge_pages_with_the_same_contents():
     else:
         assert done == 0
     assert collapse_to_huge_pages({(0, 1 << 20)}) == 0  # too small: left alone
+    del buf
+    region.close()

@@ -13,7 +13,7 @@ from agent.api import ApiServer
 from agent.bundle import TrustedKeys, open_bundle
 from agent.runtime import ModelHost, load_model
 from tests.support.lm_bundle import export_lm, lm_config, seal_lm_bundle
-from tests.support.models import cache_dir, smollm2_gguf_path
+from tests.support.models import cache_dir, cache_lock, smollm2_gguf_path
 
 pytestmark = pytest.mark.slow
 MESSAGES = [{"role": "system", "content": "You are a concise assistant."},
@@ -25,18 +25,23 @@ def smollm2_hf():
     """SmolLM2-135M-Instruct dequantized from its GGUF to an fp32 transformers checkpoint (cached)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = cache_dir() / "smollm2-135m-instruct-hf"
-    if not (out / "config.json").exists():
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        gguf = smollm2_gguf_path()
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32) \
-            .save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        os.replace(tmp, out)
+    with cache_lock(out):
+        if not (out / "config.json").exists():
+            _dequantize(out)
     return out
+
+
+def _dequantize(out):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32) \
+        .save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    os.replace(tmp, out)
 
 
 @pytest.fixture(scope="module")

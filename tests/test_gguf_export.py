@@ -26,7 +26,7 @@ from exporter.errors import SourceError, UnsupportedArchitecture  # noqa: E402
 from exporter.gguf.export import RECIPE, export_gguf  # noqa: E402
 from exporter.gguf.quality import OnnxDecoder  # noqa: E402
 from exporter.gguf.levels import TWO_PASS_POLICY  # noqa: E402
-from tests.support.models import TINY_CONFIGS, cache_dir, smollm2_gguf_path, tiny_model  # noqa: E402
+from tests.support.models import TINY_CONFIGS, cache_dir, cache_lock, smollm2_gguf_path, tiny_model  # noqa: E402
 
 TWO_PASS_EVERYWHERE = dataclasses.replace(TWO_PASS_POLICY, two_pass_min_weights=0)  # the tiny models' linears too
 
@@ -45,13 +45,18 @@ def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _tiny_qwen3() -> Path:
     """A tiny random qwen3 (not among tests/support's tiny models), with the tiny qwen2 tokenizer."""
+    out = cache_dir() / "tiny-qwen3-gguf-test"
+    with cache_lock(out):
+        if not (out / "config.json").exists():
+            _build_tiny_qwen3(out)
+    return out
+
+
+def _build_tiny_qwen3(out: Path) -> None:
     import shutil
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    out = cache_dir() / "tiny-qwen3-gguf-test"
-    if (out / "config.json").exists():
-        return out
     torch.manual_seed(0)
     config = AutoConfig.for_model("qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
@@ -62,7 +67,6 @@ def _tiny_qwen3() -> Path:
         if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
             shutil.copy(f, tmp / f.name)
     os.replace(tmp, out)
-    return out
 
 
 def _llama3_rope_factors(scaling: dict, dim: int, base: float) -> np.ndarray:

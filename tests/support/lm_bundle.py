@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from agent.bundle import Manifest, ModelSpec, Target, Task, load_private_key, seal_bundle
-from tests.support.models import cache_dir, tiny_model
+from tests.support.models import cache_dir, cache_lock, tiny_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.txt")
@@ -24,6 +24,13 @@ def export_lm(model_dir: Path, name: str) -> Path:
     out = cache_dir() / f"onnx-{name}"
     if (out / "model.onnx").exists():
         return out
+    with cache_lock(out):
+        if not (out / "model.onnx").exists():
+            _export_lm(model_dir, out)
+    return out
+
+
+def _export_lm(model_dir: Path, out: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from optimum.exporters.onnx import main_export
 
@@ -37,7 +44,6 @@ def export_lm(model_dir: Path, name: str) -> Path:
             shutil.copy2(Path(model_dir) / rel, tmp / rel)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    return out
 
 
 def lm_config(onnx_dir: Path) -> dict:
@@ -85,6 +91,13 @@ def _export_encoder(name: str, *, num_labels: int | None) -> Path:
     out = cache_dir() / f"onnx-{name}"
     if (out / "model.onnx").exists():
         return out
+    with cache_lock(out):
+        if not (out / "model.onnx").exists():
+            _build_encoder(out, num_labels=num_labels)
+    return out
+
+
+def _build_encoder(out: Path, *, num_labels: int | None) -> None:
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification
 
@@ -134,7 +147,6 @@ def _export_encoder(name: str, *, num_labels: int | None) -> Path:
             shutil.copy2(src / rel, tmp / rel)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    return out
 
 
 def make_encoder_bundle(directory: Path, private_key_path: Path, *, num_labels: int | None = None,

@@ -4,7 +4,11 @@ and the real-weight models that pip packages ship.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgeship.models import minilm_path, smollm2_gguf_path  # noqa: F401  (re-exported for tests)
@@ -85,6 +89,18 @@ def cache_dir() -> Path:
     return d
 
 
+@contextlib.contextmanager
+def cache_lock(out: Path) -> Iterator[None]:
+    """Hold `out`'s build lock: pytest-xdist workers (or two test runs) build a cache entry once, never
+    into each other's half-written `.tmp`. Check for the entry again inside the lock."""
+    with open(out.with_name(out.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _tiny_tokenizer(out: Path, vocab_size: int) -> None:
     """A real (trained) byte-level BPE tokenizer of `vocab_size`, with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -115,12 +131,20 @@ def tiny_model(arch: str, *, num_labels: int | None = None) -> Path:
     out = cache_dir() / name
     if (out / "config.json").exists():
         return out  # cached: no torch import (it costs seconds per process)
+    with cache_lock(out):
+        if not (out / "config.json").exists():
+            _build_tiny_model(out, arch, cfg, num_labels)
+    return out
+
+
+def _build_tiny_model(out: Path, arch: str, cfg: dict, num_labels: int | None) -> None:
 
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers import BertTokenizerFast
 
     tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(0)
     model_type = cfg.pop("model_type")
     if num_labels:
@@ -145,4 +169,3 @@ def tiny_model(arch: str, *, num_labels: int | None = None) -> Path:
         (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n")
         BertTokenizerFast(vocab_file=str(tmp / "vocab.txt")).save_pretrained(tmp)
     os.replace(tmp, out)
-    return out

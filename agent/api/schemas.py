@@ -115,7 +115,7 @@ class ChatCompletionRequest(_Generate):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: StrictBool = True
+    parallel_tool_calls: StrictBool = False  # OpenAI defaults to true; small models then repeat the call
 
     def top(self) -> int | None:
         """How many alternatives per token to report; None: no logprobs."""

@@ -158,10 +158,24 @@ BAD = [
     ("grammar that does not compile", {"response_format": {"type": "grammar", "grammar": "start: undefined_rule"}},
      "response_format.grammar"),
     ("regex that does not compile", {"response_format": {"type": "regex", "regex": "(("}}, "response_format.regex"),
+    ("tool_choice without tools", {"tool_choice": "required"}, "tool_choice"),
+    ("top_logprobs without logprobs", {"top_logprobs": 2}, "top_logprobs"),
     ("named tool that is not given", {"tools": [WEATHER], "tool_choice": {"type": "function",
                                                                           "function": {"name": "nope"}}},
      "tool_choice"),
 ]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_unsatisfiable_constraint_ends_with_a_clear_error(smollm2_agent, model, stream):
+    """An empty character class compiles; no token can start it: a 400 before any byte of the answer."""
+    r = httpx.post(smollm2_agent + "/chat/completions", timeout=120,
+                   json={"model": model, "messages": ASK, "max_tokens": 4, "stream": stream,
+                         "response_format": {"type": "grammar", "grammar": "start: /[^\\x00-\\U0010FFFF]/"}})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "constraint_unsatisfiable" and error["param"] == "response_format.grammar"
+    assert "cannot be satisfied" in error["message"]
 
 
 @pytest.mark.parametrize(("case", "extra", "param"), BAD, ids=[b[0] for b in BAD])

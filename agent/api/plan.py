@@ -103,12 +103,16 @@ def _tool_constraint(req, tools: list[ToolSpec], text: ConstraintSpec | None) ->
 def plan_generation(req, model, *, kind: str, timeout_s: float) -> Plan:
     """Check the request against `model` and compile its constraint within `timeout_s`."""
     sampling = sampling_of(req)
+    if kind == "chat" and req.top_logprobs is not None and not req.logprobs:
+        raise InputError("top_logprobs needs logprobs: true", param="top_logprobs")
     text_spec = format_spec(req.response_format)
     messages = template_tools = None
     tools: list[ToolSpec] = []
     spec = text_spec
     if kind == "chat":
         tools = tool_specs(req)
+        if req.tool_choice not in (None, "none", "auto") and not tools:
+            raise InputError("tool_choice needs tools: give the functions the model may call", param="tool_choice")
         spec = _tool_constraint(req, tools, text_spec)
         raw = [_message(m) for m in req.messages]
         messages, template_tools = render_messages(raw, tools, native=template_knows_tools(

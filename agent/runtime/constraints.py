@@ -10,7 +10,7 @@ llguidance was chosen over xgrammar: xgrammar's wheel requires torch, transforme
 install is torch-free), while llguidance has no Python dependency and reads the bundle's tokenizer.json
 as is. Its Earley parser computes masks lazily, so there is no per-schema precompilation to wait for.
 
-Errors: ConstraintError(InputError) — code `invalid_constraint` (does not compile, too large, too slow
+Errors: ConstraintError(InputError, agent/runtime/errors.py) — code `invalid_constraint` (does not compile, too large, too slow
 to compile) or `constraint_unsatisfiable` (no token can continue); `.param` names the request field.
 """
 
@@ -24,13 +24,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agent.runtime.errors import InputError
+from agent.runtime.errors import ConstraintError
 
 Kind = Literal["json_schema", "json_object", "regex", "grammar", "lark"]
-
-
-class ConstraintError(InputError):
-    code = "invalid_constraint"
 
 
 @dataclass(frozen=True)

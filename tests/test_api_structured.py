@@ -22,10 +22,15 @@ CLOCK = {"type": "function", "function": {"name": "get_time", "description": "Th
                                           "parameters": {"type": "object", "properties": {}}}}
 
 
+class Unit(str, enum.Enum):
+    c = "c"
+    f = "f"
+
+
 class WeatherArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     city: str
-    unit: enum.Enum("Unit", {"c": "c", "f": "f"})
+    unit: Unit
 
 
 class Color(str, enum.Enum):
@@ -97,9 +102,10 @@ def test_a_required_tool_call_has_schema_valid_arguments(client, model):
     args = WeatherArgs.model_validate_json(call.function.arguments)
 
     # the call and its result go back into the conversation; the model then answers in text
-    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
-        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"city": args.city, "temperature": 21})}]
+    past_call = {"id": call.id, "type": "function",
+                 "function": {"name": "get_weather", "arguments": call.function.arguments}}
+    result = {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"city": args.city, "temperature": 21})}
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [past_call]}, result]
     out = client.chat.completions.create(model=model, messages=history, tools=[WEATHER], tool_choice="none",
                                          max_tokens=12, temperature=0)
     assert out.choices[0].message.tool_calls is None and out.choices[0].message.content

@@ -10,8 +10,8 @@ llguidance was chosen over xgrammar: xgrammar's wheel requires torch, transforme
 install is torch-free), while llguidance has no Python dependency and reads the bundle's tokenizer.json
 as is. Its Earley parser computes masks lazily, so there is no per-schema precompilation to wait for.
 
-Errors: ConstraintError(InputError, agent/runtime/errors.py) — code `invalid_constraint` (does not compile, too large, too slow
-to compile) or `constraint_unsatisfiable` (no token can continue); `.param` names the request field.
+Errors: ConstraintError(InputError, agent/runtime/errors.py) — code `invalid_constraint` (does not
+compile, too large, too slow to compile) or `constraint_unsatisfiable` (no token can continue); `.param` names the request field.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ from agent.runtime.sampling import TokenLogprob
 from agent.runtime.tools import OPEN, ToolCall, ToolSpec, parse_calls
 
 
+def system_fingerprint(model_ref: str) -> str:
+    """Names the bundle an answer came from (OpenAI's field for 'same seed, same backend')."""
+    return f"edgeship-{model_ref}"
+
+
 def _token(codec, token_id: int) -> tuple[str, list[int]]:
     raw = codec.token_bytes(token_id)
     return raw.decode("utf-8", errors="replace"), list(raw)

@@ -31,7 +31,6 @@ from pydantic import BaseModel, ValidationError
 
 from agent.api import metrics
 from agent.api.admission import Admission
-from agent.api.openai_format import ChatStream, completion_body
 from agent.api.errors import (
     ApiError,
     BadRequest,
@@ -41,6 +40,7 @@ from agent.api.errors import (
     PayloadTooLarge,
     Timeout,
 )
+from agent.api.openai_format import ChatStream, completion_body, system_fingerprint
 from agent.bundle import Task
 from agent.runtime.errors import Cancelled, InputError, NoModelLoaded, WrongTask
 from agent.runtime.host import ModelHost
@@ -50,10 +50,6 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4 << 20
 # pydantic names the union member in an error's loc ("temperature.int"); the param is the field
 _UNION_TAG = re.compile(r"^(int|float|str|bool|none|list|dict)$|[\[\-]")
-
-
-def _fingerprint(model) -> str:
-    return f"edgeship-{model.ref}"
 
 
 class ClientGone(Exception):
@@ -397,7 +393,7 @@ class ApiServer:
                                 cancel.set()
                         ex.send_json(200, completion_body(gen, kind=kind, rid=rid, model=model.name, codec=model.codec,
                                                           tools=plan.tools, want_logprobs=plan.logprobs is not None,
-                                                          fingerprint=_fingerprint(model)))
+                                                          fingerprint=system_fingerprint(model.ref)))
                 ok = True
             except InputError as exc:  # a constraint no token can satisfy: the client's, not the model's
                 ok = True
@@ -430,7 +426,7 @@ class ApiServer:
 
     def _stream(self, ex: _Exchange, gen, req, *, kind: str, rid: str, model, cancel: threading.Event, plan) -> None:
         stream = ChatStream(kind=kind, rid=rid, model=model.name, codec=model.codec, tools=plan.tools,
-                            want_logprobs=plan.logprobs is not None, fingerprint=_fingerprint(model))
+                            want_logprobs=plan.logprobs is not None, fingerprint=system_fingerprint(model.ref))
         iterator = iter(gen)
         item = next(iterator)  # prefill runs here; a failure before any byte is out is a plain 4xx/5xx
         ex.start_events()

@@ -75,7 +75,9 @@ class Vocabulary:
         import llguidance
 
         eos = sorted(eos_token_ids)
-        self.tokenizer = llguidance.LLTokenizer(_plain_byte_level(tokenizer_json), eos_token=eos or None)
+        # slices=[]: without the slicer's precomputed token subsets the tokenizer takes 33 MB, not 51 MB, on
+        # SmolLM2's 49k vocabulary, and a mask 0.2 ms instead of 0.04-0.4 ms: nothing next to a decode step
+        self.tokenizer = llguidance.LLTokenizer(_plain_byte_level(tokenizer_json), eos_token=eos or None, slices=[])
         self.size = self.tokenizer.vocab_size
 
 

@@ -101,6 +101,13 @@ def test_a_required_tool_call_has_schema_valid_arguments(client, model):
     assert call.function.name == "get_weather"
     args = WeatherArgs.model_validate_json(call.function.arguments)
 
+    # the client's parse() with a strict pydantic tool hands back the arguments as the model's instance
+    parsed = client.chat.completions.parse(model=model, messages=ASK, max_tokens=60, temperature=0,
+                                           tools=[openai.pydantic_function_tool(WeatherArgs, name="get_weather")],
+                                           tool_choice="required")
+    [call_] = parsed.choices[0].message.tool_calls
+    assert isinstance(call_.function.parsed_arguments, WeatherArgs)
+
     # the call and its result go back into the conversation; the model then answers in text
     past_call = {"id": call.id, "type": "function",
                  "function": {"name": "get_weather", "arguments": call.function.arguments}}

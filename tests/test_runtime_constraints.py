@@ -89,3 +89,29 @@ def test_a_streamed_tool_call_is_held_and_sent_as_tool_calls(lm):
     sent = [plain.feed(Chunk(t, 1)) for t in ["<", "b>bold"]]
     assert len(sent[0]) == 1  # only the role: "<" may begin a call
     assert sent[1][-1]["choices"][0]["delta"] == {"content": "<b>bold"}
+
+
+def test_auto_tool_choice_takes_a_call_or_the_response_format_and_nothing_else(lm):
+    vocab = lm.vocabulary()
+    text_rule = '%json {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], ' \
+                '"x-guidance": {"whitespace_flexible": false}}'
+    compiled = compile_constraint(ConstraintSpec("lark", call_grammar([WEATHER], mode="auto", parallel=False,
+                                                                      text=text_rule), param="tools"),
+                                  vocab, timeout_s=30)
+
+    def accepts(text: str) -> bool:
+        mask = compiled.start()
+        try:
+            for token in vocab.tokenizer.tokenize_str(text):
+                if not mask.allowed()[token]:
+                    return False
+                mask.advance(token)
+        except ConstraintError:
+            return False
+        return mask.matcher.is_accepting()
+
+    assert accepts('{"a":7}')
+    assert accepts('<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo"}}\n</tool_call>')
+    assert not accepts('<tool_call>\n{"name":"get_weather","arguments":{}}\n</tool_call>')  # city is required
+    assert not accepts("hello")
+    assert not accepts('{"a":"seven"}')

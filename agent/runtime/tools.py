@@ -131,9 +131,12 @@ def call_grammar(tools: list[ToolSpec], *, mode: Mode, parallel: bool, name: str
     chosen = [t for t in tools if name is None or t.name == name]
     rules = []
     for i, t in enumerate(chosen):
-        wrapper = {"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+        # "#/$defs/..." references in the parameters resolve against the root: hoist the definitions there
+        arguments = {k: v for k, v in t.parameters.items() if k not in ("$defs", "definitions")}
+        hoisted = {k: t.parameters[k] for k in ("$defs", "definitions") if k in t.parameters}
+        wrapper = {"type": "object", "properties": {"name": {"const": t.name}, "arguments": arguments},
                    "required": ["name", "arguments"], "additionalProperties": False,
-                   "x-guidance": {"whitespace_flexible": False}}
+                   "x-guidance": {"whitespace_flexible": False}, **hoisted}
         rules.append(f"fn_{i}: %json {json.dumps(wrapper)}")
     body = " | ".join(f"fn_{i}" for i in range(len(chosen)))
     lines = [

@@ -7,7 +7,9 @@ The real SmolLM2-135M-Instruct bundle (the one the tests export from the llm-smo
   - json_schema:  an object schema (enum, number, array of strings), compact JSON
   - json_object:  any JSON object
   - tool call:    tool_choice "required" over two tools (the Lark grammar the API builds)
-Each constrained answer is followed by a free one of the same length (ignore_eos), so a pair meets the
+Text a grammar forces (a tool call's opening, a schema's keys) is fed in one step (llguidance's
+fast-forward), so a constrained answer can run faster than free decoding: tok/s counts answer tokens
+per second of decoding. Each constrained answer is followed by a free one of the same length (ignore_eos), so a pair meets the
 same machine weather and the same context length. Reported per variant: decode tok/s (steps after the
 first token), the median ratio to its free twin, the cost of one mask (at the answer's start, where
 every branch is open), and the ratio the mask's cost alone predicts (noise-free: step / (step + mask)). The first constrained request also builds the

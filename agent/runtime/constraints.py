@@ -177,6 +177,10 @@ class TokenMask:
         out[:n][keep] = logits[:n][keep]
         return out
 
+    def forced(self) -> list[int]:
+        """Tokens the grammar forces next, whatever the model would say (llguidance's fast-forward)."""
+        return list(self.matcher.compute_ff_tokens())
+
     def advance(self, token: int) -> None:
         self.steps += 1
         if not self.matcher.consume_token(token):

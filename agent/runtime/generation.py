@@ -309,32 +309,47 @@ class TextGenerationModel(LoadedModel):
                 mask = constraint.start() if constraint is not None else None
                 logits, past, fed = prefill_logits, prefill_past, list(ids)
                 decoder, matcher = IncrementalDecoder(self.codec), StopMatcher(stop)
-                finish, by_string = "length", False
-                for produced in range(1, budget + 1):
-                    token = sampler(mask.apply(logits) if mask is not None else logits)
+
+                def take(token: int, lp: TokenLogprob | None) -> tuple[list[Chunk], str | None, bool]:
+                    """One token of the answer: (chunks to yield, finish reason or None, ended by a stop string)."""
                     sampler.observe(token)
                     stats.completion_tokens += 1
-                    lp = token_logprob(logits, token, logprobs) if logprobs is not None else None
                     if token in stop_ids:
-                        finish = "stop"
-                        break
+                        return [], "stop", False
                     if mask is not None:
                         mask.advance(token)
                     text, stopped = matcher.feed(decoder.push(token))
                     if stopped:
-                        finish, by_string = "stop", True
-                        if text or lp is not None:
-                            yield Chunk(text, token, index=index, logprob=lp)
+                        return ([Chunk(text, token, index=index, logprob=lp)] if text or lp else []), "stop", True
+                    done = mask is not None and mask.done  # the grammar allows only the end now
+                    return [Chunk(text, token, index=index, logprob=lp)], ("stop" if done else None), False
+
+                finish, by_string, produced = "length", False, 0
+                while produced < budget:
+                    token = sampler(mask.apply(logits) if mask is not None else logits)
+                    produced += 1
+                    lp = token_logprob(logits, token, logprobs) if logprobs is not None else None
+                    chunks, end, by_string = take(token, lp)
+                    yield from chunks
+                    feed = [token]
+                    # text the grammar forces (a tool call's opening, a schema's next key) goes in with the
+                    # next step instead of one step per token; not with logprobs: those tokens have no logits
+                    if end is None and mask is not None and logprobs is None:
+                        for forced in mask.forced()[: budget - produced]:
+                            produced += 1
+                            chunks, end, by_string = take(forced, None)
+                            yield from chunks
+                            feed.append(forced)
+                            if end is not None:
+                                break
+                    if end is not None:
+                        finish = end
                         break
-                    yield Chunk(text, token, index=index, logprob=lp)
-                    if mask is not None and mask.done:  # the grammar allows only the end now
-                        finish = "stop"
-                        break
-                    if produced == budget:
+                    if produced >= budget:
                         break
                     check()
-                    logits, past = step([token], len(fed), past)
-                    fed.append(token)
+                    logits, past = step(feed, len(fed), past)
+                    fed.extend(feed)
                     stats.decode_s = time.perf_counter() - t_decode
                 if not by_string:  # text held back for a possible stop string, or a last partial character
                     tail, stopped = matcher.feed(decoder.flush())

@@ -115,3 +115,15 @@ def test_auto_tool_choice_takes_a_call_or_the_response_format_and_nothing_else(l
     assert not accepts('<tool_call>\n{"name":"get_weather","arguments":{}}\n</tool_call>')  # city is required
     assert not accepts("hello")
     assert not accepts('{"a":"seven"}')
+
+
+def test_forced_text_goes_in_without_a_step_per_token(lm):
+    sentence = "Edge devices run small models"
+    spec = ConstraintSpec("grammar", f'start: "{sentence}" | "{sentence}!"')
+    compiled = compile_constraint(spec, lm.vocabulary(), timeout_s=30)
+    gen = lm.generate("Say:", max_tokens=40, constraint=compiled)
+    assert gen.run() in (sentence, sentence + "!")
+    assert gen.stats.forced_tokens >= len(lm.codec.encode(sentence, add_special_tokens=False)) - 1
+    with_lp = lm.generate("Say:", max_tokens=40, constraint=compiled, logprobs=1)
+    assert with_lp.run() in (sentence, sentence + "!") and with_lp.stats.forced_tokens == 0
+    assert b"".join(lm.codec.token_bytes(t.token_id) for t in with_lp.logprobs[0]).decode() == with_lp.text

@@ -49,6 +49,7 @@ class GenerationStats:
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     prefilled_tokens: int = 0  # prompt tokens the model really ran
     completion_tokens: int = 0
+    forced_tokens: int = 0  # completion tokens a constraint forced, fed without a step of their own
     prefill_s: float = 0.0
     decode_s: float = 0.0
     finish_reason: str | None = None  # the last choice's
@@ -337,6 +338,7 @@ class TextGenerationModel(LoadedModel):
                     if end is None and mask is not None and logprobs is None:
                         for forced in mask.forced()[: budget - produced]:
                             produced += 1
+                            stats.forced_tokens += 1
                             chunks, end, by_string = take(forced, None)
                             yield from chunks
                             feed.append(forced)

@@ -9,6 +9,7 @@ naming the request field (the server answers it with a 400).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -89,8 +90,6 @@ def _tool_constraint(req, tools: list[ToolSpec], text: ConstraintSpec | None) ->
         if text.kind == "json_object":
             text_rule = '%json {"type": "object", "x-guidance": {"whitespace_flexible": false}}'
         elif text.kind == "json_schema" and isinstance(text.source, dict):
-            import json
-
             text_rule = "%json " + json.dumps({**text.source, "x-guidance": {"whitespace_flexible": False}})
         else:
             raise InputError(f"response_format {text.kind} cannot be combined with tools; use json_schema or "

@@ -90,16 +90,18 @@ def test_a_required_tool_call_has_schema_valid_arguments(client, model):
     stream = client.chat.completions.create(model=model, messages=ASK, tools=[CLOCK, WEATHER], max_tokens=60,
                                             temperature=0, stream=True,
                                             tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    calls, finish, content = [], None, ""
+    calls, finish, content = {}, None, ""
     for chunk in stream:
         delta = chunk.choices[0].delta
-        calls += delta.tool_calls or []
+        for item in delta.tool_calls or []:  # announced with id and name, then the arguments in pieces
+            call = calls.setdefault(item.index, {"id": item.id, "name": item.function.name, "arguments": ""})
+            call["arguments"] += item.function.arguments or ""
         content += delta.content or ""
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls" and content == ""
-    [call] = calls
-    assert call.function.name == "get_weather"
-    args = WeatherArgs.model_validate_json(call.function.arguments)
+    [call] = calls.values()
+    assert call["name"] == "get_weather" and call["id"].startswith("call_")
+    args = WeatherArgs.model_validate_json(call["arguments"])
 
     # the client's parse() with a strict pydantic tool hands back the arguments as the model's instance
     parsed = client.chat.completions.parse(model=model, messages=ASK, max_tokens=60, temperature=0,
@@ -109,9 +111,8 @@ def test_a_required_tool_call_has_schema_valid_arguments(client, model):
     assert isinstance(call_.function.parsed_arguments, WeatherArgs)
 
     # the call and its result go back into the conversation; the model then answers in text
-    past_call = {"id": call.id, "type": "function",
-                 "function": {"name": "get_weather", "arguments": call.function.arguments}}
-    result = {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"city": args.city, "temperature": 21})}
+    past_call = {"id": call["id"], "type": "function", "function": {"name": "get_weather", "arguments": call["arguments"]}}
+    result = {"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"city": args.city, "temperature": 21})}
     history = ASK + [{"role": "assistant", "content": None, "tool_calls": [past_call]}, result]
     out = client.chat.completions.create(model=model, messages=history, tools=[WEATHER], tool_choice="none",
                                          max_tokens=12, temperature=0)

@@ -73,22 +73,29 @@ def test_tool_syntax_default_and_native():
         ToolSpec("f", {})
 
 
-def test_a_streamed_tool_call_is_held_and_sent_as_tool_calls(lm):
+def test_a_streamed_tool_call_is_announced_then_its_arguments_grow(lm):
     stream = ChatStream(kind="chat", rid="r", model="m", codec=lm.codec, tools=(WEATHER,))
     events = []
-    for text in ["<tool", "_call>\n", '{"name": "get_weather", ', '"arguments": {"city": "Rome"}}', "\n</tool_call>"]:
+    for text in [" <tool", "_call>\n", '{"name":"get_weather",', '"arguments":{"city":', '"Rome"', "}}", "\n</tool_call>",
+                 "\n<tool_call>\n", '{"name":"get_weather","arguments":{"city":"Oslo"}}\n</tool_call>']:
         events += stream.feed(Chunk(text, 1))
     events += stream.feed(Chunk("", None, "stop"))
     deltas = [e["choices"][0]["delta"] for e in events]
     assert deltas[0] == {"role": "assistant", "content": ""}
     assert not any(d.get("content") for d in deltas[1:])
-    [call] = [c for d in deltas for c in d.get("tool_calls", [])]
-    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Rome"}'} and call["index"] == 0
+    items = [c for d in deltas for c in d.get("tool_calls", [])]
+    heads = [c for c in items if "id" in c]
+    assert [(c["index"], c["function"]) for c in heads] == [(0, {"name": "get_weather", "arguments": ""}),
+                                                            (1, {"name": "get_weather", "arguments": ""})]
+    args = ["".join(c["function"]["arguments"] for c in items if c["index"] == k) for k in (0, 1)]
+    assert args == ['{"city":"Rome"}', '{"city":"Oslo"}']
+    assert len([c for c in items if c["index"] == 0]) > 2  # the arguments came in pieces, as they grew
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
     plain = ChatStream(kind="chat", rid="r", model="m", codec=lm.codec, tools=(WEATHER,))
-    sent = [plain.feed(Chunk(t, 1)) for t in ["<", "b>bold"]]
+    sent = [plain.feed(Chunk(t, 1)) for t in ["<", "b>bold", " text"]]
     assert len(sent[0]) == 1  # only the role: "<" may begin a call
-    assert sent[1][-1]["choices"][0]["delta"] == {"content": "<b>bold"}
+    assert [e["choices"][0]["delta"] for e in sent[1] + sent[2]] == [{"content": "<b>bold"}, {"content": " text"}]
 
 
 def test_auto_tool_choice_takes_a_call_or_the_response_format_and_nothing_else(lm):

@@ -10,11 +10,13 @@ top_logprobs}; completions the legacy {tokens, token_logprobs, top_logprobs, tex
 
 from __future__ import annotations
 
+import re
 import time
+import uuid
 from typing import Any
 
 from agent.runtime.sampling import TokenLogprob
-from agent.runtime.tools import OPEN, ToolCall, ToolSpec, parse_calls
+from agent.runtime.tools import CLOSE, OPEN, ToolCall, ToolSpec, parse_calls
 
 
 def system_fingerprint(model_ref: str) -> str:
@@ -51,12 +53,8 @@ def legacy_logprobs(codec, items: list[TokenLogprob], *, offset: int = 0) -> dic
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-def tool_calls_json(calls: list[ToolCall], *, streaming: bool = False) -> list[dict[str, Any]]:
-    out = []
-    for i, c in enumerate(calls):
-        item = {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        out.append({"index": i, **item} if streaming else item)
-    return out
+def tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
 def usage(stats) -> dict[str, Any]:
@@ -92,11 +90,54 @@ def completion_body(gen, *, kind: str, rid: str, model: str, codec, tools: tuple
     return body
 
 
+_HEADER = re.compile(re.escape(OPEN) + r'\s*\{"name":\s*"([^"]*)",\s*"arguments":\s*')
+_END = "}\n" + CLOSE  # the constrained syntax closes a call with exactly this
+
+
+class CallText:
+    """One choice's tool calls, streamed from their text: a delta announcing each call, then its arguments.
+
+    The text is constrained (compact JSON, name before arguments), so a call's arguments end right before
+    the first "}\n</tool_call>" after its header: JSON strings cannot hold a raw newline.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.scan = 0  # where the next call's header may start
+        self.completed = 0
+        self._current: list[int] | None = None  # [call index, arguments start, sent up to]
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        self.text += text
+        deltas: list[dict[str, Any]] = []
+        while True:
+            if self._current is None:
+                header = _HEADER.search(self.text, self.scan)
+                if header is None:
+                    return deltas
+                index = self.completed
+                self._current = [index, header.end(), header.end()]
+                deltas.append({"index": index, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                               "function": {"name": header.group(1), "arguments": ""}})
+            index, start, sent = self._current
+            close = self.text.find(_END, start)
+            upto = close if close >= 0 else max(sent, len(self.text) - len(_END))
+            if upto > sent:
+                deltas.append({"index": index, "function": {"arguments": self.text[sent:upto]}})
+                self._current[2] = upto
+            if close < 0:
+                return deltas
+            self.completed += 1
+            self.scan = close + len(_END)
+            self._current = None
+
+
 class ChatStream:
     """Turns a Generation's chunks into OpenAI stream chunks (chat or text completions).
 
-    With tools, a choice whose text starts like a tool call is held back and sent, once complete, as
-    `delta.tool_calls` with finish_reason "tool_calls".
+    With tools, a choice whose text starts like a tool call is held back until it is sure; a call is then
+    sent as OpenAI does: a `delta.tool_calls` item with its id and name, then its arguments as they grow,
+    and finish_reason "tool_calls".
     """
 
     def __init__(self, *, kind: str, rid: str, model: str, codec, tools: tuple[ToolSpec, ...] = (),
@@ -106,8 +147,9 @@ class ChatStream:
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
         self._started: set[int] = set()
-        self._text: dict[int, str] = {}
-        self._held: dict[int, str] = {}
+        self._held: dict[int, str] = {}  # text that may begin a tool call
+        self._decided: dict[int, bool] = {}  # the choice is text
+        self._calls: dict[int, CallText] = {}
         self._offset: dict[int, int] = {}
 
     def _wrap(self, choice: dict[str, Any], *, usage_: dict | None = None) -> dict[str, Any]:
@@ -142,36 +184,44 @@ class ChatStream:
             self._started.add(i)
             events.append(self._wrap({"index": i, "delta": {"role": "assistant", "content": ""},
                                       "finish_reason": None, "logprobs": None}))
-        text = chunk.text
+        text, call_deltas = chunk.text, []
         if self.tools and self.kind == "chat":
-            so_far = self._text.get(i, "") + text
-            self._text[i] = so_far
-            stripped = so_far.lstrip()
-            if OPEN.startswith(stripped) or stripped.startswith(OPEN):  # a call, or may become one: hold
-                self._held[i] = self._held.get(i, "") + text
-                text = ""
-            elif i in self._held:  # it looked like a call and is not: release what was held
-                text = self._held.pop(i) + text
-        if chunk.finish_reason is not None:
-            finish, calls = chunk.finish_reason, None
-            held = self._held.pop(i, None)
-            if held is not None:
-                content, parsed = parse_calls(held, list(self.tools))
-                if parsed:
-                    calls = tool_calls_json(parsed, streaming=True)
-                    finish = "tool_calls" if finish == "stop" else finish
-                    text = text + (content or "")
-                else:
-                    text = held + text
-            if text or chunk.logprob is not None:
-                events.append(self._wrap(self._choice(i, text=text, logprob=chunk.logprob)))
-            if calls:
-                events.append(self._wrap(self._choice(i, tool_calls=calls)))
-            events.append(self._wrap(self._choice(i, finish=finish)))
-            return events
+            text, call_deltas = self._route(i, text)
         if text or (chunk.logprob is not None and self.want_logprobs):
             events.append(self._wrap(self._choice(i, text=text, logprob=chunk.logprob)))
+        for delta in call_deltas:
+            events.append(self._wrap(self._choice(i, tool_calls=[delta])))
+        if chunk.finish_reason is not None:
+            finish = chunk.finish_reason
+            held = self._held.pop(i, None)
+            if held:  # it ended before it could be told from a call: it was text
+                events.append(self._wrap(self._choice(i, text=held)))
+            calls = self._calls.pop(i, None)
+            if calls is not None and calls.completed and finish == "stop":
+                finish = "tool_calls"
+            events.append(self._wrap(self._choice(i, finish=finish)))
         return events
+
+    def _route(self, i: int, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """(content to send, tool-call deltas) for choice i's next text."""
+        if i in self._calls:
+            return "", self._calls[i].feed(text)
+        if i not in self._held:
+            if self._decided.get(i):
+                return text, []
+            self._held[i] = ""
+        held = self._held[i] + text
+        stripped = held.lstrip()
+        if stripped.startswith(OPEN):
+            del self._held[i]
+            self._calls[i] = CallText()
+            return "", self._calls[i].feed(stripped)
+        if OPEN.startswith(stripped):  # may still become a call: hold
+            self._held[i] = held
+            return "", []
+        del self._held[i]
+        self._decided[i] = True
+        return held, []
 
     def usage_chunk(self, stats) -> dict[str, Any]:
         return self._wrap({}, usage_=usage(stats))

@@ -165,7 +165,7 @@ def parse_calls(text: str, tools: list[ToolSpec]) -> tuple[str | None, list[Tool
             continue
         arguments = body.get("arguments", body.get("parameters", {}))
         calls.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", body["name"],
-                              json.dumps(arguments, ensure_ascii=False)))
+                              json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))))
         spans.append(match.span())
     if not calls:
         return text, []

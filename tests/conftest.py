@@ -79,3 +79,38 @@ def lm(tmp_path_factory, keypair, trusted):
     model = load_model(open_bundle(d, trusted))
     yield model
     model.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_agent(tmp_path_factory):
+    """A real agent process (`edgeship serve`) serving the real SmolLM2-135M-Instruct Q4_1 GGUF.
+
+    The first run exports the GGUF into the test cache (minutes on 2 cores); later runs reuse the bundle.
+    Yields the API's base URL (…/v1).
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support.models import cache_dir, smollm2_gguf_path
+
+    env = {**os.environ, "EDGESHIP_CACHE": str(cache_dir()), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    log = tmp_path_factory.mktemp("smollm2-agent") / "stderr.log"
+    with open(log, "w") as err:  # a file, not a pipe: nobody reads the log while the tests run
+        proc = subprocess.Popen([sys.executable, "-m", "edgeship.cli", "serve", str(smollm2_gguf_path()),
+                                 "--port", "0"], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    try:
+        ready = proc.stdout.readline()
+        if not ready.startswith("serving "):
+            proc.kill()
+            raise RuntimeError(f"edgeship serve did not start: {ready!r} {log.read_text()[-3000:]}")
+        yield ready.split(" at ", 1)[1].split(" ", 1)[0]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

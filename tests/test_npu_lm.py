@@ -200,6 +200,11 @@ def test_agent_serves_the_static_bundle(npu_bundle, trusted, provider):
     again = model.generate(prompt, max_tokens=6, ignore_eos=True)
     assert [c.token_id for c in again if c.token_id is not None] == tokens
     assert again.stats.cached_tokens > 0
+    # n choices share one prefill: the host cache rewinds to the prompt for each
+    both = model.generate(prompt, max_tokens=6, ignore_eos=True, n=2, use_prefix_cache=False)
+    chunks = list(both)
+    assert [[c.token_id for c in chunks if c.index == i and c.token_id is not None] for i in (0, 1)] == [tokens] * 2
+    assert both.stats.prefilled_tokens == len(prompt) and both.stats.completion_tokens == 12
     with pytest.raises(InputError, match="context"):
         model.generate(list(range(300)), max_tokens=1)
     model.close()

@@ -40,10 +40,10 @@ from agent.api.errors import (
     PayloadTooLarge,
     Timeout,
 )
+from agent.api.openai_format import ChatStream, completion_body, system_fingerprint
 from agent.bundle import Task
 from agent.runtime.errors import Cancelled, InputError, NoModelLoaded, WrongTask
 from agent.runtime.host import ModelHost
-from agent.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -354,16 +354,17 @@ class ApiServer:
         from agent.api.schemas import ChatCompletionRequest  # the request models are built on the first request
 
         req = self._parse(ex, ChatCompletionRequest)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        self._generate(ex, req, kind="chat", prompt=None, messages=messages)
+        self._generate(ex, req, kind="chat", prompt=None)
 
     def _completions(self, ex: _Exchange) -> None:
         from agent.api.schemas import CompletionRequest
 
         req = self._parse(ex, CompletionRequest)
-        self._generate(ex, req, kind="text", prompt=req.prompt_value(), messages=None)
+        self._generate(ex, req, kind="text", prompt=req.prompt_value())
 
-    def _generate(self, ex: _Exchange, req, *, kind: str, prompt, messages) -> None:
+    def _generate(self, ex: _Exchange, req, *, kind: str, prompt) -> None:
+        from agent.api.plan import plan_generation
+
         with self._serving(req.model, Task.TEXT_GENERATION) as model:
             limit = req.limit()
             if limit is not None and not 1 <= limit <= model.max_context:
@@ -371,16 +372,12 @@ class ApiServer:
                                  "(this model's context)", param="max_tokens", code="invalid_value")
             if limit is None:
                 limit = model.max_context if kind == "chat" else 16
-            try:
-                sampling = SamplingParams(temperature=float(req.temperature if req.temperature is not None else 1.0),
-                                          top_k=req.top_k or 0, top_p=float(req.top_p or 1.0), seed=req.seed)
-            except InputError as exc:
-                raise BadRequest(str(exc), param=exc.param) from None
             deadline = self._deadline()
             cancel = threading.Event()
             try:
-                gen = model.generate(prompt, messages=messages, max_tokens=limit, sampling=sampling,
-                                     stop=req.stops(), cancel=cancel, deadline=deadline, ignore_eos=req.ignore_eos)
+                plan = plan_generation(req, model, kind=kind, timeout_s=self.request_timeout_s)
+                gen = model.generate(prompt, messages=plan.messages, max_tokens=limit, stop=req.stops(), cancel=cancel,
+                                     deadline=deadline, ignore_eos=req.ignore_eos, **plan.generate_options())
             except InputError as exc:
                 raise BadRequest(str(exc), param=getattr(exc, "param", None), code=exc.code) from None
             started = time.perf_counter()
@@ -389,13 +386,18 @@ class ApiServer:
             try:
                 with self._queued(ex, deadline):
                     if req.stream:
-                        self._stream(ex, gen, req, kind=kind, rid=rid, model=model, cancel=cancel)
+                        self._stream(ex, gen, req, kind=kind, rid=rid, model=model, cancel=cancel, plan=plan)
                     else:
                         for _ in gen:
                             if ex.gone() or self._abort.is_set():
                                 cancel.set()
-                        ex.send_json(200, self._completion_body(gen, kind=kind, rid=rid, model=model))
+                        ex.send_json(200, completion_body(gen, kind=kind, rid=rid, model=model.name, codec=model.codec,
+                                                          tools=plan.tools, want_logprobs=plan.logprobs is not None,
+                                                          fingerprint=system_fingerprint(model.ref)))
                 ok = True
+            except InputError as exc:  # a constraint no token can satisfy: the client's, not the model's
+                ok = True
+                raise BadRequest(str(exc), param=exc.param, code=exc.code) from None
             except ClientGone:
                 gone, ok = True, True
                 raise
@@ -422,28 +424,15 @@ class ApiServer:
     def _queued(self, ex: _Exchange, deadline: float):
         return _Queued(self, ex, deadline)
 
-    def _stream(self, ex: _Exchange, gen, req, *, kind: str, rid: str, model, cancel: threading.Event) -> None:
-        created = int(time.time())
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-        def chunk(text: str | None, finish: str | None, *, role: bool = False) -> dict:
-            if kind == "chat":
-                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            return {"id": rid, "object": obj, "created": created, "model": model.name, "choices": [choice]}
-
+    def _stream(self, ex: _Exchange, gen, req, *, kind: str, rid: str, model, cancel: threading.Event, plan) -> None:
+        stream = ChatStream(kind=kind, rid=rid, model=model.name, codec=model.codec, tools=plan.tools,
+                            want_logprobs=plan.logprobs is not None, fingerprint=system_fingerprint(model.ref))
         iterator = iter(gen)
         item = next(iterator)  # prefill runs here; a failure before any byte is out is a plain 4xx/5xx
         ex.start_events()
-        if kind == "chat":
-            ex.event(chunk(None, None, role=True))
         while True:
-            if item.text or item.finish_reason:
-                ex.event(chunk(item.text, item.finish_reason))
-            if item.finish_reason:
-                break
+            for event in stream.feed(item):
+                ex.event(event)
             if ex.gone() or self._abort.is_set():
                 cancel.set()  # the runtime stops before the next token
             try:
@@ -451,28 +440,8 @@ class ApiServer:
             except StopIteration:
                 break
         if req.stream_options is not None and req.stream_options.include_usage:
-            ex.event({"id": rid, "object": obj, "created": created, "model": model.name, "choices": [],
-                      "usage": self._usage(gen)})
+            ex.event(stream.usage_chunk(gen.stats))
         ex.event("[DONE]")
-
-    @staticmethod
-    def _usage(gen) -> dict:
-        s = gen.stats
-        return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-                "total_tokens": s.prompt_tokens + s.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": s.cached_tokens}}
-
-    def _completion_body(self, gen, *, kind: str, rid: str, model) -> dict:
-        finish = gen.stats.finish_reason
-        if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": gen.text},
-                      "finish_reason": finish, "logprobs": None}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": gen.text, "finish_reason": finish, "logprobs": None}
-            obj = "text_completion"
-        return {"id": rid, "object": obj, "created": int(time.time()), "model": model.name, "choices": [choice],
-                "usage": self._usage(gen)}
 
     # ---- encoders -----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ Nothing here imports torch or transformers; onnxruntime is imported when a model
 from agent.runtime.cpu import cpu_facts, usable_cpus
 from agent.runtime.errors import (
     Cancelled,
+    ConstraintError,
     InputError,
     LoadError,
     NoModelLoaded,

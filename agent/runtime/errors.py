@@ -5,6 +5,9 @@
     │   └── ProviderUnavailable          no execution provider of the bundle's list can be had
     ├── WrongTask                        e.g. generate() on an embedding bundle
     ├── InputError(ValueError too)       bad request: prompt over the context, bad sampling value
+    │   └── ConstraintError              response_format / tools: does not compile, too large, or
+    │                                    unsatisfiable while decoding (codes invalid_constraint,
+    │                                    constraint_unsatisfiable)
     ├── NoModelLoaded                    the host serves nothing yet
     └── Cancelled                        the caller cancelled (client gone, timeout, shutdown)
 """
@@ -36,6 +39,10 @@ class InputError(RuntimeError_, ValueError):
         self.param = param
         if code:
             self.code = code
+
+
+class ConstraintError(InputError):
+    code = "invalid_constraint"
 
 
 class Cancelled(RuntimeError_):

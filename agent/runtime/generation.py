@@ -15,22 +15,32 @@ from typing import Any
 
 import numpy as np
 
+from agent.runtime.constraints import Compiled, Vocabulary
 from agent.runtime.errors import Cancelled, InputError, LoadError
 from agent.runtime.model import LoadedModel
 from agent.runtime.prefix_cache import PrefixCache
-from agent.runtime.sampling import Sampler, SamplingParams
+from agent.runtime.sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
 from agent.runtime.text import IncrementalDecoder, StopMatcher, TextCodec
+
+MAX_CHOICES = 16
+MAX_TOP_LOGPROBS = 20
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One step of a stream: text to show (may be empty), the token, and why it ended (last chunk)."""
+    """One step of a stream: text to show (may be empty), the token, and why it ended (last chunk).
+
+    `index` is the choice (n > 1 streams choice 0 to its end, then choice 1, ...); `logprob` is set
+    when the request asked for logprobs.
+    """
 
     text: str
     token_id: int | None = None
     finish_reason: str | None = None  # "stop" | "length"
+    index: int = 0
+    logprob: TokenLogprob | None = None
 
 
 @dataclass
@@ -39,9 +49,11 @@ class GenerationStats:
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     prefilled_tokens: int = 0  # prompt tokens the model really ran
     completion_tokens: int = 0
+    forced_tokens: int = 0  # completion tokens a constraint forced, fed without a step of their own
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # the last choice's
+    finish_reasons: list[str] = field(default_factory=list)  # per choice
 
     @property
     def prefill_tok_s(self) -> float | None:
@@ -59,11 +71,21 @@ class Generation:
 
     _chunks: Iterator[Chunk]
     stats: GenerationStats = field(default_factory=GenerationStats)
-    text: str = ""
+    texts: list[str] = field(default_factory=list)  # per choice
+    logprobs: list[list[TokenLogprob]] = field(default_factory=list)  # per choice, when asked for
+
+    @property
+    def text(self) -> str:
+        return self.texts[0] if self.texts else ""
 
     def __iter__(self) -> Iterator[Chunk]:
         for chunk in self._chunks:
-            self.text += chunk.text
+            while len(self.texts) <= chunk.index:
+                self.texts.append("")
+                self.logprobs.append([])
+            self.texts[chunk.index] += chunk.text
+            if chunk.logprob is not None:
+                self.logprobs[chunk.index].append(chunk.logprob)
             yield chunk
 
     def close(self) -> None:
@@ -115,13 +137,23 @@ class TextGenerationModel(LoadedModel):
         # layer (max_context long): no per-token concat or allocation of the KV cache.
         self.shared_kv = bool(cfg.get("past_present_share_buffer", False))
         self._kv_buffers: list[tuple[np.ndarray, Any]] | None = None
+        self._vocab: Vocabulary | None = None
+        self._vocab_lock = threading.Lock()
 
     # ---- prompts ------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of the chat template rendered with a generation prompt (as transformers does)."""
-        text = self.codec.render_chat(messages, add_generation_prompt=True)
+        text = self.codec.render_chat(messages, add_generation_prompt=True, tools=tools)
         return self.codec.encode(text, add_special_tokens=False)
+
+    def vocabulary(self) -> Vocabulary:
+        """The tokenizer in the constraint library's form, built on first use (about a second)."""
+        with self._vocab_lock:
+            if self._vocab is None:
+                tokenizer_json = (self.path / "tokenizer.json").read_text(encoding="utf-8")
+                self._vocab = Vocabulary(tokenizer_json, eos_token_ids=self.eos_token_ids)
+            return self._vocab
 
     def text_prompt(self, prompt: str) -> list[int]:
         return self.codec.encode(prompt, add_special_tokens=True)
@@ -201,16 +233,25 @@ class TextGenerationModel(LoadedModel):
                  max_tokens: int = 256, sampling: SamplingParams | None = None, stop: list[str] | tuple = (),
                  stop_token_ids: list[int] | tuple = (), cancel: threading.Event | None = None,
                  deadline: float | None = None, use_prefix_cache: bool = True,
-                 ignore_eos: bool = False) -> Generation:
+                 ignore_eos: bool = False, n: int = 1, logprobs: int | None = None,
+                 constraint: Compiled | None = None, tools: list[dict[str, Any]] | None = None) -> Generation:
         """Stream a completion of `prompt` (text or token ids) or of chat `messages`.
 
         Prompt problems raise InputError here, before anything runs. The returned Generation runs
         lazily; `cancel` (an Event) or `deadline` (time.monotonic()) stop it with Cancelled.
+        `n` choices share one prefill; `logprobs` (0..20 alternatives, None: off) adds each token's
+        log-probability; `constraint` (compile_constraint) masks every step to its grammar; `tools`
+        reach the chat template.
         """
         if self.closed:
             raise LoadError(f"model {self.ref} is closed")
+        if not 1 <= n <= MAX_CHOICES:
+            raise InputError(f"n {n} is out of range; use 1 to {MAX_CHOICES}", param="n")
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise InputError(f"top_logprobs {logprobs} is out of range; use 0 to {MAX_TOP_LOGPROBS}",
+                             param="top_logprobs")
         if messages is not None:
-            ids, param = self.chat_prompt(messages), "messages"
+            ids, param = self.chat_prompt(messages, tools=tools), "messages"
         elif isinstance(prompt, str):
             ids, param = self.text_prompt(prompt), "prompt"
         elif prompt is not None:
@@ -221,15 +262,18 @@ class TextGenerationModel(LoadedModel):
         if max_tokens < 1:
             raise InputError(f"max_tokens {max_tokens} must be at least 1", param="max_tokens")
         gen = Generation(iter(()))
+        stop_ids = set() if ignore_eos and constraint is None else set(self.eos_token_ids)
         gen._chunks = self._run(gen.stats, ids, max_tokens=max_tokens, sampler=Sampler(sampling or SamplingParams()),
-                                stop=list(stop), stop_ids=(set() if ignore_eos else set(self.eos_token_ids)) | set(stop_token_ids), cancel=cancel,
-                                deadline=deadline, use_prefix_cache=use_prefix_cache)
+                                stop=list(stop), stop_ids=stop_ids | set(stop_token_ids), cancel=cancel,
+                                deadline=deadline, use_prefix_cache=use_prefix_cache, n=n, logprobs=logprobs,
+                                constraint=constraint)
         gen.stats.prompt_tokens = len(ids)
         return gen
 
     def _run(self, stats: GenerationStats, ids: list[int], *, max_tokens: int, sampler: Sampler, stop: list[str],
              stop_ids: set[int], cancel: threading.Event | None, deadline: float | None,
-             use_prefix_cache: bool) -> Iterator[Chunk]:
+             use_prefix_cache: bool, n: int = 1, logprobs: int | None = None,
+             constraint: Compiled | None = None) -> Iterator[Chunk]:
         def check() -> None:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("generation cancelled")
@@ -255,38 +299,70 @@ class TextGenerationModel(LoadedModel):
             else:
                 step = lambda new, past_len, past_kv: self._step(binding, new, past_len, past_kv)  # noqa: E731
             t0 = time.perf_counter()
-            logits, past = step(ids[cached:], cached, list(kv))
+            prefill_logits, prefill_past = step(ids[cached:], cached, list(kv))
             fed = list(ids)
             stats.prefill_s = time.perf_counter() - t0
-            decoder, matcher = IncrementalDecoder(self.codec), StopMatcher(stop)
-            finish, by_string = "length", False
             t_decode = time.perf_counter()
-            for produced in range(1, budget + 1):
-                token = sampler(logits)
-                stats.completion_tokens = produced
-                if token in stop_ids:
-                    finish = "stop"
-                    break
-                text, stopped = matcher.feed(decoder.push(token))
-                if stopped:
-                    finish, by_string = "stop", True
-                    if text:
-                        yield Chunk(text, token)
-                    break
-                yield Chunk(text, token)
-                if produced == budget:
-                    break
-                check()
-                logits, past = step([token], len(fed), past)
-                fed.append(token)
-                stats.decode_s = time.perf_counter() - t_decode
-            if not by_string:  # text held back for a possible stop string, or a last partial character
-                tail, stopped = matcher.feed(decoder.flush())
-                tail = tail if stopped else tail + matcher.flush()
-                if tail:
-                    yield Chunk(tail)
-            stats.finish_reason = finish
-            yield Chunk("", None, finish)
+            # every choice decodes from the one prefill: its KV stays valid (positions past the prompt are
+            # overwritten, or new outputs are allocated, by the next choice's steps)
+            for index in range(n):
+                sampler.new_choice()
+                mask = constraint.start() if constraint is not None else None
+                logits, past, fed = prefill_logits, prefill_past, list(ids)
+                decoder, matcher = IncrementalDecoder(self.codec), StopMatcher(stop)
+
+                def take(token: int, lp: TokenLogprob | None) -> tuple[list[Chunk], str | None, bool]:
+                    """One token of the answer: (chunks to yield, finish reason or None, ended by a stop string)."""
+                    sampler.observe(token)
+                    stats.completion_tokens += 1
+                    if token in stop_ids:
+                        return [], "stop", False
+                    if mask is not None:
+                        mask.advance(token)
+                    text, stopped = matcher.feed(decoder.push(token))
+                    if stopped:
+                        return ([Chunk(text, token, index=index, logprob=lp)] if text or lp else []), "stop", True
+                    done = mask is not None and mask.done  # the grammar allows only the end now
+                    return [Chunk(text, token, index=index, logprob=lp)], ("stop" if done else None), False
+
+                finish, by_string, produced = "length", False, 0
+                while produced < budget:
+                    token = sampler(mask.apply(logits) if mask is not None else logits)
+                    produced += 1
+                    lp = token_logprob(logits, token, logprobs) if logprobs is not None else None
+                    chunks, end, by_string = take(token, lp)
+                    yield from chunks
+                    feed = [token]
+                    # text the grammar forces (a tool call's opening, a schema's next key) goes in with the
+                    # next step instead of one step per token; not with logprobs: those tokens have no logits
+                    if end is None and mask is not None and logprobs is None:
+                        for forced in mask.forced()[: budget - produced]:
+                            produced += 1
+                            stats.forced_tokens += 1
+                            chunks, end, by_string = take(forced, None)
+                            yield from chunks
+                            feed.append(forced)
+                            if end is not None:
+                                break
+                    if end is not None:
+                        finish = end
+                        break
+                    if produced >= budget:
+                        break
+                    check()
+                    logits, past = step(feed, len(fed), past)
+                    fed.extend(feed)
+                    stats.decode_s = time.perf_counter() - t_decode
+                if not by_string:  # text held back for a possible stop string, or a last partial character
+                    tail, stopped = matcher.feed(decoder.flush())
+                    tail = tail if stopped else tail + matcher.flush()
+                    if tail:
+                        yield Chunk(tail, index=index)
+                stats.finish_reason = finish
+                stats.finish_reasons.append(finish)
+                yield Chunk("", None, finish, index=index)
+                if index + 1 < n:
+                    check()
         finally:
             self._lock.release()
             if use_prefix_cache and fed:

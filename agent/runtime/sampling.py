@@ -1,4 +1,8 @@
-"""Choosing the next token from logits: greedy, or temperature / top-k / top-p sampling."""
+"""Choosing the next token from logits: penalties, then greedy or temperature / top-k / top-p sampling.
+
+Also the log-probabilities a request may ask for (OpenAI's `logprobs` / `top_logprobs`): those of
+the model's own distribution, before penalties, constraints, temperature and truncation.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,13 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI: minus this once a token has appeared in the answer
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the answer
 
     def __post_init__(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InputError(f"{name} {getattr(self, name)} is out of range; use -2 to 2", param=name)
         if not 0.0 <= self.temperature <= 5.0:
             raise InputError(f"temperature {self.temperature} is out of range; use 0 (greedy) to 5",
                              param="temperature")
@@ -31,21 +40,68 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The sampled token's log-probability and the `top` most likely tokens', as (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits, token: int, top: int) -> TokenLogprob:
+    """Log-softmax of `logits` at `token`, plus the `top` best tokens (most likely first)."""
+    import numpy as np
+
+    x = logits.astype(np.float64)
+    m = x.max()
+    log_z = m + np.log(np.exp(x - m).sum())
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        idx = np.argpartition(-x, min(top, x.size) - 1)[:top]
+        idx = idx[np.argsort(-x[idx], kind="stable")]
+        best = tuple((int(i), float(x[i] - log_z)) for i in idx)
+    return TokenLogprob(int(token), float(x[token] - log_z), best)
+
+
 @dataclass
 class Sampler:
+    """Samples one choice's tokens; `observe` each chosen token so the penalties can count it."""
+
     params: SamplingParams
     rng: Any = field(init=False)  # numpy Generator; numpy is imported only once a model runs
+    counts: dict[int, int] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         import numpy as np
 
         self.rng = np.random.default_rng(self.params.seed)
 
+    def new_choice(self) -> None:
+        """Forget the previous choice's tokens (the random stream goes on: choices differ, seeds repeat)."""
+        self.counts = {}
+
+    def observe(self, token: int) -> None:
+        self.counts[token] = self.counts.get(token, 0) + 1
+
+    def penalized(self, logits):
+        p = self.params
+        if not self.counts or (p.presence_penalty == 0.0 and p.frequency_penalty == 0.0):
+            return logits
+        import numpy as np
+
+        ids = np.fromiter(self.counts.keys(), np.int64, len(self.counts))
+        n = np.fromiter(self.counts.values(), np.float32, len(self.counts))
+        out = np.array(logits, np.float32)
+        out[ids] -= n * p.frequency_penalty + p.presence_penalty
+        return out
+
     def __call__(self, logits) -> int:
-        """logits: 1-D float numpy array over the vocabulary."""
+        """logits: 1-D float numpy array over the vocabulary (-inf where a constraint forbids)."""
         import numpy as np
 
         p = self.params
+        logits = self.penalized(logits)
         if p.greedy:
             return int(np.argmax(logits))
         scaled = logits.astype(np.float64) / p.temperature

@@ -155,6 +155,8 @@ class StaticTextGenerationModel(TextGenerationModel):
         """One step of TextGenerationModel's loop: `past` is a cached prefix (arrays) or this model's own views."""
         if not (past and isinstance(past[0], _CacheView)):  # a new generation
             self.decoder.load([np.asarray(p) for p in past])
+        elif past_len < self.decoder.length:  # the next choice of n > 1 restarts after the shared prompt
+            self.decoder.length = past_len
         if self.decoder.length != past_len:
             raise InputError(f"static cache holds {self.decoder.length} tokens, the step expects {past_len}")
         logits = self.decoder.forward(ids)

@@ -46,12 +46,14 @@ class ChatTemplate:
         self.template = env.from_string(source)
         self.special_tokens = special_tokens
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
         from jinja2 import TemplateError as JinjaError
 
+        extra = {"tools": tools} if tools else {}
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.special_tokens)
+                                        **self.special_tokens, **extra)
         except JinjaError as exc:
             raise TemplateError(f"rendering the model's chat template failed: {exc}", param="messages") from None
 
@@ -98,11 +100,12 @@ class TextCodec:
         specials = {n: self.special(n) or "" for n in ("bos_token", "eos_token", "pad_token", "unk_token")}
         return ChatTemplate(self.chat_template_source, specials)
 
-    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
         if self.chat_template is None:
             raise InputError("this model has no chat template; use /v1/completions with a plain prompt",
                              param="messages", code="no_chat_template")
-        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -112,6 +115,36 @@ class TextCodec:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        decoder = json.loads(self.tokenizer.to_str()).get("decoder") or {}
+        return '"ByteLevel"' in json.dumps(decoder)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for (a byte-level BPE piece may be part of a character)."""
+        piece = self.tokenizer.id_to_token(token_id) or ""
+        if self._byte_level and all(ch in _UNICODE_TO_BYTE for ch in piece):
+            return bytes(_UNICODE_TO_BYTE[ch] for ch in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # sentencepiece byte fallback
+            return bytes([int(piece[3:5], 16)])
+        return self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's printable stand-ins for the 256 byte values, inverted (character -> byte)."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)}
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_UNICODE_TO_BYTE = _byte_level_table()
 
 
 class IncrementalDecoder:

@@ -10,6 +10,7 @@ Errors: ServeError(ValueError) — PATH cannot be served; the message says what 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -68,6 +69,22 @@ def looks_exportable(source: str) -> bool:
     return (p.is_file() and p.suffix == ".gguf") or (not p.exists() and source.count("/") == 1 and " " not in source)
 
 
+def _cache_entry(source: str, profile: str) -> tuple[Path, Path]:
+    """(bundle dir, key dir) in the cache. A local file is known by its path, size and mtime, so a
+    replaced file is exported again; the edgeship version is in the key, so a new exporter is too."""
+    from edgeship import __version__
+
+    path = Path(source)
+    if path.exists():
+        st = path.resolve().stat()
+        ident = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+    else:
+        ident = source
+    key = hashlib.sha256(f"{ident}\0{profile}\0{__version__}".encode()).hexdigest()[:16]
+    root = cache_root() / "serve"
+    return root / key, root / "key"
+
+
 def export_cached(source: str, *, announce: Callable[[str], None] = lambda line: None) -> tuple[Path, Path]:
     """Export `source` once per (source, profile) into the cache; returns (bundle dir, public key).
 
@@ -83,19 +100,19 @@ def export_cached(source: str, *, announce: Callable[[str], None] = lambda line:
 
     cpu = cpu_facts()
     profile = profile_for(cpu["arch"], frozenset(cpu["flags"]))
-    src = str(Path(source).resolve()) if Path(source).exists() else source
-    key = hashlib.sha256(f"{src}\0{profile}".encode()).hexdigest()[:16]
-    root = cache_root() / "serve"
-    out, keys = root / key, root / "key"
-    if not (keys / "edgeship.pub").is_file():
-        generate_keypair(keys, overwrite=True)
-    if not (out / MANIFEST_NAME).is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        announce(f"exporting {source} for {profile} into {out} (once; the next run reuses it)...")
-        with tempfile.TemporaryDirectory(prefix=f".{key}.", dir=root) as tmp:
-            try:
-                export(source, out=Path(tmp) / "b", key=keys / "edgeship.key", profile=profile, benchmark=False)
-            except ExportError as exc:
-                raise ServeError(f"cannot export {source!r}: {exc}") from None
-            os.replace(Path(tmp) / "b", out)
+    out, keys = _cache_entry(source, profile)
+    root = out.parent
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as lock:  # two `serve`s of one model: one exports, the other waits for it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (keys / "edgeship.pub").is_file():
+            generate_keypair(keys, overwrite=True)
+        if not (out / MANIFEST_NAME).is_file():
+            announce(f"exporting {source} for {profile} into {out} (once; the next run reuses it)...")
+            with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=root) as tmp:
+                try:
+                    export(source, out=Path(tmp) / "b", key=keys / "edgeship.key", profile=profile, benchmark=False)
+                except ExportError as exc:
+                    raise ServeError(f"cannot export {source!r}: {exc}") from None
+                os.replace(Path(tmp) / "b", out)
     return out, keys / "edgeship.pub"

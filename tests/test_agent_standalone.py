@@ -420,3 +420,36 @@ def test_serve_a_gguf_exports_it_once_into_the_cache_and_serves_it(tmp_path):
                 proc.kill()
                 proc.wait()
     assert len([p for p in (tmp_path / "cache" / "serve").iterdir() if p.name != "key"]) == 1
+
+
+def test_serve_cache_knows_a_replaced_file_and_waits_for_another_serves_export(tmp_path, monkeypatch):
+    """The cache entry is keyed by the file's path, size and mtime (a new file at the same path is
+    exported again), and two `serve`s of one model take turns on the cache's lock."""
+    import fcntl
+
+    from agent import serve
+
+    monkeypatch.setenv("EDGESHIP_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + bytes(60))
+    first, keys = serve._cache_entry(str(model), "cpu-x86-avx2")
+    assert serve._cache_entry(str(model), "cpu-x86-avx2") == (first, keys)
+    assert serve._cache_entry(str(model), "cpu-arm64")[0] != first
+    os.utime(model, ns=(1, 1))
+    assert serve._cache_entry(str(model), "cpu-x86-avx2")[0] != first
+
+    first.parent.mkdir(parents=True)
+    with open(first.parent / ".lock", "a") as held:  # another serve is exporting
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (_try_serve_cache(serve, str(model)), done.set()), daemon=True)
+        worker.start()
+        assert not done.wait(1.0)  # waits; never exports beside it
+    assert done.wait(60)
+
+
+def _try_serve_cache(serve, source: str) -> None:
+    try:
+        serve.export_cached(source)
+    except serve.ServeError:
+        pass  # 60 zero bytes are no model: refused in one line once the lock is ours

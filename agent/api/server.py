@@ -78,7 +78,7 @@ class ApiServer:
         sock = self._bind()
         protocol = functools.partial(LimitedH11Protocol, limits=self.limits, on_refused=self._count_refused)
         config = uvicorn.Config(build_app(self), http=protocol, ws="none", lifespan="off", loop="asyncio",
-                                log_config=None, access_log=False, server_header=False,
+                                log_config=None, log_level="warning", access_log=False, server_header=False,
                                 headers=[("server", "edgeship-agent")], backlog=BACKLOG,
                                 timeout_keep_alive=max(1, min(5, int(self.limits.read_timeout_s))))
         config.load()
@@ -91,6 +91,7 @@ class ApiServer:
         while not self._server.started and self._thread.is_alive():
             time.sleep(0.01)
         if not self._server.started:
+            sock.close()
             raise OSError(f"the API server on {self.url} did not start (see the log)")
         log.info("API listening on %s", self.url)
 

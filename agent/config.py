@@ -122,6 +122,16 @@ class ApiSettings(_Section):
     queue_size: int = Field(default=8, ge=1, le=10_000)  # requests waiting or running; more get 503
     request_timeout_s: float = Field(default=120.0, gt=0)
     drain_timeout_s: float = Field(default=10.0, ge=0)  # on SIGTERM, how long in-flight requests may finish
+    max_connections: int = Field(default=64, ge=1, le=100_000)  # open connections; more get 503 and are closed
+    read_timeout_s: float = Field(default=10.0, gt=0, le=3600)  # to send a whole request (headers and body)
+    # Host names besides loopback and the bound address that reach this agent (a proxy, a local DNS name)
+    allowed_hosts: list[str] = []
+    token_file: Path | None = None  # a file holding a bearer token every route but /healthz then requires
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, v: Any) -> Any:
+        return _split_list(v)
 
     @field_validator("bind")
     @classmethod

@@ -64,6 +64,19 @@ class _StateChanged:
     """Something in the retained state changed (an update event)."""
 
 
+def read_token(path: Path) -> str:
+    """The bearer token in api.token_file (surrounding whitespace dropped); StartupError if unusable."""
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StartupError(f"cannot read api.token_file {path}: {getattr(exc, 'strerror', None) or exc}; "
+                           "fix its path or permissions, or unset it") from None
+    if not token or any(c.isspace() for c in token):
+        raise StartupError(f"api.token_file {path} must hold one token without spaces; "
+                           "e.g. write the output of `openssl rand -hex 32` into it")
+    return token
+
+
 def bundle_ref(vb: Any) -> BundleRef | None:
     if vb is None:
         return None
@@ -170,6 +183,10 @@ class AgentService:
             unix_socket=a.unix_socket,
             queue_size=a.queue_size,
             request_timeout_s=a.request_timeout_s,
+            max_connections=a.max_connections,
+            read_timeout_s=a.read_timeout_s,
+            allowed_hosts=a.allowed_hosts,
+            token=read_token(a.token_file) if a.token_file is not None else None,
         )
         try:
             self.api.start()

@@ -203,7 +203,7 @@ def test_device_without_bundle_comes_up_reports_and_answers(tmp_path, broker, to
         w.close()
 
 
-@pytest.mark.parametrize("problem", ["api-port-taken", "state-dir-is-a-file"])
+@pytest.mark.parametrize("problem", ["api-port-taken", "state-dir-is-a-file", "token-file-missing"])
 def test_startup_failure_is_one_line_and_exit_1(tmp_path, broker, topic_prefix, problem):
     a = Agent(tmp_path, broker.port, topic_prefix)
     blocker = socket.socket()
@@ -211,6 +211,9 @@ def test_startup_failure_is_one_line_and_exit_1(tmp_path, broker, topic_prefix, 
         blocker.bind(("127.0.0.1", a.api_port))
         blocker.listen()
         expected = f"error: cannot listen on api.bind '127.0.0.1:{a.api_port}'"
+    elif problem == "token-file-missing":
+        a.config.write_text(a.config.read_text().replace("[api]\n", f'[api]\ntoken_file = "{tmp_path / "nope"}"\n'))
+        expected = f"error: cannot read api.token_file {tmp_path / 'nope'}"
     else:
         (tmp_path / "file").write_text("")
         a.config.write_text(a.config.read_text().replace(str(a.state_dir), str(tmp_path / "file" / "state")))
@@ -327,7 +330,7 @@ def test_sigterm_lets_an_inflight_stream_finish_and_refuses_new_work(tmp_path, b
                                       "messages": [{"role": "user", "content": "hello"}]}))
         resp = conn.getresponse()
         assert resp.status == 200
-        first = resp.fp.readline()
+        first = resp.readline()  # the body is chunked: read it through the response
         assert first.startswith(b"data: ")
         a.signal(signal.SIGTERM)
         notify.wait_for("STOPPING=1", timeout=10)

@@ -1,4 +1,4 @@
-"""The local OpenAI-compatible HTTP API (standard library server; see docs/AGENT_API.md)."""
+"""The local OpenAI-compatible HTTP API (uvicorn + starlette; see docs/AGENT_API.md)."""
 
 from agent.api.errors import ApiError, BadRequest, NotFound, Overloaded, PayloadTooLarge, Timeout
 from agent.api.server import ApiServer

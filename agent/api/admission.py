@@ -1,7 +1,9 @@
 """Admission control: a fixed number of running requests and a bounded FIFO of waiting ones.
 
 A request that finds the queue full is refused at once (never piles up); a waiting request gives
-up when its deadline passes or its client goes away.
+up when its deadline passes or its client goes away. The HTTP server takes a `Place` on its event
+loop (`reserve()`, never blocks) before it hands the request to a worker thread, which waits for
+the slot there: threads are bounded by slots + queue_size, never by connections.
 """
 
 from __future__ import annotations
@@ -16,6 +18,27 @@ from agent.api.errors import Overloaded, Timeout
 from agent.runtime.errors import Cancelled
 
 
+class Place:
+    """A place in the queue; `wait()` turns it into a running slot, `release()` gives either back."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self.state = "waiting"  # waiting -> running -> done, or waiting -> done
+
+    def wait(self, *, deadline: float, gone: Callable[[], bool] = lambda: False) -> None:
+        """Block until a slot is ours. Raises Overloaded (closed), Timeout, or Cancelled (client gone)."""
+        self._admission._wait(self, deadline=deadline, gone=gone)
+
+    def release(self) -> None:
+        self._admission._release(self)
+
+    def __enter__(self) -> Place:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class Admission:
     def __init__(self, *, slots: int = 1, queue_size: int = 16) -> None:
         if slots < 1 or queue_size < 0:
@@ -24,7 +47,7 @@ class Admission:
         self.queue_size = queue_size
         self._cond = threading.Condition()
         self._running = 0
-        self._waiting: deque[object] = deque()
+        self._waiting: deque[Place] = deque()
         self.closed = False
 
     @property
@@ -35,19 +58,36 @@ class Admission:
     def running(self) -> int:
         return self._running
 
-    @contextmanager
-    def enter(self, *, deadline: float, gone: Callable[[], bool] = lambda: False) -> Iterator[None]:
-        """Hold a slot for the block. Raises Overloaded (full / closed), Timeout, or Cancelled (client gone)."""
-        ticket = object()
+    def reserve(self) -> Place:
+        """Join the queue now, or raise Overloaded at once (full, or shutting down). Never blocks."""
         with self._cond:
             if self.closed:
                 raise Overloaded("the server is shutting down; retry on another instance or later", retry_after=5)
             if self._running >= self.slots and len(self._waiting) >= self.queue_size:
                 raise Overloaded(f"all {self.slots} slot(s) busy and {len(self._waiting)} request(s) queued "
                                  f"(queue_size {self.queue_size}); retry after a second", retry_after=1)
-            self._waiting.append(ticket)
+            place = Place(self)
+            self._waiting.append(place)
+            return place
+
+    @contextmanager
+    def enter(self, *, deadline: float, gone: Callable[[], bool] = lambda: False) -> Iterator[None]:
+        """Hold a slot for the block. Raises Overloaded (full / closed), Timeout, or Cancelled (client gone)."""
+        with self.reserve() as place:
+            place.wait(deadline=deadline, gone=gone)
+            yield
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def _wait(self, place: Place, *, deadline: float, gone: Callable[[], bool]) -> None:
+        with self._cond:
+            if place.state != "waiting":
+                raise RuntimeError(f"this place is {place.state}, not waiting")
             try:
-                while not (self._waiting[0] is ticket and self._running < self.slots):
+                while not (self._waiting[0] is place and self._running < self.slots):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise Timeout("the request waited in the queue past request_timeout_s; retry later")
@@ -56,18 +96,25 @@ class Admission:
                     self._cond.wait(min(left, 0.05))
                     if gone():
                         raise Cancelled("the client went away while queued")
-            finally:
-                self._waiting.remove(ticket)
-                self._cond.notify_all()
+            except BaseException:
+                self._leave(place)
+                raise
+            self._waiting.remove(place)
+            place.state = "running"
             self._running += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._running -= 1
-                self._cond.notify_all()
+            self._cond.notify_all()
 
-    def close(self) -> None:
+    def _release(self, place: Place) -> None:
         with self._cond:
-            self.closed = True
+            if place.state == "running":
+                self._running -= 1
+            elif place.state == "waiting":
+                self._waiting.remove(place)
+            place.state = "done"
+            self._cond.notify_all()
+
+    def _leave(self, place: Place) -> None:  # under self._cond
+        if place.state == "waiting":
+            self._waiting.remove(place)
+            place.state = "done"
             self._cond.notify_all()

@@ -246,7 +246,7 @@ def export(
 def choose_graph(config: Any, profile: TargetProfile, graph: str, progress: Progress) -> str:
     """"native" (edgeship's GroupQueryAttention graph) or "optimum" for this model and target."""
     from exporter.lm import check_architecture
-    from exporter.native import supported
+    from exporter.pipelines.native_lm import supported
 
     if graph not in ("auto", "native", "optimum"):
         raise ExportError(f"--graph {graph!r}: choose auto, native or optimum")
@@ -300,7 +300,8 @@ def _export_lm(
     benchmark: bool,
     graph: str = "optimum",
 ) -> ExportResult:
-    from exporter import lm, native, quality
+    from exporter import lm, quality
+    from exporter.pipelines import native_lm as native
     from exporter.source import load_causal_lm, load_tokenizer, write_tokenizer
 
     text = quality.read_texts(Path(eval_text) if eval_text else None)
@@ -466,7 +467,8 @@ def _export_lm_npu(
     import numpy as np
 
     from agent.bundle import Quantization
-    from exporter import calibration, lm, native, npu_lm, quality
+    from exporter import calibration, lm, quality
+    from exporter.pipelines import native_lm as native, npu_lm
     from exporter.errors import UnsupportedArchitecture
     from exporter.source import load_causal_lm, load_tokenizer, write_tokenizer
 
@@ -610,12 +612,12 @@ def _export_encoder(
     benchmark: bool,
     ep_context: bool = False,
 ) -> ExportResult:
-    """Embeddings and classification: exporter.encoder builds and judges the files; this seals them."""
+    """Embeddings and classification: exporter.pipelines.encoder builds and judges the files; this seals them."""
     import numpy as np
 
     from exporter import calibration
     from exporter.benchmark import benchmark_latency
-    from exporter.encoder import export_encoder
+    from exporter.pipelines.encoder import export_encoder
 
     try:
         evals = calibration.eval_texts(eval_text) if eval_text else None

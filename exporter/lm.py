@@ -71,7 +71,7 @@ def optimum_architectures() -> tuple[str, ...]:
 
 def supported_architectures(*, optimum: bool = False) -> tuple[str, ...]:
     """Every model_type some LM graph builder takes, the native ones first (with `optimum`: optimum's only)."""
-    from exporter.native import NATIVE_ARCHITECTURES
+    from exporter.pipelines.native_lm import NATIVE_ARCHITECTURES
 
     found = optimum_architectures()
     return found if optimum else (*NATIVE_ARCHITECTURES, *(t for t in found if t not in NATIVE_ARCHITECTURES))
@@ -79,7 +79,7 @@ def supported_architectures(*, optimum: bool = False) -> tuple[str, ...]:
 
 def check_architecture(config: Any, *, optimum: bool = False) -> str:
     """The model_type, if some LM graph builder takes it (with `optimum`: if optimum's path does)."""
-    from exporter.native import NATIVE_ARCHITECTURES
+    from exporter.pipelines.native_lm import NATIVE_ARCHITECTURES
 
     model_type = getattr(config, "model_type", None)
     if model_type in NATIVE_ARCHITECTURES and not optimum:

@@ -145,7 +145,7 @@ def outlier_patterns(ratio: dict[str, float], limit: float | None) -> list[str]:
     """
     if limit is None:
         return []
-    from exporter.gguf.graph import node_name
+    from exporter.graph.decoder import node_name
 
     out = []
     for name, r in sorted(ratio.items(), key=lambda kv: -kv[1]):

@@ -26,7 +26,7 @@ def test_the_supported_list_is_optimums_text_generation_with_past_set_and_each_h
     from optimum.exporters.tasks import TasksManager
 
     from exporter.lm import optimum_architectures, supported_architectures
-    from exporter.native import NATIVE_ARCHITECTURES
+    from exporter.pipelines.native_lm import NATIVE_ARCHITECTURES
 
     taken = set(optimum_architectures())  # registers optimum's ONNX configs with its TasksManager
     listed = set(TasksManager.get_supported_model_type_for_task("text-generation-with-past", "onnx"))
@@ -145,7 +145,7 @@ def test_export_md_table_has_one_row_per_supported_architecture_with_its_paths()
     """docs/EXPORT.md's architecture x path table says what the pipelines compute, row for row."""
     from exporter.gguf.arch import SUPPORTED_ARCHITECTURES as GGUF_ARCHITECTURES
     from exporter.lm import optimum_architectures, refused_architectures, supported_architectures
-    from exporter.native import NATIVE_ARCHITECTURES
+    from exporter.pipelines.native_lm import NATIVE_ARCHITECTURES
 
     rows = {}
     section = EXPORT_MD.read_text().split("\n### Decoder architectures\n", 1)[1].split("\n## ", 1)[0]

@@ -32,7 +32,7 @@ from agent.bundle import Golden, QualityReport, QualityStatus
 from agent.runtime.qnn import qnn_session_options
 from agent.runtime.static_generation import MASK_VALUE, StaticDecoder
 from exporter import npu, quality
-from exporter.gguf.graph import (
+from exporter.graph.decoder import (
     DecoderConfig,
     DecoderWeights,
     ExternalData,

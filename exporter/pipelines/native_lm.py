@@ -1,4 +1,4 @@
-"""Hugging Face decoder -> edgeship's own ONNX graph (exporter/gguf/graph.py), with fused attention.
+"""Hugging Face decoder -> edgeship's own ONNX graph (exporter/graph/decoder.py), with fused attention.
 
 optimum traces PyTorch and leaves attention spelled out in ~30 small ops per layer, with the KV cache
 concatenated (copied) every step. This path reads the weights of a loaded transformers model and
@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from exporter.errors import ConversionError, UnsupportedArchitecture
-from exporter.gguf.graph import (DecoderConfig, DecoderWeights, ExternalData, LayerWeights, ScannedHead, Weight,
+from exporter.graph.decoder import (DecoderConfig, DecoderWeights, ExternalData, LayerWeights, ScannedHead, Weight,
                                  build_decoder)
 from exporter.gguf.repack import BlockWeight
 

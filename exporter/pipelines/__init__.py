@@ -1,0 +1,1 @@
+"""One module per source a bundle is built from."""

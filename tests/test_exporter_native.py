@@ -185,7 +185,7 @@ def test_fused_patterns_rename_qkv_and_gate_up():
 def test_graph_choice_names_why_and_refuses_impossible_requests():
     from transformers import AutoConfig, GPT2Config
 
-    from exporter.api import choose_graph
+    from exporter.pipelines import choose_graph
     from exporter.errors import ExportError
     from exporter.profiles import load_profile
     from exporter.progress import Progress
@@ -272,7 +272,7 @@ def test_agent_kv_buffers_grow_with_use_not_to_the_whole_context(tmp_path, keypa
 def test_native_only_architecture_on_a_gpu_target_is_refused_early():
     from transformers import AutoConfig
 
-    from exporter.api import choose_graph
+    from exporter.pipelines import choose_graph
     from exporter.errors import UnsupportedArchitecture
     from exporter.profiles import load_profile
     from exporter.progress import Progress

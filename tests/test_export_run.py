@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.bundle import ModelSpec, QualityStatus, Quantization, TrustedKeys, open_bundle
+from agent.bundle import ModelSpec, QualityStatus, Quantization, open_bundle
 from exporter import pipelines
 from exporter.errors import ConversionError, QualityGateFailed
 from exporter.gate import Evidence

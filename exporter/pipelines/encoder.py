@@ -80,21 +80,17 @@ class EncoderBuild:
     model_spec: ModelSpec
     quantization: Quantization
     evidence: Evidence
-    golden: GoldenCase
+    golden_case: GoldenCase
     size_fp32_bytes: int
     size_bytes: int
 
 
 @dataclass(frozen=True)
-class EncoderResult:
-    onnx_path: Path  # inside out_dir
-    files: list[Path]  # every file written into out_dir
-    model_spec: ModelSpec
-    quantization: Quantization
+class EncoderResult(EncoderBuild):
+    """An EncoderBuild judged, with its golden files written (export_encoder)."""
+
     quality: QualityReport
     golden: Golden
-    size_fp32_bytes: int
-    size_bytes: int
 
 
 @dataclass(frozen=True)
@@ -112,10 +108,9 @@ def export_encoder(model: str | Path, out_dir: Path, **options: Any) -> EncoderR
     (whose keywords `options` are) plus the gate and the golden files, for callers that want the files
     without a bundle (benchmarks, tests)."""
     built = build_encoder(model, out_dir, **options)
-    golden = write_golden(Path(out_dir), built.golden)
-    return EncoderResult(onnx_path=built.onnx_path, files=built.files + golden_files(Path(out_dir)),
-                         model_spec=built.model_spec, quantization=built.quantization, quality=built.evidence.judge(),
-                         golden=golden, size_fp32_bytes=built.size_fp32_bytes, size_bytes=built.size_bytes)
+    golden = write_golden(Path(out_dir), built.golden_case)
+    fields = {**vars(built), "files": built.files + golden_files(Path(out_dir))}
+    return EncoderResult(**fields, quality=built.evidence.judge(), golden=golden)
 
 
 def build_encoder(
@@ -243,7 +238,7 @@ def build_encoder(
                      outputs=["sentence_embedding" if task == "embedding" else "logits"],
                      architecture=config.model_type, config=spec_config)
     return EncoderBuild(onnx_path=onnx_path, files=files, model_spec=spec, quantization=quant, evidence=evidence,
-                        golden=golden, size_fp32_bytes=size_fp32, size_bytes=_model_bytes(onnx_path))
+                        golden_case=golden, size_fp32_bytes=size_fp32, size_bytes=_model_bytes(onnx_path))
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -446,6 +441,10 @@ def _dynamic_quantize(fp32: onnx.ModelProto, dst: Path, *, recipe: QuantRecipe, 
 
 def _int8_dynamic(src: Path, dst: Path, *, task: str, recipe: QuantRecipe, thresholds: Thresholds,
                   calib: _Prepared, layouts: dict[int, _Prepared], reference: np.ndarray, progress: Progress) -> dict:
+    """int8 with per-row activations, and the mixed-precision search that keeps the most sensitive MatMuls float.
+
+    Nine parameters: the search needs the recipe and limits, both text sets (calibration to search, the
+    evaluation layouts to confirm) and the reference; they are build_encoder's locals, passed once."""
     fp32 = onnx.load(str(src))
     candidates = mixed_precision.weight_matmuls(fp32)
     user_excluded = [n.name for n in fp32.graph.node if n.name in candidates and _matches(n, recipe.exclude)]
@@ -709,10 +708,10 @@ def build(job: Any, stage: Path, work: Path) -> Any:
     made = build_encoder(job.src.path, stage, task=job.task, profile=profile, recipe=job.recipe,
                          thresholds=job.thresholds, eval_texts=evals, calibration_texts=calib,
                          ep_context=request.ep_context, progress=job.progress)
-    feed = made.golden.inputs
+    feed = made.golden_case.inputs
     return Built(
         entry=made.onnx_path, model_spec=made.model_spec, quantization=made.quantization, evidence=made.evidence,
-        golden=made.golden, fp32_bytes=made.size_fp32_bytes,
+        golden=made.golden_case, fp32_bytes=made.size_fp32_bytes,
         host_benchmark=(lambda: benchmark_latency(made.onnx_path, feed, threads=profile.intra_op_threads))
         if profile.device_class == "cpu" else None,
     )

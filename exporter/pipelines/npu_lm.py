@@ -142,6 +142,7 @@ def _rotary_tables(b: GraphBuilder, cfg: DecoderConfig, freq_factors: np.ndarray
 
 def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: LayerWeights,
                cos: str, sin: str, bias: str, *, step: int) -> str:
+    """One layer's attention; nine parameters: the graph's shared tensors (rotary tables, bias) by name."""
     nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     prefix = f"model.layers.{i}.self_attn"
     q, k, v = project_qkv(b, cfg, i, h, layer)
@@ -288,7 +289,8 @@ def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, wor
     """Write the QDQ static graph to `out` (float graph in `work`) and measure it on QNN HTP, CPU fallback off.
 
     The metrics come from HTP itself; when HTP refuses the graph, `qnn` says why and the metrics
-    are empty (`StaticLM.judge` then fails).
+    are empty (`StaticLM.judge` then fails). Eleven parameters: the graph, where it goes, and what
+    quantizing and measuring it on HTP take (recipe, EP options, reference, calibration, shapes).
     """
     note = progress or (lambda _msg: None)
     work.mkdir(parents=True, exist_ok=True)

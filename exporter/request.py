@@ -220,13 +220,6 @@ class ExportRequest:
     def _check_calibration_text(self, value: Any) -> Path | None:
         return self._path_or_none("calibration_text", value)
 
-    def _check_ep_context(self, value: Any) -> bool:
-        prof = self.profile if isinstance(self.profile, TargetProfile) else None
-        if value and prof is not None and prof.device_class != "npu":
-            raise ValueError(f"--ep-context writes the compiled NPU binary of an encoder; target {prof.name} "
-                             f"({prof.device_class}) has none: drop --ep-context")
-        return bool(value)
-
     def recipe(self, base: QuantRecipe, *, gguf_requantize: bool = False) -> QuantRecipe:
         """The profile's recipe `base` with this request's overrides on top (GGUF weights requantized:
         HQQ by default, which refits their affine grid almost exactly)."""

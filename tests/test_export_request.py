@@ -36,7 +36,6 @@ GOOD = {"model": "org/name", "out": "bundles/x", "key": "keys/edgeship.key"}
         ("version", "1.0", "--version '1.0': write a semantic version, e.g. 1.0.0"),
         ("out", "", "--out '': give the bundle directory to write"),
         ("model", "  ", "MODEL '  ': give a hub id (org/name), a local directory or a .gguf file"),
-        ("ep_context", True, "--ep-context writes the compiled NPU binary of an encoder; target cpu-x86-avx2 (cpu)"),
     ],
 )
 def test_a_bad_field_is_one_line_naming_it_and_the_fix(field, value, line):
@@ -57,7 +56,7 @@ def test_every_bad_field_is_reported_at_once_in_field_order():
 def test_a_good_request_is_normalized_and_frozen(tmp_path):
     req = ExportRequest(model="org/name", out=tmp_path / "sub" / ".." / "b", key="~/k.key", accuracy_level="3",
                         exclude=["lm_head", "down_proj"], thresholds={"min_top1_agreement": 0.9},
-                        profile="npu-qnn-htp", ep_context=True)
+                        profile="npu-qnn-htp")
     assert req.out == (tmp_path / "b").resolve() and req.key == Path("~/k.key").expanduser()
     assert req.accuracy_level == 3 and req.exclude == ("lm_head", "down_proj")
     assert isinstance(req.profile, TargetProfile) and req.profile.name == "npu-qnn-htp"

@@ -178,7 +178,7 @@ def edgeship_bundle(src: Path, profile: str) -> Path:
 
 def scan_profile(profile: str) -> Path:
     """The profile with `lm_head_top_k = 16`: the lm_head scores every token with 4-bit blocks and recomputes
-    each position's top 16 logits from its 8-bit blocks (exporter.gguf.graph.ScannedHead; off by default)."""
+    each position's top 16 logits from its 8-bit blocks (exporter.graph.decoder.ScannedHead; off by default)."""
     from exporter.profiles import TARGETS_DIR
 
     text = (TARGETS_DIR / f"{profile}.toml").read_text()

@@ -2,7 +2,7 @@
 
     python bench/embedding_speed.py [--profile cpu-x86-avx2] [--rounds 15] [--threads 2] [--json bench/results/embedding_speed.json]
 
-Models, all from one run of the exporter (exporter.encoder.export_encoder on the real weights that
+Models, all from one run of the exporter (exporter.pipelines.encoder.export_encoder on the real weights that
 edgeship/models.py finds):
   - fp32: the plain float32 ONNX export (recipe none), the baseline
   - int8 per-row: the profile's recipe, as `edgeship export` ships it (per-row activation scales,
@@ -90,7 +90,7 @@ def main() -> None:
     from agent.runtime.session import session_options
     from edgeship.models import minilm_path
     from exporter import calibration
-    from exporter.encoder import _graph_module, _load, _resolve, export_encoder
+    from exporter.pipelines.encoder import _graph_module, _load, _resolve, export_encoder
     from exporter.profiles import load_profile
 
     torch.set_num_threads(args.threads)

@@ -15,7 +15,7 @@ requant-int4: the same weights dequantized and requantized to MatMulNBits int4 a
               points), block 32, level 4, lm_head included, embeddings in float: onnxruntime's usual int4
               recipe and the fastest int4 bundle of this model.
 
-Like with like: all the graphs come from exporter.gguf.graph.build_decoder with GroupQueryAttention
+Like with like: all the graphs come from exporter.graph.decoder.build_decoder with GroupQueryAttention
 (the graph exporter/native.py builds for Hugging Face models before exporter.quantize), q/k/v and
 gate/up fused into one MatMulNBits each; only the weight format and the accuracy levels differ.
 (The product's own `--requantize` of a GGUF picks HQQ, whose float zero points take onnxruntime's slow
@@ -50,7 +50,7 @@ import onnx
 
 from exporter.gguf.arch import decoder_config, decoder_weights
 from exporter.gguf.export import export_gguf
-from exporter.gguf.graph import DecoderWeights, ExternalData, build_decoder
+from exporter.graph.decoder import DecoderWeights, ExternalData, build_decoder
 from exporter.gguf.levels import DEFAULT_POLICY, TWO_PASS_POLICY, AccuracyPolicy
 from exporter.gguf.quality import OnnxDecoder, _nll, eval_text, gguf_quality, gguf_reference
 from exporter.gguf.reader import GgufFile

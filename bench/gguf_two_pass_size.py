@@ -3,7 +3,7 @@
 The exact GGUF graph runs its decoder linears at MatMulNBits level 0 (float32, the GGUF's math). TWO_PASS
 runs one-row steps (decode) on level 4's int8 kernel as x = hi + lo (~2e-5 from float) behind an If, at
 the price of ~14 small ops per linear and a second packed copy of those weights in memory. This builds one random Q4_0 decoder per shape with the product's graph
-builder (exporter.gguf.graph.build_decoder: GroupQueryAttention, fused q/k/v and gate/up, a Q8_0 lm_head
+builder (exporter.graph.decoder.build_decoder: GroupQueryAttention, fused q/k/v and gate/up, a Q8_0 lm_head
 with the default top-16 refinement) and times decode side by side in one run, in alternating rounds:
 
     level0:  the default policy (decoder linears at level 0)
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from exporter.gguf.graph import DecoderConfig, DecoderWeights, ExternalData, LayerWeights, build_decoder
+from exporter.graph.decoder import DecoderConfig, DecoderWeights, ExternalData, LayerWeights, build_decoder
 from exporter.gguf.levels import DEFAULT_POLICY, TWO_PASS_POLICY, AccuracyPolicy
 from exporter.gguf.quality import OnnxDecoder
 from exporter.gguf.repack import BlockWeight

@@ -73,7 +73,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from exporter.calibration import eval_texts
-    from exporter.encoder import export_encoder
+    from exporter.pipelines.encoder import export_encoder
     from exporter.profiles import load_profile
     from tests.support.models import minilm_path
 

@@ -1,4 +1,4 @@
-"""`edgeship export MODEL --profile P --out DIR --key KEY`: parse, call exporter.api.export, print.
+"""`edgeship export MODEL --profile P --out DIR --key KEY`: parse into an ExportRequest, run_export it, print.
 
 Exit codes: 0 bundle written (also with --force when the gate failed: the manifest says
 failed-quality), 1 quality gate failed (no bundle), 2 bad input (one line saying what to change).
@@ -77,22 +77,28 @@ def cli(model: str, profile: str, out: Path, key: Path, task: str | None, quant:
         eval_text: Path | None, calibration_text: Path | None, adapter: Path | None, revision: str | None,
         trust_remote_code: bool, requantize: bool, graph: str, ep_context: bool, name: str | None, version: str, force: bool, overwrite: bool,
         no_benchmark: bool, as_json: bool) -> None:
-    """Export MODEL (hub id, local directory or .gguf file) to a signed, validated bundle in --out."""
-    from exporter.api import export
+    """Export MODEL (hub id, local directory or .gguf file) to a signed, validated bundle in --out.
+
+    \f
+    One parameter per option, because click passes each option by name; they go straight into an
+    ExportRequest, which validates them all at once."""
     from exporter.errors import ExportError, QualityGateFailed
     from exporter.profiles import ProfileError
     from exporter.progress import Progress, RichProgress, summary_table
+    from exporter.request import ExportRequest
+    from exporter.run import run_export
 
     progress = Progress() if as_json else RichProgress()
     try:
-        result = export(
-            model, out=out, key=key, profile=profile, task=task, quant=quant, block_size=block_size,
-            accuracy_level=int(accuracy_level) if accuracy_level and accuracy_level.isdigit() else accuracy_level,
-            symmetric=symmetric, exclude=list(exclude) if exclude else None,
-            algorithm=algorithm, thresholds=_threshold(thresholds), force=force, overwrite=overwrite, name=name, version=version,
+        request = ExportRequest(
+            model=model, out=out, key=key, profile=profile, task=task, quant=quant, block_size=block_size,
+            accuracy_level=accuracy_level, symmetric=symmetric, exclude=exclude or None, algorithm=algorithm,
+            thresholds=_threshold(thresholds), force=force, overwrite=overwrite, name=name, version=version,
             revision=revision, trust_remote_code=trust_remote_code, adapter=adapter, eval_text=eval_text,
-            calibration_text=calibration_text, requantize=requantize, graph=graph, ep_context=ep_context, benchmark=not no_benchmark, progress=progress,
+            calibration_text=calibration_text, requantize=requantize, graph=graph, ep_context=ep_context,
+            benchmark=not no_benchmark,
         )
+        result = run_export(request, progress=progress)
     except QualityGateFailed as exc:
         if as_json:
             click.echo(json.dumps({"ok": False, "error": str(exc), "quality": exc.report.model_dump(mode="json")}))
@@ -102,11 +108,12 @@ def cli(model: str, profile: str, out: Path, key: Path, task: str | None, quant:
             Console(stderr=True).print(summary_table({}, exc.report))
             click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_GATE)
-    except (ExportError, ProfileError) as exc:
+    except (ExportError, ProfileError) as exc:  # one line per problem (InvalidRequest has one per bad option)
         if as_json:
             click.echo(json.dumps({"ok": False, "error": str(exc)}))
         else:
-            click.echo(f"error: {exc}", err=True)
+            for line in str(exc).splitlines():
+                click.echo(f"error: {line}", err=True)
         sys.exit(EXIT_INPUT)
     if as_json:
         click.echo(json.dumps({

@@ -64,6 +64,15 @@ class QnnReport:
             return f"QNN HTP rejected {len(self.rejected)} node(s): " + ", ".join(f"{op} x{c}" for op, c in ops.items())
         return f"QNN HTP failed: {self.error}"
 
+    def failures(self) -> list[str]:
+        """The quality gate's lines for a graph HTP did not take (none when it did)."""
+        if self.ok:
+            return []
+        lines = [self.summary(), *[f"  {r}" for r in self.reasons[:5]]]
+        if self.error and not self.rejected:
+            lines.append(f"  {self.error.splitlines()[0][:300]}")
+        return lines
+
 
 def quantize_qdq(src: Path, dst: Path, *, recipe: QuantRecipe, feeds: Sequence[dict[str, np.ndarray]],
                  init_overrides: dict[str, list[dict]] | None = None) -> dict:

@@ -53,7 +53,7 @@ class QuantRecipe(_M):
     int8_blocks: list[str] = []
     # int4, native LM graph, with "lm_head" in int8_blocks: every logit from 4-bit blocks (the fewest bytes
     # decode reads per token), then each position's top k recomputed in float32 from the 8-bit blocks
-    # (exporter.gguf.graph.ScannedHead). None: the whole head in 8-bit blocks.
+    # (exporter.graph.decoder.ScannedHead). None: the whole head in 8-bit blocks.
     lm_head_top_k: int | None = None
 
     @property

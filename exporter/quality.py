@@ -1,4 +1,5 @@
-"""The quality gate: compare the exported model with its PyTorch reference on real text.
+"""The LM measures: compare the exported model with its PyTorch reference on real text (the gate
+that judges them is exporter/gate.py, shared with the encoders).
 
 LM metrics (each checked only when the profile or the user sets its threshold):
     logits_abs_diff   max |logits_onnx - logits_torch| over every position      (max_logits_abs_diff)
@@ -22,9 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.bundle import QualityReport, QualityStatus
-from exporter.errors import ExportError, SourceError
-from exporter.profiles import Thresholds
+from exporter.errors import SourceError
 
 DEFAULT_SEQUENCES = 4
 DEFAULT_SEQ_LEN = 128
@@ -145,7 +144,7 @@ def outlier_patterns(ratio: dict[str, float], limit: float | None) -> list[str]:
     """
     if limit is None:
         return []
-    from exporter.gguf.graph import node_name
+    from exporter.graph.decoder import node_name
 
     out = []
     for name, r in sorted(ratio.items(), key=lambda kv: -kv[1]):
@@ -209,38 +208,3 @@ def compare_lm(got: np.ndarray, want: np.ndarray, sequences: np.ndarray, greedy:
         "greedy_prefix_matches": [round(m, 4) for m in matches],
     }
     return metrics, details
-
-
-def gate(metrics: dict[str, float], thresholds: Thresholds, *, reference: str, details: dict[str, Any]) -> QualityReport:
-    """Check every threshold that is set; one failure line per metric out of bounds."""
-    limits = thresholds.as_dict()
-    failures = []
-    for key, limit in limits.items():
-        kind, metric = key.split("_", 1)
-        if metric not in metrics:
-            continue
-        value = metrics[metric]
-        if kind == "min" and not value >= limit:
-            failures.append(f"{metric} {value:.4g} is below the minimum {limit:.4g}")
-        elif kind == "max" and not value <= limit:
-            failures.append(f"{metric} {value:.4g} is above the maximum {limit:.4g}")
-    return QualityReport(
-        status=QualityStatus.FAILED if failures else QualityStatus.PASSED,
-        reference=reference,
-        metrics={k: round(float(v), 6) for k, v in metrics.items()},
-        thresholds=limits,
-        failures=failures,
-        details=details,
-    )
-
-
-def merge_thresholds(base: Thresholds, overrides: dict[str, float] | None) -> Thresholds:
-    """Profile thresholds with the user's overrides (`min_top1_agreement=0.9`, ...)."""
-    if not overrides:
-        return base
-    unknown = sorted(set(overrides) - set(Thresholds.model_fields))
-    if unknown:
-        raise ExportError(
-            f"unknown threshold {unknown[0]!r}; known: {', '.join(Thresholds.model_fields)}"
-        )
-    return base.model_copy(update=overrides)

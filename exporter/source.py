@@ -192,6 +192,12 @@ def write_tokenizer(src: ResolvedSource, tokenizer: Any, out_dir: Path) -> list[
     """Save the tokenizer (and its chat template) into `out_dir` in the fast-tokenizer layout the agent reads."""
     if src.gguf_file and getattr(tokenizer, "vocab_file", None):
         tokenizer.vocab_file = None  # else save_pretrained copies the whole GGUF in as "tokenizer.model"
+    # transformers writes the padding/truncation of the tokenizer's last call into tokenizer.json; the
+    # device pads and truncates per bundle (static shapes, its own batches), so the file carries neither
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
     tokenizer.save_pretrained(out_dir)
     written = sorted(p.name for p in out_dir.iterdir() if p.name in TOKENIZER_FILES)
     if "tokenizer.json" not in written:

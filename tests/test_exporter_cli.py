@@ -103,7 +103,7 @@ def test_non_empty_out_needs_overwrite(tmp_path, keypair):
 
 
 def test_encoder_checkpoints_go_through_the_same_command(tmp_path, keypair):
-    """The task comes from the checkpoint (BertModel -> embedding); exporter.encoder builds, the core seals."""
+    """The task comes from the checkpoint (BertModel -> embedding); exporter.pipelines.encoder builds, the core seals."""
     p = run(str(tiny_model("bert")), "--out", str(tmp_path / "b"), "--key", str(keypair[0]), "--json")
     assert p.returncode == 0, p.stderr
     m = open_bundle(tmp_path / "b", TrustedKeys.from_paths([keypair[1]])).manifest

@@ -21,7 +21,7 @@ import pytest
 
 from agent.bundle import QualityStatus
 from exporter import calibration, mixed_precision
-from exporter.encoder import (EncoderResult, _batched, _run, encoder_metrics, export_encoder, gate_failures,
+from exporter.pipelines.encoder import (EncoderResult, _batched, _run, encoder_metrics, export_encoder, gate_failures,
                               layout_metrics)
 from exporter.errors import IncompatibleTarget, TaskNotSupported
 from exporter.profiles import Thresholds, load_profile

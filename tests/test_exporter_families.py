@@ -25,8 +25,9 @@ MESSAGES = [{"role": "user", "content": "The capital of France is"}]
 def test_the_supported_list_is_optimums_text_generation_with_past_set_and_each_has_a_tiny_config():
     from optimum.exporters.tasks import TasksManager
 
-    from exporter.lm import optimum_architectures, supported_architectures
-    from exporter.native import NATIVE_ARCHITECTURES
+    from exporter.pipelines import supported_architectures
+    from exporter.pipelines.optimum_lm import optimum_architectures
+    from exporter.pipelines.native_lm import NATIVE_ARCHITECTURES
 
     taken = set(optimum_architectures())  # registers optimum's ONNX configs with its TasksManager
     listed = set(TasksManager.get_supported_model_type_for_task("text-generation-with-past", "onnx"))
@@ -51,7 +52,8 @@ def test_family_exports_matches_pytorch_and_the_agent_runtime_serves_it(arch, tm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from agent.runtime import load_model
-    from exporter.lm import OrtDecoder, cache_layout, decoder_spec, export_decoder
+    from exporter.lm import OrtDecoder, decoder_spec
+    from exporter.pipelines.optimum_lm import cache_layout, export_decoder
     from tests.support.lm_bundle import TOKENIZER_FILES, seal_lm_bundle
 
     source = tiny_model(arch)
@@ -95,7 +97,7 @@ def test_unsupported_architectures_get_one_line_naming_the_supported_ones(tmp_pa
 
     from exporter import export
     from exporter.errors import UnsupportedArchitecture
-    from exporter.lm import supported_architectures
+    from exporter.pipelines import supported_architectures
 
     mamba, bart = tmp_path / "mamba", tmp_path / "bart"
     MambaForCausalLM(MambaConfig(hidden_size=16, num_hidden_layers=1, vocab_size=64)).save_pretrained(mamba)
@@ -144,8 +146,9 @@ def test_edgeship_export_of_a_refused_architecture_exits_2_with_one_line(tmp_pat
 def test_export_md_table_has_one_row_per_supported_architecture_with_its_paths():
     """docs/EXPORT.md's architecture x path table says what the pipelines compute, row for row."""
     from exporter.gguf.arch import SUPPORTED_ARCHITECTURES as GGUF_ARCHITECTURES
-    from exporter.lm import optimum_architectures, refused_architectures, supported_architectures
-    from exporter.native import NATIVE_ARCHITECTURES
+    from exporter.pipelines import supported_architectures
+    from exporter.pipelines.optimum_lm import optimum_architectures, refused_architectures
+    from exporter.pipelines.native_lm import NATIVE_ARCHITECTURES
 
     rows = {}
     section = EXPORT_MD.read_text().split("\n### Decoder architectures\n", 1)[1].split("\n## ", 1)[0]

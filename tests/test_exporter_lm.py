@@ -204,7 +204,7 @@ def test_impossible_threshold_fails_the_gate_and_writes_nothing(tmp_path, keypai
     report = info.value.report
     assert report.status is QualityStatus.FAILED
     assert len(report.failures) == 1 and report.failures[0].startswith("logits_abs_diff")
-    assert "above the maximum 1e-09" in report.failures[0]
+    assert "> 1e-09 (max_logits_abs_diff)" in report.failures[0]
     assert "--force" in str(info.value)
     assert not (tmp_path / "b").exists()
     assert list(tmp_path.iterdir()) == []  # no staging or work directories left behind
@@ -267,7 +267,7 @@ def test_early_errors_name_the_problem_and_the_fix(tmp_path, keypair):
     from transformers import MambaConfig, MambaForCausalLM
 
     from exporter import export
-    from exporter.api import check_disk
+    from exporter.run import check_disk
     from exporter.errors import (
         IncompatibleTarget,
         MissingKey,

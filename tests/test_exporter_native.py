@@ -56,7 +56,7 @@ def test_native_graph_equals_pytorch_in_prefill_decode_and_chunks(name, tmp_path
     import torch
 
     from exporter.lm import OrtDecoder
-    from exporter.native import export_native
+    from exporter.pipelines.native_lm import export_native
 
     model = random_model(name)
     ids = np.random.default_rng(0).integers(0, 512, (1, 40))
@@ -84,9 +84,9 @@ def test_scanned_head_gives_the_8bit_heads_top_logits_from_4bit_reads(name, tmp_
     import onnx
     import torch
 
-    from exporter.gguf.graph import ScannedHead
+    from exporter.graph.decoder import ScannedHead
     from exporter.lm import OrtDecoder
-    from exporter.native import blocks_q4, blocks_q8, decoder_from_hf, export_native
+    from exporter.pipelines.native_lm import blocks_q4, blocks_q8, decoder_from_hf, export_native
 
     model = random_model(name, vocab_size=2048)
     with torch.no_grad():  # the graph's embedding is 8-bit blocks: give PyTorch the same table
@@ -125,9 +125,9 @@ def test_logits_to_keep_0_gives_every_position_and_1_the_last(tmp_path):
     last position's logits, the same numbers; the agent and the exporter's decoders feed it."""
     import onnxruntime as ort
 
-    from exporter.gguf.graph import io_names
+    from exporter.graph.decoder import io_names
     from exporter.lm import OrtDecoder
-    from exporter.native import export_native
+    from exporter.pipelines.native_lm import export_native
 
     path = export_native(random_model("qwen2-tied"), tmp_path, embedding_bits=8)
     dec = OrtDecoder(path)
@@ -150,7 +150,7 @@ def test_shared_kv_buffer_runs_in_place(tmp_path):
     import onnxruntime as ort
     import torch
 
-    from exporter.native import export_native
+    from exporter.pipelines.native_lm import export_native
 
     model = random_model("llama")
     ids = np.random.default_rng(1).integers(0, 512, (1, 20))
@@ -175,7 +175,7 @@ def test_shared_kv_buffer_runs_in_place(tmp_path):
 
 
 def test_fused_patterns_rename_qkv_and_gate_up():
-    from exporter.native import fused_patterns
+    from exporter.pipelines.native_lm import fused_patterns
 
     assert fused_patterns(["/model/layers.3/self_attn/q_proj/", "/model/layers.3/self_attn/k_proj/",
                            "/model/layers.11/mlp/down_proj/", "/model/layers.2/mlp/up_proj/"]) == [
@@ -185,7 +185,7 @@ def test_fused_patterns_rename_qkv_and_gate_up():
 def test_graph_choice_names_why_and_refuses_impossible_requests():
     from transformers import AutoConfig, GPT2Config
 
-    from exporter.api import choose_graph
+    from exporter.pipelines import choose_graph
     from exporter.errors import ExportError
     from exporter.profiles import load_profile
     from exporter.progress import Progress
@@ -272,7 +272,7 @@ def test_agent_kv_buffers_grow_with_use_not_to_the_whole_context(tmp_path, keypa
 def test_native_only_architecture_on_a_gpu_target_is_refused_early():
     from transformers import AutoConfig
 
-    from exporter.api import choose_graph
+    from exporter.pipelines import choose_graph
     from exporter.errors import UnsupportedArchitecture
     from exporter.profiles import load_profile
     from exporter.progress import Progress

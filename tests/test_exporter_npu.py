@@ -14,7 +14,7 @@ import pytest
 from agent.bundle import QualityStatus
 from agent.runtime.qnn import QnnUnavailable, plugin_options, qnn_devices, qnn_session_options, register_qnn_ep
 from exporter import calibration, npu
-from exporter.encoder import EncoderResult, export_encoder
+from exporter.pipelines.encoder import EncoderResult, export_encoder
 from exporter.profiles import load_profile
 from tests.support.models import minilm_path, tiny_model
 

@@ -14,7 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from exporter.gguf.graph import linear_model
+from exporter.graph.decoder import linear_model
 from exporter.gguf.levels import DEFAULT_POLICY, TWO_PASS, TWO_PASS_MIN_WEIGHTS, WEIGHT_CLASSES, AccuracyPolicy, weight_class
 from exporter.gguf.repack import FORMATS, BlockWeight, decode
 

@@ -16,7 +16,8 @@ import pytest
 from agent.bundle import QualityStatus
 from agent.runtime.errors import InputError
 from agent.runtime.static_generation import MASK_VALUE, StaticDecoder
-from exporter import export, npu_lm, quality
+from exporter import export, quality
+from exporter.pipelines import npu_lm
 from exporter.errors import IncompatibleTarget
 from exporter.profiles import load_profile
 from tests.support.models import tiny_model
@@ -42,7 +43,7 @@ def _cpu_decoder(model: onnx.ModelProto, cfg, *, step: int, cache: int) -> Stati
 def test_float_static_graph_matches_pytorch(arch, step):
     import torch
 
-    from exporter import native
+    from exporter.pipelines import native_lm as native
 
     model = _hf(arch)
     cfg, weights = native.decoder_from_hf(model)

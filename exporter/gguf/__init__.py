@@ -3,7 +3,7 @@
     reader.py   GgufFile: metadata and tensors (gguf package), per-type report of what was kept
     repack.py   GGUF blocks -> MatMulNBits codes/scales/zero points/offsets (pure numpy, bit-exact)
     arch.py     llama / qwen2 / phi3 / gemma -> DecoderConfig + DecoderWeights
-    graph.py    the decoder-with-past ONNX graph (onnx.helper), external data written as it is built
+    (the decoder graph itself is built by exporter/graph/decoder.py, shared with the native LM pipeline)
     levels.py   AccuracyPolicy: the MatMulNBits accuracy level of each weight class, measured (lm_head top-k exact)
     export.py   export_gguf(path, out_dir) -> GgufResult (onnx_path, files, model_spec, quantization)
     quality.py  gguf_quality(): perplexity / top-1 / greedy chat answer vs transformers' fp32 model

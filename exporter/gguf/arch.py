@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from exporter.errors import UnsupportedArchitecture
-from exporter.gguf.graph import DecoderConfig, DecoderWeights, LayerWeights
+from exporter.graph.decoder import DecoderConfig, DecoderWeights, LayerWeights
 from exporter.gguf.reader import GgufFile
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma")

@@ -12,7 +12,7 @@ import onnx
 from agent.bundle import ModelSpec, Quantization
 from exporter.errors import ConversionError, ExportError, SourceError
 from exporter.gguf.arch import decoder_config, decoder_weights
-from exporter.gguf.graph import Attention, DecoderConfig, ExternalData, build_decoder, io_names
+from exporter.graph.decoder import Attention, DecoderConfig, ExternalData, build_decoder, io_names
 from exporter.gguf.levels import DEFAULT_POLICY, AccuracyPolicy
 from exporter.gguf.reader import GgufFile
 

@@ -116,7 +116,10 @@ def gguf_quality(gguf_path: Path, onnx_path: Path, tokenizer_dir: Path, *, eos_t
                  text: str | None = None, max_tokens: int = 1024, greedy_steps: int = 64, threads: int = 0,
                  thresholds: dict[str, float] | None = None, reference: Reference | None = None) -> QualityReport:
     """Compare the exported model with transformers' fp32 dequantization of the same GGUF (`reference`, if
-    already computed with the same text and steps)."""
+    already computed with the same text and steps).
+
+    Ten parameters: the three files plus the measurement's own knobs (text, lengths, threads, limits),
+    each with a default; the benchmarks set them one by one."""
     ref = reference or gguf_reference(gguf_path, tokenizer_dir, eos_token_ids=eos_token_ids, text=text,
                                       max_tokens=max_tokens, greedy_steps=greedy_steps)
     onnx = OnnxDecoder(onnx_path, threads=threads)

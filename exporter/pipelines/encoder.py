@@ -1,6 +1,8 @@
-"""Encoders (BERT/MiniLM family): sentence embeddings and text classification -> ONNX files of a bundle.
+"""The encoder pipeline (BERT/MiniLM family): sentence embeddings and text classification -> ONNX files of a bundle.
 
-    export_encoder(model, out_dir, task=..., profile=..., recipe=..., thresholds=...) -> EncoderResult
+    build(job, stage, work) -> Built                   the pipeline, driven by exporter.run.run_export
+    build_encoder(model, out_dir, task=..., ...) -> EncoderBuild   model and tokenizer files, measured
+    export_encoder(model, out_dir, task=..., ...) -> EncoderResult the same, judged, with golden files
 
 Embedding graphs end in the final vector: mean pooling over the attention mask (or CLS, as the
 checkpoint's sentence-transformers config says) and L2 normalization happen inside the graph,
@@ -33,9 +35,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from agent.bundle import Golden, ModelSpec, QualityReport, QualityStatus, Quantization
+from agent.bundle import Golden, ModelSpec, QualityReport, Quantization
 from exporter import calibration, mixed_precision
-from exporter.errors import ConversionError, IncompatibleTarget, TaskNotSupported, UnsupportedArchitecture
+from exporter.errors import ConversionError, IncompatibleTarget, SourceError, TaskNotSupported, UnsupportedArchitecture
+from exporter.gate import Evidence, metric_of
+from exporter.gate import failures as gate_failures
+from exporter.golden import GoldenCase, golden_files, write_golden
 from exporter.profiles import QuantRecipe, TargetProfile, Thresholds
 from exporter.progress import Progress
 from exporter.quantize import recipe_name
@@ -49,8 +54,8 @@ ENCODER_METHODS = ("none", "fp16", "int8-dynamic", "qdq-static")
 # scores no resolution. exp(-100) is 4e-44: masked keys still get no weight.
 MASK_FILL = -100.0
 ONNX_NAME = "model.onnx"
-GOLDEN_DIR = "golden"
 GOLDEN_ROWS = 4
+NAME = "encoder"
 # The mixed-precision search must beat the thresholds on calibration text by this share of the
 # distance to 1.0, so that the unseen evaluation text passes too.
 SEARCH_MARGIN = 0.25
@@ -67,15 +72,25 @@ DEFAULT_CLS_THRESHOLDS = {"min_label_agreement": 0.95}
 
 
 @dataclass(frozen=True)
-class EncoderResult:
+class EncoderBuild:
+    """The model and tokenizer in out_dir, and what the gate and the golden writer need."""
+
     onnx_path: Path  # inside out_dir
     files: list[Path]  # every file written into out_dir
     model_spec: ModelSpec
     quantization: Quantization
-    quality: QualityReport
-    golden: Golden
+    evidence: Evidence
+    golden_case: GoldenCase
     size_fp32_bytes: int
     size_bytes: int
+
+
+@dataclass(frozen=True)
+class EncoderResult(EncoderBuild):
+    """An EncoderBuild judged, with its golden files written (export_encoder)."""
+
+    quality: QualityReport
+    golden: Golden
 
 
 @dataclass(frozen=True)
@@ -88,7 +103,17 @@ class _Prepared:
     order: tuple[int, ...] | None = None
 
 
-def export_encoder(
+def export_encoder(model: str | Path, out_dir: Path, **options: Any) -> EncoderResult:
+    """Export an encoder checkpoint to `out_dir` (model, tokenizer, golden files) and judge it: build_encoder
+    (whose keywords `options` are) plus the gate and the golden files, for callers that want the files
+    without a bundle (benchmarks, tests)."""
+    built = build_encoder(model, out_dir, **options)
+    golden = write_golden(Path(out_dir), built.golden_case)
+    fields = {**vars(built), "files": built.files + golden_files(Path(out_dir))}
+    return EncoderResult(**fields, quality=built.evidence.judge(), golden=golden)
+
+
+def build_encoder(
     model: str | Path,
     out_dir: Path,
     *,
@@ -100,8 +125,12 @@ def export_encoder(
     calibration_texts: list[str] | None = None,
     progress: Progress | None = None,
     ep_context: bool = False,
-) -> EncoderResult:
-    """Export an encoder checkpoint to `out_dir` (model, tokenizer, golden files) and judge it."""
+) -> EncoderBuild:
+    """Write an encoder checkpoint's model and tokenizer to `out_dir` and measure it against PyTorch.
+
+    Ten parameters: the model, where to write, and the eight things an encoder export is made of (task,
+    target, recipe, limits, the two text sets, progress, the NPU context binary); export_encoder and the
+    benchmarks call it with all of them, so a Job (which needs a resolved request) would not serve them."""
     progress = progress or Progress()
     if task not in ENCODER_TASKS:
         raise TaskNotSupported(f"encoder export does task embedding or text-classification, not {task!r}")
@@ -178,8 +207,8 @@ def export_encoder(
             if qnn_report.ok:
                 runs = {1: np.concatenate(qnn_report.outputs)}
         with progress.step("validate", f"{task} gate vs PyTorch" + (f", batches of {GATE_BATCHES}" if batched else "")):
-            quality = _quality(task, runs, reference, _limits(task, thresholds, batched=batched), qnn=qnn_report,
-                               reference_name="pytorch fp32", texts=evals)
+            evidence = _evidence(task, runs, reference, _limits(task, thresholds, batched=batched), qnn=qnn_report,
+                                 reference_name="pytorch fp32", texts=evals)
             if qnn_report is not None:
                 quant = Quantization(recipe=quant.recipe, precision=quant.precision,
                                      details={**quant.details, "qnn": _qnn_details(qnn_report)})
@@ -188,10 +217,9 @@ def export_encoder(
         files: list[Path] = []
         onnx_path = out_dir / ONNX_NAME
         files += _save_model(final, onnx_path)
-        golden, golden_files = _write_golden(out_dir, onnx_path, eval_in, quantized=recipe.method != "none",
-                                             qnn_outputs=qnn_report.outputs if qnn_report and qnn_report.ok else None)
-        files += golden_files
-        files += _write_tokenizer(tokenizer, out_dir)
+        golden = _golden_case(onnx_path, eval_in, quantized=recipe.method != "none",
+                              qnn_outputs=qnn_report.outputs if qnn_report and qnn_report.ok else None)
+        files += _write_tokenizer(src, tokenizer, out_dir)
         if ep_context and qnn_report is not None and qnn_report.ok:
             from exporter import npu
 
@@ -209,8 +237,8 @@ def export_encoder(
     spec = ModelSpec(entry=ONNX_NAME, inputs=input_names,
                      outputs=["sentence_embedding" if task == "embedding" else "logits"],
                      architecture=config.model_type, config=spec_config)
-    return EncoderResult(onnx_path=onnx_path, files=files, model_spec=spec, quantization=quant, quality=quality,
-                         golden=golden, size_fp32_bytes=size_fp32, size_bytes=_model_bytes(onnx_path))
+    return EncoderBuild(onnx_path=onnx_path, files=files, model_spec=spec, quantization=quant, evidence=evidence,
+                        golden_case=golden, size_fp32_bytes=size_fp32, size_bytes=_model_bytes(onnx_path))
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -413,6 +441,10 @@ def _dynamic_quantize(fp32: onnx.ModelProto, dst: Path, *, recipe: QuantRecipe, 
 
 def _int8_dynamic(src: Path, dst: Path, *, task: str, recipe: QuantRecipe, thresholds: Thresholds,
                   calib: _Prepared, layouts: dict[int, _Prepared], reference: np.ndarray, progress: Progress) -> dict:
+    """int8 with per-row activations, and the mixed-precision search that keeps the most sensitive MatMuls float.
+
+    Nine parameters: the search needs the recipe and limits, both text sets (calibration to search, the
+    evaluation layouts to confirm) and the reference; they are build_encoder's locals, passed once."""
     fp32 = onnx.load(str(src))
     candidates = mixed_precision.weight_matmuls(fp32)
     user_excluded = [n.name for n in fp32.graph.node if n.name in candidates and _matches(n, recipe.exclude)]
@@ -558,34 +590,6 @@ def layout_metrics(task: str, runs: dict[int, np.ndarray], reference: np.ndarray
     return worst
 
 
-_METRIC_OF = {
-    "min_cosine_mean": "cosine_mean",
-    "min_cosine_min": "cosine_min",
-    "min_batch_cosine": "batch_cosine_min",
-    "min_label_agreement": "label_agreement",
-    "min_logits_cosine": "logits_cosine",
-}
-
-
-def gate_failures(metrics: dict[str, float], limits: dict[str, float]) -> list[str]:
-    """One line per metric below its lower bound."""
-    out = []
-    for key, bound in limits.items():
-        value = metrics[_METRIC_OF[key]]
-        if value < bound:
-            out.append(f"{_METRIC_OF[key]} {_below(value, bound)} < {bound} ({key})")
-    return out
-
-
-def _below(value: float, bound: float) -> str:
-    """`value` with enough decimals to show that it is below `bound`."""
-    for digits in range(4, 12):
-        text = f"{value:.{digits}f}"
-        if float(text) < bound:
-            return text
-    return repr(value)
-
-
 def _judge(task: str, reference: np.ndarray, limits: dict[str, float], *, margin: float):
     """A mixed-precision judge: score = minus the summed, threshold-normalized distances to perfect."""
 
@@ -593,7 +597,7 @@ def _judge(task: str, reference: np.ndarray, limits: dict[str, float], *, margin
         m = encoder_metrics(task, np.concatenate(outputs), reference)
         score, ok = 0.0, True
         for key, bound in limits.items():
-            value, room = m[_METRIC_OF[key]], max(1.0 - bound, 1e-6)
+            value, room = m[metric_of(key)], max(1.0 - bound, 1e-6)
             score -= (1.0 - value) / room
             ok &= value >= bound + margin * room
         if task == "text-classification":
@@ -603,10 +607,9 @@ def _judge(task: str, reference: np.ndarray, limits: dict[str, float], *, margin
     return judge
 
 
-def _quality(task: str, runs: dict[int, np.ndarray], reference: np.ndarray, limits: dict[str, float], *, qnn,
-             reference_name: str, texts: Sequence[str]) -> QualityReport:
-    metrics = layout_metrics(task, runs, reference)
-    failures = gate_failures(metrics, limits)
+def _evidence(task: str, runs: dict[int, np.ndarray], reference: np.ndarray, limits: dict[str, float], *, qnn,
+              reference_name: str, texts: Sequence[str]) -> Evidence:
+    """The gate's input: the worst layout's metrics, per batch size, and what QNN HTP made of the graph."""
     cos = np.min([_cosines(out, reference) for out in runs.values()], axis=0)
     details: dict[str, Any] = {"eval_texts": len(texts), "worst_text": texts[int(cos.argmin())][:120]}
     if len(runs) > 1:
@@ -615,21 +618,10 @@ def _quality(task: str, runs: dict[int, np.ndarray], reference: np.ndarray, limi
                                   for size, out in runs.items()}
     if qnn is not None:
         details["qnn"] = qnn.summary()
-        if not qnn.ok:
-            failures.insert(0, qnn.summary())
-            failures += [f"  {r}" for r in qnn.reasons[:5]]
-            if qnn.error and not qnn.rejected:
-                failures.append(f"  {qnn.error.splitlines()[0][:300]}")
-        else:
+        if qnn.ok:
             details["measured_on"] = "QNN HTP (onnxruntime-qnn, CPU fallback disabled)"
-    return QualityReport(
-        status=QualityStatus.FAILED if failures else QualityStatus.PASSED,
-        reference=reference_name,
-        metrics={k: round(v, 6) for k, v in metrics.items()},
-        thresholds=limits,
-        failures=failures,
-        details=details,
-    )
+    return Evidence(layout_metrics(task, runs, reference), limits, reference_name, details,
+                    refused=tuple(qnn.failures()) if qnn is not None else ())
 
 
 def _qnn_details(report) -> dict:
@@ -665,8 +657,8 @@ def _save_model(src: Path, dst: Path) -> list[Path]:
     return [dst, data]
 
 
-def _write_golden(out_dir: Path, model_path: Path, prepared: _Prepared, *, quantized: bool,
-                  qnn_outputs: list[np.ndarray] | None) -> tuple[Golden, list[Path]]:
+def _golden_case(model_path: Path, prepared: _Prepared, *, quantized: bool,
+                 qnn_outputs: list[np.ndarray] | None) -> GoldenCase:
     """A few evaluation rows and the model's CPU outputs; the tolerance covers other kernels and the NPU."""
     import onnxruntime as ort
 
@@ -683,26 +675,43 @@ def _write_golden(out_dir: Path, model_path: Path, prepared: _Prepared, *, quant
     if qnn_outputs:
         spread = max(spread, float(np.abs(qnn_outputs[0][: len(outs[0])] - outs[0]).max()))
     floor = 5e-3 if quantized else 1e-4
-    atol = max(floor, 2 * spread)
-    gdir = out_dir / GOLDEN_DIR
-    gdir.mkdir(parents=True, exist_ok=True)
-    np.savez(gdir / "inputs.npz", **feeds)
-    np.savez(gdir / "outputs.npz", **{output_name: outs[0]})
-    golden = Golden(inputs=f"{GOLDEN_DIR}/inputs.npz", outputs=f"{GOLDEN_DIR}/outputs.npz",
-                    atol=round(atol, 6), rtol=1e-2 if quantized else 1e-3)
-    return golden, [gdir / "inputs.npz", gdir / "outputs.npz"]
+    return GoldenCase(feeds, {output_name: outs[0]}, atol=max(floor, 2 * spread), rtol=1e-2 if quantized else 1e-3)
 
 
-def _write_tokenizer(tokenizer, out_dir: Path) -> list[Path]:
+def _write_tokenizer(src, tokenizer, out_dir: Path) -> list[Path]:
+    """The shared tokenizer writer (exporter.source.write_tokenizer); returns every file it added."""
+    from exporter.source import write_tokenizer
+
     before = set(out_dir.iterdir())
-    # transformers writes the padding/truncation of the tokenizer's last call into tokenizer.json; the
-    # device pads and truncates per bundle (static shapes), so the file carries neither
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        backend.no_padding()
-        backend.no_truncation()
-    tokenizer.save_pretrained(out_dir)
-    written = sorted(p for p in out_dir.iterdir() if p not in before and p.is_file())
-    if not (out_dir / "tokenizer.json").exists():
-        raise ConversionError("the tokenizer has no fast (tokenizer.json) form; the device needs one")
-    return written
+    write_tokenizer(src, tokenizer, out_dir)
+    return sorted(p for p in out_dir.iterdir() if p not in before and p.is_file())
+
+
+# --- the pipeline -------------------------------------------------------------------------------
+
+
+def disk_bytes(job: Any) -> int:
+    return 4 * sum(p.stat().st_size for p in job.src.path.glob("*.safetensors"))
+
+
+def build(job: Any, stage: Path, work: Path) -> Any:
+    """The encoder files in `stage`, measured; run_export judges, writes the golden files and seals."""
+    from exporter.benchmark import benchmark_latency
+    from exporter.pipelines import Built
+
+    request, profile = job.request, job.profile
+    try:
+        evals = calibration.eval_texts(request.eval_text) if request.eval_text else None
+        calib = calibration.calibration_texts(request.calibration_text) if request.calibration_text else None
+    except calibration.CalibrationError as exc:
+        raise SourceError(str(exc)) from None
+    made = build_encoder(job.src.path, stage, task=job.task, profile=profile, recipe=job.recipe,
+                         thresholds=job.thresholds, eval_texts=evals, calibration_texts=calib,
+                         ep_context=request.ep_context, progress=job.progress)
+    feed = made.golden_case.inputs
+    return Built(
+        entry=made.onnx_path, model_spec=made.model_spec, quantization=made.quantization, evidence=made.evidence,
+        golden=made.golden_case, fp32_bytes=made.size_fp32_bytes,
+        host_benchmark=(lambda: benchmark_latency(made.onnx_path, feed, threads=profile.intra_op_threads))
+        if profile.device_class == "cpu" else None,
+    )

@@ -28,11 +28,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from agent.bundle import Golden, QualityReport, QualityStatus
+from agent.bundle import ModelSpec, QualityReport
 from agent.runtime.qnn import qnn_session_options
 from agent.runtime.static_generation import MASK_VALUE, StaticDecoder
 from exporter import npu, quality
-from exporter.gguf.graph import (
+from exporter.graph.decoder import (
     DecoderConfig,
     DecoderWeights,
     ExternalData,
@@ -47,7 +47,8 @@ from exporter.gguf.graph import (
     apply_rotary,
     project_qkv,
 )
-from exporter.golden import GOLDEN_DIR
+from exporter.gate import Evidence
+from exporter.golden import GoldenCase
 from exporter.profiles import QuantRecipe, Thresholds
 from exporter.quality import LMReference
 
@@ -141,6 +142,7 @@ def _rotary_tables(b: GraphBuilder, cfg: DecoderConfig, freq_factors: np.ndarray
 
 def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: LayerWeights,
                cos: str, sin: str, bias: str, *, step: int) -> str:
+    """One layer's attention; nine parameters: the graph's shared tensors (rotary tables, bias) by name."""
     nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     prefix = f"model.layers.{i}.self_attn"
     q, k, v = project_qkv(b, cfg, i, h, layer)
@@ -197,15 +199,12 @@ class StaticLM:
     details: dict[str, Any]  # quality.details
     qnn: npu.QnnReport
 
+    def evidence(self, thresholds: Thresholds, *, reference: str) -> Evidence:
+        """The LM gate's input: the HTP metrics; a graph HTP did not take fails it, with the reasons."""
+        return Evidence(self.metrics, thresholds.as_dict(), reference, self.details, refused=tuple(self.qnn.failures()))
+
     def judge(self, thresholds: Thresholds, *, reference: str) -> QualityReport:
-        """The LM gate on the HTP metrics; a graph HTP did not take fails it, with the reasons."""
-        report = quality.gate(self.metrics, thresholds, reference=reference, details=self.details)
-        if self.qnn.ok:
-            return report
-        failures = [self.qnn.summary(), *[f"  {r}" for r in self.qnn.reasons[:5]]]
-        if self.qnn.error and not self.qnn.rejected:
-            failures.append(f"  {self.qnn.error.splitlines()[0][:300]}")
-        return report.model_copy(update={"status": QualityStatus.FAILED, "failures": failures + report.failures})
+        return self.evidence(thresholds, reference=reference).judge()
 
 
 def layout(cfg: DecoderConfig, *, step: int, cache: int) -> dict[str, Any]:
@@ -290,7 +289,8 @@ def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, wor
     """Write the QDQ static graph to `out` (float graph in `work`) and measure it on QNN HTP, CPU fallback off.
 
     The metrics come from HTP itself; when HTP refuses the graph, `qnn` says why and the metrics
-    are empty (`StaticLM.judge` then fails).
+    are empty (`StaticLM.judge` then fails). Eleven parameters: the graph, where it goes, and what
+    quantizing and measuring it on HTP take (recipe, EP options, reference, calibration, shapes).
     """
     note = progress or (lambda _msg: None)
     work.mkdir(parents=True, exist_ok=True)
@@ -333,8 +333,7 @@ def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, wor
     return StaticLM(out, step, cache, {**details, "qnn": qnn}, metrics, quality_details, probe)
 
 
-def write_golden(bundle_dir: Path, model_path: Path, cfg: DecoderConfig, prompt: np.ndarray, *,
-                 step: int, cache: int) -> Golden:
+def golden_case(model_path: Path, cfg: DecoderConfig, prompt: np.ndarray, *, step: int, cache: int) -> GoldenCase:
     """One static call (the first `step` tokens of `prompt`, empty cache) and its logits on the CPU EP."""
     import onnxruntime as ort
 
@@ -346,10 +345,70 @@ def write_golden(bundle_dir: Path, model_path: Path, cfg: DecoderConfig, prompt:
                  on_feed=lambda f: feeds.append({k: v.copy() for k, v in f.items()}))
     lm.forward(prompt[:step].tolist())
     logits = sess.run(["logits"], feeds[0])[0]
-    out = bundle_dir / GOLDEN_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "inputs.npz", **feeds[0])
-    np.savez(out / "outputs.npz", logits=logits)
     # HTP and the CPU EP round 16-bit activations differently: allow for it in proportion to the logits
     atol = 0.05 * float(np.abs(logits).max()) + 1e-3
-    return Golden(inputs=f"{GOLDEN_DIR}/inputs.npz", outputs=f"{GOLDEN_DIR}/outputs.npz", atol=round(atol, 6), rtol=1e-2)
+    return GoldenCase(feeds[0], {"logits": logits}, atol=atol, rtol=1e-2)
+
+
+# ---- the pipeline ------------------------------------------------------------------------------
+
+NAME = "npu"
+
+
+def disk_bytes(job: Any) -> int:
+    return job.parameters * 4 * 2
+
+
+def build(job: Any, stage: Path, work: Path) -> Any:
+    """Decoder LM for the NPU: the static-shape graph above, QDQ, judged on QNN HTP itself."""
+    import gc
+
+    from agent.bundle import Quantization
+    from exporter import calibration, lm
+    from exporter.errors import SourceError
+    from exporter.pipelines import Built, native_lm
+    from exporter.quantize import model_size
+    from exporter.source import load_causal_lm, load_tokenizer, write_tokenizer
+
+    progress, profile, recipe = job.progress, job.profile, job.recipe
+    text = quality.read_texts(job.request.eval_text)
+    try:
+        calib = calibration.calibration_texts(job.request.calibration_text, limit=recipe.calibration_samples)
+    except calibration.CalibrationError as exc:
+        raise SourceError(str(exc)) from None
+    with progress.step("load", f"{job.config.model_type}, {job.parameters / 1e6:,.1f}M parameters"):
+        model = load_causal_lm(job.src)
+        tokenizer = load_tokenizer(job.src)
+    spec_config = lm.decoder_spec(model, tokenizer, max_context=profile.shapes.max_context)
+    cache = spec_config["max_context"]
+    with progress.step("reference", "PyTorch float32 on the evaluation text"):
+        # every position runs on the HTP simulator (seconds per call for real models): a lighter text set
+        ref = quality.lm_reference(model, tokenizer, text, max_context=cache, **EVAL_SIZE)
+    cfg, weights = native_lm.decoder_from_hf(model, max_context=cache)
+    model.config.save_pretrained(stage)
+    write_tokenizer(job.src, tokenizer, stage)
+    prompts = [np.array(tokenizer(t, add_special_tokens=False)["input_ids"], np.int64) for t in calib]
+    entry = stage / "model.onnx"
+    with progress.step("quantize", f"static graph, step {DEFAULT_STEP}, cache {cache}, QDQ, QNN HTP"):
+        result = export_static_lm(cfg, weights, entry, work, recipe=recipe, cache=cache, ref=ref,
+                                  provider_options=dict(profile.execution_providers[0].options),
+                                  calibration_prompts=prompts, progress=progress.note)
+    del model, weights
+    gc.collect()
+    spec_config.update(layout(cfg, step=result.step, cache=cache))
+    inputs, outputs = io_names(cfg.num_layers)
+    qnn = result.quantization["qnn"]
+    return Built(
+        entry=entry,
+        model_spec=ModelSpec(entry="model.onnx", inputs=inputs, outputs=outputs,
+                             architecture=job.config.model_type, config=spec_config),
+        quantization=Quantization(recipe=f"qdq-a{recipe.activation_type}-w{recipe.weight_type}-static-lm",
+                                  precision=f"{recipe.activation_type}/{recipe.weight_type}",
+                                  details=result.quantization),
+        evidence=result.evidence(job.thresholds, reference=job.reference),
+        golden=golden_case(entry, cfg, ref.sequences[0], step=result.step, cache=cache),
+        fp32_bytes=model_size(work / "model.fp32.onnx"),
+        stats={"parameters": job.parameters, "htp_compile_seconds": qnn.get("compile_seconds"),
+               "htp_seconds_per_call": qnn.get("seconds_per_call")},
+        measured={k: qnn[k] for k in ("compile_seconds", "seconds_per_call") if k in qnn},
+    )

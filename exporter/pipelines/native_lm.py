@@ -1,4 +1,5 @@
-"""Hugging Face decoder -> edgeship's own ONNX graph (exporter/gguf/graph.py), with fused attention.
+"""The native LM pipeline: a transformers decoder -> edgeship's own ONNX graph (exporter/graph/decoder.py),
+with fused attention.
 
 optimum traces PyTorch and leaves attention spelled out in ~30 small ops per layer, with the KV cache
 concatenated (copied) every step. This path reads the weights of a loaded transformers model and
@@ -11,12 +12,14 @@ logits, present.*), minus position_ids, which GroupQueryAttention derives from a
     supported(config)        None, or why this model needs the optimum path
     decoder_from_hf(model)   DecoderConfig + DecoderWeights (float32 numpy views of the weights)
     export_native(model, d)  d/model.onnx + d/model.onnx.data, float32
+    build(job, stage, work)  the pipeline: exporter/pipelines/hf_lm.py with this graph
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,9 +27,12 @@ import numpy as np
 import onnx
 
 from exporter.errors import ConversionError, UnsupportedArchitecture
-from exporter.gguf.graph import (DecoderConfig, DecoderWeights, ExternalData, LayerWeights, ScannedHead, Weight,
+from exporter.pipelines import Built, Job, hf_lm
+from exporter.graph.decoder import (DecoderConfig, DecoderWeights, ExternalData, LayerWeights, ScannedHead, Weight,
                                  build_decoder)
 from exporter.gguf.repack import BlockWeight
+
+NAME = "native"
 
 # model_type -> what differs from llama, handled below
 NATIVE_ARCHITECTURES = {
@@ -241,3 +247,37 @@ def export_native(model: Any, work_dir: Path, *, max_context: int | None = None,
     gc.collect()
     onnx.save_model(graph, str(path))
     return path
+
+
+node_patterns = fused_patterns
+
+
+def export_graph(model: Any, work: Path, *, recipe: Any, spec_config: dict[str, Any], job: Job) -> hf_lm.Graph:
+    """The fused float32 graph; with an int4 recipe the embedding (and a top-k lm_head) in blocks already."""
+    # the profile's int8_blocks may name the embedding table too (int4 recipes: weights-only low bits)
+    embed8 = recipe.method == "int4" and any(p in "model.embed_tokens" for p in recipe.int8_blocks)
+    head_k = recipe.lm_head_top_k if recipe.int8_head else None
+    with job.progress.step("export", "edgeship graph, fused GroupQueryAttention, KV cache"):
+        path = export_native(model, work, max_context=spec_config["max_context"],
+                             embedding_bits=8 if embed8 else None, head_top_k=head_k)
+    details: dict[str, Any] = {}
+    if embed8:
+        details["embedding"] = "8-bit symmetric blocks of 32 (GatherBlockQuantized)"
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if head_k:
+        rows = "the tied embedding's 8-bit blocks" if tied and embed8 else "the head's own 8-bit blocks"
+        details["lm_head"] = (f"every logit from 4-bit asymmetric blocks (level 4), then each position's "
+                              f"top {head_k} recomputed in float32 from {rows}")
+    elif embed8 and tied:
+        details["lm_head"] = "8-bit MatMulNBits over the tied embedding's blocks (stored once)"
+    # one max_context KV buffer per layer that GroupQueryAttention reads and writes in place
+    return hf_lm.Graph(path, spec={"past_present_share_buffer": True, "attention": "GroupQueryAttention"},
+                       head_top_k=head_k, details=details)
+
+
+def disk_bytes(job: Job) -> int:
+    return hf_lm.disk_bytes(job)
+
+
+def build(job: Job, stage: Path, work: Path) -> Built:
+    return hf_lm.build(job, stage, work, graph=sys.modules[__name__])

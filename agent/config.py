@@ -127,6 +127,7 @@ class ApiSettings(_Section):
     # Host names besides loopback and the bound address that reach this agent (a proxy, a local DNS name)
     allowed_hosts: list[str] = []
     token_file: Path | None = None  # a file holding a bearer token every route but /healthz then requires
+    max_body_bytes: int = Field(default=4 << 20, ge=1 << 10, le=1 << 30)  # a larger request body gets 413, unread
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

@@ -20,18 +20,25 @@ from agent.serve import DEFAULT_PORT
 @click.option("--trusted-key", "keys", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Pinned public key (repeatable): the bundle's signature must verify against one.")
 @click.option("--threads", type=int, default=None, help="Inference threads (default: detected).")
-def cli(path: str, host: str, port: int, keys: tuple[Path, ...], threads: int | None) -> None:
+@click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A file holding a bearer token; every route but /healthz then requires it.")
+def cli(path: str, host: str, port: int, keys: tuple[Path, ...], threads: int | None, token_file: Path | None) -> None:
     """Serve a bundle directory or .tar (or, with the export extra, a hub id or .gguf) until Ctrl-C."""
     from agent.api import ApiServer
     from agent.bundle import TrustedKeys
     from agent.bundle.signing import KeyError_
     from agent.runtime import ModelHost, load_model
     from agent.serve import ServeError, export_cached, looks_exportable, open_for_serving
+    from agent.service import StartupError, read_token
 
     try:
         trusted = TrustedKeys.from_paths(list(keys))
+        token = read_token(token_file) if token_file is not None else None
     except KeyError_ as exc:
         click.echo(f"error: --trusted-key: {exc}", err=True)
+        sys.exit(2)
+    except StartupError as exc:
+        click.echo(f"error: --token-file: {str(exc).replace('api.token_file ', '')}", err=True)
         sys.exit(2)
     with tempfile.TemporaryDirectory(prefix="edgeship-serve-") as tmp:
         try:
@@ -48,7 +55,7 @@ def cli(path: str, host: str, port: int, keys: tuple[Path, ...], threads: int | 
             sys.exit(1)
         if not opened.signature_checked:
             click.echo("note: the signature was not checked (no --trusted-key); every file's hash was", err=True)
-        server = ApiServer(ModelHost(model), host_addr=host, port=port)
+        server = ApiServer(ModelHost(model), host_addr=host, port=port, token=token)
         try:
             server.start()
         except OSError as exc:
@@ -61,7 +68,8 @@ def cli(path: str, host: str, port: int, keys: tuple[Path, ...], threads: int | 
         m = opened.bundle.manifest
         route, body = (("chat/completions", '{"messages":[{"role":"user","content":"Hello"}]}')
                        if m.task.value == "text-generation" else ("embeddings", '{"input":"Hello"}'))
-        click.echo(f"serving {m.ref} at {server.url}/v1 — try: curl {server.url}/v1/{route} "
+        auth = f' -H "Authorization: Bearer $(cat {token_file})"' if token is not None else ""
+        click.echo(f"serving {m.ref} at {server.url}/v1 — try: curl {server.url}/v1/{route}{auth} "
                    f"-H 'Content-Type: application/json' -d '{body}'", err=False)
         sys.stdout.flush()
         stop.wait()

@@ -187,6 +187,7 @@ class AgentService:
             read_timeout_s=a.read_timeout_s,
             allowed_hosts=a.allowed_hosts,
             token=read_token(a.token_file) if a.token_file is not None else None,
+            max_body_bytes=a.max_body_bytes,
         )
         try:
             self.api.start()

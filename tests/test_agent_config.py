@@ -104,6 +104,14 @@ def test_api_bind_forms(tmp_path):
     assert (s.api.host, s.api.port, s.api.unix_socket) == ("::1", 9000, None)
 
 
+def test_api_body_limit_is_a_setting(tmp_path):
+    assert load_settings(write(tmp_path, ""), {"device_id": "d"}).api.max_body_bytes == 4 << 20
+    s = load_settings(write(tmp_path, '[api]\nmax_body_bytes = 65536\n'), {"device_id": "d"})
+    assert s.api.max_body_bytes == 65536
+    with pytest.raises(ConfigError, match="api.max_body_bytes"):
+        load_settings(write(tmp_path, '[api]\nmax_body_bytes = 12\n'), {"device_id": "d"})
+
+
 def test_every_bad_field_is_one_line(tmp_path):
     cfg = write(tmp_path, """
 device_id = "bad/id"

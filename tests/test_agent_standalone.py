@@ -61,12 +61,18 @@ def test_serve_a_bundle_archive_answers_the_openai_client_and_stops_on_ctrl_c(tm
     make_gqa_lm_bundle(tmp_path / "lm", keypair[0], shared_kv=True)
     archive = pack(tmp_path / "lm", tmp_path / "lm.tar")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edgeship.cli", "serve", str(archive), "--port", str(port)],
+    (tmp_path / "token").write_text("s3cret-token\n")
+    proc = subprocess.Popen([sys.executable, "-m", "edgeship.cli", "serve", str(archive), "--port", str(port),
+                             "--token-file", str(tmp_path / "token")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         ready = proc.stdout.readline()
         assert ready.startswith(f"serving tiny-gqa@1.0.0 at http://127.0.0.1:{port}/v1") and "curl " in ready, ready
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+        wrong = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="s3cret-token", max_retries=0,
+                               timeout=30)
         out = client.chat.completions.create(model="tiny-gqa", messages=[{"role": "user", "content": "hi"}],
                                              max_tokens=4, temperature=0)
         assert out.usage.completion_tokens >= 1
@@ -93,6 +99,9 @@ def test_serve_checks_the_signature_with_a_key_and_every_hash_without(tmp_path, 
     (tmp_path / "notes.txt").write_text("not a model")
     junk = edgeship("serve", tmp_path / "notes.txt", "--port", free_port())
     assert junk.returncode == 1 and "pass a bundle directory" in one_error_line(junk)
+    (tmp_path / "spaced").write_text("two words")
+    bad_token = edgeship("serve", tiny["v1"], "--port", free_port(), "--token-file", tmp_path / "spaced")
+    assert bad_token.returncode == 2 and "one token without spaces" in one_error_line(bad_token)
 
 
 # ---- edgeship agent install / status ------------------------------------------------------------

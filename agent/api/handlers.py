@@ -24,7 +24,6 @@ from agent.api import bodies
 from agent.api.admission import Place
 from agent.api.errors import ApiError, BadRequest, NotFound, Overloaded, Timeout
 from agent.api.openai_format import ChatStream, completion_body, system_fingerprint
-from agent.api.plan import plan_generation
 from agent.bundle import Task
 from agent.runtime.errors import Cancelled, InputError, NoModelLoaded, WrongTask
 
@@ -130,6 +129,8 @@ def completions(api: ApiServer, ex: Exchange, place: Place, req, *, deadline: fl
 
 
 def _generate(api: ApiServer, ex: Exchange, place: Place, req, *, kind: str, prompt, deadline: float) -> None:
+    from agent.api.plan import plan_generation  # numpy and the constraint library: once a model serves
+
     with place, serving(api, req.model, Task.TEXT_GENERATION) as model:
         limit = req.limit()
         if limit is not None and not 1 <= limit <= model.max_context:

@@ -45,7 +45,7 @@ def main() -> None:
             logits = model(run).logits[0, len(prompt) - 1 : -1].float().numpy()  # the picks of each greedy token
             top = np.sort(logits, -1)[:, -2:]
             margin = top[:, 1] - top[:, 0]
-            split = int(round(share * size["steps"]))
+            split = round(share * size["steps"])
             rows.append({"split_at": split, "margin_at_split": round(float(margin[split]), 3) if split < len(margin) else None,
                          "median_margin": round(float(np.median(margin)), 3),
                          "positions_with_margin_below_0.5": int((margin < 0.5).sum())})

@@ -29,9 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-from onnx import numpy_helper  # noqa: E402
+import numpy as np
+import onnx
+from onnx import numpy_helper
 
 STEP, CACHE = 32, 256
 
@@ -120,7 +120,7 @@ def main() -> None:
     def measure(path: Path, run) -> dict:
         t0 = time.perf_counter()
         lm = npu_lm.decoder(run.run, cfg, step=STEP, cache=CACHE, output_names=[o.name for o in run.get_outputs()])
-        m, d = npu_lm.static_metrics(lm, ref)
+        m, _ = npu_lm.static_metrics(lm, ref)
         out = {k: round(m[k], 4) for k in ("ppl_delta", "top1_agreement", "greedy_match", "logits_cosine",
                                            "logits_cosine_min")}
         out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -165,7 +165,6 @@ def main() -> None:
         profile_model = path
 
     fm = onnx.load(str(fp32), load_external_data=False)
-    producer = {o: n for n in fm.graph.node for o in n.output}
     readers: dict[str, list] = {}
     for n in fm.graph.node:
         for i in n.input:
@@ -175,14 +174,14 @@ def main() -> None:
         return lambda t: any(pred(n) for n in readers.get(t, []))
 
     groups = {
-        "all activations float (weights int8)": dict(activations=lambda t: True),
-        "all weights float (activations uint16)": dict(weights=lambda t: True),
-        "lm_head weight float": dict(weights=lambda t: "lm_head" in t),
-        "down_proj weights float": dict(weights=lambda t: "down_proj" in t),
-        "down_proj input float": dict(activations=read_by(lambda n: "down_proj" in n.name)),
-        "attention scores/softmax float": dict(activations=read_by(
-            lambda n: n.op_type == "Softmax" or (n.op_type == "MatMul" and "proj" not in n.name and "lm_head" not in n.name))),
-        "lm_head input float": dict(activations=read_by(lambda n: "lm_head" in n.name)),
+        "all activations float (weights int8)": {"activations": lambda t: True},
+        "all weights float (activations uint16)": {"weights": lambda t: True},
+        "lm_head weight float": {"weights": lambda t: "lm_head" in t},
+        "down_proj weights float": {"weights": lambda t: "down_proj" in t},
+        "down_proj input float": {"activations": read_by(lambda n: "down_proj" in n.name)},
+        "attention scores/softmax float": {"activations": read_by(
+            lambda n: n.op_type == "Softmax" or (n.op_type == "MatMul" and "proj" not in n.name and "lm_head" not in n.name))},
+        "lm_head input float": {"activations": read_by(lambda n: "lm_head" in n.name)},
     }
     for name, picks in groups.items():
         path = work / f"s{len(results['sensitivity'])}.onnx"

@@ -1,10 +1,11 @@
 """Export the packaged SmolLM2-135M (its GGUF, dequantized) for npu-qnn-htp and print what the gate
 measured on onnxruntime-qnn's HTP simulator, the HTP compile time and seconds per call.
 
-    .venv/bin/python bench/npu_lm_smollm2.py [--keep DIR]
+    .venv/bin/python bench/npu_lm_smollm2.py [--keep DIR] [--out bench/results/FILE.json]
 
-Takes about 20 minutes on a shared 2-core host, most of it the simulator running the gate's 72
-static calls (S = 32). Not a test: never pass/fail. docs/EXPORT.md quotes its numbers.
+Most of the time is the simulator running the gate's 20 static calls (S = 32: 4 windows of 64
+tokens, 4 teacher-forced greedy runs of 64 tokens); its seconds per call are the simulator's on
+this host, not a device's. Not a test: never pass/fail. docs/EXPORT.md quotes its numbers.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=Path, help="write the bundle here instead of a temporary directory")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -40,8 +42,11 @@ def main() -> None:
         t0 = time.perf_counter()
         r = export(smollm2_gguf_path(), out=out, key=key, profile="npu-qnn-htp", force=True, overwrite=True)
         qnn = r.manifest.quantization.details["qnn"]
-        print(json.dumps({
+        details = r.manifest.quantization.details
+        result = {
             "status": r.report.status.value,
+            "recipe": {k: details.get(k) for k in ("activation_type", "weight_type", "per_channel", "calibration_texts",
+                                                    "calibration_windows", "calibration_samples", "float_regions")},
             "metrics": r.report.metrics,
             "greedy_prefix_matches": r.report.details.get("greedy_prefix_matches"),
             "qnn": {k: qnn.get(k) for k in ("ok", "rejected_nodes", "compile_seconds", "calls", "seconds_per_call")},
@@ -49,7 +54,11 @@ def main() -> None:
             "steps_seconds": r.stats["steps_seconds"],
             "peak_rss_mb": r.stats["peak_rss_mb"],
             "bundle_bytes": r.stats["bundle_bytes"],
-        }, indent=2))
+            "load_average": os.getloadavg(),
+        }
+        print(json.dumps(result, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

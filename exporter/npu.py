@@ -75,10 +75,11 @@ class QnnReport:
 
 
 def quantize_qdq(src: Path, dst: Path, *, recipe: QuantRecipe, feeds: Sequence[dict[str, np.ndarray]],
-                 init_overrides: dict[str, list[dict]] | None = None) -> dict:
+                 init_overrides: dict[str, list[dict]] | None = None, float_nodes: Sequence[str] = ()) -> dict:
     """Static QDQ quantization for HTP, calibrated on `feeds`; returns details for the manifest.
 
-    `init_overrides` are onnxruntime's per-tensor quantization overrides (e.g. per-channel weights).
+    `init_overrides` are onnxruntime's per-tensor quantization overrides (e.g. per-channel weights);
+    `float_nodes` are node names kept float besides the recipe's `exclude` patterns (exact names).
     """
     if recipe.activation_type not in _QTYPES or recipe.weight_type not in _QTYPES:
         raise ConversionError(
@@ -91,7 +92,8 @@ def quantize_qdq(src: Path, dst: Path, *, recipe: QuantRecipe, feeds: Sequence[d
         # Fuses the exported LayerNorm subgraphs and reruns shape inference, which QNN's op builders need.
         model_in = pre if qnn_preprocess_model(str(src), str(pre), fuse_layernorm=True) else src
         fp32 = onnx.load(str(model_in), load_external_data=False)
-        excluded = [n.name for n in fp32.graph.node if _matches(n, recipe.exclude)]
+        keep = set(float_nodes)
+        excluded = [n.name for n in fp32.graph.node if n.name in keep or _matches(n, recipe.exclude)]
         config = get_qnn_qdq_config(
             str(model_in),
             FeedReader(feeds),
@@ -117,7 +119,7 @@ def quantize_qdq(src: Path, dst: Path, *, recipe: QuantRecipe, feeds: Sequence[d
         "opset": max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")),
         "quantize_linear": ops.get("QuantizeLinear", 0),
         "dequantize_linear": ops.get("DequantizeLinear", 0),
-        "excluded_nodes": excluded,
+        "excluded_nodes": [n for n in excluded if n not in keep],
     }
 
 

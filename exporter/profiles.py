@@ -76,6 +76,10 @@ class QuantRecipe(_M):
     # LMs: a Linear whose input has max|x| / mean|x| above this on the evaluation text (the "massive
     # activations" of e.g. SmolLM2's down_proj) stays float; None keeps every Linear quantized.
     outlier_ratio: float | None = 200.0
+    # qdq-static LMs on the HTP (exporter/npu_recipe.py): node groups kept float, which the HTP runs in
+    # fp16 ("residual": the Adds carrying the residual stream, "norm": the RMSNorms reading it). Needs the
+    # profile's QNN options enable_htp_fp16_precision = "1" and soc_model.
+    float_regions: list[Literal["residual", "norm"]] = []
 
 
 class Thresholds(_M):

@@ -93,6 +93,37 @@ def test_static_decoder_feeds_mask_cache_and_padding():
         lm.forward([1, 2, 3, 4])
 
 
+def test_forced_greedy_finds_the_free_running_split():
+    """Teacher-forced picks agree with free-running greedy up to the first split, so prefix_match is the same."""
+    from exporter import npu_recipe
+    from exporter.pipelines import native_lm as native
+
+    cfg, weights = native.decoder_from_hf(_hf("llama"))
+    lm = _cpu_decoder(npu_lm.build_static_decoder(cfg, weights, step=4, cache=64), cfg, step=4, cache=64)
+    prompts = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 6))
+    free = np.stack([lm.greedy(p.tolist(), 10) for p in prompts])
+    assert [p.tolist() for p in npu_recipe.forced_greedy(lm, prompts, free)] == free.tolist()
+    other = free.copy()
+    other[:, 3] = (other[:, 3] + 1) % cfg.vocab_size  # a reference that splits from the model at token 3
+    picks = npu_recipe.forced_greedy(lm, prompts, other)
+    assert [quality.prefix_match(p, r) for p, r in zip(picks, other)] == [0.3, 0.3]
+
+
+def test_recipe_windows_and_fp16_options():
+    from exporter import npu_recipe
+    from exporter.errors import ConversionError
+
+    texts = [np.arange(10), np.arange(10, 15), np.arange(15, 40)]
+    windows = npu_recipe.calibration_windows(texts, length=16)
+    assert [w.tolist() for w in windows] == [list(range(16)), list(range(16, 32)), list(range(32, 40))]
+    assert [w.tolist() for w in npu_recipe.calibration_windows([np.arange(3)], length=16)] == [[0, 1, 2]]
+    options = dict(load_profile(PROFILE).execution_providers[0].options)
+    npu_recipe.check_fp16_options(["residual"], options, profile=PROFILE)
+    with pytest.raises(ConversionError, match="enable_htp_fp16_precision, soc_model"):
+        npu_recipe.check_fp16_options(["residual", "norm"], {"enable_htp_fp16_precision": "0"}, profile=PROFILE)
+    npu_recipe.check_fp16_options([], {}, profile=PROFILE)
+
+
 def test_text_generation_qdq_needs_an_npu_profile():
     from exporter.quantize import check_target
 
@@ -125,7 +156,9 @@ def test_tiny_llama_export_runs_on_htp_with_cpu_fallback_off(npu_bundle):
     assert r.report.details["measured_on"].startswith("QNN HTP")
     qnn = r.manifest.quantization.details["qnn"]
     assert qnn["ok"] and qnn["rejected_nodes"] == [] and qnn["error"] is None
-    assert qnn["calls"] > 64  # every evaluation window and greedy step ran on HTP
+    # every evaluation window (4 x 2 calls) and teacher-forced greedy run (4 x 3 calls) ran on HTP
+    assert qnn["calls"] == 4 * 2 + 4 * 3
+    assert r.report.details["greedy_steps"] == 64
     m = r.report.metrics
     # the profile's gate, and closer than it: 16-bit activations keep the tiny model near float
     assert m["top1_agreement"] >= 0.9 and m["logits_cosine"] >= 0.999 and abs(m["ppl_delta"]) < 0.01
@@ -150,7 +183,13 @@ def test_tiny_llama_export_runs_on_htp_with_cpu_fallback_off(npu_bundle):
     assert len(matmul) == 2 * 4 + 1 and {t.data_type for t in matmul.values()} == {onnx.TensorProto.INT8}
     scales = {n.input[0]: inits[n.input[1]] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     assert all(list(scales[t.name].dims) == [t.dims[1]] for t in matmul.values())
-    assert r.manifest.quantization.details["per_channel_matmul_weights"] == 9
+    details = r.manifest.quantization.details
+    assert details["per_channel_matmul_weights"] == 9
+    # the recipe's fp16 regions: the residual Adds and the RMSNorms stay float (HTP runs them in fp16)
+    assert details["float_regions"] == {"residual": 4, "norm": 5} and details["calibration_windows"] >= 4
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    float_input = Counter(n.op_type for n in model.graph.node if producer.get(n.input[0]) not in (None, "DequantizeLinear"))
+    assert float_input["SimplifiedLayerNormalization"] == 4 and float_input["Add"] >= 3  # the first reads the embedding
     assert tables["embed.weight"].data_type == tables["rope.cos"].data_type == onnx.TensorProto.UINT16
 
     # the golden call reproduces on the CPU EP (the agent's fallback) and on HTP itself

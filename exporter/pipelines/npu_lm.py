@@ -31,7 +31,7 @@ from onnx import TensorProto, helper
 from agent.bundle import ModelSpec, QualityReport
 from agent.runtime.qnn import qnn_session_options
 from agent.runtime.static_generation import MASK_VALUE, StaticDecoder
-from exporter import npu, quality
+from exporter import npu, npu_recipe, quality
 from exporter.graph.decoder import (
     DecoderConfig,
     DecoderWeights,
@@ -180,9 +180,10 @@ def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: Layer
 # the weights, which a 32-wide call reads once, like a 1-wide one.
 DEFAULT_STEP = 32
 # The gate runs every evaluation position on HTP (the simulator takes seconds per call for real
-# models), so the NPU path evaluates 4 windows of 64 tokens and 4 greedy runs of 16 tokens.
-EVAL_SIZE = {"count": 4, "length": 64, "prompt_len": 16, "steps": 16}
-CALIBRATION_TOKENS = 64  # tokens of each calibration text run through the float graph
+# models), so the NPU path evaluates 4 windows of 64 tokens and 4 greedy runs of 64 tokens, teacher-forced
+# (npu_recipe.forced_greedy: 3 calls per run instead of 64).
+EVAL_SIZE = {"count": 4, "length": 64, "prompt_len": 16, "steps": 64}
+CALIBRATION_TOKENS = 64  # the calibration texts are joined and cut into windows of this many tokens
 CALIBRATION_DECODE = 4  # then this many greedy single-token (padded) steps, as decode runs them
 CALIBRATION_FEEDS = 64  # feeds kept (each holds the whole KV cache, so memory bounds this)
 
@@ -279,7 +280,7 @@ def static_metrics(lm: StaticDecoder, ref: LMReference) -> tuple[dict[str, float
         got.append(lm.forward(seq[: lm.cache].tolist()))
     n = min(g.shape[0] for g in got)
     got_a = np.stack([g[:n] for g in got]).astype(np.float32)
-    greedy = [lm.greedy(p.tolist(), ref.greedy.shape[1]) for p in ref.prompts]
+    greedy = npu_recipe.forced_greedy(lm, ref.prompts, ref.greedy)
     return quality.compare_lm(got_a, ref.logits[:, :n], ref.sequences[:, :n], greedy, ref)
 
 
@@ -302,12 +303,17 @@ def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, wor
         external.close()
     onnx.save(model, str(fp32))
     del model
-    feeds = calibration_feeds(fp32, cfg, calibration_prompts, step=step, cache=cache)
-    note(f"calibrated on {len(feeds)} static calls over {len(calibration_prompts)} texts")
-    overrides = per_channel_weights(fp32, recipe)
-    details = npu.quantize_qdq(fp32, out, recipe=recipe, feeds=feeds, init_overrides=overrides)
-    details.update(calibration_texts=len(calibration_prompts), per_channel_matmul_weights=len(overrides or {}))
     provider_options = {**npu.DEFAULT_PROVIDER_OPTIONS, **provider_options}
+    npu_recipe.check_fp16_options(recipe.float_regions, provider_options, profile="the NPU profile")
+    windows = npu_recipe.calibration_windows(calibration_prompts, length=CALIBRATION_TOKENS)
+    feeds = calibration_feeds(fp32, cfg, windows, step=step, cache=cache)
+    note(f"calibrated on {len(feeds)} static calls over {len(calibration_prompts)} texts ({len(windows)} windows)")
+    overrides = per_channel_weights(fp32, recipe)
+    regions = npu_recipe.float_regions(onnx.load(str(fp32), load_external_data=False), recipe.float_regions)
+    details = npu.quantize_qdq(fp32, out, recipe=recipe, feeds=feeds, init_overrides=overrides,
+                               float_nodes=regions.nodes)
+    details.update(calibration_texts=len(calibration_prompts), calibration_windows=len(windows),
+                   per_channel_matmul_weights=len(overrides or {}), float_regions=regions.counts())
     probe = npu.verify_on_qnn(out, feeds[:1], provider_options=provider_options)
     qnn: dict[str, Any] = {"ok": probe.ok, "rejected_nodes": probe.rejected, "reasons": probe.reasons,
                            "error": probe.error}

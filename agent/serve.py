@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -70,19 +71,43 @@ def looks_exportable(source: str) -> bool:
 
 
 def _cache_entry(source: str, profile: str) -> tuple[Path, Path]:
-    """(bundle dir, key dir) in the cache. A local file is known by its path, size and mtime, so a
-    replaced file is exported again; the edgeship version is in the key, so a new exporter is too."""
+    """(bundle dir, key dir) in the cache. A file is known by its contents (the same GGUF in another
+    place or venv is found; a replaced one is exported again), a directory by its path and mtime; the
+    edgeship version is in the key, so a new exporter exports again."""
     from edgeship import __version__
 
+    root = cache_root() / "serve"
     path = Path(source)
-    if path.exists():
-        st = path.resolve().stat()
-        ident = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+    if path.is_file():
+        ident = "sha256:" + _file_digest(path.resolve(), root)
+    elif path.exists():
+        ident = f"{path.resolve()}\0{path.stat().st_mtime_ns}"
     else:
         ident = source
     key = hashlib.sha256(f"{ident}\0{profile}\0{__version__}".encode()).hexdigest()[:16]
-    root = cache_root() / "serve"
     return root / key, root / "key"
+
+
+def _file_digest(path: Path, root: Path) -> str:
+    """sha256 of `path`, remembered by (path, size, mtime) so a multi-GB file is read once, not per start."""
+    st = path.stat()
+    seen = root / "digests.json"
+    stamp = f"{path}\0{st.st_size}\0{st.st_mtime_ns}"
+    try:
+        known = json.loads(seen.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if stamp not in known:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        known[stamp] = h.hexdigest()
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = seen.with_name(f".digests.{os.getpid()}.json")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, seen)
+    return known[stamp]
 
 
 def export_cached(source: str, *, announce: Callable[[str], None] = lambda line: None) -> tuple[Path, Path]:

@@ -428,12 +428,12 @@ def test_serve_a_gguf_exports_it_once_into_the_cache_and_serves_it(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    assert len([p for p in (tmp_path / "cache" / "serve").iterdir() if p.name not in ("key", ".lock")]) == 1
+    assert len([p for p in (tmp_path / "cache" / "serve").iterdir() if p.name not in ("key", ".lock", "digests.json")]) == 1
 
 
 def test_serve_cache_knows_a_replaced_file_and_waits_for_another_serves_export(tmp_path, monkeypatch):
-    """The cache entry is keyed by the file's path, size and mtime (a new file at the same path is
-    exported again), and two `serve`s of one model take turns on the cache's lock."""
+    """The cache entry is keyed by the file's contents (a copy elsewhere is found, a new file at the same
+    path is exported again), and two `serve`s of one model take turns on the cache's lock."""
     import fcntl
 
     from agent import serve
@@ -444,10 +444,13 @@ def test_serve_cache_knows_a_replaced_file_and_waits_for_another_serves_export(t
     first, keys = serve._cache_entry(str(model), "cpu-x86-avx2")
     assert serve._cache_entry(str(model), "cpu-x86-avx2") == (first, keys)
     assert serve._cache_entry(str(model), "cpu-arm64")[0] != first
-    os.utime(model, ns=(1, 1))
+    shutil.copy(model, tmp_path / "elsewhere.gguf")
+    assert serve._cache_entry(str(tmp_path / "elsewhere.gguf"), "cpu-x86-avx2")[0] == first
+    model.write_bytes(b"GGUF" + bytes(61))
     assert serve._cache_entry(str(model), "cpu-x86-avx2")[0] != first
+    model.write_bytes(b"GGUF" + bytes(60))
 
-    first.parent.mkdir(parents=True)
+    first.parent.mkdir(parents=True, exist_ok=True)
     with open(first.parent / ".lock", "a") as held:  # another serve is exporting
         fcntl.flock(held, fcntl.LOCK_EX)
         done = threading.Event()

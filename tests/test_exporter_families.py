@@ -145,7 +145,7 @@ def test_edgeship_export_of_a_refused_architecture_exits_2_with_one_line(tmp_pat
 
 def test_export_md_table_has_one_row_per_supported_architecture_with_its_paths():
     """docs/EXPORT.md's architecture x path table says what the pipelines compute, row for row."""
-    from exporter.gguf.arch import SUPPORTED_ARCHITECTURES as GGUF_ARCHITECTURES
+    from exporter.gguf.arch import MODEL_TYPES, SUPPORTED_ARCHITECTURES
     from exporter.pipelines import supported_architectures
     from exporter.pipelines.optimum_lm import optimum_architectures, refused_architectures
     from exporter.pipelines.native_lm import NATIVE_ARCHITECTURES
@@ -157,10 +157,11 @@ def test_export_md_table_has_one_row_per_supported_architecture_with_its_paths()
         if m:
             rows[m[1]] = [c.strip() for c in m[2].split("|")]
     optimum = set(optimum_architectures())
+    exact = {MODEL_TYPES.get(a, a) for a in SUPPORTED_ARCHITECTURES}
     for arch in supported_architectures():
         native, via_optimum, gguf = rows.pop(arch)[:3]
         assert (native == "yes", via_optimum == "yes", gguf == "yes") == \
-            (arch in NATIVE_ARCHITECTURES, arch in optimum, arch in GGUF_ARCHITECTURES), arch
+            (arch in NATIVE_ARCHITECTURES, arch in optimum, arch in exact), arch
     for arch, why_not in refused_architectures().items():  # the refused ones, each with its reason
         native, via_optimum, gguf, reason = rows.pop(arch)
         assert (native, via_optimum, gguf) == ("no", "no", "no") and reason == why_not, arch

@@ -184,7 +184,7 @@ def load_tokenizer(src: ResolvedSource) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(src.path, **src.load_kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: a GGUF's tokenizer.* fields its converter cannot read
         raise SourceError(f"cannot load the tokenizer of {src.spec}: {exc}") from None
 
 

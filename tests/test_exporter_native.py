@@ -26,6 +26,14 @@ CONFIGS = {
     "phi3-partial-rotary": dict(model_type="phi3", original_max_position_embeddings=256, pad_token_id=0,
                                 hidden_size=128, num_attention_heads=4, partial_rotary_factor=0.5),
     "gemma": dict(model_type="gemma", head_dim=16),
+    # softcaps small enough that tanh bends the scores and logits; windows shorter than the test's 40 tokens
+    "gemma2": dict(model_type="gemma2", head_dim=16, num_hidden_layers=4, sliding_window=8, query_pre_attn_scalar=24,
+                   attn_logit_softcapping=0.01, final_logit_softcapping=1.5),
+    # Phi-2's shape: multi-head, rotary over 40 % of each head; Pythia's (a quarter) and Polyglot-Ko's (half)
+    "phi": dict(model_type="phi", hidden_size=320, num_key_value_heads=4, partial_rotary_factor=0.4),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=256, num_key_value_heads=4, rotary_pct=0.25),
+    "gpt_neox-sequential": dict(model_type="gpt_neox", hidden_size=128, num_key_value_heads=4, rotary_pct=0.5,
+                                use_parallel_residual=False),
     "exaone4": dict(model_type="exaone4", head_dim=16),
     "exaone4-hybrid": dict(model_type="exaone4", head_dim=16, num_hidden_layers=4, sliding_window=8,
                            layer_types=["sliding_attention", "full_attention"] * 2),
@@ -180,6 +188,10 @@ def test_fused_patterns_rename_qkv_and_gate_up():
     assert fused_patterns(["/model/layers.3/self_attn/q_proj/", "/model/layers.3/self_attn/k_proj/",
                            "/model/layers.11/mlp/down_proj/", "/model/layers.2/mlp/up_proj/"]) == [
         "/model/layers.3/self_attn/qkv_proj/", "/model/layers.11/mlp/down_proj/", "/model/layers.2/mlp/gate_up_proj/"]
+    assert fused_patterns(["/model/layers.1/mlp/fc1/", "/model/layers.1/self_attn/dense/",
+                           "/gpt_neox/layers.0/attention/query_key_value/", "/gpt_neox/layers.0/mlp/dense_4h_to_h/"]) == [
+        "/model/layers.1/mlp/up_proj/", "/model/layers.1/self_attn/o_proj/", "/model/layers.0/self_attn/qkv_proj/",
+        "/model/layers.0/mlp/down_proj/"]
 
 
 def test_graph_choice_names_why_and_refuses_impossible_requests():
@@ -202,29 +214,35 @@ def test_graph_choice_names_why_and_refuses_impossible_requests():
         choose_graph(GPT2Config(), cpu, "native", notes)
     yarn = AutoConfig.for_model("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0})
     assert choose_graph(yarn, cpu, "auto", notes) == "optimum"
+    phi = AutoConfig.for_model("phi", hidden_size=320, num_attention_heads=4, partial_rotary_factor=0.4)
+    assert choose_graph(phi, cpu, "auto", notes) == "optimum" and choose_graph(phi, cpu, "native", notes) == "native"
     with pytest.raises(ExportError, match="rope scaling 'yarn'"):
         choose_graph(yarn, cpu, "native", notes)
     with pytest.raises(ExportError, match="choose auto, native or optimum"):
         choose_graph(llama, cpu, "fast", notes)
 
 
-def test_exaone4_exports_through_the_cli_path_and_the_agent_serves_it(tmp_path, keypair, trusted):
-    """EXAONE 4.0 (no optimum config exists for it) goes through export() to a gated bundle, and the
-    agent's runtime generates the same greedy tokens as the exporter's reference decoder."""
+@pytest.mark.parametrize("name", ["exaone4-hybrid", "gemma2", "phi", "gpt_neox-sequential"])
+def test_native_family_exports_through_the_cli_path_and_the_agent_serves_it(name, tmp_path, keypair, trusted):
+    """EXAONE 4.0 (no optimum config exists for it) and Gemma 2 (native by default: bench/native_vs_optimum.py),
+    Phi-2 and GPT-NeoX (native when asked: no faster than optimum's graph) go through export() to a gated bundle
+    on the native graph, and the agent's runtime generates the same greedy tokens as the exporter's reference
+    decoder."""
     from agent.bundle import QualityStatus, open_bundle
     from agent.runtime import load_model
     from exporter import export
     from exporter.lm import OrtDecoder
 
-    src = tmp_path / "exaone4"
-    random_model("exaone4-hybrid").save_pretrained(src)
+    src = tmp_path / name
+    random_model(name).save_pretrained(src)
     for f in tiny_model("llama").iterdir():  # a real trained tokenizer with a chat template
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             (src / f.name).write_bytes(f.read_bytes())
-    result = export(src, out=tmp_path / "bundle", key=keypair[0], quant="int8", benchmark=False)
+    graph = "native" if name.startswith(("phi", "gpt_neox")) else "auto"
+    result = export(src, out=tmp_path / "bundle", key=keypair[0], quant="int8", benchmark=False, graph=graph)
     m = result.manifest
     assert m.quality.status is QualityStatus.PASSED, m.quality.failures
-    assert m.model.architecture == "exaone4" and m.quantization.details["graph"] == "native"
+    assert m.model.architecture == name.split("-")[0] and m.quantization.details["graph"] == "native"
     model = load_model(open_bundle(result.bundle, trusted))
     try:
         assert model.shared_kv
@@ -280,3 +298,24 @@ def test_native_only_architecture_on_a_gpu_target_is_refused_early():
     exaone = AutoConfig.for_model("exaone4", **BASE)
     with pytest.raises(UnsupportedArchitecture, match="'exaone4' for text-generation by the optimum graph"):
         choose_graph(exaone, load_profile("gpu-cuda"), "auto", Progress())
+
+
+def test_layer_norm_family_int4_on_the_native_graph_quantizes_every_linear(tmp_path, keypair):
+    """phi's native graph keeps its embedding table and head float (no block tables are built for it): the
+    profile's int4 recipe then gives every Linear 4-bit blocks and the head 8-bit ones, as on optimum's graph."""
+    import onnx
+
+    from exporter import export
+
+    src = tmp_path / "phi"
+    random_model("phi").save_pretrained(src)
+    for f in tiny_model("llama").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (src / f.name).write_bytes(f.read_bytes())
+    result = export(src, out=tmp_path / "b", key=keypair[0], quant="int4", benchmark=False, force=True, graph="native")
+    assert result.manifest.quantization.details["graph"] == "native"
+    g = onnx.load(str(result.bundle / "model.onnx"), load_external_data=False)
+    bits = {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in g.graph.node if n.op_type == "MatMulNBits"}
+    head = [name for name in bits if name.startswith("/lm_head/")]
+    assert len(head) == 1 and bits.pop(head[0]) == 8
+    assert sorted(bits.values()) == [4] * 4 * 2  # per layer: qkv (fused), o_proj, up_proj, down_proj

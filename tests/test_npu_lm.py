@@ -133,6 +133,15 @@ def test_text_generation_qdq_needs_an_npu_profile():
         check_target(recipe, device_class="cpu", profile="cpu-x86-avx2", task="text-generation")
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "phi", "gpt_neox"])
+def test_native_families_the_static_graph_lacks_are_refused_in_one_line(arch, tmp_path, keypair):
+    """Softcapping, LayerNorm and parallel residuals are native-only: an NPU export says so before loading."""
+    from exporter.errors import UnsupportedArchitecture
+
+    with pytest.raises(UnsupportedArchitecture, match=f"builds its own static graph: '{arch}' needs softcapping"):
+        export(tiny_model(arch), out=tmp_path / "b", key=keypair[0], profile=PROFILE)
+
+
 @pytest.fixture(scope="module")
 def npu_bundle(tmp_path_factory, keypair):
     out = tmp_path_factory.mktemp("npu-lm") / "bundle"

@@ -124,8 +124,8 @@ def _save_tokenizer(g: GgufFile, out_dir: Path) -> tuple[list[Path], dict]:
     before = set(out_dir.iterdir())
     try:
         tok = AutoTokenizer.from_pretrained(g.path.parent, gguf_file=g.path.name)
-    except ValueError:  # transformers refuses some architectures (gemma) it has no model mapping for
-        tok = _tokenizer_from_metadata(g)
+    except (ValueError, TypeError):  # transformers refuses some architectures (gemma) it has no model mapping
+        tok = _tokenizer_from_metadata(g)  # for, or picks its converter by architecture (gemma2: sentencepiece)
     except Exception as exc:
         raise SourceError(f"{g.path.name}: transformers cannot build a tokenizer from its metadata ({exc})") from exc
     bos = g.meta("tokenizer.ggml.bos_token_id")

@@ -279,13 +279,17 @@ class DecoderConfig:
     rope_theta: float
     rope_dim: int
     max_context: int
-    activation: Literal["silu", "gelu_tanh"] = "silu"
+    activation: Literal["silu", "gelu_tanh", "gelu"] = "silu"  # gelu: exact (erf); the MLP is gated unless no gate
+    norm: Literal["rms", "layer"] = "rms"  # layer: LayerNormalization with bias (phi, gpt_neox)
+    parallel_residual: bool = False  # x + attn(n1(x)) + mlp(n2(x)) (phi: n2 is n1; gpt_neox)
     embed_scale: float | None = None  # gemma multiplies embeddings by sqrt(hidden)
     attn_scale: float | None = None  # None: 1/sqrt(head_dim)
     norm_placement: Literal["pre", "post"] = "pre"  # exaone4 normalizes each block's output, not its input
     sliding_window: int | None = None  # window of the layers whose layer_types entry is "sliding"
     layer_types: tuple[str, ...] | None = None  # per layer "full" | "sliding"; None: all full
     rope_on_full_layers: bool = True  # False: full-attention layers use no rotary (exaone4 hybrid "NoPE")
+    attn_softcap: float | None = None  # gemma2: scores = cap * tanh(scores / cap) before the softmax
+    final_softcap: float | None = None  # gemma2: logits = cap * tanh(logits / cap)
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window is not None and self.layer_types is not None and self.layer_types[layer] == "sliding"
@@ -298,6 +302,11 @@ class DecoderConfig:
 class LayerWeights:
     o: Weight
     down: Weight
+    o_bias: np.ndarray | None = None
+    down_bias: np.ndarray | None = None
+    up_bias: np.ndarray | None = None  # ungated MLPs (phi, gpt_neox): down(act(up(x)))
+    attn_norm_bias: np.ndarray | None = None  # LayerNorm biases (cfg.norm == "layer")
+    ffn_norm_bias: np.ndarray | None = None
     attn_norm: np.ndarray | None = None  # pre-norms (most models) ...
     ffn_norm: np.ndarray | None = None
     post_attn_norm: np.ndarray | None = None  # ... or post-norms of each block's output (exaone4)
@@ -306,6 +315,7 @@ class LayerWeights:
     k: Weight | None = None
     v: Weight | None = None
     qkv: Weight | None = None
+    qkv_bias: np.ndarray | None = None
     q_bias: np.ndarray | None = None
     k_bias: np.ndarray | None = None
     v_bias: np.ndarray | None = None
@@ -323,6 +333,8 @@ class DecoderWeights:
     final_norm: np.ndarray
     lm_head: Weight  # [vocab, hidden]; the embedding itself when tied
     rope_freq_factors: np.ndarray | None = None  # llama3-style scaling, as llama.cpp stores it
+    final_norm_bias: np.ndarray | None = None
+    lm_head_bias: np.ndarray | None = None
 
 
 def io_names(num_layers: int, attention: Attention = "gqa") -> tuple[list[str], list[str]]:
@@ -349,8 +361,8 @@ def build_decoder(cfg: DecoderConfig, weights: DecoderWeights, *, accuracy_level
     """
     if attention not in ("gqa", "plain"):
         raise ValueError(f"attention {attention!r}: use 'gqa' or 'plain'")
-    if attention == "plain" and (cfg.sliding_window is not None or not cfg.rope_on_full_layers):
-        raise ValueError(f"{cfg.architecture}: sliding-window / NoPE layers need attention='gqa'")
+    if attention == "plain" and (cfg.sliding_window is not None or not cfg.rope_on_full_layers or cfg.attn_softcap):
+        raise ValueError(f"{cfg.architecture}: sliding-window / NoPE / softcapped layers need attention='gqa'")
     b = GraphBuilder(f"{cfg.architecture}_decoder", accuracy_level=accuracy_level, external=external)
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     b.inputs += [
@@ -380,11 +392,23 @@ def build_decoder(cfg: DecoderConfig, weights: DecoderWeights, *, accuracy_level
     for i, layer in enumerate(weights.layers):
         if progress:
             progress(f"layer {i + 1}/{cfg.num_layers}")
-        x = _residual(b, cfg, x, layer.attn_norm, layer.post_attn_norm, lambda h: attend(i, h, layer))
-        x = _residual(b, cfg, x, layer.ffn_norm, layer.post_ffn_norm, lambda h: _mlp(b, cfg, i, h, layer))
-    x = _rms_norm(b, x, weights.final_norm, cfg.rms_eps)
+        if cfg.parallel_residual:  # both blocks read x; phi has one norm for both
+            a = attend(i, _norm(b, cfg, x, layer.attn_norm, layer.attn_norm_bias), layer)
+            f = _mlp(b, cfg, i, _norm(b, cfg, x, layer.ffn_norm, layer.ffn_norm_bias) if layer.ffn_norm is not None
+                     else _norm(b, cfg, x, layer.attn_norm, layer.attn_norm_bias), layer)
+            x = b.op("Add", x, b.op("Add", a, f))
+            continue
+        x = _residual(b, cfg, x, layer.attn_norm, layer.post_attn_norm, lambda h: attend(i, h, layer),
+                      pre_bias=layer.attn_norm_bias)
+        x = _residual(b, cfg, x, layer.ffn_norm, layer.post_ffn_norm, lambda h: _mlp(b, cfg, i, h, layer),
+                      pre_bias=layer.ffn_norm_bias)
+    x = _norm(b, cfg, x, weights.final_norm, weights.final_norm_bias)
     x = _keep_last(b, x)
-    b.op("Identity", b.linear(x, weights.lm_head, "lm_head"), outputs=["logits"])
+    logits = b.linear(x, weights.lm_head, "lm_head", bias=weights.lm_head_bias)
+    if cfg.final_softcap:
+        cap = b.const(np.array(cfg.final_softcap, dtype=np.float32))
+        logits = b.op("Mul", b.op("Tanh", b.op("Div", logits, cap)), cap)
+    b.op("Identity", logits, outputs=["logits"])
     return b.model()
 
 
@@ -404,9 +428,9 @@ def _keep_last(b: GraphBuilder, x: str) -> str:
 
 
 def _residual(b: GraphBuilder, cfg: DecoderConfig, x: str, pre: np.ndarray | None, post: np.ndarray | None,
-              block: Callable[[str], str]) -> str:
-    """x + block(norm(x)) for pre-norm layers, x + norm(block(x)) for post-norm ones (exaone4)."""
-    h = _rms_norm(b, x, pre, cfg.rms_eps) if pre is not None else x
+              block: Callable[[str], str], *, pre_bias: np.ndarray | None = None) -> str:
+    """x + block(norm(x)) for pre-norm layers, x + norm(block(x)) for post-norm ones (exaone4), both (gemma2)."""
+    h = _norm(b, cfg, x, pre, pre_bias) if pre is not None else x
     y = block(h)
     if post is not None:
         y = _rms_norm(b, y, post, cfg.rms_eps)
@@ -439,7 +463,8 @@ def _gqa_attention(b: GraphBuilder, cfg: DecoderConfig, freq_factors: np.ndarray
         prefix = f"model.layers.{i}.self_attn"
         fused, bias = _fuse([layer.q, layer.k, layer.v], [layer.q_bias, layer.k_bias, layer.v_bias])
         if layer.qkv is not None or fused is not None:
-            qkv = b.linear(h, layer.qkv if layer.qkv is not None else fused, f"{prefix}.qkv_proj", bias=bias)
+            qkv = b.linear(h, layer.qkv if layer.qkv is not None else fused, f"{prefix}.qkv_proj",
+                           bias=layer.qkv_bias if layer.qkv is not None else bias)
             q, k, v = qkv, "", ""  # packed: GroupQueryAttention splits it itself
         else:
             q = b.linear(h, layer.q, f"{prefix}.q_proj", bias=layer.q_bias)
@@ -457,8 +482,9 @@ def _gqa_attention(b: GraphBuilder, cfg: DecoderConfig, freq_factors: np.ndarray
         out, _, _ = b.op("GroupQueryAttention", *ins, domain=MS_DOMAIN, name=node_name(prefix, "GroupQueryAttention"),
                    outputs=[b._unique("gqa"), f"present.{i}.key", f"present.{i}.value"],
                    num_heads=nq, kv_num_heads=nkv, scale=float(scale), do_rotary=int(rope), rotary_interleaved=0,
-                   local_window_size=cfg.sliding_window if cfg.is_sliding(i) else -1)
-        return b.linear(out, layer.o, f"{prefix}.o_proj")
+                   local_window_size=cfg.sliding_window if cfg.is_sliding(i) else -1,
+                   **({"softcap": float(cfg.attn_softcap)} if cfg.attn_softcap else {}))
+        return b.linear(out, layer.o, f"{prefix}.o_proj", bias=layer.o_bias)
 
     return attend
 
@@ -513,6 +539,15 @@ def gather_rows(b: GraphBuilder, table: BlockWeight, ids: str, *, index_rank: in
     return b.op("Reshape", x, keep)
 
 
+def _norm(b: GraphBuilder, cfg: DecoderConfig, x: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
+    if cfg.norm == "rms":
+        return _rms_norm(b, x, weight, cfg.rms_eps)
+    ins = [x, b.const(weight.astype(np.float32), "norm.weight")]
+    if bias is not None:
+        ins.append(b.const(bias.astype(np.float32), "norm.bias"))
+    return b.op("LayerNormalization", *ins, axis=-1, epsilon=float(cfg.rms_eps), stash_type=1)
+
+
 def _rms_norm(b: GraphBuilder, x: str, weight: np.ndarray, eps: float) -> str:
     return b.op("SimplifiedLayerNormalization", x, b.const(weight.astype(np.float32), "norm.weight"),
                 axis=-1, epsilon=float(eps), stash_type=1)
@@ -561,7 +596,8 @@ def project_qkv(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: Laye
     prefix = f"model.layers.{i}.self_attn"
     fused, bias = _fuse([layer.q, layer.k, layer.v], [layer.q_bias, layer.k_bias, layer.v_bias])
     if layer.qkv is not None or fused is not None:
-        qkv = b.linear(h, layer.qkv if layer.qkv is not None else fused, f"{prefix}.qkv_proj", bias=bias)
+        qkv = b.linear(h, layer.qkv if layer.qkv is not None else fused, f"{prefix}.qkv_proj",
+                           bias=layer.qkv_bias if layer.qkv is not None else bias)
         return tuple(b.op("Split", qkv, b.ints(nq * hd, nkv * hd, nkv * hd), axis=-1, outputs=3))  # type: ignore[return-value]
     return (b.linear(h, layer.q, f"{prefix}.q_proj", bias=layer.q_bias),
             b.linear(h, layer.k, f"{prefix}.k_proj", bias=layer.k_bias),
@@ -596,7 +632,7 @@ def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: Layer
     out = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)  # [b, nkv, groups*s, hd]
     out = b.op("Transpose", b.op("Reshape", out, b.ints(0, nq, -1, hd)), perm=[0, 2, 1, 3])
     out = b.op("Reshape", out, b.ints(0, 0, nq * hd))
-    return b.linear(out, layer.o, f"{prefix}.o_proj")
+    return b.linear(out, layer.o, f"{prefix}.o_proj", bias=layer.o_bias)
 
 
 def _mlp(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: LayerWeights) -> str:
@@ -606,17 +642,27 @@ def _mlp(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: LayerWeight
         gate_up = b.linear(h, layer.gate_up if layer.gate_up is not None else fused, f"{prefix}.gate_up_proj")
         half = (layer.gate_up if layer.gate_up is not None else fused).shape[0] // 2
         gate, up = b.op("Split", gate_up, b.ints(half, half), axis=-1, outputs=2)
+    elif layer.gate is None:  # ungated: down(act(up(h)))
+        up = b.linear(h, layer.up, f"{prefix}.up_proj", bias=layer.up_bias)
+        return b.linear(_activation(b, cfg, up), layer.down, f"{prefix}.down_proj", bias=layer.down_bias)
     else:
         gate, up = b.linear(h, layer.gate, f"{prefix}.gate_proj"), b.linear(h, layer.up, f"{prefix}.up_proj")
+    return b.linear(b.op("Mul", _activation(b, cfg, gate), up), layer.down, f"{prefix}.down_proj", bias=layer.down_bias)
+
+
+def _activation(b: GraphBuilder, cfg: DecoderConfig, gate: str) -> str:
+    if cfg.activation == "gelu":  # exact: x/2 * (1 + erf(x / sqrt 2))
+        erf = b.op("Erf", b.op("Mul", gate, b.const(np.array(1 / math.sqrt(2), dtype=np.float32))))
+        return b.op("Mul", b.op("Mul", gate, b.op("Add", erf, b.const(np.array(1.0, dtype=np.float32)))),
+                    b.const(np.array(0.5, dtype=np.float32)))
     if cfg.activation == "silu":
-        act = b.op("Mul", gate, b.op("Sigmoid", gate))
+        return b.op("Mul", gate, b.op("Sigmoid", gate))
     else:  # gelu, tanh approximation
         cube = b.op("Mul", b.op("Mul", gate, gate), gate)
         inner = b.op("Add", gate, b.op("Mul", cube, b.const(np.array(0.044715, dtype=np.float32))))
         t = b.op("Tanh", b.op("Mul", inner, b.const(np.array(math.sqrt(2 / math.pi), dtype=np.float32))))
-        act = b.op("Mul", b.op("Mul", gate, b.op("Add", t, b.const(np.array(1.0, dtype=np.float32)))),
-                   b.const(np.array(0.5, dtype=np.float32)))
-    return b.linear(b.op("Mul", act, up), layer.down, f"{prefix}.down_proj")
+        return b.op("Mul", b.op("Mul", gate, b.op("Add", t, b.const(np.array(1.0, dtype=np.float32)))),
+                    b.const(np.array(0.5, dtype=np.float32)))
 
 
 def _fuse(weights: list[Weight | None], biases: list[np.ndarray | None]) -> tuple[Weight | None, np.ndarray | None]:

@@ -124,8 +124,9 @@ def plan(request: ExportRequest, src: ResolvedSource, config: Any, progress: Pro
         )
     if profile.device_class == "npu":  # static-shape graph with a host-side KV cache
         from exporter.pipelines.native_lm import supported
+        from exporter.pipelines.npu_lm import why_not_static
 
-        why_not = supported(config)
+        why_not = why_not_static(config) or supported(config)
         if why_not is not None:
             raise UnsupportedArchitecture(f"{profile.name} builds its own static graph: {why_not}")
         return npu_lm, job
@@ -149,13 +150,15 @@ def plan(request: ExportRequest, src: ResolvedSource, config: Any, progress: Pro
 
 def choose_graph(config: Any, profile: TargetProfile, graph: str, progress: Progress) -> str:
     """"native" (edgeship's GroupQueryAttention graph) or "optimum" for this model and target."""
-    from exporter.pipelines.native_lm import supported
+    from exporter.pipelines.native_lm import OPTIMUM_BY_DEFAULT, supported
 
     if graph not in ("auto", "native", "optimum"):
         raise ExportError(f"--graph {graph!r}: choose auto, native or optimum")
     why_not = supported(config)
     if why_not is None and profile.device_class != "cpu":
         why_not = f"target {profile.name} is {profile.device_class}; the fused float32 graph is for CPU targets"
+    if why_not is None and graph == "auto":
+        why_not = OPTIMUM_BY_DEFAULT.get(getattr(config, "model_type", None))
     if why_not is None and graph != "optimum":
         return "native"
     if graph == "native":

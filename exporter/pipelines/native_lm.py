@@ -42,7 +42,20 @@ NATIVE_ARCHITECTURES = {
     "qwen3": "Qwen3: RMSNorm of each q/k head",
     "phi3": "Phi-3 / Phi-3.5 mini without long-rope scaling: fused qkv and gate_up",
     "gemma": "Gemma: embeddings times sqrt(hidden), norms 1 + w, GELU (tanh)",
+    "gemma2": "Gemma 2: gemma plus post-norms of each block, attention and final logit softcapping, alternating "
+              "sliding-window layers, queries scaled by query_pre_attn_scalar",
+    "phi": "Phi-1.5 / Phi-2: LayerNorm with bias, parallel attention + MLP on one norm, partial rotary, "
+           "biases everywhere (lm_head too), GELU (tanh)",
+    "gpt_neox": "GPT-NeoX, Pythia, Polyglot-Ko: LayerNorm with bias, fused qkv (interleaved per head), partial "
+                "rotary, parallel or sequential residual, exact GELU",
     "exaone4": "EXAONE 4.0: post-norms, RMSNorm of each q/k head, hybrid sliding/global (NoPE) attention",
+}
+# native on request only (--graph native): side by side, its graph decoded no faster than optimum's
+# (bench/native_vs_optimum.py, docs/EXPORT.md), so auto keeps the traced graph
+OPTIMUM_BY_DEFAULT = {
+    "phi": "the native phi graph measured no faster than optimum's (bench/native_vs_optimum.py); --graph native takes it",
+    "gpt_neox": "the native gpt_neox graph measured no faster than optimum's (bench/native_vs_optimum.py); "
+                "--graph native takes it",
 }
 # rope types whose inv_freq is fixed at load time (the graph bakes the cos/sin tables)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")
@@ -62,19 +75,25 @@ def supported(config: Any) -> str | None:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    if head_dim % 16:
+        return f"head_dim {head_dim} (GroupQueryAttention needs a multiple of 16)"
     if rope_dim < head_dim and (rope_dim // 2) % 8:
         return f"partial rotary over {rope_dim} of {head_dim} features (GroupQueryAttention needs a multiple of 16)"
+    if model_type == "phi" and getattr(config, "qk_layernorm", False):
+        return "Phi with qk_layernorm (a LayerNorm of each q/k head)"
     if model_type == "mistral" and getattr(config, "sliding_window", None) and \
             config.sliding_window < config.max_position_embeddings:
         return "Mistral with a sliding window shorter than its context"
     return None
 
 
-_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                "gelu": "gelu"}
+LAYER_NORM = ("phi", "gpt_neox")
 
 
 def _activation(config: Any) -> str | None:
-    if config.model_type == "gemma":  # gemma's modeling code reads hidden_activation, not hidden_act
+    if config.model_type in ("gemma", "gemma2"):  # gemma's modeling code reads hidden_activation, not hidden_act
         return getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"
     return getattr(config, "hidden_act", None)
 
@@ -112,28 +131,37 @@ def decoder_from_hf(model: Any, *, max_context: int | None = None, embedding_bit
     rope_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
     limit = getattr(config, "max_position_embeddings", None) or 2048
     layer_types = tuple(getattr(config, "layer_types", None) or ()) or None
-    sliding = getattr(config, "sliding_window", None) if arch == "exaone4" else None
+    sliding = getattr(config, "sliding_window", None) if arch in ("exaone4", "gemma2") else None
+    gemma = arch in ("gemma", "gemma2")
     cfg = DecoderConfig(
         architecture=arch,
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         num_heads=heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        num_kv_heads=heads if arch == "gpt_neox" else getattr(config, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
         vocab_size=config.vocab_size,
-        rms_eps=float(config.rms_norm_eps),
+        rms_eps=float(config.layer_norm_eps if arch in LAYER_NORM else config.rms_norm_eps),
         rope_theta=float(getattr(config, "rope_theta", 10000.0)),
         rope_dim=rope_dim,
         max_context=min(limit, max_context) if max_context else limit,
         activation=_ACTIVATIONS[_activation(config)],
-        embed_scale=math.sqrt(config.hidden_size) if arch == "gemma" else None,
+        embed_scale=math.sqrt(config.hidden_size) if gemma else None,
+        attn_scale=config.query_pre_attn_scalar ** -0.5 if arch == "gemma2" else None,
         norm_placement="post" if arch == "exaone4" else "pre",
         sliding_window=sliding,
         layer_types=tuple("sliding" if t == "sliding_attention" else "full" for t in layer_types) if layer_types else None,
-        rope_on_full_layers=sliding is None,
+        rope_on_full_layers=arch != "exaone4" or sliding is None,
+        attn_softcap=getattr(config, "attn_logit_softcapping", None) if arch == "gemma2" else None,
+        final_softcap=getattr(config, "final_logit_softcapping", None) if arch == "gemma2" else None,
+        norm="layer" if arch in LAYER_NORM else "rms",
+        parallel_residual=arch == "phi" or (arch == "gpt_neox" and bool(config.use_parallel_residual)),
     )
+    if arch in LAYER_NORM:
+        return cfg, _layer_norm_weights(cfg, w, opt, state, embedding_bits=embedding_bits, head_top_k=head_top_k,
+                                        rope_freq_factors=_freq_factors(model, cfg))
 
-    norm = (lambda v: v + 1.0) if arch == "gemma" else (lambda v: v)  # gemma's RMSNorm scales by 1 + w
+    norm = (lambda v: v + 1.0) if gemma else (lambda v: v)  # gemma's RMSNorm scales by 1 + w
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
@@ -149,6 +177,11 @@ def decoder_from_hf(model: Any, *, max_context: int | None = None, embedding_bit
         if arch == "exaone4":
             norms = dict(post_attn_norm=w(p + "post_attention_layernorm.weight"),
                          post_ffn_norm=w(p + "post_feedforward_layernorm.weight"))
+        elif arch == "gemma2":  # pre- and post-norms around both blocks; the names differ from gemma's
+            norms = dict(attn_norm=norm(w(p + "input_layernorm.weight")),
+                         post_attn_norm=norm(w(p + "post_attention_layernorm.weight")),
+                         ffn_norm=norm(w(p + "pre_feedforward_layernorm.weight")),
+                         post_ffn_norm=norm(w(p + "post_feedforward_layernorm.weight")))
         else:
             norms = dict(attn_norm=norm(w(p + "input_layernorm.weight")),
                          ffn_norm=norm(w(p + "post_attention_layernorm.weight")))
@@ -170,6 +203,48 @@ def decoder_from_hf(model: Any, *, max_context: int | None = None, embedding_bit
     weights = DecoderWeights(embedding=table, layers=layers, final_norm=norm(w("model.norm.weight")),
                              lm_head=head, rope_freq_factors=_freq_factors(model, cfg))
     return cfg, weights
+
+
+def _layer_norm_weights(cfg: DecoderConfig, w: Callable[[str], np.ndarray], opt: Callable[[str], np.ndarray | None],
+                        state: dict, *, embedding_bits: int | None, head_top_k: int | None,
+                        rope_freq_factors: np.ndarray | None) -> DecoderWeights:
+    """phi and gpt_neox: LayerNorms with bias, ungated MLPs with biases (float embedding and head only)."""
+    if embedding_bits is not None or head_top_k is not None:
+        raise ValueError(f"{cfg.architecture}: 8-bit embedding / top-k head blocks are not built for it")
+    layers = []
+    for i in range(cfg.num_layers):
+        if cfg.architecture == "phi":
+            p = f"model.layers.{i}."
+            attn: dict = dict(q=w(p + "self_attn.q_proj.weight"), k=w(p + "self_attn.k_proj.weight"),
+                              v=w(p + "self_attn.v_proj.weight"), q_bias=opt(p + "self_attn.q_proj.bias"),
+                              k_bias=opt(p + "self_attn.k_proj.bias"), v_bias=opt(p + "self_attn.v_proj.bias"))
+            o, mlp_in, mlp_out = p + "self_attn.dense", p + "mlp.fc1", p + "mlp.fc2"
+            norms: dict = dict(attn_norm=w(p + "input_layernorm.weight"), attn_norm_bias=opt(p + "input_layernorm.bias"))
+        else:
+            p = f"gpt_neox.layers.{i}."
+            rows = _neox_qkv_rows(cfg.num_heads, cfg.head_dim)  # [head, q|k|v, dim] -> [q|k|v, head, dim]
+            bias = opt(p + "attention.query_key_value.bias")
+            attn = dict(qkv=w(p + "attention.query_key_value.weight")[rows], qkv_bias=None if bias is None else bias[rows])
+            o, mlp_in, mlp_out = p + "attention.dense", p + "mlp.dense_h_to_4h", p + "mlp.dense_4h_to_h"
+            norms = dict(attn_norm=w(p + "input_layernorm.weight"), attn_norm_bias=opt(p + "input_layernorm.bias"),
+                         ffn_norm=w(p + "post_attention_layernorm.weight"),
+                         ffn_norm_bias=opt(p + "post_attention_layernorm.bias"))
+        layers.append(LayerWeights(o=w(o + ".weight"), o_bias=opt(o + ".bias"), up=w(mlp_in + ".weight"),
+                                   up_bias=opt(mlp_in + ".bias"), down=w(mlp_out + ".weight"),
+                                   down_bias=opt(mlp_out + ".bias"), **attn, **norms))
+    if cfg.architecture == "phi":
+        embed, final, head = "model.embed_tokens", "model.final_layernorm", "lm_head"
+    else:
+        embed, final, head = "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "embed_out"
+    embedding = w(embed + ".weight")
+    tied = head + ".weight" not in state or state[head + ".weight"].data_ptr() == state[embed + ".weight"].data_ptr()
+    return DecoderWeights(embedding=embedding, layers=layers, final_norm=w(final + ".weight"),
+                          final_norm_bias=opt(final + ".bias"), lm_head=embedding if tied else w(head + ".weight"),
+                          lm_head_bias=opt(head + ".bias"), rope_freq_factors=rope_freq_factors)
+
+
+def _neox_qkv_rows(heads: int, head_dim: int) -> np.ndarray:
+    return np.arange(3 * heads * head_dim).reshape(heads, 3, head_dim).transpose(1, 0, 2).reshape(-1)
 
 
 def blocks_q8(table: np.ndarray, block: int = 32) -> BlockWeight:
@@ -203,7 +278,7 @@ def blocks_q4(weight: np.ndarray, block: int = 32) -> BlockWeight:
 
 def _freq_factors(model: Any, cfg: DecoderConfig) -> np.ndarray | None:
     """Per-frequency divisors that turn the default inv_freq into the model's (linear / llama3 scaling)."""
-    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    rotary = getattr(getattr(model, "model", None) or getattr(model, "gpt_neox", model), "rotary_emb", None)
     if rotary is None or not hasattr(rotary, "inv_freq"):
         return None
     if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
@@ -216,13 +291,22 @@ def _freq_factors(model: Any, cfg: DecoderConfig) -> np.ndarray | None:
     return None if np.allclose(factors, 1.0, rtol=1e-6) else factors.astype(np.float32)
 
 
+_NATIVE_NAMES = (("/gpt_neox/layers.", "/model/layers."), ("/attention/query_key_value/", "/self_attn/qkv_proj/"),
+                 ("/attention/dense/", "/self_attn/o_proj/"), ("/self_attn/dense/", "/self_attn/o_proj/"),
+                 ("/mlp/fc1/", "/mlp/up_proj/"), ("/mlp/dense_h_to_4h/", "/mlp/up_proj/"),
+                 ("/mlp/fc2/", "/mlp/down_proj/"), ("/mlp/dense_4h_to_h/", "/mlp/down_proj/"))
+
+
 def fused_patterns(patterns: list[str]) -> list[str]:
-    """optimum node patterns renamed to the fused MatMuls of the native graph (q/k/v -> qkv, gate/up -> gate_up)."""
+    """optimum node patterns renamed to the fused MatMuls of the native graph (q/k/v -> qkv, gate/up -> gate_up),
+    and phi's and gpt_neox's module names to the native graph's llama-style ones."""
     out: list[str] = []
     for p in patterns:
         for parts, fused in ((("/q_proj/", "/k_proj/", "/v_proj/"), "/qkv_proj/"), (("/gate_proj/", "/up_proj/"), "/gate_up_proj/")):
             for part in parts:
                 p = p.replace(part, fused)
+        for module, native in _NATIVE_NAMES:  # phi's and gpt_neox's modules, after: their up_proj is not fused
+            p = p.replace(module, native)
         if p not in out:
             out.append(p)
     return out
@@ -255,8 +339,9 @@ node_patterns = fused_patterns
 def export_graph(model: Any, work: Path, *, recipe: Any, spec_config: dict[str, Any], job: Job) -> hf_lm.Graph:
     """The fused float32 graph; with an int4 recipe the embedding (and a top-k lm_head) in blocks already."""
     # the profile's int8_blocks may name the embedding table too (int4 recipes: weights-only low bits)
-    embed8 = recipe.method == "int4" and any(p in "model.embed_tokens" for p in recipe.int8_blocks)
-    head_k = recipe.lm_head_top_k if recipe.int8_head else None
+    blocks = model.config.model_type not in LAYER_NORM  # phi, gpt_neox: float table and head, for the quantizer
+    embed8 = blocks and recipe.method == "int4" and any(p in "model.embed_tokens" for p in recipe.int8_blocks)
+    head_k = recipe.lm_head_top_k if recipe.int8_head and blocks else None
     with job.progress.step("export", "edgeship graph, fused GroupQueryAttention, KV cache"):
         path = export_native(model, work, max_context=spec_config["max_context"],
                              embedding_bits=8 if embed8 else None, head_top_k=head_k)

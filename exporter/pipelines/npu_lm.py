@@ -55,6 +55,19 @@ from exporter.quality import LMReference
 OPSET = 21
 
 
+# native families whose static graph is not built (yet): softcapping (gemma2), LayerNorm + parallel residual
+STATIC_REFUSED = ("gemma2", "phi", "gpt_neox")
+
+
+def why_not_static(config) -> str | None:
+    """None when the static graph takes `config`; else one line saying why not."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in STATIC_REFUSED:
+        return (f"{model_type!r} needs softcapping / LayerNorm / a parallel residual, which the static graph does not "
+                f"build (static: any native family but {', '.join(STATIC_REFUSED)})")
+    return None
+
+
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     """Input and output names of the static graph, in order."""
     inputs = ["input_ids", "position_ids", "attention_bias"]
@@ -74,6 +87,8 @@ def build_static_decoder(cfg: DecoderConfig, weights: DecoderWeights, *, step: i
             and cfg.sliding_window < cache + step:
         raise ValueError(f"{cfg.architecture}: sliding window {cfg.sliding_window} is shorter than the static "
                          f"context {cache + step}; use a cache of at most {cfg.sliding_window - step} slots")
+    if cfg.attn_softcap or cfg.final_softcap or cfg.norm != "rms" or cfg.parallel_residual:
+        raise ValueError(f"{cfg.architecture}: softcapping, LayerNorm and parallel residuals are not in the static graph")
     b = GraphBuilder(f"{cfg.architecture}_static_s{step}_c{cache}", external=external)
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32
     kv, hd = cfg.num_kv_heads, cfg.head_dim

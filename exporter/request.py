@@ -37,6 +37,13 @@ class InvalidRequest(ExportError):
         self.problems = tuple(problems)
 
 
+def _one_of(value: Any, choices: Any, problem: str) -> Any:
+    """`value` when it is unset (None) or one of `choices`; else ValueError(problem)."""
+    if value is not None and value not in choices:
+        raise ValueError(problem)
+    return value
+
+
 def _flag(name: str) -> str:
     return {"algorithm": "--int4-algorithm", "thresholds": "--threshold", "benchmark": "--no-benchmark",
             "model": "MODEL"}.get(name, "--" + name.replace("_", "-"))
@@ -128,15 +135,11 @@ class ExportRequest:
 
     @staticmethod
     def _check_task(value: Any) -> str | None:
-        if value is not None and value not in TASKS:
-            raise ValueError(f"--task {value!r}: choose one of: {', '.join(TASKS)}")
-        return value
+        return _one_of(value, TASKS, f"--task {value!r}: choose one of: {', '.join(TASKS)}")
 
     @staticmethod
     def _check_quant(value: Any) -> str | None:
-        if value is not None and value not in QUANT_CHOICES:
-            raise ValueError(f"--quant {value!r}: choose one of: {', '.join(QUANT_CHOICES)}")
-        return value
+        return _one_of(value, QUANT_CHOICES, f"--quant {value!r}: choose one of: {', '.join(QUANT_CHOICES)}")
 
     @staticmethod
     def _check_block_size(value: Any) -> int | None:
@@ -165,9 +168,7 @@ class ExportRequest:
 
     @staticmethod
     def _check_algorithm(value: Any) -> str | None:
-        if value is not None and value not in INT4_ALGORITHMS:
-            raise ValueError(f"--int4-algorithm {value!r}: choose rtn (round to nearest) or hqq")
-        return value
+        return _one_of(value, INT4_ALGORITHMS, f"--int4-algorithm {value!r}: choose rtn (round to nearest) or hqq")
 
     @staticmethod
     def _check_thresholds(value: Any) -> Mapping[str, float]:

@@ -128,6 +128,9 @@ class ApiSettings(_Section):
     allowed_hosts: list[str] = []
     token_file: Path | None = None  # a file holding a bearer token every route but /healthz then requires
     max_body_bytes: int = Field(default=4 << 20, ge=1 << 10, le=1 << 30)  # a larger request body gets 413, unread
+    # generations decoded together, one model call per token for all (continuous batching; 1: one at a time).
+    # 4 measured best on 2 cores (bench/serve_vs_llama_cpp.py, docs/AGENT.md "Concurrent requests")
+    max_batch: int = Field(default=4, ge=1, le=256)
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
@@ -163,6 +166,9 @@ class RuntimeSettings(_Section):
     spin_wait: bool = True
     # the repacked weights on 2 MiB pages (transparent huge pages, MADV_COLLAPSE) while loading: decode +6-12 %
     huge_pages: bool = True
+    # the KV cache of the generations batched together stays within this; a request that does not fit
+    # waits for room, and one answer alone is capped to what fits (docs/AGENT.md "Concurrent requests")
+    kv_cache_mb: int = Field(default=512, ge=16, le=1 << 20)
 
 
 class WatchSettings(_Section):

@@ -28,6 +28,7 @@ def cli(path: str, host: str, port: int, keys: tuple[Path, ...], threads: int | 
     from agent.bundle import TrustedKeys
     from agent.bundle.signing import KeyError_
     from agent.runtime import ModelHost, load_model
+    from agent.runtime.batch_policy import BatchPolicy
     from agent.serve import ServeError, export_cached, looks_exportable, open_for_serving
     from agent.service import StartupError, read_token
 
@@ -49,13 +50,13 @@ def cli(path: str, host: str, port: int, keys: tuple[Path, ...], threads: int | 
                 source, key = export_cached(path, announce=lambda line: click.echo(line, err=True))
                 trusted = TrustedKeys.from_paths([key, *keys])
             opened = open_for_serving(source, trusted, workdir=Path(tmp))
-            model = load_model(opened.bundle, threads=threads)
+            model = load_model(opened.bundle, threads=threads, batching=BatchPolicy())
         except ServeError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         if not opened.signature_checked:
             click.echo("note: the signature was not checked (no --trusted-key); every file's hash was", err=True)
-        server = ApiServer(ModelHost(model), host_addr=host, port=port, token=token)
+        server = ApiServer(ModelHost(model), host_addr=host, port=port, token=token, slots=BatchPolicy().max_batch)
         try:
             server.start()
         except OSError as exc:

@@ -40,6 +40,7 @@ from agent.link import MqttLink
 from agent.liveness import InferenceProbe
 from agent.protocol import AckMessage, BundleRef, HealthMessage, ReportCommand, StateMessage, UpdateState, WatchPolicy
 from agent.runtime import ModelHost, load_model
+from agent.runtime.batch_policy import BatchPolicy
 from agent.systemd import Notifier
 from agent.update.download import DownloadOptions
 from agent.update.errors import StoreError
@@ -188,6 +189,7 @@ class AgentService:
             allowed_hosts=a.allowed_hosts,
             token=read_token(a.token_file) if a.token_file is not None else None,
             max_body_bytes=a.max_body_bytes,
+            slots=a.max_batch,
         )
         try:
             self.api.start()
@@ -414,6 +416,7 @@ def update_config(s: AgentSettings, *, session: str, facts: Any) -> UpdateConfig
         threads=s.runtime.threads or None,
         spin=s.runtime.spin_wait,
         huge_pages=s.runtime.huge_pages,
+        batching=BatchPolicy(max_batch=s.api.max_batch, kv_cache_mb=s.runtime.kv_cache_mb),
         default_watch=WatchPolicy(**s.watch.model_dump()),
         bundle_names=tuple(s.bundle_names),
         drain_timeout_s=s.api.drain_timeout_s,

@@ -1,6 +1,7 @@
 """Admission control: a fixed number of running requests and a bounded FIFO of waiting ones.
 
-A request that finds the queue full is refused at once (never piles up); a waiting request gives
+`slots` is the most that ever run at once; each request also names the serving model's own limit
+(1, or a batching LM's max_batch). A request that finds the queue full is refused at once (never piles up); a waiting request gives
 up when its deadline passes or its client goes away. The HTTP server takes a `Place` on its event
 loop (`reserve()`, never blocks) before it hands the request to a worker thread, which waits for
 the slot there: threads are bounded by slots + queue_size, never by connections.
@@ -25,9 +26,11 @@ class Place:
         self._admission = admission
         self.state = "waiting"  # waiting -> running -> done, or waiting -> done
 
-    def wait(self, *, deadline: float, gone: Callable[[], bool] = lambda: False) -> None:
-        """Block until a slot is ours. Raises Overloaded (closed), Timeout, or Cancelled (client gone)."""
-        self._admission._wait(self, deadline=deadline, gone=gone)
+    def wait(self, *, deadline: float, gone: Callable[[], bool] = lambda: False, limit: int | None = None) -> None:
+        """Block until a slot is ours. Raises Overloaded (closed), Timeout, or Cancelled (client gone).
+
+        `limit`: run only while fewer than this many requests run (the serving model's concurrency)."""
+        self._admission._wait(self, deadline=deadline, gone=gone, limit=limit)
 
     def release(self) -> None:
         self._admission._release(self)
@@ -82,12 +85,13 @@ class Admission:
             self.closed = True
             self._cond.notify_all()
 
-    def _wait(self, place: Place, *, deadline: float, gone: Callable[[], bool]) -> None:
+    def _wait(self, place: Place, *, deadline: float, gone: Callable[[], bool], limit: int | None = None) -> None:
+        slots = self.slots if limit is None else max(1, min(self.slots, limit))
         with self._cond:
             if place.state != "waiting":
                 raise RuntimeError(f"this place is {place.state}, not waiting")
             try:
-                while not (self._waiting[0] is place and self._running < self.slots):
+                while not (self._waiting[0] is place and self._running < slots):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise Timeout("the request waited in the queue past request_timeout_s; retry later")

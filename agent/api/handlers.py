@@ -105,11 +105,12 @@ def serving(api: ApiServer, requested: str, task: Task) -> Iterator[Any]:
         raise Overloaded(str(exc), code="model_not_loaded", retry_after=5) from None
 
 
-def wait_for_slot(api: ApiServer, place: Place, ex: Exchange, deadline: float) -> None:
-    """Block until the request may run, keeping the queue-depth gauge current and counting refusals."""
+def wait_for_slot(api: ApiServer, place: Place, ex: Exchange, deadline: float, model) -> None:
+    """Block until the request may run (as many run as `model` takes at once), keeping the queue-depth
+    gauge current and counting refusals."""
     stats = api.host.stats
     try:
-        place.wait(deadline=deadline, gone=ex.gone)
+        place.wait(deadline=deadline, gone=ex.gone, limit=model.max_concurrency)
     except Overloaded:
         stats.rejected()
         raise
@@ -138,7 +139,7 @@ def _generate(api: ApiServer, ex: Exchange, place: Place, req, *, kind: str, pro
                              "(this model's context)", param="max_tokens", code="invalid_value")
         if limit is None:
             limit = model.max_context if kind == "chat" else 16
-        wait_for_slot(api, place, ex, deadline)
+        wait_for_slot(api, place, ex, deadline, model)
         cancel = threading.Event()
         # With the slot held: the constraint is compiled and the prompt tokenized by this worker.
         try:
@@ -210,7 +211,7 @@ def _stream(api: ApiServer, ex: Exchange, gen, req, *, stream: ChatStream, cance
 def _encode(api: ApiServer, ex: Exchange, place: Place, req, task: Task, work, deadline: float) -> tuple[Any, Any, int]:
     with place, serving(api, req.model, task) as model:
         inputs = req.inputs()
-        wait_for_slot(api, place, ex, deadline)
+        wait_for_slot(api, place, ex, deadline, model)
         started = time.perf_counter()
         ok = False
         try:

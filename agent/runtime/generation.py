@@ -3,66 +3,38 @@
 Prefill runs the prompt (minus any prefix the cache already holds) in one call; decode then feeds
 one token at a time, handing each step's `present.*` OrtValues straight back as the next step's
 `past_key_values.*` through IO binding, so the KV never round-trips through numpy.
+
+Graphs that write the KV in place (GroupQueryAttention, `past_present_share_buffer`) are served by the
+batch scheduler (agent/runtime/batching.py) when BatchPolicy.max_batch > 1: concurrent requests then
+share each decode step. Other graphs, and max_batch 1, run one request at a time here. Both drive the
+same per-request state (agent/runtime/decoding.py).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from agent.runtime.batch_policy import SEQUENTIAL, BatchPolicy
 from agent.runtime.constraints import Compiled, Vocabulary
+from agent.runtime.decoding import AnswerSpec, Chunk, Decoding, GenerationStats
 from agent.runtime.errors import Cancelled, InputError, LoadError
 from agent.runtime.model import LoadedModel
 from agent.runtime.prefix_cache import PrefixCache
-from agent.runtime.sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
-from agent.runtime.text import IncrementalDecoder, StopMatcher, TextCodec
+from agent.runtime.sampling import Sampler, SamplingParams, TokenLogprob
+from agent.runtime.text import TextCodec
+
+__all__ = ["Chunk", "Generation", "GenerationStats", "TextGenerationModel"]
 
 MAX_CHOICES = 16
 MAX_TOP_LOGPROBS = 20
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One step of a stream: text to show (may be empty), the token, and why it ended (last chunk).
-
-    `index` is the choice (n > 1 streams choice 0 to its end, then choice 1, ...); `logprob` is set
-    when the request asked for logprobs.
-    """
-
-    text: str
-    token_id: int | None = None
-    finish_reason: str | None = None  # "stop" | "length"
-    index: int = 0
-    logprob: TokenLogprob | None = None
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    prefilled_tokens: int = 0  # prompt tokens the model really ran
-    completion_tokens: int = 0
-    forced_tokens: int = 0  # completion tokens a constraint forced, fed without a step of their own
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    finish_reason: str | None = None  # the last choice's
-    finish_reasons: list[str] = field(default_factory=list)  # per choice
-
-    @property
-    def prefill_tok_s(self) -> float | None:
-        return self.prefilled_tokens / self.prefill_s if self.prefill_s > 0 else None
-
-    @property
-    def decode_tok_s(self) -> float | None:
-        steps = self.completion_tokens - 1  # the first token comes out of prefill
-        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else None
 
 
 @dataclass
@@ -73,6 +45,7 @@ class Generation:
     stats: GenerationStats = field(default_factory=GenerationStats)
     texts: list[str] = field(default_factory=list)  # per choice
     logprobs: list[list[TokenLogprob]] = field(default_factory=list)  # per choice, when asked for
+    on_close: Callable[[], None] | None = None  # tells the batch scheduler the answer is no longer read
 
     @property
     def text(self) -> str:
@@ -90,6 +63,8 @@ class Generation:
 
     def close(self) -> None:
         self._chunks.close()
+        if self.on_close is not None:
+            self.on_close()
 
     def run(self) -> str:
         """Consume the whole stream and return the text."""
@@ -101,7 +76,8 @@ class Generation:
 class TextGenerationModel(LoadedModel):
     REQUIRED_INPUTS: tuple[str, ...] = ("input_ids", "attention_mask")  # besides past_key_values.*
 
-    def __init__(self, bundle, choice, *, prefix_cache_bytes: int = 256 << 20) -> None:
+    def __init__(self, bundle, choice, *, prefix_cache_bytes: int = 256 << 20,
+                 batching: BatchPolicy = SEQUENTIAL) -> None:
         super().__init__(bundle, choice)
         cfg = self.manifest.model.config
         try:
@@ -128,7 +104,8 @@ class TextGenerationModel(LoadedModel):
         self.has_position_ids = "position_ids" in inputs
         # edgeship's own LM graphs take logits_to_keep (0: all positions); 1 skips the lm_head for every
         # prompt token but the last
-        self._keep_last = np.ones(1, np.int64) if "logits_to_keep" in inputs else None
+        self.has_logits_to_keep = "logits_to_keep" in inputs
+        self._keep_last = np.ones(1, np.int64) if self.has_logits_to_keep else None
         self.prefix_cache = PrefixCache(max_bytes=prefix_cache_bytes)
         self._mask = np.ones((1, self.max_context), np.int64)
         self._empty_kv = np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.kv_dtype)
@@ -139,6 +116,21 @@ class TextGenerationModel(LoadedModel):
         self._kv_buffers: list[tuple[np.ndarray, Any]] | None = None
         self._vocab: Vocabulary | None = None
         self._vocab_lock = threading.Lock()
+        self.batcher = None
+        if self.shared_kv and batching.max_batch > 1:
+            from agent.runtime.batching import BatchScheduler
+
+            self.batcher = BatchScheduler(self, batching)
+
+    @property
+    def max_concurrency(self) -> int:
+        """Requests this model runs at once (the API admits that many)."""
+        return self.batcher.policy.max_batch if self.batcher is not None else 1
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
+        super().close()
 
     # ---- prompts ------------------------------------------------------------------------------
 
@@ -261,26 +253,34 @@ class TextGenerationModel(LoadedModel):
         self.check_prompt(ids, param=param)
         if max_tokens < 1:
             raise InputError(f"max_tokens {max_tokens} must be at least 1", param="max_tokens")
-        gen = Generation(iter(()))
+        stats = GenerationStats(prompt_tokens=len(ids))
         stop_ids = set() if ignore_eos and constraint is None else set(self.eos_token_ids)
-        gen._chunks = self._run(gen.stats, ids, max_tokens=max_tokens, sampler=Sampler(sampling or SamplingParams()),
-                                stop=list(stop), stop_ids=stop_ids | set(stop_token_ids), cancel=cancel,
-                                deadline=deadline, use_prefix_cache=use_prefix_cache, n=n, logprobs=logprobs,
-                                constraint=constraint)
-        gen.stats.prompt_tokens = len(ids)
+        budget = min(max_tokens, self.max_context - len(ids))
+        if self.batcher is not None:
+            alone = self.batcher.max_tokens_alone
+            if len(ids) >= alone:
+                raise InputError(f"the prompt is {len(ids)} tokens; this agent's KV memory holds {alone} tokens "
+                                 "per request (runtime.kv_cache_mb): shorten the prompt or raise kv_cache_mb",
+                                 param=param, code="context_length_exceeded")
+            budget = min(budget, alone - len(ids))
+        spec = AnswerSpec(budget=budget, sampler=Sampler(sampling or SamplingParams()), stop=tuple(stop),
+                          stop_ids=frozenset(stop_ids | set(stop_token_ids)), n=n, logprobs=logprobs,
+                          constraint=constraint)
+        if self.batcher is not None:
+            return self.batcher.submit(ids, spec, stats, cancel=cancel, deadline=deadline,
+                                       use_prefix_cache=use_prefix_cache)
+        gen = Generation(self._run(stats, ids, spec, cancel=cancel, deadline=deadline,
+                                   use_prefix_cache=use_prefix_cache), stats)
         return gen
 
-    def _run(self, stats: GenerationStats, ids: list[int], *, max_tokens: int, sampler: Sampler, stop: list[str],
-             stop_ids: set[int], cancel: threading.Event | None, deadline: float | None,
-             use_prefix_cache: bool, n: int = 1, logprobs: int | None = None,
-             constraint: Compiled | None = None) -> Iterator[Chunk]:
+    def _run(self, stats: GenerationStats, ids: list[int], spec: AnswerSpec, *, cancel: threading.Event | None,
+             deadline: float | None, use_prefix_cache: bool) -> Iterator[Chunk]:
         def check() -> None:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("generation cancelled")
             if deadline is not None and time.monotonic() > deadline:
                 raise Cancelled("generation ran past its deadline")
 
-        budget = min(max_tokens, self.max_context - len(ids))
         while not self._lock.acquire(timeout=0.05):
             check()
         past: list = []
@@ -293,7 +293,7 @@ class TextGenerationModel(LoadedModel):
                 cached, kv = 0, (self._empty_kv,) * len(self.past_names)
             stats.cached_tokens, stats.prefilled_tokens = cached, len(ids) - cached
             if self.shared_kv:
-                for (buf, _), part in zip(self._shared_buffers(len(ids) + budget), kv):
+                for (buf, _), part in zip(self._shared_buffers(len(ids) + spec.budget), kv):
                     buf[:, :, :cached] = part
                 step = lambda new, past_len, _past: (self._step_shared(binding, new, past_len), None)  # noqa: E731
             else:
@@ -305,64 +305,22 @@ class TextGenerationModel(LoadedModel):
             t_decode = time.perf_counter()
             # every choice decodes from the one prefill: its KV stays valid (positions past the prompt are
             # overwritten, or new outputs are allocated, by the next choice's steps)
-            for index in range(n):
-                sampler.new_choice()
-                mask = constraint.start() if constraint is not None else None
-                logits, past, fed = prefill_logits, prefill_past, list(ids)
-                decoder, matcher = IncrementalDecoder(self.codec), StopMatcher(stop)
-
-                def take(token: int, lp: TokenLogprob | None) -> tuple[list[Chunk], str | None, bool]:
-                    """One token of the answer: (chunks to yield, finish reason or None, ended by a stop string)."""
-                    sampler.observe(token)
-                    stats.completion_tokens += 1
-                    if token in stop_ids:
-                        return [], "stop", False
-                    if mask is not None:
-                        mask.advance(token)
-                    text, stopped = matcher.feed(decoder.push(token))
-                    if stopped:
-                        return ([Chunk(text, token, index=index, logprob=lp)] if text or lp else []), "stop", True
-                    done = mask is not None and mask.done  # the grammar allows only the end now
-                    return [Chunk(text, token, index=index, logprob=lp)], ("stop" if done else None), False
-
-                finish, by_string, produced = "length", False, 0
-                while produced < budget:
-                    token = sampler(mask.apply(logits) if mask is not None else logits)
-                    produced += 1
-                    lp = token_logprob(logits, token, logprobs) if logprobs is not None else None
-                    chunks, end, by_string = take(token, lp)
-                    yield from chunks
-                    feed = [token]
-                    # text the grammar forces (a tool call's opening, a schema's next key) goes in with the
-                    # next step instead of one step per token; not with logprobs: those tokens have no logits
-                    if end is None and mask is not None and logprobs is None:
-                        for forced in mask.forced()[: budget - produced]:
-                            produced += 1
-                            stats.forced_tokens += 1
-                            chunks, end, by_string = take(forced, None)
-                            yield from chunks
-                            feed.append(forced)
-                            if end is not None:
-                                break
-                    if end is not None:
-                        finish = end
-                        break
-                    if produced >= budget:
+            decoding = Decoding(spec, self.codec, stats)
+            logits, past = prefill_logits, prefill_past
+            while True:
+                chunks, feed = decoding.step(logits)
+                yield from chunks
+                if feed is None:
+                    if decoding.done:
                         break
                     check()
-                    logits, past = step(feed, len(fed), past)
-                    fed.extend(feed)
-                    stats.decode_s = time.perf_counter() - t_decode
-                if not by_string:  # text held back for a possible stop string, or a last partial character
-                    tail, stopped = matcher.feed(decoder.flush())
-                    tail = tail if stopped else tail + matcher.flush()
-                    if tail:
-                        yield Chunk(tail, index=index)
-                stats.finish_reason = finish
-                stats.finish_reasons.append(finish)
-                yield Chunk("", None, finish, index=index)
-                if index + 1 < n:
-                    check()
+                    decoding.next_choice()
+                    logits, past, fed = prefill_logits, prefill_past, list(ids)
+                    continue
+                check()
+                logits, past = step(feed, len(fed), past)
+                fed.extend(feed)
+                stats.decode_s = time.perf_counter() - t_decode
         finally:
             self._lock.release()
             if use_prefix_cache and fed:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 
 from agent.bundle import Manifest, Task, VerifiedBundle
+from agent.runtime.batch_policy import BatchPolicy
 from agent.runtime.errors import LoadError, WrongTask
 from agent.runtime.session import SessionChoice
 
@@ -38,6 +39,11 @@ class LoadedModel:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._closed = threading.Event()
+
+    @property
+    def max_concurrency(self) -> int:
+        """Requests this model runs at once; the API admits no more (a batching LM raises it)."""
+        return 1
 
     @property
     def name(self) -> str:
@@ -116,8 +122,12 @@ class LoadedModel:
 
 
 def load_model(bundle: VerifiedBundle, *, threads: int | None = None,
-               providers: list[str] | None = None, spin: bool = True, huge_pages: bool = True) -> LoadedModel:
-    """Open a session for a verified bundle (not re-verified here) and wrap it for its task."""
+               providers: list[str] | None = None, spin: bool = True, huge_pages: bool = True,
+               batching: BatchPolicy | None = None) -> LoadedModel:
+    """Open a session for a verified bundle (not re-verified here) and wrap it for its task.
+
+    `batching`: how a text-generation model shares decode steps among concurrent requests (None: one
+    request at a time)."""
     from agent.runtime.encoders import ClassificationModel, EmbeddingModel
     from agent.runtime.generation import TextGenerationModel
     from agent.runtime.session import create_session
@@ -131,4 +141,6 @@ def load_model(bundle: VerifiedBundle, *, threads: int | None = None,
         from agent.runtime.static_generation import StaticTextGenerationModel  # NPU bundles: host-side KV cache
 
         cls = StaticTextGenerationModel
+    if cls is TextGenerationModel and batching is not None:
+        return TextGenerationModel(bundle, choice, batching=batching)
     return cls(bundle, choice)

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from agent.bundle import BundleError, Manifest, TrustedKeys, VerifiedBundle, unpack
 from agent.bundle.archive import archive_ceiling
+from agent.runtime.batch_policy import BatchPolicy
 from agent.protocol import (
     AckMessage,
     BundleRef,
@@ -77,6 +78,7 @@ class UpdateConfig:
     threads: int | None = None
     spin: bool = True  # inference threads spin-wait (agent setting runtime.spin_wait)
     huge_pages: bool = True  # weights on 2 MiB pages after loading (agent setting runtime.huge_pages)
+    batching: BatchPolicy | None = None  # concurrent generations batched (api.max_batch, runtime.kv_cache_mb)
     download: DownloadOptions = DownloadOptions()
     disk_margin_bytes: int = 16 * 1024 * 1024
     smoke_timeout_s: float = 120.0
@@ -517,8 +519,8 @@ class UpdateManager:
         if rec.kind == "deploy":
             req, err, p95 = self.host.stats.window(time.time() - self.config.baseline_window_s)
             rec.baseline = {"requests": float(req), "errors": float(err), **({"p95_ms": p95} if p95 is not None else {})}
-        new = self._load(vb, threads=self.config.threads, providers=self.config.providers,
-                                    spin=self.config.spin, huge_pages=self.config.huge_pages)  # loaded BEFORE the swap
+        new = self._load(vb, threads=self.config.threads, providers=self.config.providers, spin=self.config.spin,
+                         huge_pages=self.config.huge_pages, batching=self.config.batching)  # loaded BEFORE the swap
         crash_point("switch:before_rename")
         self.store.switch(sha, rec.restore_sha if rec.kind == "deploy" else None)
         crash_point("switch:after_rename")
@@ -599,7 +601,8 @@ class UpdateManager:
     def _load_verified(self, sha: str) -> Any:
         """Load stored bundle `sha` for serving, its files checked first (_verified_bundle)."""
         return self._load(self._verified_bundle(sha), threads=self.config.threads, providers=self.config.providers,
-                          spin=self.config.spin, huge_pages=self.config.huge_pages)
+                          spin=self.config.spin, huge_pages=self.config.huge_pages,
+                          batching=self.config.batching)
 
     def _fall_back(self, broken: str, previous: str | None, exc: Exception) -> Any:
         """The active bundle cannot serve: load the previous one, make it active (with no previous,

@@ -50,6 +50,18 @@ class ApiCollector(Collector):
             ("edgeship_decode_seconds", "Time spent in decode.", float(t["decode_seconds"])),
         ):
             yield CounterMetricFamily(name, help_, value=value)
+        batcher = getattr(model, "batcher", None)
+        if batcher is not None:  # a text-generation model batching its decode steps (agent/runtime/batching.py)
+            yield GaugeMetricFamily("edgeship_batch_sequences", "Generations in the running batch.",
+                                    value=batcher.running)
+            yield GaugeMetricFamily("edgeship_batch_waiting", "Generations admitted but waiting for KV room.",
+                                    value=batcher.waiting)
+            yield CounterMetricFamily("edgeship_batch_steps", "Batched decode steps run.", value=batcher.steps)
+            yield CounterMetricFamily("edgeship_batch_tokens", "Tokens those steps decoded.",
+                                      value=batcher.batched_tokens)
+            yield CounterMetricFamily("edgeship_batch_preemptions",
+                                      "Generations set aside (KV into the prefix cache) because the KV pool was full.",
+                                      value=batcher.preempted)
         yield GaugeMetricFamily("edgeship_queue_depth", "Requests waiting for a slot.", value=s.queue_depth)
         yield GaugeMetricFamily("edgeship_requests_running", "Requests holding a slot.", value=self.running())
         buckets, cumulative = [], 0

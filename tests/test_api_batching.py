@@ -1,0 +1,100 @@
+"""The API in front of a batching model: concurrent requests share decode steps, answer as they would
+alone, and a full KV pool makes requests wait or get 503, never a crash."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+
+from agent.api import ApiServer
+from agent.bundle import TrustedKeys, open_bundle
+from agent.runtime import ModelHost, load_model
+from agent.runtime.batch_policy import BatchPolicy
+from tests.support.lm_bundle import make_gqa_lm_bundle
+
+MODEL = "tiny-gqa"
+PER_POSITION = 2 * 2 * 16 * 4  # the tiny model's KV bytes per position
+
+
+@pytest.fixture(scope="module")
+def vb(tmp_path_factory, keypair):
+    d = tmp_path_factory.mktemp("gqa-api")
+    make_gqa_lm_bundle(d, keypair[0], shared_kv=True)
+    return open_bundle(d, TrustedKeys.from_paths([keypair[1]]))
+
+
+def _serve(model, **kwargs) -> ApiServer:
+    server = ApiServer(ModelHost(model), port=0, **kwargs)
+    server.start()
+    return server
+
+
+def _post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    out: list = [None] * len(bodies)
+    start = threading.Barrier(len(bodies))
+
+    def work(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            start.wait()
+            out[i] = c.post("/v1/completions", json=bodies[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    return out
+
+
+def _metric(c: httpx.Client, name: str) -> float:
+    line = next(x for x in c.get("/metrics").text.splitlines() if x.startswith(name + " "))
+    return float(line.split()[1])
+
+
+def test_concurrent_requests_share_decode_steps_and_answer_as_alone(vb):
+    alone = load_model(vb)
+    model = load_model(vb, batching=BatchPolicy(max_batch=4))
+    prompts = ["The capital of France is", "One two three", "Hello there, how are", "Tell me a story about"]
+    bodies = [{"model": MODEL, "prompt": p, "max_tokens": 30, "ignore_eos": True, "temperature": 0} for p in prompts]
+    server = _serve(model, slots=4, queue_size=8)
+    try:
+        got = _post_all(server.url, bodies)
+        assert [r.status_code for r in got] == [200] * 4
+        for p, r in zip(prompts, got):
+            ref = alone.generate(p, max_tokens=30, ignore_eos=True, use_prefix_cache=False)
+            ref.run()
+            assert r.json()["choices"][0]["text"] == ref.text
+            assert r.json()["usage"]["completion_tokens"] == 30
+        with httpx.Client(base_url=server.url) as c:
+            steps, tokens = _metric(c, "edgeship_batch_steps_total"), _metric(c, "edgeship_batch_tokens_total")
+            assert tokens / steps > 1.5  # requests ran together
+            assert _metric(c, "edgeship_batch_sequences") == 0
+    finally:
+        server.stop(1)
+        model.close()
+        alone.close()
+
+
+def test_a_full_kv_pool_makes_requests_wait_or_get_503_never_a_crash(vb):
+    # room for one prompt and its answer at a time: the others wait in the scheduler or the queue
+    model = load_model(vb, batching=BatchPolicy(max_batch=4, kv_cache_mb=60 * PER_POSITION / 2**20))
+    server = _serve(model, slots=4, queue_size=2, request_timeout_s=60)
+    body = {"model": MODEL, "prompt": "One two three", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+    try:
+        got = _post_all(server.url, [body] * 9)
+        codes = sorted(r.status_code for r in got)
+        assert set(codes) <= {200, 503} and codes.count(200) >= 4 and 503 in codes, codes
+        refused = next(r for r in got if r.status_code == 503)
+        assert refused.headers["Retry-After"] and refused.json()["error"]["code"] == "overloaded"
+        answers = {r.json()["choices"][0]["text"] for r in got if r.status_code == 200}
+        assert len(answers) == 1  # each capped to what the pool holds, and all the same
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            long = c.post("/v1/completions", json={**body, "prompt": list(range(5, 75))})  # 70 tokens
+            assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+            assert "kv_cache_mb" in long.json()["error"]["message"]
+            assert c.post("/v1/completions", json=body).status_code == 200  # still serving
+    finally:
+        server.stop(1)
+        model.close()

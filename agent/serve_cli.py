@@ -22,7 +22,12 @@ from agent.serve import DEFAULT_PORT
 @click.option("--threads", type=int, default=None, help="Inference threads (default: detected).")
 @click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A file holding a bearer token; every route but /healthz then requires it.")
-def cli(path: str, host: str, port: int, keys: tuple[Path, ...], threads: int | None, token_file: Path | None) -> None:
+@click.option("--max-batch", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Generations decoded together (1: one request at a time).")
+@click.option("--kv-cache-mb", type=click.IntRange(16, 1 << 20), default=512, show_default=True,
+              help="KV memory of the batched generations; a request that does not fit waits.")
+def cli(path: str, host: str, port: int, keys: tuple[Path, ...], threads: int | None, token_file: Path | None,
+        max_batch: int, kv_cache_mb: int) -> None:
     """Serve a bundle directory or .tar (or, with the export extra, a hub id or .gguf) until Ctrl-C."""
     from agent.api import ApiServer
     from agent.bundle import TrustedKeys
@@ -50,13 +55,14 @@ def cli(path: str, host: str, port: int, keys: tuple[Path, ...], threads: int | 
                 source, key = export_cached(path, announce=lambda line: click.echo(line, err=True))
                 trusted = TrustedKeys.from_paths([key, *keys])
             opened = open_for_serving(source, trusted, workdir=Path(tmp))
-            model = load_model(opened.bundle, threads=threads, batching=BatchPolicy())
+            batching = BatchPolicy(max_batch=max_batch, kv_cache_mb=kv_cache_mb)
+            model = load_model(opened.bundle, threads=threads, batching=batching)
         except ServeError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         if not opened.signature_checked:
             click.echo("note: the signature was not checked (no --trusted-key); every file's hash was", err=True)
-        server = ApiServer(ModelHost(model), host_addr=host, port=port, token=token, slots=BatchPolicy().max_batch)
+        server = ApiServer(ModelHost(model), host_addr=host, port=port, token=token, slots=max_batch)
         try:
             server.start()
         except OSError as exc:

@@ -225,3 +225,38 @@ def test_policy_values_are_checked():
     for bad in (dict(max_batch=0), dict(kv_cache_mb=0), dict(prefill_chunk=0)):
         with pytest.raises(ValueError, match="max_batch|kv_cache_mb|prefill_chunk"):
             BatchPolicy(**bad)
+
+
+def test_the_real_smollm2_answers_the_same_batched_as_alone(monkeypatch):
+    """The real SmolLM2-135M-Instruct Q4_1 bundle (exported once into the test cache, as the agent
+    fixture does): four chats decoded together give each its greedy answer from running alone."""
+    from agent import serve
+    from tests.support.models import cache_dir, smollm2_gguf_path
+
+    monkeypatch.setenv("EDGESHIP_CACHE", str(cache_dir()))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path, key = serve.export_cached(str(smollm2_gguf_path()))
+    vb = open_bundle(path, TrustedKeys.from_paths([key]))
+    chats = [[{"role": "user", "content": q}] for q in (
+        "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+        "Explain gravity to a child in one paragraph.")]
+    alone, model = load_model(vb), load_model(vb, batching=BatchPolicy(max_batch=4))
+    try:
+        expected = [_ids(alone.generate(messages=c, max_tokens=48, ignore_eos=True, use_prefix_cache=False))
+                    for c in chats]
+        out: list = [None] * len(chats)
+
+        def work(i: int) -> None:
+            time.sleep(0.03 * i)  # they join one after another, between steps
+            out[i] = _ids(model.generate(messages=chats[i], max_tokens=48, ignore_eos=True, use_prefix_cache=False))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(chats))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert out == expected
+        assert model.batcher.batched_tokens / model.batcher.steps > 1.5
+    finally:
+        model.close()
+        alone.close()

@@ -14,6 +14,7 @@ from exporter.gguf.arch import decoder_config, decoder_weights
 from exporter.graph.decoder import Attention, DecoderConfig, ExternalData, build_decoder, io_names
 from exporter.gguf.levels import DEFAULT_POLICY, AccuracyPolicy
 from exporter.gguf.reader import GgufFile
+from exporter.gguf.reference import tensor_map
 from exporter.gguf.tokenizer import load_tokenizer
 
 MODEL_NAME = "model.onnx"
@@ -62,6 +63,7 @@ def export_gguf(gguf_path: Path, out_dir: Path, *, accuracy_level: int | str | A
     say = progress or (lambda _msg: None)
     g = GgufFile(Path(gguf_path))
     cfg = decoder_config(g)
+    tensor_map(g, cfg)  # every tensor the architecture needs is there (the graph takes a missing bias for none)
     say(f"reading {g.path.name}: {cfg.architecture}, {cfg.num_layers} layers")
     weights = decoder_weights(g, cfg)
 

@@ -674,13 +674,13 @@ def test_gguf_with_a_missing_tensor_is_one_line(tmp_path, keypair):
 def test_export_api_of_an_unknown_gguf_architecture_is_one_line(tmp_path, keypair):
     from exporter import export
 
-    w = gguf.GGUFWriter(tmp_path / "m.gguf", "mamba")
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", "rwkv6")  # neither arch.py nor transformers reads it
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedArchitecture, match="'mamba'.*supported: llama, qwen2") as info:
+    with pytest.raises(UnsupportedArchitecture, match="'rwkv6'.*supported: llama, qwen2") as info:
         export(tmp_path / "m.gguf", out=tmp_path / "bundle", key=keypair[0], benchmark=False)
     assert "\n" not in str(info.value)

@@ -9,6 +9,9 @@ gemma's 1 + w norms) and loads the state dict strictly: every parameter filled, 
 
     load_config(path)   the transformers config (transformers' own where it reads the file)
     load_model(path)    the float32 transformers model of the file, in eval mode
+
+Architectures arch.py does not build but transformers reads (falcon, bloom, ...) keep transformers' loader:
+`--requantize` exports those; the exact path refuses them in export_gguf with the supported list.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from exporter.errors import SourceError, UnsupportedArchitecture
-from exporter.gguf.arch import MODEL_TYPES, unpermute_rows, decoder_config
+from exporter.gguf.arch import MODEL_TYPES, SUPPORTED_ARCHITECTURES, decoder_config, unpermute_rows
 from exporter.gguf.reader import GgufFile
 from exporter.graph.decoder import DecoderConfig
 
@@ -42,36 +45,48 @@ def transformers_reads(cfg: DecoderConfig) -> bool:
 def load_config(path: Path) -> Any:
     """The transformers config of the GGUF at `path`, after checking it holds every tensor its model needs."""
     g = GgufFile(path)
-    cfg = decoder_config(g)
-    tensor_map(g, cfg)
-    if transformers_reads(cfg):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = _ours(g)
+    if cfg is None:
         from transformers import AutoConfig
 
-        try:
-            return AutoConfig.from_pretrained(g.path.parent, gguf_file=g.path.name, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise SourceError(f"transformers cannot read the config of {g.path.name}: {exc}") from None
+        return _by_transformers(g, "config", lambda: AutoConfig.from_pretrained(
+            g.path.parent, gguf_file=g.path.name, local_files_only=True))
     return hf_config(g, cfg)
 
 
 def load_model(path: Path) -> Any:
     """The float32 transformers model of the GGUF at `path` (eval mode)."""
-    import torch
-
     g = GgufFile(path)
-    cfg = decoder_config(g)
-    names = tensor_map(g, cfg)
-    if transformers_reads(cfg):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = _ours(g)
+    if cfg is None:
+        import torch
         from transformers import AutoModelForCausalLM
 
-        try:
-            return AutoModelForCausalLM.from_pretrained(g.path.parent, gguf_file=g.path.name, dtype=torch.float32,
-                                                        local_files_only=True).eval()
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise SourceError(f"transformers cannot load {g.path.name}: {exc}") from None
-    return _own_model(g, cfg, names)
+        return _by_transformers(g, "model", lambda: AutoModelForCausalLM.from_pretrained(
+            g.path.parent, gguf_file=g.path.name, dtype=torch.float32, local_files_only=True)).eval()
+    return _own_model(g, cfg, tensor_map(g, cfg))
+
+
+def _ours(g: GgufFile) -> DecoderConfig | None:
+    """arch.py's config of the file where this module builds its model; None where transformers' loader does."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    if g.architecture not in SUPPORTED_ARCHITECTURES and g.architecture in GGUF_SUPPORTED_ARCHITECTURES \
+            and g.architecture not in ("general", "tokenizer"):  # sections of transformers' table, not models
+        return None
+    cfg = decoder_config(g)  # an unknown architecture: one line naming the supported ones
+    tensor_map(g, cfg)
+    return None if transformers_reads(cfg) else cfg
+
+
+def _by_transformers(g: GgufFile, what: str, load: Callable[[], Any]) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return load()
+    except Exception as exc:  # its GGUF code raises ValueError, KeyError, RuntimeError, ... on files it cannot take
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SourceError(f"transformers cannot read the {what} of {g.path.name} ({first}); "
+                          "export the original Hugging Face model instead") from None
 
 
 def hf_config(g: GgufFile, cfg: DecoderConfig) -> Any:

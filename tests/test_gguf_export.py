@@ -631,6 +631,19 @@ def test_reference_of_a_float_gguf_is_the_original_checkpoint(arch, tmp_path):
     assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_own_reference_equals_transformers_gguf_loader(arch, tmp_path):
+    """Where transformers reads the file, reference.py's own build of it (llama: q/k rows un-permuted) is the same model."""
+    from exporter.gguf.reference import load_model, own_model
+
+    path, _ = write_tiny_gguf(arch, tmp_path)
+    ours, theirs = own_model(path), load_model(path)
+    assert type(ours) is type(theirs)
+    ids = torch.from_numpy(np.random.default_rng(4).integers(3, 512, size=(1, 24)))
+    with torch.no_grad():
+        np.testing.assert_array_equal(ours(ids).logits.numpy(), theirs(ids).logits.numpy())
+
+
 @pytest.mark.parametrize("arch", OWN_REFERENCE)
 def test_export_api_of_a_gguf_transformers_cannot_read(arch, tmp_path, keypair):
     """`exporter.export(file.gguf)` of phi2 / gptneox / gemma2 / gemma / qwen3 (quantized blocks): the gate's reference is reference.py's

@@ -9,6 +9,7 @@ gemma's 1 + w norms) and loads the state dict strictly: every parameter filled, 
 
     load_config(path)   the transformers config (transformers' own where it reads the file)
     load_model(path)    the float32 transformers model of the file, in eval mode
+    own_model(path)     the same built by this module, whichever loader load_model takes (tests compare them)
 
 Architectures arch.py does not build but transformers reads (falcon, bloom, ...) keep transformers' loader:
 `--requantize` exports those; the exact path refuses them in export_gguf with the supported list.
@@ -64,6 +65,13 @@ def load_model(path: Path) -> Any:
 
         return _by_transformers(g, "model", lambda: AutoModelForCausalLM.from_pretrained(
             g.path.parent, gguf_file=g.path.name, dtype=torch.float32, local_files_only=True)).eval()
+    return _own_model(g, cfg, tensor_map(g, cfg))
+
+
+def own_model(path: Path) -> Any:
+    """The float32 transformers model of the GGUF at `path` as this module builds it (eval mode)."""
+    g = GgufFile(path)
+    cfg = decoder_config(g)
     return _own_model(g, cfg, tensor_map(g, cfg))
 
 
@@ -123,8 +131,6 @@ def hf_config(g: GgufFile, cfg: DecoderConfig) -> Any:
                       attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)
         if arch == "phi3":
             kw["original_max_position_embeddings"] = cfg.max_context
-        if arch == "qwen2":
-            kw["attention_bias"] = g.has("blk.0.attn_q.bias")
     config = AutoConfig.for_model(MODEL_TYPES.get(arch, arch), **common, **kw)
     if arch == "gemma2":  # softcapping: transformers' sdpa and flash paths leave it out
         config._attn_implementation = "eager"
@@ -141,16 +147,9 @@ def tensor_map(g: GgufFile, cfg: DecoderConfig) -> TensorMap:
     return names
 
 
-def state_dict(g: GgufFile, cfg: DecoderConfig) -> dict[str, np.ndarray]:
-    """The transformers state dict of the GGUF, dequantized to float32."""
-    out = {}
-    for hf_name, (gguf_name, fix) in tensor_map(g, cfg).items():
-        value = g.dense(gguf_name)
-        out[hf_name] = np.ascontiguousarray(value if fix is None else fix(value), dtype=np.float32)
-    return out
-
-
 def _own_model(g: GgufFile, cfg: DecoderConfig, names: TensorMap) -> Any:
+    """The model built from hf_config, every entry of its state dict filled from the GGUF (strict: none left
+    empty, no tensor map entry left over), one tensor dequantized at a time (peak: the model plus one tensor)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
@@ -159,16 +158,20 @@ def _own_model(g: GgufFile, cfg: DecoderConfig, names: TensorMap) -> Any:
     with no_init_weights():  # every parameter is overwritten below
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                  attn_implementation=config._attn_implementation)
-    state = {k: torch.from_numpy(v) for k, v in state_dict(g, cfg).items()}
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:3])
-        raise SourceError(f"{g.path.name}: a tensor's shape does not fit {type(model).__name__} built from its "
-                          f"metadata ({detail}); the metadata and tensors disagree") from None
-    if result.missing_keys or result.unexpected_keys:
+    state = model.state_dict()  # the live parameters' storage (tied ones under each name)
+    missing, extra = sorted(state.keys() - names.keys()), sorted(names.keys() - state.keys())
+    if missing or extra:
         raise SourceError(f"{g.path.name}: its tensors do not fill {type(model).__name__} (missing: "
-                          f"{', '.join(result.missing_keys) or 'none'}; left over: {', '.join(result.unexpected_keys) or 'none'})")
+                          f"{', '.join(missing) or 'none'}; left over: {', '.join(extra) or 'none'}); "
+                          "the file is not a model as llama.cpp converts it")
+    with torch.no_grad():
+        for hf_name, (gguf_name, fix) in names.items():
+            value = g.dense(gguf_name)
+            value = np.ascontiguousarray(value if fix is None else fix(value), dtype=np.float32)
+            if tuple(state[hf_name].shape) != value.shape:
+                raise SourceError(f"{g.path.name}: tensor {gguf_name!r} is {list(value.shape)}, but its metadata makes "
+                                  f"{hf_name} {list(state[hf_name].shape)}; the metadata and tensors disagree")
+            state[hf_name].copy_(torch.from_numpy(value))
     return model.eval()
 
 

@@ -666,6 +666,20 @@ def test_export_api_of_a_gguf_transformers_cannot_read(arch, tmp_path, keypair):
     assert m.quality.metrics["top1_agreement"] == 1.0
 
 
+def test_requantize_of_a_gguf_transformers_cannot_read(tmp_path, keypair):
+    """--requantize of a gptneox GGUF: reference.py's float model (and the metadata tokenizer) feed the optimum path,
+    whose int8 bundle passes the gate against that model."""
+    from agent.bundle import TrustedKeys, open_bundle
+    from exporter import export
+
+    (tmp_path / "src").mkdir()
+    path, _ = write_tiny_gguf("gpt_neox", tmp_path / "src")
+    res = export(path, out=tmp_path / "bundle", key=keypair[0], benchmark=False, requantize=True, quant="int8")
+    m = open_bundle(res.bundle, TrustedKeys.from_paths([keypair[1]])).manifest
+    assert m.quantization.recipe != "gguf-exact" and m.quantization.precision == "int8"
+    assert m.quality.status is QualityStatus.PASSED and "dequantized GGUF" in m.quality.reference
+
+
 def test_gguf_with_a_missing_tensor_is_one_line(tmp_path, keypair):
     """A GGUF lacking a tensor its architecture needs: one line naming it, from the library and from the CLI."""
     from exporter import export

@@ -64,6 +64,10 @@ class ResolvedSource:
             out["adapter"] = str(self.adapter)
         return out
 
+    @property
+    def gguf_path(self) -> Path | None:
+        return self.path / self.gguf_file if self.gguf_file else None
+
 
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
@@ -124,6 +128,10 @@ def _check_adapter(path: Path) -> Path:
 def load_config(src: ResolvedSource) -> Any:
     from transformers import AutoConfig
 
+    if src.gguf_path is not None:  # transformers' GGUF loader lacks some architectures (exporter/gguf/reference.py)
+        from exporter.gguf.reference import load_config as gguf_config
+
+        return gguf_config(src.gguf_path)
     try:
         return AutoConfig.from_pretrained(src.path, **src.load_kwargs)
     except ValueError as exc:
@@ -158,10 +166,15 @@ def load_causal_lm(src: ResolvedSource) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, **src.load_kwargs)
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"cannot load {src.spec} as a causal LM: {exc}") from None
+    if src.gguf_path is not None:
+        from exporter.gguf.reference import load_model
+
+        model = load_model(src.gguf_path)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, **src.load_kwargs)
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"cannot load {src.spec} as a causal LM: {exc}") from None
     if src.adapter:
         model = merge_adapter(model, src.adapter)
     model.eval()
@@ -182,6 +195,11 @@ def merge_adapter(model: Any, adapter: Path) -> Any:
 def load_tokenizer(src: ResolvedSource) -> Any:
     from transformers import AutoTokenizer
 
+    if src.gguf_path is not None:
+        from exporter.gguf.reader import GgufFile
+        from exporter.gguf.tokenizer import load_tokenizer as gguf_tokenizer
+
+        return gguf_tokenizer(GgufFile(src.gguf_path))
     try:
         return AutoTokenizer.from_pretrained(src.path, **src.load_kwargs)
     except (OSError, ValueError, TypeError) as exc:  # TypeError: a GGUF's tokenizer.* fields its converter cannot read

@@ -113,10 +113,11 @@ GGUF_OVERRIDES = {"gemma2": dict(query_pre_attn_scalar=16, attn_logit_softcappin
                                  attn_implementation="eager")}
 
 
-def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0,
-                    linear_types: dict[str, QT] | None = None, rope_scaling: dict | None = None) -> tuple[Path, object]:
-    """A GGUF of tiny_model(arch), written the way llama.cpp's converter writes that architecture,
-    and the HF model holding exactly the GGUF's (dequantized) weights: the float reference."""
+def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0, head_type: QT = QT.Q8_0,
+                    linear_types: dict[str, QT] | None = None, rope_scaling: dict | None = None,
+                    leave_out: tuple[str, ...] = ()) -> tuple[Path, object]:
+    """A GGUF of tiny_model(arch), written the way llama.cpp's converter writes that architecture (but for the
+    tensors named in `leave_out`), and the HF model holding exactly the GGUF's (dequantized) weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = _tiny_gguf_source(arch)
@@ -184,21 +185,23 @@ def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0,
         exact[hf_name] = dequantize(blocks, qtype)
         if permute_heads is not None:
             blocks = _llama_permute(blocks, permute_heads)
-        w.add_tensor(name, blocks if rows is None else blocks[rows], raw_dtype=qtype)
+        if name not in leave_out:
+            w.add_tensor(name, blocks if rows is None else blocks[rows], raw_dtype=qtype)
 
     def linear(name: str, kind: str, hf_name: str, permute_heads: int | None = None,
                rows: np.ndarray | None = None) -> None:
         quantized(name, hf_name, (linear_types or LINEAR_TYPES)[kind], permute_heads, rows)
 
     def f32(name: str, value: np.ndarray) -> None:
-        w.add_tensor(name, value.astype(np.float32))
+        if name not in leave_out:
+            w.add_tensor(name, value.astype(np.float32))
 
     if rope_scaling is not None:
         f32("rope_freqs.weight", _llama3_rope_factors(rope_scaling, head_dim, getattr(cfg, "rope_theta", 10000.0)))
     if arch in GGUF_ARCH:
-        _layer_norm_tensors(arch, cfg, sd, quantized, linear, f32, embed_type)
+        _layer_norm_tensors(arch, cfg, sd, quantized, linear, f32, embed_type, head_type)
     else:
-        _rms_norm_tensors(arch, cfg, sd, quantized, linear, f32, embed_type)
+        _rms_norm_tensors(arch, cfg, sd, quantized, linear, f32, embed_type, head_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -210,7 +213,7 @@ def write_tiny_gguf(arch: str, out: Path, *, embed_type: QT = QT.Q8_0,
     return path, model.eval()
 
 
-def _layer_norm_tensors(arch, cfg, sd, quantized, linear, f32, embed_type) -> None:
+def _layer_norm_tensors(arch, cfg, sd, quantized, linear, f32, embed_type, head_type) -> None:
     """phi2 and gptneox as llama.cpp's converter writes them: biases kept, gptneox's qkv rows as q|k|v."""
     def norm(name: str, hf: str) -> None:
         f32(name + ".weight", sd[hf + ".weight"])
@@ -225,7 +228,7 @@ def _layer_norm_tensors(arch, cfg, sd, quantized, linear, f32, embed_type) -> No
                           else ("model.embed_tokens", "model.final_layernorm", "lm_head"))
     quantized("token_embd.weight", embed + ".weight", embed_type)
     norm("output_norm", final)
-    quantized("output.weight", head + ".weight", QT.Q8_0)
+    quantized("output.weight", head + ".weight", head_type)
     if head + ".bias" in sd:
         f32("output.bias", sd[head + ".bias"])
     for i in range(cfg.num_hidden_layers):
@@ -250,12 +253,12 @@ def _layer_norm_tensors(arch, cfg, sd, quantized, linear, f32, embed_type) -> No
             biased(g + "ffn_down", "ffn_down", p + "mlp.fc2")
 
 
-def _rms_norm_tensors(arch, cfg, sd, quantized, linear, f32, embed_type) -> None:
+def _rms_norm_tensors(arch, cfg, sd, quantized, linear, f32, embed_type, head_type) -> None:
     norm_shift = 1.0 if arch.startswith("gemma") else 0.0  # llama.cpp stores gemma's norms as 1 + w
     quantized("token_embd.weight", "model.embed_tokens.weight", embed_type)
     f32("output_norm.weight", sd["model.norm.weight"] + norm_shift)
     if "lm_head.weight" in sd and not cfg.tie_word_embeddings:
-        quantized("output.weight", "lm_head.weight", QT.Q8_0)
+        quantized("output.weight", "lm_head.weight", head_type)
     for i in range(cfg.num_hidden_layers):
         p, g = f"model.layers.{i}.", f"blk.{i}."
         f32(g + "attn_norm.weight", sd[p + "input_layernorm.weight"] + norm_shift)
@@ -602,14 +605,109 @@ def test_export_api_takes_the_two_pass_level_for_a_gguf(tmp_path, keypair):
     assert details["accuracy_levels"]["two_pass_min_weights"] == TWO_PASS_POLICY.two_pass_min_weights == 1 << 22
 
 
-@pytest.mark.parametrize("arch", ["phi", "gpt_neox"])
-def test_export_api_of_a_gguf_transformers_cannot_read_is_one_line(arch, tmp_path, keypair):
-    """export_gguf builds phi2 / gptneox files (above), but the gate's float reference is transformers' own load of
-    the GGUF, which 4.57 lacks for them: export() stops before any work with one line naming the architecture."""
+# transformers 4.57 has no GGUF loader for phi2, gptneox and gemma, reads gemma2's with query_pre_attn_scalar 256
+# (llama.cpp does not store it) and qwen3's with head_dim 128 (the tiny one has 16): their float reference is
+# exporter/gguf/reference.py's model of the file
+OWN_REFERENCE = ["phi", "gpt_neox", "gemma2", "gemma", "qwen3"]
+FLOAT_LINEARS = dict.fromkeys(LINEAR_TYPES, QT.F32)
+
+
+@pytest.mark.parametrize("arch", OWN_REFERENCE)
+def test_reference_of_a_float_gguf_is_the_original_checkpoint(arch, tmp_path):
+    """reference.py's model of a GGUF written from float32 tensors computes the original checkpoint's logits: the
+    config from the metadata, llama.cpp's names mapped back, gptneox's qkv rows per head again, gemma2's 1 + w undone."""
+    from transformers import AutoModelForCausalLM
+
+    from exporter.gguf.reference import load_config, load_model
+
+    path, _ = write_tiny_gguf(arch, tmp_path, embed_type=QT.F32, head_type=QT.F32, linear_types=FLOAT_LINEARS)
+    original = AutoModelForCausalLM.from_pretrained(_tiny_gguf_source(arch), dtype=torch.float32,
+                                                    **GGUF_OVERRIDES.get(arch, {})).eval()
+    ref = load_model(path)
+    assert type(ref) is type(original) and load_config(path).model_type == arch
+    ids = torch.from_numpy(np.random.default_rng(3).integers(3, 512, size=(1, 40)))
+    with torch.no_grad():
+        want, got = original(ids).logits.numpy(), ref(ids).logits.numpy()
+    assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_own_reference_equals_transformers_gguf_loader(arch, tmp_path):
+    """Where transformers reads the file, reference.py's own build of it (llama: q/k rows un-permuted) is the same model."""
+    from exporter.gguf.reference import load_model, own_model
+
+    path, _ = write_tiny_gguf(arch, tmp_path)
+    ours, theirs = own_model(path), load_model(path)
+    assert type(ours) is type(theirs)
+    ids = torch.from_numpy(np.random.default_rng(4).integers(3, 512, size=(1, 24)))
+    with torch.no_grad():
+        np.testing.assert_array_equal(ours(ids).logits.numpy(), theirs(ids).logits.numpy())
+
+
+@pytest.mark.parametrize("arch", OWN_REFERENCE)
+def test_export_api_of_a_gguf_transformers_cannot_read(arch, tmp_path, keypair):
+    """`exporter.export(file.gguf)` of phi2 / gptneox / gemma2 / gemma / qwen3 (quantized blocks): the gate's reference is reference.py's
+    model, which holds exactly the GGUF's dequantized weights; at level 0 the ONNX logits are that model's within float
+    noise, and the gate passes."""
+    from agent.bundle import TrustedKeys, open_bundle
+    from exporter import export
+    from exporter.gguf.reference import load_model
+
+    (tmp_path / "src").mkdir()
+    path, model = write_tiny_gguf(arch, tmp_path / "src")
+    ids = torch.from_numpy(np.random.default_rng(8).integers(3, 512, size=(1, 40)))
+    with torch.no_grad():
+        np.testing.assert_allclose(load_model(path)(ids).logits.numpy(), model(ids).logits.numpy(), atol=1e-5, rtol=0)
+    res = export(path, out=tmp_path / "bundle", key=keypair[0], benchmark=False, accuracy_level=EXACT)
+    m = open_bundle(res.bundle, TrustedKeys.from_paths([keypair[1]])).manifest
+    assert m.quantization.recipe == "gguf-exact" and m.model.architecture == GGUF_ARCH.get(arch, arch)
+    assert m.quality.status is QualityStatus.PASSED and "dequantized GGUF" in m.quality.reference
+    assert m.quality.metrics["logits_abs_diff"] <= 1e-4, m.quality.metrics
+    assert m.quality.metrics["top1_agreement"] == 1.0
+
+
+def test_requantize_of_a_gguf_transformers_cannot_read(tmp_path, keypair):
+    """--requantize of a gptneox GGUF: reference.py's float model (and the metadata tokenizer) feed the optimum path,
+    whose int8 bundle passes the gate against that model."""
+    from agent.bundle import TrustedKeys, open_bundle
     from exporter import export
 
     (tmp_path / "src").mkdir()
-    path, _ = write_tiny_gguf(arch, tmp_path / "src")
-    with pytest.raises(SourceError, match=f"architecture {GGUF_ARCH[arch]} is not supported yet") as info:
+    path, _ = write_tiny_gguf("gpt_neox", tmp_path / "src")
+    res = export(path, out=tmp_path / "bundle", key=keypair[0], benchmark=False, requantize=True, quant="int8")
+    m = open_bundle(res.bundle, TrustedKeys.from_paths([keypair[1]])).manifest
+    assert m.quantization.recipe != "gguf-exact" and m.quantization.precision == "int8"
+    assert m.quality.status is QualityStatus.PASSED and "dequantized GGUF" in m.quality.reference
+
+
+def test_gguf_with_a_missing_tensor_is_one_line(tmp_path, keypair):
+    """A GGUF lacking a tensor its architecture needs: one line naming it, from the library and from the CLI."""
+    from exporter import export
+    from tests.test_exporter_cli import run
+
+    (tmp_path / "src").mkdir()
+    path, _ = write_tiny_gguf("gpt_neox", tmp_path / "src", leave_out=("blk.1.ffn_up.bias",))
+    with pytest.raises(SourceError, match=r"tensor 'blk.1.ffn_up.bias' is missing") as info:
         export(path, out=tmp_path / "bundle", key=keypair[0], benchmark=False)
+    assert "\n" not in str(info.value)
+    with pytest.raises(SourceError, match=r"tensor 'blk.1.ffn_up.bias' is missing"):
+        export_gguf(path, tmp_path / "out")
+    p = run(str(path), "--out", str(tmp_path / "b"), "--key", str(keypair[0]))
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert [line for line in p.stderr.splitlines() if line.startswith("error:")] == [f"error: {info.value}"]
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_api_of_an_unknown_gguf_architecture_is_one_line(tmp_path, keypair):
+    from exporter import export
+
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", "rwkv6")  # neither arch.py nor transformers reads it
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedArchitecture, match="'rwkv6'.*supported: llama, qwen2") as info:
+        export(tmp_path / "m.gguf", out=tmp_path / "bundle", key=keypair[0], benchmark=False)
     assert "\n" not in str(info.value)

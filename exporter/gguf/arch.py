@@ -49,7 +49,7 @@ def decoder_config(g: GgufFile) -> DecoderConfig:
     heads = int(m("attention.head_count"))
     kv_heads = int(m("attention.head_count_kv", heads))
     head_dim = int(m("attention.key_length", hidden // heads))
-    vocab = int(g.tensors["token_embd.weight"].shape[1])
+    vocab = int(g.tensor("token_embd.weight").shape[1])
     if g.has("rope_factors_long.weight") or g.meta(f"{arch}.rope.scaling.type") not in (None, "none", "linear") \
             or float(g.meta(f"{arch}.rope.scaling.factor", 1.0) or 1.0) != 1.0:
         if not (arch == "llama" and g.has("rope_freqs.weight")):
@@ -86,7 +86,7 @@ def decoder_config(g: GgufFile) -> DecoderConfig:
     )
 
 
-def _unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
+def unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
     """Row order that undoes llama.cpp's q/k permutation: HF row (h, a, j) is GGUF row (h, j, a)."""
     head_dim = n_rows // n_heads
     return np.arange(n_rows).reshape(n_heads, head_dim // 2, 2).swapaxes(1, 2).reshape(n_rows)
@@ -96,8 +96,8 @@ def decoder_weights(g: GgufFile, cfg: DecoderConfig) -> DecoderWeights:
     arch = cfg.architecture
     q_rows = k_rows = None
     if arch == "llama":
-        q_rows = _unpermute_rows(cfg.num_heads * cfg.head_dim, cfg.num_heads)
-        k_rows = _unpermute_rows(cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads)
+        q_rows = unpermute_rows(cfg.num_heads * cfg.head_dim, cfg.num_heads)
+        k_rows = unpermute_rows(cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads)
 
     def opt_vector(name: str) -> np.ndarray | None:
         return g.vector(name) if g.has(name) else None

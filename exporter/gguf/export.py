@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -10,11 +9,13 @@ from typing import Callable
 import onnx
 
 from agent.bundle import ModelSpec, Quantization
-from exporter.errors import ConversionError, ExportError, SourceError
+from exporter.errors import ConversionError, ExportError
 from exporter.gguf.arch import decoder_config, decoder_weights
 from exporter.graph.decoder import Attention, DecoderConfig, ExternalData, build_decoder, io_names
 from exporter.gguf.levels import DEFAULT_POLICY, AccuracyPolicy
 from exporter.gguf.reader import GgufFile
+from exporter.gguf.reference import tensor_map
+from exporter.gguf.tokenizer import load_tokenizer
 
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
@@ -62,6 +63,7 @@ def export_gguf(gguf_path: Path, out_dir: Path, *, accuracy_level: int | str | A
     say = progress or (lambda _msg: None)
     g = GgufFile(Path(gguf_path))
     cfg = decoder_config(g)
+    tensor_map(g, cfg)  # every tensor the architecture needs is there (the graph takes a missing bias for none)
     say(f"reading {g.path.name}: {cfg.architecture}, {cfg.num_layers} layers")
     weights = decoder_weights(g, cfg)
 
@@ -118,16 +120,8 @@ def _precision(g: GgufFile) -> str:
 
 def _save_tokenizer(g: GgufFile, out_dir: Path) -> tuple[list[Path], dict]:
     """transformers builds the tokenizer (and chat template) from the GGUF; special ids come from its metadata."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
     before = set(out_dir.iterdir())
-    try:
-        tok = AutoTokenizer.from_pretrained(g.path.parent, gguf_file=g.path.name)
-    except (ValueError, TypeError):  # transformers refuses some architectures (gemma) it has no model mapping
-        tok = _tokenizer_from_metadata(g)  # for, or picks its converter by architecture (gemma2: sentencepiece)
-    except Exception as exc:
-        raise SourceError(f"{g.path.name}: transformers cannot build a tokenizer from its metadata ({exc})") from exc
+    tok = load_tokenizer(g)
     bos = g.meta("tokenizer.ggml.bos_token_id")
     eos = g.meta("tokenizer.ggml.eos_token_id")
     # transformers' GGUF conversion can mislabel the special tokens; the metadata's ids are the truth
@@ -150,29 +144,3 @@ def _save_tokenizer(g: GgufFile, out_dir: Path) -> tuple[list[Path], dict]:
     tok.save_pretrained(out_dir)
     written = sorted(p for p in out_dir.iterdir() if p not in before and p.name not in (MODEL_NAME, DATA_NAME))
     return written, {"eos_token_ids": eos_ids, "bos_token_id": None if bos is None else int(bos)}
-
-
-def _tokenizer_from_metadata(g: GgufFile):
-    """The tokenizer from the GGUF's tokenizer.* metadata through transformers' GGUF converters directly."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
-
-    fields = {}
-    for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items():
-        value = g.meta(f"tokenizer.{key}")
-        if value is not None:
-            fields[name] = value
-    kind = fields.get("tokenizer_type")
-    converter = {"gpt2": "gpt2", "llama": "gemma2" if g.architecture.startswith("gemma") else "llama"}.get(kind)
-    if converter is None or "tokens" not in fields:
-        raise SourceError(f"{g.path.name}: tokenizer type {kind!r} cannot be rebuilt from GGUF metadata; "
-                          "supported: gpt2 (byte-level BPE), llama (sentencepiece)")
-    try:
-        backend, extra = convert_gguf_tokenizer(converter, fields)
-    except Exception as exc:
-        raise SourceError(f"{g.path.name}: transformers cannot build a tokenizer from its metadata ({exc})") from exc
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **extra)
-    template = g.meta("tokenizer.chat_template")
-    if template is not None:
-        tok.chat_template = str(template)
-    return tok

@@ -1,4 +1,5 @@
-"""Quality of an exact GGUF export against transformers' dequantized fp32 model of the same file.
+"""Quality of an exact GGUF export against the dequantized fp32 transformers model of the same file
+(exporter/gguf/reference.py: transformers' own GGUF loader where it reads the file, else ours).
 
 Metrics (agent.bundle.QualityReport):
     ppl_ref, ppl        perplexity of the reference and of the ONNX model on the evaluation text
@@ -93,15 +94,17 @@ class Reference:
 
 def gguf_reference(gguf_path: Path, tokenizer_dir: Path, *, eos_token_ids: list[int], text: str | None = None,
                    max_tokens: int = 1024, greedy_steps: int = 64) -> Reference:
-    """Run transformers' fp32 dequantization of the GGUF once (several exports can be judged against it)."""
+    """Run the fp32 dequantization of the GGUF once (several exports can be judged against it)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from exporter.gguf.reference import load_model
 
     gguf_path = Path(gguf_path)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = np.array(tok(text if text is not None else eval_text(), add_special_tokens=False)["input_ids"][:max_tokens])
-    ref_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    ref_model = load_model(gguf_path)
     with torch.no_grad():
         logits = ref_model(torch.from_numpy(ids)[None]).logits[0].numpy()
     prompt = tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True)
@@ -115,7 +118,7 @@ def gguf_reference(gguf_path: Path, tokenizer_dir: Path, *, eos_token_ids: list[
 def gguf_quality(gguf_path: Path, onnx_path: Path, tokenizer_dir: Path, *, eos_token_ids: list[int],
                  text: str | None = None, max_tokens: int = 1024, greedy_steps: int = 64, threads: int = 0,
                  thresholds: dict[str, float] | None = None, reference: Reference | None = None) -> QualityReport:
-    """Compare the exported model with transformers' fp32 dequantization of the same GGUF (`reference`, if
+    """Compare the exported model with the fp32 dequantization of the same GGUF (`reference`, if
     already computed with the same text and steps).
 
     Ten parameters: the three files plus the measurement's own knobs (text, lengths, threads, limits),
@@ -163,6 +166,6 @@ def judge(ref: Reference, logits: np.ndarray, answer: list[int], tokenizer_dir: 
     }
     return QualityReport(
         status=QualityStatus.FAILED if failures else QualityStatus.PASSED,
-        reference="transformers fp32, GGUF dequantized (gguf_file=)",
+        reference="transformers fp32, GGUF dequantized",
         metrics=metrics, thresholds=limits, failures=failures, details=details,
     )

@@ -75,18 +75,26 @@ class GgufFile:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
+    def tensor(self, name: str) -> Any:
+        """The gguf package's tensor `name`; a SourceError naming it when the file lacks it."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise SourceError(f"{self.path.name}: tensor {name!r} is missing; the file is incomplete or not a "
+                              f"{self.architecture or 'known'} model as llama.cpp writes it (re-convert or re-download it)")
+        return t
+
     def type_of(self, name: str) -> str:
-        return self.tensors[name].tensor_type.name
+        return self.tensor(name).tensor_type.name
 
     def vector(self, name: str) -> np.ndarray:
         """A 1-D float tensor (norm weights, biases, rope factors) as float32."""
-        t = self.tensors[name]
+        t = self.tensor(name)
         self.report.float[t.tensor_type.name] += 1
         return self._float(name).reshape(-1)
 
     def weight(self, name: str, *, rows: np.ndarray | None = None) -> BlockWeight | np.ndarray:
         """A 2-D weight [N, K] (ggml stores ne = [K, N]): exact blocks where the type maps, else float32."""
-        t = self.tensors[name]
+        t = self.tensor(name)
         kind = t.tensor_type.name
         k = int(t.shape[0])
         if kind in FORMATS:
@@ -100,11 +108,16 @@ class GgufFile:
         w = self._float(name).reshape(-1, k)
         return w if rows is None else w[rows]
 
+    def dense(self, name: str) -> np.ndarray:
+        """Any tensor dequantized to float32 in numpy's order ([N, K] for a weight), outside the type report."""
+        t = self.tensor(name)
+        return self._float(name).reshape(tuple(int(n) for n in reversed(t.shape)))
+
     def _float(self, name: str) -> np.ndarray:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        t = self.tensors[name]
+        t = self.tensor(name)
         kind = t.tensor_type.name
         data = np.asarray(t.data)
         if kind == "F32":

@@ -474,7 +474,8 @@ def test_a_smoke_test_over_the_device_latency_budget_fails(env):
 
 
 def test_a_clean_stop_mid_download_resumes_after_restart(env, broker, topic_prefix, keypair):
-    _, tar, sha = env.bundles.make("big", version="1.1.0", extra_files={"pad.bin": os.urandom(400_000)})
+    # 1.2 MB at 300 kB/s: still downloading seconds after the first progress event, even on a loaded machine
+    _, tar, sha = env.bundles.make("big", version="1.1.0", extra_files={"pad.bin": os.urandom(1_200_000)})
     env.srv.fault = Fault("slow", limit_bps=300_000, times=1)
     cid = env.deploy("big", tar=tar, sha=sha)
     env.ctl.wait(lambda m: m.type == "event" and m.command_id == cid and m.bytes_done, 20, "progress")

@@ -96,8 +96,21 @@ def test_a_prompt_prefilled_in_chunks_while_others_decode_answers_the_same(vb, a
         model.close()
 
 
+def _slow(model, seconds: float = 0.01):
+    """Every model call of the scheduler takes at least `seconds`: the tiny model's answers outlast the test's
+    checks (the scheduler decodes ahead of a slow reader)."""
+    run = model.batcher._run
+
+    def slow(*args):
+        time.sleep(seconds)
+        return run(*args)
+
+    model.batcher._run = slow
+
+
 def test_a_closed_answer_frees_its_row_for_the_next_request(vb, alone):
     model = _batched(vb, max_batch=2)
+    _slow(model)
     try:
         first = model.generate(PROMPTS[0], max_tokens=100, ignore_eos=True)
         second = model.generate(PROMPTS[1], max_tokens=100, ignore_eos=True)

@@ -270,6 +270,10 @@ def test_the_real_smollm2_answers_the_same_batched_as_alone(monkeypatch):
             t.join(120)
         assert out == expected
         assert model.batcher.batched_tokens / model.batcher.steps > 1.5
+        # idle again: the KV pool is freed and the bundle's file pages that generation mapped are unmapped
+        from agent.runtime.memory import file_mappings
+
+        _wait(lambda: model.batcher.pool.rows == 0 and sum(m[2] for m in file_mappings(vb.path)) == 0)
     finally:
         model.close()
         alone.close()

@@ -11,6 +11,9 @@ exact-acc0:   the same blocks, every MatMulNBits at level 0 (the lm_head's Q8_0 
 exact-o4:     the default policy with o_proj at level 4 too (passes SmolLM2's gate, spends half the
               greedy answer's near-tie margin): the next-fastest candidate, not the default
 exact-acc4:   the same blocks, every MatMulNBits at level 4 (int8 activations): fast, not the GGUF's math
+exact-gateup-o4, exact-mlp-o4, exact-body4-top16: per-class candidates for a default "at least llama.cpp's
+              class" (#20): gate/up and o_proj at level 4; all MLP and o_proj; the whole body; each with the
+              default's refined lm_head
 requant-int4: the same weights dequantized and requantized to MatMulNBits int4 asymmetric (uint8 zero
               points), block 32, level 4, lm_head included, embeddings in float: onnxruntime's usual int4
               recipe and the fastest int4 bundle of this model.
@@ -59,6 +62,14 @@ from exporter.gguf.repack import BlockWeight
 BASELINE = "requant-int4"
 TWO_PASS_ALL = dataclasses.replace(TWO_PASS_POLICY, two_pass_min_weights=0, name="two-pass-decode-all")
 O_PROJ_AT_4 = AccuracyPolicy({**DEFAULT_POLICY.levels, "attn_out": 4}, exact_top_k=DEFAULT_POLICY.exact_top_k, name="o_proj-at-4")
+# candidates for issue #20's "at least llama.cpp's class" default (ppl <= +0.5 %, top-1 >= 97 %): per-class levels,
+# the largest weights (gate/up) first, the lm_head refined as in the default
+MLP_IN_O_AT_4 = AccuracyPolicy({**DEFAULT_POLICY.levels, "attn_out": 4, "mlp_in": 4},
+                               exact_top_k=DEFAULT_POLICY.exact_top_k, name="gate-up-o-at-4")
+MLP_AT_4 = AccuracyPolicy({**DEFAULT_POLICY.levels, "attn_out": 4, "mlp_in": 4, "mlp_out": 4},
+                          exact_top_k=DEFAULT_POLICY.exact_top_k, name="mlp-o-at-4")
+BODY_AT_4 = AccuracyPolicy({c: 4 for c in DEFAULT_POLICY.levels}, exact_top_k=DEFAULT_POLICY.exact_top_k,
+                           name="body-at-4-top16")
 
 
 def requant_int4_asym(w: np.ndarray, block: int = 32) -> BlockWeight:
@@ -145,7 +156,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         exact = export_gguf(gguf_path, Path(tmp) / "exact")
         policies = {"exact-2pass": TWO_PASS_POLICY, "exact-2pass-all": TWO_PASS_ALL, "exact-acc0": 0,
-                    "exact-o4": O_PROJ_AT_4, "exact-acc4": 4}
+                    "exact-o4": O_PROJ_AT_4, "exact-acc4": 4, "exact-gateup-o4": MLP_IN_O_AT_4,
+                    "exact-mlp-o4": MLP_AT_4, "exact-body4-top16": BODY_AT_4}
         paths = {"exact": exact.onnx_path}
         for name, policy in policies.items():
             if not args.only or name in args.only:

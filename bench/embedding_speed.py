@@ -9,6 +9,10 @@ edgeship/models.py finds):
     per-channel weights, the mixed-precision search's float MatMuls)
   - int8 per-tensor: onnxruntime's quantize_dynamic on the same fp32 graph with the same MatMuls kept
     float, i.e. the recipe before per-row activations (one activation scale per tensor)
+  - nbits...: onnxruntime's MatMulNBitsQuantizer on the same fp32 graph (weights in blocks along K with
+    a scale and zero point each; accuracy level 4, so the kernel quantizes each activation row to
+    int8 per block of K: batch-invariant by construction, no extra ops in the graph). NBITS lists
+    the variants: bits, block size, and whether the per-row recipe's float MatMuls stay float.
 Text: the evaluation sentences plus the mixed set (short, long, non-English, code), 92 texts.
 Quality: cosine against PyTorch float32 (each text alone) at batch 1, 8 and 32 (padded, shuffled so
 batches mix lengths), and `batch_cos_min`: a text's vector in a batch vs the same model's alone.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -39,6 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BATCHES = (1, 8, 32)
+# name: (bits, block_size, keep the per-row recipe's float MatMuls float)
+NBITS = {
+    "nbits8 b32 +float": (8, 32, True),
+    "nbits8 b32": (8, 32, False),
+    "nbits8 b128": (8, 128, False),
+    "nbits4 b32": (4, 32, False),
+}
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -84,6 +96,7 @@ def main() -> None:
     import onnxruntime as ort
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
     from transformers import AutoTokenizer
 
     from agent.runtime.cpu import cpu_facts
@@ -92,6 +105,8 @@ def main() -> None:
     from exporter import calibration
     from exporter.pipelines.encoder import _graph_module, _load, _resolve, export_encoder
     from exporter.profiles import load_profile
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
 
     torch.set_num_threads(args.threads)
     src = minilm_path()
@@ -123,6 +138,14 @@ def main() -> None:
                          op_types_to_quantize=["MatMul"], nodes_to_exclude=q["float_nodes"],
                          extra_options={"MatMulConstBOnly": True})
         paths = {"fp32": fp32.onnx_path, "int8 per-row": int8.onnx_path, "int8 per-tensor": per_tensor}
+        for name, (bits, block, keep_float) in NBITS.items():
+            config = DefaultWeightOnlyQuantConfig(block_size=block, bits=bits, accuracy_level=4,
+                                                  op_types_to_quantize=("MatMul",))
+            quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32.onnx_path)), algo_config=config,
+                                             nodes_to_exclude=q["float_nodes"] if keep_float else [])
+            quantizer.process()
+            paths[name] = work / f"{name.replace(' ', '_').replace('+', '')}.onnx"
+            onnx.save(quantizer.model.model, str(paths[name]))
         sessions = {name: ort.InferenceSession(str(p), sess_options=session_options(args.threads, spin=args.spin),
                                                providers=["CPUExecutionProvider"]) for name, p in paths.items()}
         rows = {name: quality(s, layouts, reference) | {"mb": round(Path(paths[name]).stat().st_size / 1e6, 1)}
@@ -162,14 +185,16 @@ def main() -> None:
         "host": {"machine": platform.machine(), "cpu": cpu_facts(),
                  "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
                  "onnxruntime": ort.__version__, "onnx": onnx.__version__},
+        "nbits": {name: {"bits": b, "block_size": k, "accuracy_level": 4, "symmetric": False,
+                         "float_nodes": q["float_nodes"] if f else []} for name, (b, k, f) in NBITS.items()},
         "models": rows,
     }
     print(f"all-MiniLM-L6-v2, {len(texts)} texts, {args.threads} threads, {args.rounds} interleaved rounds, "
           f"recipe {result['recipe']}, load {result['host']['load_average']}")
-    print(f"{'model':<16} {'b1 mean':>8} {'b1 min':>7} {'b32 mean':>8} {'b32 min':>7} {'alone~batch':>11} "
+    print(f"{'model':<18} {'b1 mean':>8} {'b1 min':>7} {'b32 mean':>8} {'b32 min':>7} {'alone~batch':>11} "
           f"{'b1 x fp32':>9} {'b32 x fp32':>10} {'MB':>6}")
     for name, r in rows.items():
-        print(f"{name:<16} {r['b1_cos_mean']:8.4f} {r['b1_cos_min']:7.4f} {r['b32_cos_mean']:8.4f} {r['b32_cos_min']:7.4f} "
+        print(f"{name:<18} {r['b1_cos_mean']:8.4f} {r['b1_cos_min']:7.4f} {r['b32_cos_mean']:8.4f} {r['b32_cos_min']:7.4f} "
               f"{r['batch_cos_min']:11.6f} {r['b1_x_fp32_median']:9.3f} {r['b32_x_fp32_median']:10.3f} {r['mb']:6.1f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

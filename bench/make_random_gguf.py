@@ -94,7 +94,7 @@ def convert(hf: Path, out: Path, *, llama_cpp: Path, python: str) -> None:
     cmd = [python, str(script), str(hf), "--outfile", str(tmp), "--outtype", "f16"]
     log(" ".join(cmd))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own gguf-py, not this tree
-    if subprocess.run(cmd, env={**env, "HF_HUB_OFFLINE": "1"}).returncode != 0:
+    if subprocess.run(cmd, env={**env, "HF_HUB_OFFLINE": "1"}, check=False).returncode != 0:
         sys.exit(f"convert_hf_to_gguf.py failed on {hf}; if it lacks packages, give it its own venv under "
                  f"{llama_cpp} (pip install -r {llama_cpp}/src/requirements/requirements-convert_hf_to_gguf.txt) "
                  "and pass --convert-python")
@@ -104,7 +104,7 @@ def convert(hf: Path, out: Path, *, llama_cpp: Path, python: str) -> None:
 def quantize(f16: Path, out: Path, quant: str, *, llama_cpp: Path, threads: int) -> None:
     cmd = [str(llama_cpp / "bin" / "llama-quantize"), str(f16), str(out), quant, str(threads)]
     log(" ".join(cmd))
-    if subprocess.run(cmd).returncode != 0:
+    if subprocess.run(cmd, check=False).returncode != 0:
         sys.exit(f"llama-quantize failed on {f16}")
 
 

@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -44,7 +45,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,6 +285,8 @@ class Server:
 
 
 def stream_one(client, server: Server, index: int, *, new_tokens: int) -> Sample:
+    import httpx
+
     s = Sample()
     body = request_body(server.model, index, new_tokens=new_tokens)
     chunks = 0
@@ -306,7 +309,7 @@ def stream_one(client, server: Server, index: int, *, new_tokens: int) -> Sample
                     s.prompt_tokens = usage.get("prompt_tokens")
             if not s.tokens:
                 s.tokens = chunks  # no usage chunk: one chunk per token
-    except Exception as exc:  # a broken stream is a result here, not a crash of the whole bench
+    except (httpx.HTTPError, ValueError, OSError) as exc:  # a broken stream is a result, not the bench's end
         s.error = f"{type(exc).__name__}: {exc}"
     if s.error is None and chunks == 0:
         s.error = "no content"
@@ -402,7 +405,7 @@ def exported_bundle(gguf: Path, digest: str, *, profile: str, export_args: list[
                "--profile", profile, *export_args]
         log(f"exporting: {' '.join(cmd)} (once; minutes)")
         t0 = time.perf_counter()
-        r = subprocess.run(cmd, env=tree_env(), cwd=ROOT)
+        r = subprocess.run(cmd, env=tree_env(), cwd=ROOT, check=False)
         if r.returncode != 0:
             sys.exit(f"edgeship export of {gguf} failed ({r.returncode}); its output is above")
         record.write_text(json.dumps({"command": cmd, "wall_s": round(time.perf_counter() - t0, 1)}, indent=2))
@@ -433,7 +436,7 @@ def llama_bench(gguf: Path, bin_dir: Path, *, threads: int, prompt: int, gen: in
     cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(gen),
            "-r", str(reps), "-o", "json"]
     log("llama-bench: " + " ".join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         return {"command": cmd, "error": r.stderr[-2000:]}
     rows = json.loads(r.stdout)
@@ -442,6 +445,37 @@ def llama_bench(gguf: Path, bin_dir: Path, *, threads: int, prompt: int, gen: in
     keep = ("build_commit", "build_number", "cpu_info", "model_type", "model_size", "model_n_params", "n_threads",
             "type_k", "type_v", "flash_attn")
     return {"command": cmd, "tests": tests, "info": {k: rows[0].get(k) for k in keep} if rows else {}}
+
+
+def run_rounds(servers: dict[str, Server], args: argparse.Namespace):
+    """Warm-up, then `args.rounds` rounds; each test runs on one server and then the other, the order flipping
+    every round. Returns (single samples, load runs per client count, one log line per test)."""
+    ids = Requests()
+    single: dict[str, list[Sample]] = {k: [] for k in servers}
+    load: dict[str, dict[int, list[tuple[float, list[Sample]]]]] = {k: {c: [] for c in args.clients} for k in servers}
+    rounds_log: list[dict] = []
+    for srv in servers.values():  # not recorded: one request alone, one at the largest client count
+        run_single(srv, ids, repeats=1, new_tokens=args.new_tokens)
+        run_load(srv, ids, clients=max(args.clients), per_client=1, new_tokens=args.new_tokens)
+    for rnd in range(1, args.rounds + 1):
+        order = list(servers) if rnd % 2 else list(servers)[::-1]
+        for key in order:
+            samples = run_single(servers[key], ids, repeats=args.single_repeats, new_tokens=args.new_tokens)
+            single[key] += samples
+            s = summarise_single(samples)
+            log(f"round {rnd} {servers[key].name} single: TTFT {s['ttft_ms_median']} ms, "
+                f"decode {s['decode_tps_median']} tok/s, errors {s['errors']}")
+            rounds_log.append({"round": rnd, "server": key, "test": "single", **s})
+        for c in args.clients:
+            for key in order:
+                wall, samples = run_load(servers[key], ids, clients=c, per_client=args.requests_per_client,
+                                         new_tokens=args.new_tokens)
+                load[key][c].append((wall, samples))
+                s = summarise_load([(wall, samples)])
+                log(f"round {rnd} {servers[key].name} {c} clients: {s['aggregate_tps_median']:.1f} tok/s, "
+                    f"TTFT p50 {s['ttft_ms_p50']} ms, errors {s['errors']}")
+                rounds_log.append({"round": rnd, "server": key, "test": f"clients={c}", **s})
+    return single, load, rounds_log
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
@@ -505,37 +539,15 @@ def main(argv: list[str] | None = None) -> None:
                                      extra=args.llama_arg, logdir=logdir),
     }
     load_start = os.getloadavg()
-    started = datetime.now(timezone.utc)
-    ids = Requests()
-    single: dict[str, list[Sample]] = {k: [] for k in servers}
-    load: dict[str, dict[int, list[tuple[float, list[Sample]]]]] = {k: {c: [] for c in args.clients} for k in servers}
-    rounds_log: list[dict] = []
+    started = datetime.now(UTC)
     try:
-        for key, srv in servers.items():  # one at a time, so neither start competes with the other
+        for srv in servers.values():  # one at a time, so neither start competes with the other
             log(f"starting {srv.name}: {' '.join(srv.command)}")
             srv.start()
             log(f"{srv.name} ready in {srv.ready_s:.2f} s, serving {srv.model!r}")
-        for key, srv in servers.items():  # warm-up, not recorded: one request alone, one at the largest count
-            run_single(srv, ids, repeats=1, new_tokens=args.new_tokens)
-            run_load(srv, ids, clients=max(args.clients), per_client=1, new_tokens=args.new_tokens)
-        for rnd in range(args.rounds):
-            order = list(servers) if rnd % 2 == 0 else list(servers)[::-1]
-            for key in order:
-                samples = run_single(servers[key], ids, repeats=args.single_repeats, new_tokens=args.new_tokens)
-                single[key] += samples
-                s = summarise_single(samples)
-                log(f"round {rnd + 1} {servers[key].name} single: TTFT {s['ttft_ms_median']} ms, "
-                    f"decode {s['decode_tps_median']} tok/s")
-                rounds_log.append({"round": rnd + 1, "server": key, "test": "single", **s})
-            for c in args.clients:
-                for key in order:
-                    wall, samples = run_load(servers[key], ids, clients=c, per_client=args.requests_per_client,
-                                             new_tokens=args.new_tokens)
-                    load[key][c].append((wall, samples))
-                    s = summarise_load([(wall, samples)])
-                    log(f"round {rnd + 1} {servers[key].name} {c} clients: {s['aggregate_tps_median']:.1f} tok/s, "
-                        f"TTFT p50 {s['ttft_ms_p50']} ms, errors {s['errors']}")
-                    rounds_log.append({"round": rnd + 1, "server": key, "test": f"clients={c}", **s})
+        single, load, rounds_log = run_rounds(servers, args)
+        slot = re.search(r"n_ctx_slot = (\d+)", servers["llama_server"].log_path.read_text())
+        servers["llama_server"].info["n_ctx_slot"] = int(slot.group(1)) if slot else None
         after = {k: {"rss_after_mb": tree_rss_mb(srv.proc.pid), "hwm_mb": status_kb(srv.proc.pid, "VmHWM") / 1024,
                      "processes": len(tree_pids(srv.proc.pid))} for k, srv in servers.items()}
     finally:
@@ -546,7 +558,7 @@ def main(argv: list[str] | None = None) -> None:
     build_info = args.llama_cpp / "build-info.json"
     res = {
         "bench": "serve_vs_llama_cpp", "label": args.label, "started": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
                     "cpu_model": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                                        if ln.startswith("model name")), "")},

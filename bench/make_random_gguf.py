@@ -12,11 +12,13 @@ Both with vocab 49152 (SmolLM2's tokenizer), not their own 151936 / 32000.
 
     bash bench/build_llama_cpp.sh                       # once: llama-quantize and the converter
     python bench/make_random_gguf.py --shape qwen2      # -> /work/llama.cpp-build/models/qwen2-random-q4_0.gguf
-    python bench/serve_vs_llama_cpp.py --gguf /work/llama.cpp-build/models/qwen2-random-q4_0.gguf --export-arg=--force
+    python bench/serve_vs_llama_cpp.py --gguf /work/llama.cpp-build/models/qwen2-random-q4_0.gguf
 
-The converter runs under this interpreter (it needs torch, transformers, numpy and gguf-py from its own tree);
-`--convert-python` names another one, e.g. a venv under the build directory if it ever needs packages the
-product's venv should not get. `--force` on export: random weights miss the exporter's quality gate.
+The converter runs under this interpreter (it needs torch, transformers, numpy and gguf-py from its own tree;
+the product's venv has them all); `--convert-python` names another one, e.g. a venv under the build directory
+if a newer converter ever needs packages the product's venv should not get. The qwen2 file's export passed the
+exporter's quality gate (the gate compares the bundle with the file's own dequantized weights, random or not);
+should a shape ever miss it, `--export-arg=--force` writes the bundle anyway.
 """
 
 from __future__ import annotations

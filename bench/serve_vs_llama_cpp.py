@@ -134,7 +134,8 @@ def summarise_single(samples: list[Sample]) -> dict:
             "ttft_ms_best": 1000 * min(s.ttft for s in ok) if ok else None,
             "decode_tps_median": statistics.median(s.decode_tps for s in ok) if ok else None,
             "decode_tps_best": max(s.decode_tps for s in ok) if ok else None,
-            "tokens": sorted({s.tokens for s in ok}), "prompt_tokens": sorted({s.prompt_tokens for s in ok} - {None})}
+            "tokens": sorted({s.tokens for s in ok}), "prompt_tokens": sorted({s.prompt_tokens for s in ok} - {None}),
+            "error_messages": sorted({s.error for s in samples if s.error})[:3]}
 
 
 def summarise_load(runs: list[tuple[float, list[Sample]]]) -> dict:
@@ -148,7 +149,8 @@ def summarise_load(runs: list[tuple[float, list[Sample]]]) -> dict:
             "aggregate_tps_best": max(rates) if rates else None, "aggregate_tps_runs": rates,
             "ttft_ms_p50": percentile(ttft, 50) if ttft else None, "ttft_ms_p95": percentile(ttft, 95) if ttft else None,
             "decode_tps_per_stream_median": statistics.median(s.decode_tps for s in ok) if ok else None,
-            "tokens": sorted({s.tokens for s in ok})}
+            "tokens": sorted({s.tokens for s in ok}),
+            "error_messages": sorted({s.error for _, samples in runs for s in samples if s.error})[:3]}
 
 
 def table(res: dict) -> str:

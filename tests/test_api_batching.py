@@ -3,8 +3,6 @@ alone, and a full KV pool makes requests wait or get 503, never a crash."""
 
 from __future__ import annotations
 
-import threading
-
 import httpx
 import pytest
 
@@ -13,6 +11,7 @@ from agent.bundle import TrustedKeys, open_bundle
 from agent.runtime import ModelHost, load_model
 from agent.runtime.batch_policy import BatchPolicy
 from tests.support.lm_bundle import make_gqa_lm_bundle
+from tests.support.threads import run_together
 
 MODEL = "tiny-gqa"
 PER_POSITION = 2 * 2 * 16 * 4  # the tiny model's KV bytes per position
@@ -32,20 +31,11 @@ def _serve(model, **kwargs) -> ApiServer:
 
 
 def _post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
-    out: list = [None] * len(bodies)
-    start = threading.Barrier(len(bodies))
-
-    def work(i: int) -> None:
+    def work(i: int) -> httpx.Response:
         with httpx.Client(base_url=url, timeout=60) as c:
-            start.wait()
-            out[i] = c.post("/v1/completions", json=bodies[i])
+            return c.post("/v1/completions", json=bodies[i])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(90)
-    return out
+    return run_together(len(bodies), work, timeout=90)
 
 
 def _metric(c: httpx.Client, name: str) -> float:

@@ -531,14 +531,19 @@ def test_left_padding_is_masked(tiny_llama, tmp_path):
     np.testing.assert_allclose(logits[0, 3:], alone[0], atol=1e-4, rtol=1e-4)
 
 
-def test_unsupported_architecture_is_named(tmp_path):
-    w = gguf.GGUFWriter(tmp_path / "m.gguf", "mamba")
+def _one_tensor_gguf(path: Path, arch: str) -> None:
+    """A GGUF of architecture `arch` holding one block count and one embedding table: nothing more."""
+    w = gguf.GGUFWriter(path, arch)
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    _one_tensor_gguf(tmp_path / "m.gguf", "mamba")
     with pytest.raises(UnsupportedArchitecture, match="'mamba'.*supported: llama, qwen2"):
         export_gguf(tmp_path / "m.gguf", tmp_path / "out")
 
@@ -701,13 +706,7 @@ def test_gguf_with_a_missing_tensor_is_one_line(tmp_path, keypair):
 def test_export_api_of_an_unknown_gguf_architecture_is_one_line(tmp_path, keypair):
     from exporter import export
 
-    w = gguf.GGUFWriter(tmp_path / "m.gguf", "rwkv6")  # neither arch.py nor transformers reads it
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _one_tensor_gguf(tmp_path / "m.gguf", "rwkv6")  # neither arch.py nor transformers reads it
     with pytest.raises(UnsupportedArchitecture, match="'rwkv6'.*supported: llama, qwen2") as info:
         export(tmp_path / "m.gguf", out=tmp_path / "bundle", key=keypair[0], benchmark=False)
     assert "\n" not in str(info.value)

@@ -13,6 +13,7 @@ from agent.runtime import ModelHost, load_model
 from agent.runtime.batch_policy import BatchPolicy
 from agent.runtime.errors import Cancelled, InputError, LoadError
 from tests.support.lm_bundle import make_gqa_lm_bundle
+from tests.support.threads import run_together, wait_until
 
 # tiny GQA model: 1 layer, 2 KV heads of 16 floats, keys and values: 256 bytes per position
 PER_POSITION = 2 * 2 * 16 * 4
@@ -44,30 +45,12 @@ def _ids(gen) -> list[int]:
 
 def _together(model, prompts, *, stagger_s: float = 0.0, **kw) -> list[list[int]]:
     """Run every prompt in its own thread at once (or `stagger_s` apart); their token ids, in order."""
-    out: list = [None] * len(prompts)
-    start = threading.Barrier(len(prompts))
 
-    def work(i: int) -> None:
-        start.wait()
+    def work(i: int) -> list[int]:
         time.sleep(i * stagger_s)
-        try:
-            out[i] = _ids(model.generate(prompts[i], **kw))
-        except Exception as exc:  # reported by the assertion below
-            out[i] = exc
+        return _ids(model.generate(prompts[i], **kw))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return out
-
-
-def _wait(cond, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.01)
+    return run_together(len(prompts), work)
 
 
 def test_batched_greedy_answers_equal_sequential_ones(vb, alone):
@@ -116,14 +99,14 @@ def test_a_closed_answer_frees_its_row_for_the_next_request(vb, alone):
         second = model.generate(PROMPTS[1], max_tokens=100, ignore_eos=True)
         it = iter(first)
         next(it), next(it)
-        _wait(lambda: model.batcher.running == 2)
+        wait_until(lambda: model.batcher.running == 2)
         third = model.generate(PROMPTS[2], max_tokens=5, ignore_eos=True, use_prefix_cache=False)
         time.sleep(0.05)
         assert model.batcher.waiting == 1  # both rows taken: the third waits
         first.close()  # the client went away mid-answer
         assert _ids(third) == _ids(alone.generate(PROMPTS[2], max_tokens=5, ignore_eos=True, use_prefix_cache=False))
         assert len(_ids(second)) == 100
-        _wait(lambda: model.batcher.running == 0)
+        wait_until(lambda: model.batcher.running == 0)
     finally:
         model.close()
 
@@ -225,7 +208,7 @@ def test_the_model_swaps_under_batched_load_with_no_failed_request(vb, alone):
     threads = [threading.Thread(target=client) for _ in range(6)]
     for t in threads:
         t.start()
-    _wait(lambda: old.batcher.running >= 2)
+    wait_until(lambda: old.batcher.running >= 2)
     assert host.drain(host.swap(new), timeout=30)
     for t in threads:
         t.join(60)
@@ -257,23 +240,16 @@ def test_the_real_smollm2_answers_the_same_batched_as_alone(monkeypatch):
     try:
         expected = [_ids(alone.generate(messages=c, max_tokens=48, ignore_eos=True, use_prefix_cache=False))
                     for c in chats]
-        out: list = [None] * len(chats)
-
-        def work(i: int) -> None:
+        def work(i: int) -> list[int]:
             time.sleep(0.03 * i)  # they join one after another, between steps
-            out[i] = _ids(model.generate(messages=chats[i], max_tokens=48, ignore_eos=True, use_prefix_cache=False))
+            return _ids(model.generate(messages=chats[i], max_tokens=48, ignore_eos=True, use_prefix_cache=False))
 
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(chats))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert out == expected
+        assert run_together(len(chats), work, timeout=120) == expected
         assert model.batcher.batched_tokens / model.batcher.steps > 1.5
         # idle again: the KV pool is freed and the bundle's file pages that generation mapped are unmapped
         from agent.runtime.memory import file_mappings
 
-        _wait(lambda: model.batcher.pool.rows == 0 and sum(m[2] for m in file_mappings(vb.path)) == 0)
+        wait_until(lambda: model.batcher.pool.rows == 0 and sum(m[2] for m in file_mappings(vb.path)) == 0)
     finally:
         model.close()
         alone.close()

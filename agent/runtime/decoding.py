@@ -12,6 +12,8 @@ the same way, so an answer does not depend on which of them ran it:
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 
 from agent.runtime.constraints import Compiled
@@ -54,6 +56,15 @@ class GenerationStats:
     def decode_tok_s(self) -> float | None:
         steps = self.completion_tokens - 1  # the first token comes out of prefill
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else None
+
+
+def stop_reason(cancel: threading.Event | None, deadline: float | None, now: float | None = None) -> str | None:
+    """Why a generation must stop now (its `cancel` Event set, its time.monotonic() `deadline` passed), or None."""
+    if cancel is not None and cancel.is_set():
+        return "generation cancelled"
+    if deadline is not None and (time.monotonic() if now is None else now) > deadline:
+        return "generation ran past its deadline"
+    return None
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,13 @@ import numpy as np
 
 from agent.runtime.batch_policy import SEQUENTIAL, BatchPolicy
 from agent.runtime.constraints import Compiled, Vocabulary
-from agent.runtime.decoding import AnswerSpec, Chunk, Decoding, GenerationStats
+from agent.runtime.decoding import (
+    AnswerSpec,
+    Chunk,
+    Decoding,
+    GenerationStats,
+    stop_reason,
+)
 from agent.runtime.errors import Cancelled, InputError, LoadError
 from agent.runtime.model import LoadedModel
 from agent.runtime.prefix_cache import PrefixCache
@@ -276,10 +282,8 @@ class TextGenerationModel(LoadedModel):
     def _run(self, stats: GenerationStats, ids: list[int], spec: AnswerSpec, *, cancel: threading.Event | None,
              deadline: float | None, use_prefix_cache: bool) -> Iterator[Chunk]:
         def check() -> None:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("generation cancelled")
-            if deadline is not None and time.monotonic() > deadline:
-                raise Cancelled("generation ran past its deadline")
+            if (why := stop_reason(cancel, deadline)) is not None:
+                raise Cancelled(why)
 
         while not self._lock.acquire(timeout=0.05):
             check()

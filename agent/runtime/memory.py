@@ -151,7 +151,7 @@ def trim_heap() -> bool:
     Loading a session frees what it read and parsed (protobuf, initializers before repacking), and a
     generation frees its KV buffers and logits; glibc keeps all of it mapped for reuse. Measured on the
     real SmolLM2 bundle: 23 MB back after loading, 25 MB after three requests (bench/agent_memory.py).
-    Called where the process is idle (after a load, when the batch empties), never per token.
+    Called where the process is idle (after a load, once the batch has been empty for half a second), never per token.
     """
     if not sys.platform.startswith("linux"):
         return False

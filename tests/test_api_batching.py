@@ -11,7 +11,7 @@ from agent.bundle import TrustedKeys, open_bundle
 from agent.runtime import ModelHost, load_model
 from agent.runtime.batch_policy import BatchPolicy
 from tests.support.lm_bundle import make_gqa_lm_bundle
-from tests.support.threads import run_together
+from tests.support.threads import run_together, slow_scheduler
 
 MODEL = "tiny-gqa"
 PER_POSITION = 2 * 2 * 16 * 4  # the tiny model's KV bytes per position
@@ -48,6 +48,7 @@ def test_concurrent_requests_share_decode_steps_and_answer_as_alone(vb):
     model = load_model(vb, batching=BatchPolicy(max_batch=4))
     prompts = ["The capital of France is", "One two three", "Hello there, how are", "Tell me a story about"]
     bodies = [{"model": MODEL, "prompt": p, "max_tokens": 30, "ignore_eos": True, "temperature": 0} for p in prompts]
+    slow_scheduler(model)  # the tiny model's 30 tokens outlast the requests' arrival: they surely overlap
     server = _serve(model, slots=4, queue_size=8)
     try:
         got = _post_all(server.url, bodies)

@@ -13,7 +13,7 @@ from agent.runtime import ModelHost, load_model
 from agent.runtime.batch_policy import BatchPolicy
 from agent.runtime.errors import Cancelled, InputError, LoadError
 from tests.support.lm_bundle import make_gqa_lm_bundle
-from tests.support.threads import run_together, wait_until
+from tests.support.threads import run_together, slow_scheduler, wait_until
 
 # tiny GQA model: 1 layer, 2 KV heads of 16 floats, keys and values: 256 bytes per position
 PER_POSITION = 2 * 2 * 16 * 4
@@ -79,21 +79,9 @@ def test_a_prompt_prefilled_in_chunks_while_others_decode_answers_the_same(vb, a
         model.close()
 
 
-def _slow(model, seconds: float = 0.01):
-    """Every model call of the scheduler takes at least `seconds`: the tiny model's answers outlast the test's
-    checks (the scheduler decodes ahead of a slow reader)."""
-    run = model.batcher._run
-
-    def slow(*args):
-        time.sleep(seconds)
-        return run(*args)
-
-    model.batcher._run = slow
-
-
 def test_a_closed_answer_frees_its_row_for_the_next_request(vb, alone):
     model = _batched(vb, max_batch=2)
-    _slow(model)
+    slow_scheduler(model)
     try:
         first = model.generate(PROMPTS[0], max_tokens=100, ignore_eos=True)
         second = model.generate(PROMPTS[1], max_tokens=100, ignore_eos=True)
@@ -113,6 +101,7 @@ def test_a_closed_answer_frees_its_row_for_the_next_request(vb, alone):
 
 def test_cancel_and_deadline_end_only_their_own_answer(vb):
     model = _batched(vb, max_batch=4)
+    slow_scheduler(model)  # 120 tokens then take over a second: the deadline surely falls inside
     try:
         cancel = threading.Event()
         doomed = model.generate(PROMPTS[0], max_tokens=120, ignore_eos=True, cancel=cancel)

@@ -29,6 +29,18 @@ def run_together(n: int, work: Callable[[int], Any], *, timeout: float = 60.0) -
     return out
 
 
+def slow_scheduler(model, seconds: float = 0.01) -> None:
+    """Every model call of `model`'s batch scheduler takes at least `seconds`: a tiny model's answers then
+    outlast a test's checks, and concurrent requests surely overlap (the scheduler decodes ahead of readers)."""
+    run = model.batcher._run
+
+    def slow(*args):
+        time.sleep(seconds)
+        return run(*args)
+
+    model.batcher._run = slow
+
+
 def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while not cond():

@@ -71,6 +71,7 @@ def test_concurrent_requests_share_decode_steps_and_answer_as_alone(vb):
 def test_a_full_kv_pool_makes_requests_wait_or_get_503_never_a_crash(vb):
     # room for one prompt and its answer at a time: the others wait in the scheduler or the queue
     model = load_model(vb, batching=BatchPolicy(max_batch=4, kv_cache_mb=60 * PER_POSITION / 2**20))
+    slow_scheduler(model)  # answers take 0.4 s each: all nine requests arrive while the first ones run
     server = _serve(model, slots=4, queue_size=2, request_timeout_s=60)
     body = {"model": MODEL, "prompt": "One two three", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
     try:

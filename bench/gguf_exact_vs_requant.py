@@ -54,21 +54,21 @@ import onnx
 from exporter.gguf.arch import decoder_config, decoder_weights
 from exporter.gguf.export import export_gguf
 from exporter.graph.decoder import DecoderWeights, ExternalData, build_decoder
-from exporter.gguf.levels import DEFAULT_POLICY, TWO_PASS_POLICY, AccuracyPolicy
+from exporter.gguf.levels import EXACT_POLICY, TWO_PASS_POLICY, AccuracyPolicy
 from exporter.gguf.quality import OnnxDecoder, _nll, eval_text, gguf_quality, gguf_reference
 from exporter.gguf.reader import GgufFile
 from exporter.gguf.repack import BlockWeight
 
 BASELINE = "requant-int4"
 TWO_PASS_ALL = dataclasses.replace(TWO_PASS_POLICY, two_pass_min_weights=0, name="two-pass-decode-all")
-O_PROJ_AT_4 = AccuracyPolicy({**DEFAULT_POLICY.levels, "attn_out": 4}, exact_top_k=DEFAULT_POLICY.exact_top_k, name="o_proj-at-4")
+O_PROJ_AT_4 = AccuracyPolicy({**EXACT_POLICY.levels, "attn_out": 4}, exact_top_k=EXACT_POLICY.exact_top_k, name="o_proj-at-4")
 # candidates for issue #20's "at least llama.cpp's class" default (ppl <= +0.5 %, top-1 >= 97 %): per-class levels,
 # the largest weights (gate/up) first, the lm_head refined as in the default
-MLP_IN_O_AT_4 = AccuracyPolicy({**DEFAULT_POLICY.levels, "attn_out": 4, "mlp_in": 4},
-                               exact_top_k=DEFAULT_POLICY.exact_top_k, name="gate-up-o-at-4")
-MLP_AT_4 = AccuracyPolicy({**DEFAULT_POLICY.levels, "attn_out": 4, "mlp_in": 4, "mlp_out": 4},
-                          exact_top_k=DEFAULT_POLICY.exact_top_k, name="mlp-o-at-4")
-BODY_AT_4 = AccuracyPolicy({c: 4 for c in DEFAULT_POLICY.levels}, exact_top_k=DEFAULT_POLICY.exact_top_k,
+MLP_IN_O_AT_4 = AccuracyPolicy({**EXACT_POLICY.levels, "attn_out": 4, "mlp_in": 4},
+                               exact_top_k=EXACT_POLICY.exact_top_k, name="gate-up-o-at-4")
+MLP_AT_4 = AccuracyPolicy({**EXACT_POLICY.levels, "attn_out": 4, "mlp_in": 4, "mlp_out": 4},
+                          exact_top_k=EXACT_POLICY.exact_top_k, name="mlp-o-at-4")
+BODY_AT_4 = AccuracyPolicy({c: 4 for c in EXACT_POLICY.levels}, exact_top_k=EXACT_POLICY.exact_top_k,
                            name="body-at-4-top16")
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from exporter.graph.decoder import DecoderConfig, DecoderWeights, ExternalData, LayerWeights, build_decoder
-from exporter.gguf.levels import DEFAULT_POLICY, TWO_PASS_POLICY, AccuracyPolicy
+from exporter.gguf.levels import EXACT_POLICY, TWO_PASS_POLICY, AccuracyPolicy
 from exporter.gguf.quality import OnnxDecoder
 from exporter.gguf.repack import BlockWeight
 
@@ -97,9 +97,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     policies = {
-        "level0": DEFAULT_POLICY,
+        "level0": EXACT_POLICY,
         "2pass": TWO_PASS_POLICY,
-        "level4": AccuracyPolicy({**{c: 4 for c in DEFAULT_POLICY.levels}}, exact_top_k=DEFAULT_POLICY.exact_top_k,
+        "level4": AccuracyPolicy({**{c: 4 for c in EXACT_POLICY.levels}}, exact_top_k=EXACT_POLICY.exact_top_k,
                                  name="level-4"),
     }
     results = {}

@@ -42,9 +42,11 @@ def _threshold(values: tuple[str, ...]) -> dict[str, float]:
               help="Default: what the checkpoint was trained for.")
 @click.option("--quant", type=click.Choice(["int4", "int8", "fp16", "none"]), help="Override the profile's precision.")
 @click.option("--block-size", type=int, help="int4: weights per quantization block (power of two, >= 16).")
-@click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "3", "4", "4x2"]),
-              help="int4: MatMulNBits kernel, 0 exact math .. 4 int8 activations; GGUF only: 4x2 = two-pass int8 decode "
-                   "(~float accuracy, faster decode on big linears, a second packed copy of them in RAM).")
+@click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "3", "4", "4x2", "exact", "auto"]),
+              help="int4: MatMulNBits kernel, 0 exact math .. 4 int8 activations. GGUF only: auto (default) = the "
+                   "fastest mix of levels 0/4 whose ppl change <= +0.5 %% and top-1 >= 97 %% (llama.cpp's own class; "
+                   "--threshold changes the bar); exact = the GGUF's float math, its answers token for token; "
+                   "4x2 = two-pass int8 decode (~float accuracy, a second packed copy of big linears in RAM).")
 @click.option("--symmetric/--asymmetric", default=None, help="int4: symmetric (no zero points) or asymmetric weights.")
 @click.option("--int4-algorithm", "algorithm", type=click.Choice(["rtn", "hqq"]),
               help="int4: round-to-nearest (fast) or HQQ (slower, lower error). Default: the profile's; hqq for GGUF.")

@@ -92,6 +92,8 @@ def summary_table(stats: dict[str, Any], report: Any) -> Any:
     for metric, unit in (("prefill_tok_s", "tok/s"), ("decode_tok_s", "tok/s")):
         if metric in stats:
             t.add_row(metric.replace("_tok_s", ""), f"{stats[metric]:,.1f} {unit}", "", "")
+    if stats.get("accuracy_policy"):  # a GGUF import's searched MatMulNBits levels, in one line
+        t.add_row("accuracy", str(stats["accuracy_policy"]), "", "")
     t.add_row("export time", f"{stats.get('export_seconds', 0):.1f} s", "", "")
     t.add_row("peak RSS", f"{stats.get('peak_rss_mb', 0):,.0f} MB", "", "")
     status = str(getattr(report.status, "value", report.status))

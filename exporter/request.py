@@ -19,14 +19,15 @@ from typing import Any
 
 from agent.bundle.manifest import NAME_RE, SEMVER_RE
 from exporter.errors import ExportError
-from exporter.gguf.levels import TWO_PASS
+from exporter.gguf.levels import EXACT, SEARCH, TWO_PASS
 from exporter.profiles import ProfileError, QuantRecipe, TargetProfile, Thresholds, load_profile
 from exporter.quantize import QUANT_CHOICES
 
 TASKS = ("text-generation", "embedding", "text-classification")
 GRAPHS = ("auto", "native", "optimum")
 INT4_ALGORITHMS = ("rtn", "hqq")
-ACCURACY_LEVELS = (0, 1, 2, 3, 4, TWO_PASS)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4, TWO_PASS, EXACT, SEARCH)
+GGUF_ONLY_LEVELS = (TWO_PASS, EXACT, SEARCH)
 
 
 class InvalidRequest(ExportError):
@@ -154,8 +155,8 @@ class ExportRequest:
         if isinstance(value, str) and value.isdigit():
             value = int(value)
         if value is not None and (isinstance(value, bool) or value not in ACCURACY_LEVELS):
-            raise ValueError(f"--accuracy-level {value} must be 0-4 (0 exact, 4 int8 activations), or {TWO_PASS} "
-                             "for exact GGUF imports")
+            raise ValueError(f"--accuracy-level {value} must be 0-4 (0 exact, 4 int8 activations), or {TWO_PASS}, "
+                             f"{EXACT} or {SEARCH} for exact GGUF imports")
         return value
 
     @staticmethod
@@ -231,7 +232,7 @@ class ExportRequest:
                 update["exclude"] = base.exclude or ["lm_head"]
         if self.block_size is not None:
             update["block_size"] = self.block_size
-        if self.accuracy_level is not None and self.accuracy_level != TWO_PASS:
+        if self.accuracy_level is not None and self.accuracy_level not in GGUF_ONLY_LEVELS:
             update["accuracy_level"] = self.accuracy_level
         if self.symmetric is not None:
             update["symmetric"] = self.symmetric

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from exporter.graph.decoder import linear_model
-from exporter.gguf.levels import DEFAULT_POLICY, TWO_PASS, TWO_PASS_MIN_WEIGHTS, WEIGHT_CLASSES, AccuracyPolicy, weight_class
+from exporter.gguf.levels import EXACT_POLICY, TWO_PASS, TWO_PASS_MIN_WEIGHTS, WEIGHT_CLASSES, AccuracyPolicy, weight_class
 from exporter.gguf.repack import FORMATS, BlockWeight, decode
 
 # byte ranges of the fp16 fields (d, and min/dmin where the type has one) inside one block
@@ -194,12 +194,12 @@ def test_accuracy_policy_classes_and_override():
     assert weight_class("model.layers.3.mlp.down_proj") == "mlp_out"
     assert weight_class("lm_head.hi") == weight_class("lm_head") == "lm_head"
     # the default: the decoder's linears exact, the lm_head fast with its top logits recomputed
-    assert {DEFAULT_POLICY.level(f"model.layers.0.{m}") for m in ("self_attn.qkv_proj", "self_attn.o_proj",
+    assert {EXACT_POLICY.level(f"model.layers.0.{m}") for m in ("self_attn.qkv_proj", "self_attn.o_proj",
                                                                   "mlp.gate_up_proj", "mlp.down_proj")} == {0}
-    assert DEFAULT_POLICY.level("lm_head") == 4 and DEFAULT_POLICY.refines("lm_head")
-    assert not DEFAULT_POLICY.refines("model.layers.0.mlp.down_proj")
-    assert set(DEFAULT_POLICY.details()["reasons"]) == set(WEIGHT_CLASSES)
-    assert DEFAULT_POLICY.uniform_level is None
+    assert EXACT_POLICY.level("lm_head") == 4 and EXACT_POLICY.refines("lm_head")
+    assert not EXACT_POLICY.refines("model.layers.0.mlp.down_proj")
+    assert set(EXACT_POLICY.details()["reasons"]) == set(WEIGHT_CLASSES)
+    assert EXACT_POLICY.uniform_level is None
     # an int accuracy_level: every weight at that level, nothing recomputed
     four = AccuracyPolicy.uniform(4)
     assert four.uniform_level == 4 and four.level("model.layers.1.mlp.down_proj") == 4 and not four.refines("lm_head")
@@ -219,7 +219,7 @@ def test_lm_head_top_logits_are_recomputed_exactly(ggml_type):
     ref_w = dequantize(raw, GGMLQuantizationType[ggml_type]).astype(np.float64)
     x = np.random.default_rng(9).standard_normal((6, k)).astype(np.float32)
     ref = x.astype(np.float64) @ ref_w.T
-    model = linear_model(decode(ggml_type, raw, k), accuracy_level=DEFAULT_POLICY, stem="lm_head")
+    model = linear_model(decode(ggml_type, raw, k), accuracy_level=EXACT_POLICY, stem="lm_head")
     ops = [node.op_type for node in model.graph.node]
     assert {"TopK", "ScatterElements"} <= set(ops)
     assert [a.i for node in model.graph.node if node.op_type == "MatMulNBits"

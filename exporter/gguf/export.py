@@ -12,7 +12,7 @@ from agent.bundle import ModelSpec, Quantization
 from exporter.errors import ConversionError, ExportError
 from exporter.gguf.arch import decoder_config, decoder_weights
 from exporter.graph.decoder import Attention, DecoderConfig, ExternalData, build_decoder, io_names
-from exporter.gguf.levels import DEFAULT_POLICY, AccuracyPolicy
+from exporter.gguf.levels import EXACT_POLICY, AccuracyPolicy
 from exporter.gguf.reader import GgufFile
 from exporter.gguf.reference import tensor_map
 from exporter.gguf.tokenizer import load_tokenizer
@@ -20,10 +20,11 @@ from exporter.gguf.tokenizer import load_tokenizer
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 RECIPE = "gguf-exact"
-# MatMulNBits accuracy level per weight class (exporter/gguf/levels.py has the measurements): the decoder's
-# linears at level 0, the GGUF's own float math (at level 4, each of q/k/v, gate/up, down and lm_head alone
-# flips SmolLM2's greedy chat answer, a near tie); the lm_head at level 4 with each position's top-16 logits
-# recomputed exactly (ppl +0.003 %, top-1 100 %, same answer, about half the lm_head's level-0 cost).
+# MatMulNBits accuracy level per weight class (exporter/gguf/levels.py has the measurements). export_gguf
+# builds one policy; None is levels.EXACT_POLICY: the decoder's linears at level 0, the GGUF's own float math,
+# and the lm_head at level 4 with each position's top-16 logits recomputed exactly (ppl +0.003 %, top-1 100 %,
+# the same answers). `edgeship export file.gguf` does not stop there: by default it searches for the fastest
+# level-0/4 mix within llama.cpp's quality class (exporter/gguf/search.py) and builds that policy.
 # levels.TWO_PASS_POLICY (opt-in) decodes big 4-bit linears on level 4's int8 kernel in two passes (~5e-6 from
 # float, 1.3-1.5x level 0's decode on a TinyLlama-sized model) but holds a second packed copy of those weights.
 # An int accuracy_level overrides it: every MatMulNBits at that level (8-bit blocks at level 0 are split
@@ -50,13 +51,13 @@ def export_gguf(gguf_path: Path, out_dir: Path, *, accuracy_level: int | str | A
                 attention: Attention = "gqa", progress: Callable[[str], None] | None = None) -> GgufResult:
     """Write `out_dir`/model.onnx (LM bundle I/O layout) whose quantized weights are the GGUF's own blocks.
 
-    accuracy_level: None (default) = the measured per-weight policy (see above); an int
+    accuracy_level: None (default) = levels.EXACT_POLICY (see above); an AccuracyPolicy (e.g. the search's); an int
     puts every MatMulNBits at that level (0 the GGUF's float math, 4 int8 activations), "4x2" every 4-bit
     linear of >= 4M weights at the two-pass int8 level (levels.TWO_PASS). attention "gqa" fuses each layer's attention
     into GroupQueryAttention; "plain" uses standard ONNX ops.
     """
     try:
-        policy = (DEFAULT_POLICY if accuracy_level is None else accuracy_level
+        policy = (EXACT_POLICY if accuracy_level is None else accuracy_level
                   if isinstance(accuracy_level, AccuracyPolicy) else AccuracyPolicy.uniform(accuracy_level))
     except ValueError as exc:
         raise ExportError(str(exc)) from None

@@ -15,8 +15,13 @@ answer, whose first token is a near tie: margin 0.082 logits), one weight class 
 | lm_head | +0.10 % | 98.07 % | 0.060 | flips (-0.051) |
 | lm_head, exact top-16 | +0.003 % | 100 % | 0.060 | identical (0.082) |
 
-So the body stays at level 0 (TWO_PASS below, opt-in: level 4 run in two passes that together are within
-~5e-6 of float, for decode on big 4-bit linears, at the price of a second packed copy of them).
+EXACT_POLICY keeps the body at level 0: the GGUF's own answers, token for token. It is no longer the
+default of an import: llama.cpp itself rounds activations to 8 bits per block of 32 (ppl +0.19 %, top-1
+97.05 % on SmolLM2, its greedy answer flips), so the default (exporter/gguf/search.py) is the fastest
+policy whose quality is at least that class: LLAMA_CPP_CLASS below, measured per model at export time,
+the body at level 4 but for the linears that break it. EXACT_POLICY stays one flag away
+(--accuracy-level exact), and TWO_PASS (opt-in) runs level 4 in two passes that together are within ~5e-6
+of float, for decode on big 4-bit linears, at the price of a second packed copy of them.
 The lm_head is the one weight where level 4 is safe to use: its
 output is the logits themselves, so the graph recomputes the 16 largest approximate logits of each
 position exactly (float rows of the same blocks) and scatters them back: argmax, greedy answers
@@ -24,7 +29,7 @@ and the softmax mass are the GGUF's own; only logits far below the top carry lev
 level 0 an 8-bit table runs as two exact 4-bit halves (no fast 8-bit float kernel); refined, SmolLM2's
 49152x576 Q8_0 lm_head costs a third of that: 15-20 % less prefill and 8-11 % less decode CPU in all.
 o_proj at level 4 passed too, for 4-6 % less decode CPU, but it spends half the near tie's margin on
-one prompt of one model: the default stays exact there (pass an AccuracyPolicy to export_gguf to take it).
+one prompt of one model.
 """
 
 from __future__ import annotations
@@ -39,7 +44,13 @@ TWO_PASS_MIN_WEIGHTS = 1 << 22
 # sum is x @ w^T to ~5e-6 relative, for ~1.2-1.5x one level-4 call (bench/matmulnbits_levels.py).
 TWO_PASS = "4x2"
 LEVELS = (0, 1, 2, 3, 4, TWO_PASS)
+# what --accuracy-level also takes for an exact GGUF import: EXACT_POLICY, or the search (the default)
+EXACT, SEARCH = "exact", "auto"
 EXACT_TOP_K = 16
+# What the default (searched) policy must keep on the evaluation text against the fp32 dequantization: llama.cpp's
+# own class on its own file (SmolLM2 Q4_1: ppl +0.19 %, top-1 97.05 %). A user's --threshold on the same
+# metric takes its place.
+LLAMA_CPP_CLASS = {"max_ppl_delta": 0.005, "min_top1_agreement": 0.97}
 
 # the torch module name's last part -> weight class (stems are "model.layers.3.mlp.down_proj", "lm_head")
 _CLASS_OF = {
@@ -66,6 +77,9 @@ class AccuracyPolicy:
     reasons: dict[str, str] = field(default_factory=dict)
     name: str = "custom"
     two_pass_min_weights: int = TWO_PASS_MIN_WEIGHTS  # smaller 4-bit linears at TWO_PASS run level 0 instead
+    # linears (module paths, "model.layers.3.self_attn.qkv_proj") kept at level 0 whatever their class's level:
+    # the outliers a search (exporter/gguf/search.py) found
+    exact_stems: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         unknown = set(self.levels) - set(WEIGHT_CLASSES)
@@ -79,6 +93,9 @@ class AccuracyPolicy:
             raise ValueError(f"exact_top_k {self.exact_top_k} must be at least 1 (or None)")
         if self.two_pass_min_weights < 0:
             raise ValueError(f"two_pass_min_weights {self.two_pass_min_weights} must be 0 (every 4-bit linear) or more")
+        if isinstance(self.exact_stems, str) or not all(isinstance(s, str) and s for s in self.exact_stems):
+            raise ValueError(f"exact_stems {self.exact_stems!r} must be module paths, e.g. model.layers.3.mlp.down_proj")
+        object.__setattr__(self, "exact_stems", frozenset(self.exact_stems))
 
     @classmethod
     def uniform(cls, level: int) -> AccuracyPolicy:
@@ -93,11 +110,13 @@ class AccuracyPolicy:
     def uniform_level(self) -> int | None:
         """The one level every weight gets, or None when the levels differ (or the lm_head is refined)."""
         levels = set(self.levels.values())
-        return levels.pop() if len(levels) == 1 and self.exact_top_k is None else None
+        return levels.pop() if len(levels) == 1 and self.exact_top_k is None and not self.exact_stems else None
 
     def level(self, stem: str) -> int | str:
         """The level of the linear at module path `stem`; a module outside the five classes gets the uniform level,
         or else the most exact one (0 before the two-pass int8)."""
+        if stem in self.exact_stems:
+            return 0
         cls = weight_class(stem)
         if cls is not None:
             return self.levels[cls]
@@ -120,16 +139,24 @@ class AccuracyPolicy:
                "reasons": dict(self.reasons)}
         if TWO_PASS in self.levels.values():
             out["two_pass_min_weights"] = self.two_pass_min_weights
+        if self.exact_stems:
+            out["kept_exact"] = sorted(self.exact_stems, key=_layer_order)
         return out
 
     def __str__(self) -> str:
         levels = ", ".join(f"{c} {lv}" for c, lv in self.levels.items())
         top = f", lm_head top-{self.exact_top_k} exact" if self.exact_top_k is not None and self.levels["lm_head"] == 4 else ""
-        return f"{self.name} ({levels}{top})"
+        kept = f", {len(self.exact_stems)} linears kept at 0" if self.exact_stems else ""
+        return f"{self.name} ({levels}{top}{kept})"
+
+
+def _layer_order(stem: str) -> tuple:
+    """model.layers.10.mlp.down_proj after model.layers.9.*: digits compare as numbers."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in stem.split("."))
 
 
 _BODY = "level 0 (float32, the GGUF's math): at level 4 alone it flips SmolLM2's greedy chat answer"
-DEFAULT_POLICY = AccuracyPolicy(
+EXACT_POLICY = AccuracyPolicy(
     levels={"attn_qkv": 0, "attn_out": 0, "mlp_in": 0, "mlp_out": 0, "lm_head": 4},
     exact_top_k=EXACT_TOP_K,
     reasons={
@@ -138,7 +165,7 @@ DEFAULT_POLICY = AccuracyPolicy(
         "lm_head": f"level 4 (int8 activations) for all logits, then the top {EXACT_TOP_K} of each position recomputed "
                    "in float32 from the same blocks: argmax and softmax mass exact, a third of the level-0 cost",
     },
-    name="measured",
+    name="exact",
 )
 
 # A 4-bit linear at TWO_PASS: one-row steps (decode) on level 4's int8 kernel as hi + lo, ~5e-6 from float;
@@ -161,6 +188,6 @@ TWO_PASS_POLICY = AccuracyPolicy(
     levels={"attn_qkv": TWO_PASS, "attn_out": TWO_PASS, "mlp_in": TWO_PASS, "mlp_out": TWO_PASS, "lm_head": 4},
     exact_top_k=EXACT_TOP_K,
     reasons={**{c: _TWO_PASS for c in ("attn_qkv", "attn_out", "mlp_in", "mlp_out")},
-             "lm_head": DEFAULT_POLICY.reasons["lm_head"]},
+             "lm_head": EXACT_POLICY.reasons["lm_head"]},
     name="two-pass-decode",
 )

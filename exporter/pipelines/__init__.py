@@ -90,7 +90,7 @@ class Built:
 
 def plan(request: ExportRequest, src: ResolvedSource, config: Any, progress: Progress) -> tuple[ModuleType, Job]:
     """The pipeline for this request and model, and its job; every model-dependent check, before any weights."""
-    from exporter.gguf.levels import TWO_PASS
+    from exporter.request import GGUF_ONLY_LEVELS
     from exporter.pipelines import encoder, gguf, npu_lm
     from exporter.quantize import check_target
     from exporter.source import infer_task
@@ -100,9 +100,10 @@ def plan(request: ExportRequest, src: ResolvedSource, config: Any, progress: Pro
     task = request.task or natural
     settings = profile.task(task)
     gguf_exact = bool(src.gguf_file) and not request.requantize
-    if request.accuracy_level == TWO_PASS and not (gguf_exact and task == "text-generation"):
-        raise ExportError(f"--accuracy-level {TWO_PASS} (two-pass int8 decode) is for exact GGUF imports of "
-                          "text-generation models; use 0-4 here")
+    if request.accuracy_level in GGUF_ONLY_LEVELS and not (gguf_exact and task == "text-generation"):
+        what = {"4x2": "two-pass int8 decode", "exact": "the GGUF's float math", "auto": "searched levels"}
+        raise ExportError(f"--accuracy-level {request.accuracy_level} ({what[request.accuracy_level]}) is for exact GGUF "
+                          "imports of text-generation models; use 0-4 here")
     recipe = request.recipe(settings.quantization, gguf_requantize=bool(src.gguf_file) and request.requantize)
     check_target(recipe, device_class=profile.device_class, profile=profile.name, task=task)
     if request.ep_context and (profile.device_class != "npu" or task == "text-generation"):

@@ -14,6 +14,8 @@ exact-acc4:   the same blocks, every MatMulNBits at level 4 (int8 activations): 
 exact-gateup-o4, exact-mlp-o4, exact-body4-top16: per-class candidates for a default "at least llama.cpp's
               class" (#20): gate/up and o_proj at level 4; all MLP and o_proj; the whole body; each with the
               default's refined lm_head
+searched:     the policy recorded in the manifest of a bundle `edgeship export file.gguf` made by default
+              (--policy-from BUNDLE): the body at level 4 but for the linears the search kept at level 0
 requant-int4: the same weights dequantized and requantized to MatMulNBits int4 asymmetric (uint8 zero
               points), block 32, level 4, lm_head included, embeddings in float: onnxruntime's usual int4
               recipe and the fastest int4 bundle of this model.
@@ -147,6 +149,8 @@ def main() -> None:
                     help="idle intra-op threads spin (the agent's default, runtime.spin_wait) or sleep (--no-spin)")
     ap.add_argument("--only", nargs="*", default=None, metavar="VARIANT",
                     help="exact variants besides `exact` to build and time (default: all)")
+    ap.add_argument("--policy-from", type=Path, default=None, metavar="BUNDLE",
+                    help="also time `searched`: the accuracy policy in this bundle's manifest (edgeship export's default)")
     ap.add_argument("--quality", action="store_true", help="also judge each exact model against transformers' fp32")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
@@ -159,8 +163,11 @@ def main() -> None:
                     "exact-o4": O_PROJ_AT_4, "exact-acc4": 4, "exact-gateup-o4": MLP_IN_O_AT_4,
                     "exact-mlp-o4": MLP_AT_4, "exact-body4-top16": BODY_AT_4}
         paths = {"exact": exact.onnx_path}
+        if args.policy_from:
+            manifest = json.loads((args.policy_from / "manifest.json").read_text())
+            policies["searched"] = AccuracyPolicy.from_details(manifest["quantization"]["details"]["accuracy_levels"])
         for name, policy in policies.items():
-            if not args.only or name in args.only:
+            if not args.only or name in args.only or name == "searched":
                 paths[name] = export_gguf(gguf_path, Path(tmp) / name, accuracy_level=policy).onnx_path
         paths[BASELINE] = build_requant(gguf_path, Path(tmp) / "requant")
         from transformers import AutoTokenizer

@@ -4,6 +4,7 @@ built from the chosen policy is the graph that was measured."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -15,7 +16,7 @@ pytest.importorskip("gguf")
 pytest.importorskip("torch")
 
 from exporter.gguf.export import export_gguf
-from exporter.gguf.levels import EXACT_POLICY, LLAMA_CPP_CLASS
+from exporter.gguf.levels import EXACT_POLICY, LLAMA_CPP_CLASS, AccuracyPolicy
 from exporter.gguf.search import (
     MAX_EVALUATIONS,
     body_units,
@@ -80,6 +81,7 @@ def test_search_keeps_the_worst_linears_exact_and_the_bundle_is_the_graph_measur
     assert levels["lm_head"] == {4}  # refined, as in every policy but a uniform one
     details = built.quantization.details["accuracy_levels"]
     assert details["policy"] == "searched" and set(details["kept_exact"]) == bad
+    assert AccuracyPolicy.from_details(json.loads(json.dumps(details))) == searched.policy  # as a manifest holds it
 
 
 def test_search_that_never_meets_the_bar_is_the_exact_policy(exact):

@@ -106,6 +106,14 @@ class AccuracyPolicy:
         why = "accuracy_level override"
         return cls({c: level for c in WEIGHT_CLASSES}, None, {c: why for c in WEIGHT_CLASSES}, name=f"uniform-{level}")
 
+    @classmethod
+    def from_details(cls, details: dict) -> AccuracyPolicy:
+        """The policy a manifest's quantization.details.accuracy_levels records (what details() wrote)."""
+        return cls(dict(details["levels"]), details.get("lm_head_exact_top_k"), dict(details.get("reasons", {})),
+                   name=details.get("policy", "custom"),
+                   two_pass_min_weights=details.get("two_pass_min_weights", TWO_PASS_MIN_WEIGHTS),
+                   exact_stems=frozenset(details.get("kept_exact", ())))
+
     @property
     def uniform_level(self) -> int | None:
         """The one level every weight gets, or None when the levels differ (or the lm_head is refined)."""

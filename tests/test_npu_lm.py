@@ -374,3 +374,38 @@ def test_a_bad_decode_graph_is_refused_in_one_line(npu_bundle, trusted, keypair,
     with pytest.raises(LoadError, match=want) as err:
         load_model(open_bundle(bad, trusted), providers=["CPUExecutionProvider"])
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("check,refused", [
+    (None, False),
+    ({"max_abs_diff": 1e-7, "logits_max_abs": 0.6, "top1_agree": True}, False),
+    ({"max_abs_diff": 0.5, "logits_max_abs": 0.6, "top1_agree": True}, True),
+    ({"max_abs_diff": 1e-7, "logits_max_abs": 0.6, "top1_agree": False}, True),
+])
+def test_a_decode_graph_that_leaves_the_prefill_path_fails_the_gate(check, refused):
+    lines = npu_lm.decode_refusal(check)
+    assert bool(lines) is refused and all("does not decode as the prefill graph" in line for line in lines)
+
+
+def test_the_decode_graph_needs_the_step_constants_the_quantizer_kept():
+    from exporter.errors import ConversionError
+    from exporter.pipelines import native_lm as native
+
+    cfg, weights = native.decoder_from_hf(_hf("llama"))
+    plan = npu_lm.decode_plan(cfg, weights, step=4, decode_step=1, cache=16)
+    wide = npu_lm.build_static_decoder(cfg, weights, step=4, cache=16)
+    narrow = npu_lm.decode_graph(wide, plan)  # float here: the same rewrite as on the QDQ graph
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, 9).tolist()
+    want = _cpu_decoder(wide, cfg, step=4, cache=16).forward(ids)
+    wide_sess, sess = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (wide, narrow))
+    lm = StaticDecoder(wide_sess.run, step=4, cache=16, num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads,
+                       head_dim=cfg.head_dim, output_names=[o.name for o in wide_sess.get_outputs()],
+                       decode=StaticGraph(sess.run, 1, [o.name for o in sess.get_outputs()]))
+    got = np.concatenate([lm.forward(ids[:8]), lm.forward(ids[8:])])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert lm.calls == {4: 2, 1: 1}
+    kept = [t for t in wide.graph.initializer if t.name != next(iter(plan.constants))]
+    del wide.graph.initializer[:]
+    wide.graph.initializer.extend(kept)
+    with pytest.raises(ConversionError, match="lost the step-dependent constants"):
+        npu_lm.decode_graph(wide, plan)

@@ -379,6 +379,7 @@ def test_a_bad_decode_graph_is_refused_in_one_line(npu_bundle, trusted, keypair,
 @pytest.mark.parametrize("check,refused", [
     (None, False),
     ({"max_abs_diff": 1e-7, "logits_max_abs": 0.6, "top1_agree": True}, False),
+    ({"max_abs_diff": 0.35, "logits_max_abs": 30.2, "top1_agree": True}, False),  # SmolLM2 on HTP
     ({"max_abs_diff": 0.5, "logits_max_abs": 0.6, "top1_agree": True}, True),
     ({"max_abs_diff": 1e-7, "logits_max_abs": 0.6, "top1_agree": False}, True),
 ])

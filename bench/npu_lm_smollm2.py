@@ -5,7 +5,9 @@ measured on onnxruntime-qnn's HTP simulator, the HTP compile time and seconds pe
 
 Most of the time is the simulator running the gate's 20 static calls (S = 32: 4 windows of 64
 tokens, 4 teacher-forced greedy runs of 64 tokens); its seconds per call are the simulator's on
-this host, not a device's. Not a test: never pass/fail. docs/EXPORT.md quotes its numbers.
+this host, not a device's. `qnn.decode` is the export's check of the step-1 decode graph against the
+prefill graph (4 greedy tokens both ways on HTP) with the simulator's seconds per call of each graph
+(S = 32 and S = 1). Not a test: never pass/fail. docs/EXPORT.md quotes its numbers.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ def main() -> None:
                                                     "calibration_windows", "calibration_samples", "float_regions")},
             "metrics": r.report.metrics,
             "greedy_prefix_matches": r.report.details.get("greedy_prefix_matches"),
-            "qnn": {k: qnn.get(k) for k in ("ok", "rejected_nodes", "compile_seconds", "calls", "seconds_per_call")},
+            "qnn": {k: qnn.get(k) for k in ("ok", "rejected_nodes", "compile_seconds", "calls", "seconds_per_call",
+                                                  "decode")},
+            "decode_graph": details.get("decode_graph"),
             "export_seconds": round(time.perf_counter() - t0, 1),
             "steps_seconds": r.stats["steps_seconds"],
             "peak_rss_mb": r.stats["peak_rss_mb"],

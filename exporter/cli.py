@@ -67,7 +67,8 @@ def _threshold(values: tuple[str, ...]) -> dict[str, float]:
               help="LM graph: native = edgeship's builder with fused GroupQueryAttention (CPU targets, supported "
                    "architectures), optimum = traced by optimum; auto = native where it applies.")
 @click.option("--ep-context", is_flag=True,
-              help="NPU encoders: also write the HTP-compiled EP context (model_ctx.onnx) so the device skips compiling.")
+              help="NPU profiles: also write the HTP-compiled EP context (model_ctx.onnx; LMs also "
+                   "model_decode_ctx.onnx) so the device skips compiling.")
 @click.option("--name", help="Bundle name (default: from the model).")
 @click.option("--version", "version", default="1.0.0", show_default=True, help="Bundle version (semver).")
 @click.option("--force", is_flag=True, help="Write the bundle even if the quality gate fails (marked failed-quality).")

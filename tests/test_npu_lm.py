@@ -7,6 +7,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -15,11 +16,12 @@ import pytest
 
 from agent.bundle import QualityStatus
 from agent.runtime.errors import InputError
-from agent.runtime.static_generation import MASK_VALUE, StaticDecoder
+from agent.runtime.static_generation import MASK_VALUE, StaticDecoder, StaticGraph
 from exporter import export, quality
 from exporter.pipelines import npu_lm
 from exporter.errors import IncompatibleTarget
 from exporter.profiles import load_profile
+from agent.bundle import load_private_key
 from tests.support.models import tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,6 +95,30 @@ def test_static_decoder_feeds_mask_cache_and_padding():
         lm.forward([1, 2, 3, 4])
 
 
+def test_static_decoder_sends_short_chunks_to_the_decode_graph():
+    """Chunks of at most the decode step run the decode graph with its own shapes; both fill one cache."""
+    calls = []
+
+    def graph(step):
+        def run(_names, feed):
+            calls.append((step, {k: v.copy() for k, v in feed.items()}))
+            return [np.zeros((1, step, 5), np.float32)] + [np.full((1, 1, step, 2), step, np.float32)] * 2
+        return run
+
+    lm = StaticDecoder(graph(4), step=4, cache=8, num_layers=1, kv_heads=1, head_dim=2,
+                       decode=StaticGraph(graph(1), 1))
+    lm.forward([5, 6, 7, 8, 9])  # a full chunk, then one token left: the decode graph
+    lm.forward([3])
+    assert [c[0] for c in calls] == [4, 1, 1] and lm.calls == {4: 1, 1: 2} and lm.length == 6
+    one = calls[2][1]
+    assert one["input_ids"].tolist() == [[3]] and one["position_ids"].tolist() == [[5]]
+    assert one["attention_bias"].shape == (1, 1, 1, 9)
+    assert one["attention_bias"][0, 0, 0].tolist() == [0] * 5 + [MASK_VALUE] * 3 + [0]
+    assert one["past_key_values.0.key"][0, 0, :, 0].tolist() == [4, 4, 4, 4, 1, 0, 0, 0]
+    with pytest.raises(ValueError, match="must be shorter than the step 4"):
+        StaticDecoder(graph(4), step=4, cache=8, num_layers=1, kv_heads=1, head_dim=2, decode=StaticGraph(graph(4), 4))
+
+
 def test_forced_greedy_finds_the_free_running_split():
     """Teacher-forced picks agree with free-running greedy up to the first split, so prefix_match is the same."""
     from exporter import npu_recipe
@@ -145,7 +171,7 @@ def test_native_families_the_static_graph_lacks_are_refused_in_one_line(arch, tm
 @pytest.fixture(scope="module")
 def npu_bundle(tmp_path_factory, keypair):
     out = tmp_path_factory.mktemp("npu-lm") / "bundle"
-    return export(tiny_model("llama"), out=out, key=keypair[0], profile=PROFILE), out
+    return export(tiny_model("llama"), out=out, key=keypair[0], profile=PROFILE, ep_context=True), out
 
 
 def _strict(path: Path) -> ort.InferenceSession:
@@ -201,6 +227,30 @@ def test_tiny_llama_export_runs_on_htp_with_cpu_fallback_off(npu_bundle):
     assert float_input["SimplifiedLayerNormalization"] == 4 and float_input["Add"] >= 3  # the first reads the embedding
     assert tables["embed.weight"].data_type == tables["rope.cos"].data_type == onnx.TensorProto.UINT16
 
+    # the decode graph: the same weights file at the same offsets, the same scales and zero points;
+    # only the step-dependent shapes differ
+    assert cfg["decode_entry"] == npu_lm.DECODE_NAME and cfg["decode_step_length"] == npu_lm.DECODE_STEP == 1
+    decode = onnx.load(str(out / npu_lm.DECODE_NAME), load_external_data=False)
+    assert [d.dim_value for d in decode.graph.input[0].type.tensor_type.shape.dim] == [1, 1]
+    prefill_inits = {i.name: i for i in model.graph.initializer}
+    decode_inits = {i.name: i for i in decode.graph.initializer}
+    assert set(decode_inits) == set(prefill_inits)
+    changed = {n for n, t in decode_inits.items() if t.SerializeToString() != prefill_inits[n].SerializeToString()}
+    assert changed and all(n.startswith("ints_") for n in changed)
+    assert details["decode_graph"]["step_constants"] == len(changed)
+    shared = [t for t in decode_inits.values() if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(shared) > 9 and {e.value for t in shared for e in t.external_data if e.key == "location"} == {"model.onnx.data"}
+    # measured on HTP by the export: decoding through the step-1 graph is the prefill path's decode
+    check = qnn["decode"]
+    assert check["top1_agree"] and check["max_abs_diff"] <= 1e-3 * check["logits_max_abs"] + 1e-5
+    assert set(check["seconds_per_call"]) == {"32", "1"}
+    # and on the CPU EP (the agent's fallback), over a longer prompt: the same numbers to float rounding
+    cpu = [ort.InferenceSession(str(out / f), providers=["CPUExecutionProvider"]) for f in ("model.onnx", npu_lm.DECODE_NAME)]
+    native_cfg = SimpleNamespace(num_layers=cfg["num_layers"], num_kv_heads=cfg["num_kv_heads"], head_dim=cfg["head_dim"])
+    on_cpu = npu_lm.decode_agreement(*cpu, native_cfg, np.arange(40, 80), step=32, decode_step=1, cache=cfg["cache_length"])
+    assert on_cpu["top1_agree"] and on_cpu["max_abs_diff"] <= 1e-3 * on_cpu["logits_max_abs"] + 1e-5
+    assert cfg["ep_context"] == "model_ctx.onnx" and cfg["decode_ep_context"] == "model_decode_ctx.onnx"
+
     # the golden call reproduces on the CPU EP (the agent's fallback) and on HTP itself
     golden = r.manifest.golden
     feeds = dict(np.load(out / golden.inputs))
@@ -237,11 +287,17 @@ def test_agent_serves_the_static_bundle(npu_bundle, trusted, provider):
     r, out = npu_bundle
     model = load_model(open_bundle(out, trusted), providers=[provider])
     assert isinstance(model, StaticTextGenerationModel) and model.execution_provider == provider
+    # on HTP both graphs run their compiled contexts; the CPU EP runs the graphs themselves
+    compiled = provider.startswith("QNN")
+    assert Path(model.model_file).name == ("model_ctx.onnx" if compiled else "model.onnx")
+    assert model.decode_session is not None and model.decoder.decode.step == 1
     assert model.run_golden().ok
     prompt = list(range(40, 80))
     gen = model.generate(prompt, max_tokens=6, ignore_eos=True)
     tokens = [c.token_id for c in gen if c.token_id is not None]
     assert gen.stats.completion_tokens == 6 and gen.stats.finish_reason == "length"
+    # the prompt took two prefill calls (32 + 8 tokens); every decoded token after the first, one step-1 call
+    assert model.decoder.calls == {32: 2, 1: 5}
     sess = _strict(out / "model.onnx") if provider.startswith("QNN") else \
         ort.InferenceSession(str(out / "model.onnx"), providers=[provider])
     assert tokens == _static(sess, r.manifest.model.config).greedy(prompt, 6).tolist()
@@ -258,3 +314,99 @@ def test_agent_serves_the_static_bundle(npu_bundle, trusted, provider):
         model.generate(list(range(300)), max_tokens=1)
     model.close()
 
+
+
+def _variant(src: Path, dst: Path, keypair, *, drop: tuple[str, ...] = (), **config) -> Path:
+    """A copy of the bundle without `drop` files, model.config updated by `config` (None removes a key), resealed."""
+    import shutil
+
+    from agent.bundle import Manifest, seal_bundle
+
+    shutil.copytree(src, dst)
+    manifest = Manifest.model_validate_json((dst / "manifest.json").read_text())
+    for name in drop:
+        (dst / name).unlink()
+    (dst / "manifest.json").unlink()
+    (dst / "manifest.sig").unlink(missing_ok=True)
+    model_config = {k: v for k, v in {**manifest.model.config, **config}.items() if v is not None}
+    fields = manifest.model_dump(exclude={"files"})
+    fields["model"] = manifest.model.model_copy(update={"config": model_config})
+    seal_bundle(dst, private_key=load_private_key(keypair[0]), **fields)
+    return dst
+
+
+def test_a_bundle_without_the_decode_graph_is_served_as_before(npu_bundle, trusted, keypair, tmp_path):
+    """Bundles exported before the decode graph (one graph, no decode_entry) load and decode through the
+    prefill graph; the step-1 path gives the same greedy tokens."""
+    from agent.bundle import open_bundle
+    from agent.runtime import load_model
+
+    r, out = npu_bundle
+    old = _variant(out, tmp_path / "old", keypair, drop=(npu_lm.DECODE_NAME, "model_ctx.onnx", "model_decode_ctx.onnx"),
+                   decode_entry=None, decode_step_length=None, ep_context=None, decode_ep_context=None)
+    prompt = list(range(40, 80))
+    tokens = {}
+    for name, path in (("old", old), ("new", out)):
+        model = load_model(open_bundle(path, trusted), providers=["QNNExecutionProvider"])
+        try:
+            assert (model.decode_session is None) == (name == "old")
+            gen = model.generate(prompt, max_tokens=6, ignore_eos=True)
+            tokens[name] = [c.token_id for c in gen if c.token_id is not None]
+            assert model.decoder.calls[32] == (2 + 5 if name == "old" else 2)
+        finally:
+            model.close()
+    assert tokens["old"] == tokens["new"] and len(tokens["old"]) == 6
+
+
+@pytest.mark.parametrize("case", ["missing", "wrong-shape"])
+def test_a_bad_decode_graph_is_refused_in_one_line(npu_bundle, trusted, keypair, tmp_path, case):
+    from agent.bundle import open_bundle
+    from agent.runtime import load_model
+    from agent.runtime.errors import LoadError
+
+    r, out = npu_bundle
+    if case == "missing":  # model.config names a graph the bundle does not hold
+        bad = _variant(out, tmp_path / case, keypair, drop=(npu_lm.DECODE_NAME,))
+        want = "names the graph 'model_decode.onnx', which the bundle does not hold"
+    else:  # the prefill graph named as the decode graph: its step is 32, not 1
+        bad = _variant(out, tmp_path / case, keypair, decode_entry="model.onnx", decode_ep_context=None)
+        want = r"decode graph 'model.onnx' does not fit decode_step_length 1 .* input_ids \[1, 32\] \(want \[1, 1\]\)"
+    with pytest.raises(LoadError, match=want) as err:
+        load_model(open_bundle(bad, trusted), providers=["CPUExecutionProvider"])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("check,refused", [
+    (None, False),
+    ({"max_abs_diff": 1e-7, "logits_max_abs": 0.6, "top1_agree": True}, False),
+    ({"max_abs_diff": 0.35, "logits_max_abs": 30.2, "top1_agree": True}, False),  # SmolLM2 on HTP
+    ({"max_abs_diff": 0.5, "logits_max_abs": 0.6, "top1_agree": True}, True),
+    ({"max_abs_diff": 1e-7, "logits_max_abs": 0.6, "top1_agree": False}, True),
+])
+def test_a_decode_graph_that_leaves_the_prefill_path_fails_the_gate(check, refused):
+    lines = npu_lm.decode_refusal(check)
+    assert bool(lines) is refused and all("does not decode as the prefill graph" in line for line in lines)
+
+
+def test_the_decode_graph_needs_the_step_constants_the_quantizer_kept():
+    from exporter.errors import ConversionError
+    from exporter.pipelines import native_lm as native
+
+    cfg, weights = native.decoder_from_hf(_hf("llama"))
+    plan = npu_lm.decode_plan(cfg, weights, step=4, decode_step=1, cache=16)
+    wide = npu_lm.build_static_decoder(cfg, weights, step=4, cache=16)
+    narrow = npu_lm.decode_graph(wide, plan)  # float here: the same rewrite as on the QDQ graph
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, 9).tolist()
+    want = _cpu_decoder(wide, cfg, step=4, cache=16).forward(ids)
+    wide_sess, sess = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (wide, narrow))
+    lm = StaticDecoder(wide_sess.run, step=4, cache=16, num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads,
+                       head_dim=cfg.head_dim, output_names=[o.name for o in wide_sess.get_outputs()],
+                       decode=StaticGraph(sess.run, 1, [o.name for o in sess.get_outputs()]))
+    got = np.concatenate([lm.forward(ids[:8]), lm.forward(ids[8:])])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert lm.calls == {4: 2, 1: 1}
+    kept = [t for t in wide.graph.initializer if t.name != next(iter(plan.constants))]
+    del wide.graph.initializer[:]
+    wide.graph.initializer.extend(kept)
+    with pytest.raises(ConversionError, match="lost the step-dependent constants"):
+        npu_lm.decode_graph(wide, plan)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from agent.bundle import Manifest, VerifiedBundle
 from agent.runtime.cpu import usable_cpus
@@ -139,6 +140,36 @@ def create_session(bundle: VerifiedBundle, *, threads: int | None = None,
             log.warning("%s runs on %s; skipped: %s", manifest.ref, got, "; ".join(tried))
         return SessionChoice(session, got, n, tuple(tried), model_file=path)
     raise ProviderUnavailable(f"no execution provider could run {manifest.ref}: " + "; ".join(tried))
+
+
+def graph_session(bundle: VerifiedBundle, choice: SessionChoice, entry: str, *, context: str | None = None,
+                  spin: bool = True):
+    """A session for a second graph of the bundle (an NPU LM's decode graph) on the EP `choice` got, with the
+    bundle's options for it; on QNN its compiled EP `context` when the main session also runs compiled."""
+    import onnxruntime as ort
+
+    manifest = bundle.manifest
+    path = bundle.file_path(entry)
+    if not path.is_file():
+        raise LoadError(f"{manifest.ref}: model.config names the graph {entry!r}, which the bundle does not hold; "
+                        "re-export the bundle")
+    so = session_options(choice.threads, spin=spin)
+    name = choice.execution_provider
+    options = {ep.name: dict(ep.options) for ep in manifest.runtime.execution_providers}.get(name, {})
+    try:
+        if name == QNN:
+            from agent.runtime.qnn import plugin_options
+
+            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+            so.add_provider_for_devices([d for d in ort.get_ep_devices() if d.ep_name == name][:1], plugin_options(options))
+            if context and Path(choice.model_file).name != Path(manifest.model.entry).name:
+                path = bundle.file_path(context)  # the main graph runs compiled: so does this one
+            return ort.InferenceSession(str(path), sess_options=so)
+        return ort.InferenceSession(str(path), sess_options=so, providers=[name],
+                                    provider_options=[options] if name != CPU else None)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise LoadError(f"{manifest.ref}: graph {entry!r} does not load on {name}: "
+                        f"{str(exc).splitlines()[0][:300]}") from None
 
 
 HUGE_PAGES_MIN_MB = 64  # a model whose session allocated less gains nothing worth the copy

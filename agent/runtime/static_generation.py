@@ -5,9 +5,15 @@ and returns logits plus the keys/values of the S new tokens only. This module ow
 pads each chunk to S, builds the additive attention bias (cache slots filled so far, causal among
 the new tokens), and writes the new rows into the cache after the call.
 
-    lm = StaticDecoder(session.run, step=1, cache=256, num_layers=.., kv_heads=.., head_dim=..)
-    logits = lm.forward(prompt_ids)        # [len(prompt), vocab]
-    next_logits = lm.forward([token])      # decode one token
+    lm = StaticDecoder(session.run, step=32, cache=256, num_layers=.., kv_heads=.., head_dim=..,
+                       decode=StaticGraph(decode_session.run, step=1))
+    logits = lm.forward(prompt_ids)        # [len(prompt), vocab], 32 tokens per call
+    next_logits = lm.forward([token])      # decode one token: a call of the step-1 graph
+
+A bundle may carry a second graph for decoding (`model.config.decode_entry`, step
+`decode_step_length`): the same weights and quantization at a shorter step, so a decode token does
+not pay for a 32-token call. Chunks of at most that many tokens go to it; both read and fill the
+one host cache.
 
 `StaticTextGenerationModel` serves such a bundle through the agent's usual generation loop
 (sampling, stop strings, streaming, prefix cache): only the model step differs.
@@ -16,6 +22,7 @@ the new tokens), and writes the new rows into the cache after the call.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,17 +36,31 @@ MASK_VALUE = -100.0
 Runner = Callable[[list[str] | None, dict[str, np.ndarray]], list[np.ndarray]]
 
 
+@dataclass(frozen=True)
+class StaticGraph:
+    """A second static graph over the same cache (the decode graph): how to run it and its step length."""
+
+    run: Runner
+    step: int
+    output_names: Sequence[str] | None = None
+
+
 class StaticDecoder:
     """Runs a static-shape decoder over a host-side KV cache, S tokens per call."""
 
     def __init__(self, run: Runner, *, step: int, cache: int, num_layers: int, kv_heads: int, head_dim: int,
                  output_names: Sequence[str] | None = None, mask_value: float = MASK_VALUE,
-                 on_feed: Callable[[dict[str, np.ndarray]], None] | None = None):
+                 on_feed: Callable[[dict[str, np.ndarray]], None] | None = None, decode: StaticGraph | None = None):
+        if decode is not None and not 0 < decode.step < step:
+            raise ValueError(f"a decode graph's step {decode.step} must be shorter than the step {step}")
         self._run = run
         self.step, self.cache, self.num_layers = step, cache, num_layers
+        self.decode = decode
+        self.calls = {step: 0} | ({decode.step: 0} if decode else {})  # calls made per graph (step length)
         self._mask_value = np.float32(mask_value)
         self._on_feed = on_feed  # sees every feed (the exporter records calibration feeds with it)
         self.output_names = list(output_names) if output_names else _output_names(num_layers)
+        self._decode_names = list(decode.output_names) if decode and decode.output_names else _output_names(num_layers)
         shape = (1, kv_heads, cache, head_dim)
         self._kv = {f"past_key_values.{i}.{n}": np.zeros(shape, np.float32)
                     for i in range(num_layers) for n in ("key", "value")}
@@ -62,22 +83,22 @@ class StaticDecoder:
         """A copy of the filled part of one cache tensor (past_key_values.{i}.key/value)."""
         return self._kv[name][:, :, : self.length].copy()
 
-    def feed(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
-        """The inputs for up to `step` new tokens at the current cache length."""
-        n = len(tokens)
-        if not 0 < n <= self.step:
-            raise InputError(f"a static step takes 1..{self.step} tokens, got {n}")
+    def feed(self, tokens: Sequence[int], *, step: int | None = None) -> dict[str, np.ndarray]:
+        """The inputs of the graph of `step` (default: the prefill step) for up to `step` new tokens."""
+        n, step = len(tokens), step or self.step
+        if not 0 < n <= step:
+            raise InputError(f"a static step takes 1..{step} tokens, got {n}")
         if self.length + n > self.cache:
             raise InputError(f"context of {self.length + n} tokens exceeds the model's {self.cache}-token cache")
-        ids = np.zeros((1, self.step), np.int32)
+        ids = np.zeros((1, step), np.int32)
         ids[0, :n] = tokens
         # padding rows sit at the next positions (in the rotary table) and are never written back
-        pos = np.minimum(np.arange(self.length, self.length + self.step), self.cache + self.step - 1)
-        bias = np.full((1, 1, self.step, self.cache + self.step), self._mask_value, np.float32)
+        pos = np.minimum(np.arange(self.length, self.length + step), self.cache + step - 1)
+        bias = np.full((1, 1, step, self.cache + step), self._mask_value, np.float32)
         bias[0, 0, :, : self.length] = 0.0
-        new = np.tril(np.ones((self.step, self.step), bool))
+        new = np.tril(np.ones((step, step), bool))
         new[n:, :] = False
-        new[n:, n:] = np.eye(self.step - n, dtype=bool)  # padding rows see themselves: a harmless softmax
+        new[n:, n:] = np.eye(step - n, dtype=bool)  # padding rows see themselves: a harmless softmax
         bias[0, 0, :, self.cache:][new] = 0.0
         return {"input_ids": ids, "position_ids": pos[None, :].astype(np.int32), "attention_bias": bias, **self._kv}
 
@@ -86,10 +107,14 @@ class StaticDecoder:
         rows = []
         for start in range(0, len(tokens), self.step):
             chunk = list(tokens[start : start + self.step])
-            feed = self.feed(chunk)
+            short = self.decode is not None and len(chunk) <= self.decode.step
+            step = self.decode.step if short else self.step
+            feed = self.feed(chunk, step=step)
             if self._on_feed is not None:
                 self._on_feed(feed)
-            out = dict(zip(self.output_names, self._run(None, feed)))
+            run, names = (self.decode.run, self._decode_names) if short else (self._run, self.output_names)
+            out = dict(zip(names, run(None, feed)))
+            self.calls[step] += 1
             n = len(chunk)
             for i in range(self.num_layers):
                 for kind in ("key", "value"):
@@ -141,10 +166,47 @@ class StaticTextGenerationModel(TextGenerationModel):
         except (KeyError, TypeError, ValueError) as exc:
             raise LoadError(f"{self.ref}: a static LM bundle needs step_length and cache_length in model.config ({exc})") from None
         self.max_context = min(self.max_context, cache)
+        self.decode_session = self._decode_session(bundle, choice, step=step, cache=cache)
+        decode = None if self.decode_session is None else StaticGraph(
+            self._decode_run, int(cfg["decode_step_length"]), [o.name for o in self.decode_session.get_outputs()])
         self.decoder = StaticDecoder(self._session_run, step=step, cache=cache, num_layers=self.num_layers,
                                      kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                                      output_names=self.output_names,
-                                     mask_value=float(cfg.get("mask_value", MASK_VALUE)))
+                                     mask_value=float(cfg.get("mask_value", MASK_VALUE)), decode=decode)
+
+    def _decode_session(self, bundle, choice, *, step: int, cache: int):
+        """The session of the decode graph (model.config.decode_entry), checked against the prefill graph;
+        None for a bundle with one graph."""
+        from agent.runtime.session import graph_session
+
+        cfg = self.manifest.model.config
+        entry = cfg.get("decode_entry")
+        if not entry:
+            return None
+        try:
+            d = int(cfg["decode_step_length"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LoadError(f"{self.ref}: decode_entry needs decode_step_length in model.config ({exc})") from None
+        if not 0 < d < step:
+            raise LoadError(f"{self.ref}: decode_step_length {d} must be between 1 and the step length {step - 1}")
+        session = graph_session(bundle, choice, str(entry), context=cfg.get("decode_ep_context"))
+        want = {"input_ids": [1, d], "attention_bias": [1, 1, d, cache + d]}
+        want |= {n: list(i.shape) for n, i in ((i.name, i) for i in self.session.get_inputs()) if n in self.past_names}
+        got = {i.name: list(i.shape) for i in session.get_inputs()}
+        bad = [f"{n} {got.get(n)} (want {shape})" for n, shape in want.items() if got.get(n) != shape]
+        if bad:
+            raise LoadError(f"{self.ref}: decode graph {entry!r} does not fit decode_step_length {d} and the "
+                            f"{cache}-slot cache: {', '.join(bad[:3])}; re-export the bundle")
+        return session
+
+    def _decode_run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.closed:
+            raise Cancelled(f"model {self.ref} was closed (swapped out) during generation")
+        return self.decode_session.run(names, feed)
+
+    def close(self) -> None:
+        super().close()
+        self.decode_session = None
 
     def _session_run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.closed:

@@ -106,8 +106,8 @@ def plan(request: ExportRequest, src: ResolvedSource, config: Any, progress: Pro
                           "imports of text-generation models; use 0-4 here")
     recipe = request.recipe(settings.quantization, gguf_requantize=bool(src.gguf_file) and request.requantize)
     check_target(recipe, device_class=profile.device_class, profile=profile.name, task=task)
-    if request.ep_context and (profile.device_class != "npu" or task == "text-generation"):
-        raise IncompatibleTarget(f"--ep-context writes the compiled NPU binary of an encoder; {task} on target "
+    if request.ep_context and profile.device_class != "npu":
+        raise IncompatibleTarget(f"--ep-context writes the compiled NPU binary of the model; {task} on target "
                                  f"{profile.name} ({profile.device_class}) has none: drop --ep-context")
     job = Job(request=request, src=src, config=config, task=task, recipe=recipe,
               thresholds=request.thresholds_over(settings.thresholds), progress=progress)

@@ -13,11 +13,15 @@ the graph here is what Qualcomm's own LLM deployments use:
 
 The host owns the cache (agent/runtime/static_generation.py): it writes each step's present
 rows into its slots and builds the attention bias, so the graph holds no mask or cache logic.
+The bundle holds the graph twice over one weights file: at S = 32 for prompt chunks and at S = 1
+for decode steps, the second made from the quantized first (decode_plan / decode_graph), so both
+carry the same QDQ encodings.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ from onnx import TensorProto, helper
 
 from agent.bundle import ModelSpec, QualityReport
 from agent.runtime.qnn import qnn_session_options
-from agent.runtime.static_generation import MASK_VALUE, StaticDecoder
+from agent.runtime.static_generation import MASK_VALUE, Runner, StaticDecoder, StaticGraph
 from exporter import npu, npu_recipe, quality
 from exporter.graph.decoder import (
     DecoderConfig,
@@ -47,6 +51,7 @@ from exporter.graph.decoder import (
     apply_rotary,
     project_qkv,
 )
+from exporter.errors import ConversionError
 from exporter.gate import Evidence
 from exporter.golden import GoldenCase
 from exporter.profiles import QuantRecipe, Thresholds
@@ -187,9 +192,93 @@ def _attention(b: GraphBuilder, cfg: DecoderConfig, i: int, h: str, layer: Layer
     return b.linear(out, layer.o, f"{prefix}.o_proj")
 
 
+# ---- the decode graph: the prefill graph at step 1, same weights, same QDQ encodings -------------
+
+DECODE_STEP = 1
+DATA_NAME = "model.onnx.data"  # the one weights file both graphs read
+DECODE_NAME = "model_decode.onnx"
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How the quantized prefill graph becomes the decode graph."""
+
+    step: int
+    constants: dict[str, onnx.TensorProto]  # the step-dependent initializers (Reshape shapes), decode values
+    io: onnx.GraphProto  # the decode graph's inputs and outputs
+
+
+def decode_plan(cfg: DecoderConfig, weights: DecoderWeights, *, step: int, decode_step: int, cache: int) -> DecodePlan:
+    """Compare the float graphs at `step` and `decode_step` (weights sent to /dev/null): they must differ only
+    in small shape constants, the rotary tables' length and the inputs'/outputs' shapes."""
+    graphs = []
+    for s in (step, decode_step):
+        sink = ExternalData(Path(os.devnull))
+        try:
+            graphs.append(build_static_decoder(cfg, weights, step=s, cache=cache, external=sink))
+        finally:
+            sink.close()
+    wide, narrow = graphs
+    if [(n.op_type, list(n.input), list(n.output)) for n in wide.graph.node] != \
+            [(n.op_type, list(n.input), list(n.output)) for n in narrow.graph.node]:
+        raise ConversionError(f"the static graphs at step {step} and {decode_step} differ in structure")
+    before = {i.name: i for i in wide.graph.initializer}
+    constants: dict[str, onnx.TensorProto] = {}
+    for t in narrow.graph.initializer:
+        if t.name.startswith("rope."):  # the decode graph keeps the longer table: its positions are a prefix of it
+            continue
+        if t.data_location == TensorProto.EXTERNAL or before[t.name].data_location == TensorProto.EXTERNAL:
+            if list(t.dims) != list(before[t.name].dims):
+                raise ConversionError(f"weight {t.name} changes shape with the step length")
+            continue
+        if t.SerializeToString() != before[t.name].SerializeToString():
+            constants[t.name] = t
+    io = onnx.GraphProto()
+    io.input.extend(narrow.graph.input)
+    io.output.extend(narrow.graph.output)
+    return DecodePlan(decode_step, constants, io)
+
+
+def decode_graph(prefill: onnx.ModelProto, plan: DecodePlan) -> onnx.ModelProto:
+    """The quantized prefill graph turned into the decode graph: the plan's constants replace the
+    step-dependent shapes and its inputs/outputs the graph's; every weight, scale and zero point stays
+    as it is (the same external data, the same encodings)."""
+    constants = plan.constants
+    model = onnx.ModelProto()
+    model.CopyFrom(prefill)
+    found = set()
+    for t in model.graph.initializer:
+        if t.name in constants:
+            t.CopyFrom(constants[t.name])
+            found.add(t.name)
+    if missing := sorted(set(constants) - found):
+        raise ConversionError(f"the quantized graph lost the step-dependent constants {missing[:3]}; "
+                              "the decode graph cannot be made from it")
+    types = {v.name: v.type for v in [*plan.io.input, *plan.io.output]}
+    for v in [*model.graph.input, *model.graph.output]:
+        v.type.CopyFrom(types[v.name])
+    del model.graph.value_info[:]  # shapes of the wide graph; onnxruntime infers the narrow ones
+    model.graph.name = f"{prefill.graph.name}_decode"
+    return model
+
+
+def write_graphs(qdq: Path, plan: DecodePlan) -> Path:
+    """Rewrite the quantized `qdq` with its weights in DATA_NAME beside it, and write the decode graph
+    (DECODE_NAME) reading the same file at the same offsets."""
+    model = onnx.load(str(qdq))
+    qdq.with_name(DATA_NAME).unlink(missing_ok=True)  # onnx writes into an existing data file at its offsets
+    onnx.save(model, str(qdq), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_NAME,
+              size_threshold=1024)
+    del model
+    prefill = onnx.load(str(qdq), load_external_data=False)
+    decode = qdq.with_name(DECODE_NAME)
+    onnx.save(decode_graph(prefill, plan), str(decode))
+    return decode
+
+
 # ---- the export pipeline: float graph -> calibration on the host loop -> QDQ -> QNN HTP ----------
 
-# One graph serves prefill and decode. 32 new tokens per call: on onnxruntime-qnn's HTP simulator a
+# Prompt chunks: 32 new tokens per call (decode steps run the step-1 graph above). On onnxruntime-qnn's HTP simulator a
 # SmolLM2-135M-shaped model takes 22 s for a 32-token call and 12.5 s for a 1-token call (measured,
 # loaded 2-core host), so prefill is 18x faster per token; on a device, decode is bound by reading
 # the weights, which a 32-wide call reads once, like a 1-wide one.
@@ -210,14 +299,17 @@ class StaticLM:
     path: Path  # the QDQ model
     step: int
     cache: int
+    decode: Path | None  # the decode graph (DECODE_STEP), beside `path`, reading the same weights file
     quantization: dict[str, Any]  # manifest quantization.details (with "qnn")
     metrics: dict[str, float]  # measured on HTP; empty when HTP refused the graph
     details: dict[str, Any]  # quality.details
     qnn: npu.QnnReport
 
     def evidence(self, thresholds: Thresholds, *, reference: str) -> Evidence:
-        """The LM gate's input: the HTP metrics; a graph HTP did not take fails it, with the reasons."""
-        return Evidence(self.metrics, thresholds.as_dict(), reference, self.details, refused=tuple(self.qnn.failures()))
+        """The LM gate's input: the HTP metrics; a graph HTP did not take, or a decode graph that does not
+        decode as the prefill graph does, fails it, with the reasons."""
+        refused = [*self.qnn.failures(), *decode_refusal(self.quantization["qnn"].get("decode"))]
+        return Evidence(self.metrics, thresholds.as_dict(), reference, self.details, refused=tuple(refused))
 
     def judge(self, thresholds: Thresholds, *, reference: str) -> QualityReport:
         return self.evidence(thresholds, reference=reference).judge()
@@ -302,7 +394,8 @@ def static_metrics(lm: StaticDecoder, ref: LMReference) -> tuple[dict[str, float
 def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, work: Path, *, recipe: QuantRecipe,
                      provider_options: dict[str, str], ref: LMReference, calibration_prompts: Sequence[np.ndarray],
                      step: int = DEFAULT_STEP, cache: int, progress: Callable[[str], None] | None = None) -> StaticLM:
-    """Write the QDQ static graph to `out` (float graph in `work`) and measure it on QNN HTP, CPU fallback off.
+    """Write the QDQ static graph to `out` and its decode graph (DECODE_NAME) beside it, both reading one
+    weights file (DATA_NAME), float graph in `work`; measure them on QNN HTP, CPU fallback off.
 
     The metrics come from HTP itself; when HTP refuses the graph, `qnn` says why and the metrics
     are empty (`StaticLM.judge` then fails). Eleven parameters: the graph, where it goes, and what
@@ -318,6 +411,7 @@ def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, wor
         external.close()
     onnx.save(model, str(fp32))
     del model
+    plan = decode_plan(cfg, weights, step=step, decode_step=DECODE_STEP, cache=cache)
     provider_options = {**npu.DEFAULT_PROVIDER_OPTIONS, **provider_options}
     npu_recipe.check_fp16_options(recipe.float_regions, provider_options, profile="the NPU profile")
     windows = npu_recipe.calibration_windows(calibration_prompts, length=CALIBRATION_TOKENS)
@@ -329,11 +423,20 @@ def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, wor
                                float_nodes=regions.nodes)
     details.update(calibration_texts=len(calibration_prompts), calibration_windows=len(windows),
                    per_channel_matmul_weights=len(overrides or {}), float_regions=regions.counts())
+    # the decode graph: the quantized graph with the step-1 shapes, so the same encodings and weights
+    decode = write_graphs(out, plan)
+    details["decode_graph"] = {"step_length": plan.step, "step_constants": len(plan.constants)}
     probe = npu.verify_on_qnn(out, feeds[:1], provider_options=provider_options)
+    if probe.ok:
+        lm = decoder(None, cfg, step=step, cache=cache)
+        probe_decode = npu.verify_on_qnn(decode, [lm.feed(feeds[0]["input_ids"][0, :1].tolist(), step=plan.step)],
+                                         provider_options=provider_options)
+        if not probe_decode.ok:
+            probe = probe_decode
     qnn: dict[str, Any] = {"ok": probe.ok, "rejected_nodes": probe.rejected, "reasons": probe.reasons,
                            "error": probe.error}
     if not probe.ok:
-        return StaticLM(out, step, cache, {**details, "qnn": qnn}, {}, {}, probe)
+        return StaticLM(out, step, cache, decode, {**details, "qnn": qnn}, {}, {}, probe)
     t0 = time.perf_counter()
     sess = htp_session(out, provider_options)
     qnn["compile_seconds"] = round(time.perf_counter() - t0, 2)
@@ -351,7 +454,84 @@ def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, wor
     seconds = time.perf_counter() - t0
     qnn.update(run_seconds=round(seconds, 2), calls=calls, seconds_per_call=round(seconds / max(calls, 1), 4))
     quality_details["measured_on"] = "QNN HTP (onnxruntime-qnn, CPU fallback disabled)"
-    return StaticLM(out, step, cache, {**details, "qnn": qnn}, metrics, quality_details, probe)
+    note("decoding through the step-1 graph and through the prefill graph on HTP, to compare them")
+    qnn["decode"] = decode_agreement(sess, htp_session(decode, provider_options), cfg, ref.prompts[0],
+                                     step=step, decode_step=plan.step, cache=cache)
+    return StaticLM(out, step, cache, decode, {**details, "qnn": qnn}, metrics, quality_details, probe)
+
+
+DECODE_CHECK_TOKENS = 4  # greedy tokens decoded both ways by decode_agreement
+# The same model with the same encodings, but HTP compiles each graph on its own and runs the fp16 regions
+# (residual, norms) in its own order: measured 0.35 of logits up to 30.2 for SmolLM2-135M (top-1 the same),
+# 1.2e-7 of 0.65 for the tiny llama, 0 on the CPU EP. The golden check's allowance for 16-bit rounding.
+DECODE_TOLERANCE = 0.05
+
+
+def decode_refusal(check: dict[str, Any] | None) -> list[str]:
+    """The gate's line when the decode graph's logits left the prefill graph's (none when they agree or
+    were not measured)."""
+    if not check:
+        return []
+    limit = DECODE_TOLERANCE * check["logits_max_abs"] + 1e-3
+    if check["top1_agree"] and check["max_abs_diff"] <= limit:
+        return []
+    return [f"the step-{DECODE_STEP} decode graph does not decode as the prefill graph: logits differ by up to "
+            f"{check['max_abs_diff']:.3g} (limit {limit:.3g}), top-1 {'agrees' if check['top1_agree'] else 'differs'}"]
+
+
+def decode_agreement(prefill: Any, decode: Any, cfg: DecoderConfig, prompt: np.ndarray, *, step: int,
+                     decode_step: int, cache: int) -> dict[str, Any]:
+    """Greedy tokens after `prompt` decoded once through the prefill graph and once through the decode graph,
+    from one prefill: the largest logit difference, whether the picks agree, and the seconds per call of each.
+
+    Both graphs compute the same model with the same encodings, so the difference is rounding."""
+    names = [o.name for o in prefill.get_outputs()]
+    seconds = {step: 0.0, decode_step: 0.0}
+
+    def timed(sess: Any, width: int) -> Runner:
+        def run(out_names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+            t0 = time.perf_counter()
+            try:
+                return sess.run(out_names, feed)
+            finally:
+                seconds[width] += time.perf_counter() - t0
+        return run
+
+    wide = decoder(timed(prefill, step), cfg, step=step, cache=cache, output_names=names)
+    both = StaticDecoder(timed(prefill, step), step=step, cache=cache, num_layers=cfg.num_layers,
+                         kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, output_names=names,
+                         decode=StaticGraph(timed(decode, decode_step), decode_step,
+                                            [o.name for o in decode.get_outputs()]))
+    got_wide = [wide.forward(prompt.tolist())[-1]]
+    # one prefill serves both (a call of the simulator is seconds): the decode steps are what differ
+    both.load([wide.cached(f"past_key_values.{i}.{kv}") for i in range(cfg.num_layers) for kv in ("key", "value")])
+    got_both = [got_wide[0]]
+    for _ in range(DECODE_CHECK_TOKENS):
+        token = int(np.argmax(got_wide[-1]))
+        got_wide.append(wide.forward([token])[0])
+        got_both.append(both.forward([token])[0])
+    a, b = np.stack(got_wide[1:]), np.stack(got_both[1:])
+    wide_calls = wide.calls[step]
+    return {"tokens": DECODE_CHECK_TOKENS, "max_abs_diff": float(np.abs(a - b).max()),
+            "logits_max_abs": float(np.abs(a).max()), "top1_agree": bool((a.argmax(-1) == b.argmax(-1)).all()),
+            "seconds_per_call": {str(step): round(seconds[step] / max(wide_calls, 1), 4),
+                                 str(decode_step): round(seconds[decode_step] / max(both.calls[decode_step], 1), 4)}}
+
+
+CONTEXT_NAMES = {"ep_context": "model_ctx.onnx", "decode_ep_context": "model_decode_ctx.onnx"}
+
+
+def write_contexts(stage: Path, provider_options: dict[str, str]) -> dict[str, str]:
+    """The prefill and decode graphs compiled for HTP, each its own EP context model (binary embedded);
+    returns what model.config says about them.
+
+    One context binary for both graphs (QNN weight sharing: ep.share_ep_contexts) is written by
+    onnxruntime-qnn, but its HTP simulator refuses to load it (contextCreateFromBinary:
+    QNN_COMMON_ERROR_NOT_SUPPORTED), so each context carries its own copy of the weights."""
+    entries = {"ep_context": stage / "model.onnx", "decode_ep_context": stage / DECODE_NAME}
+    for key, graph in entries.items():
+        npu.write_ep_context(graph, stage / CONTEXT_NAMES[key], provider_options=provider_options)
+    return dict(CONTEXT_NAMES)
 
 
 def golden_case(model_path: Path, cfg: DecoderConfig, prompt: np.ndarray, *, step: int, cache: int) -> GoldenCase:
@@ -417,6 +597,10 @@ def build(job: Any, stage: Path, work: Path) -> Any:
     del model, weights
     gc.collect()
     spec_config.update(layout(cfg, step=result.step, cache=cache))
+    spec_config.update(decode_entry=DECODE_NAME, decode_step_length=DECODE_STEP)
+    if job.request.ep_context and result.qnn.ok:
+        with progress.step("compile", "QNN HTP context binaries of both graphs, so the device does not compile"):
+            spec_config.update(write_contexts(stage, dict(profile.execution_providers[0].options)))
     inputs, outputs = io_names(cfg.num_layers)
     qnn = result.quantization["qnn"]
     return Built(

@@ -212,8 +212,8 @@ def test_accuracy_policy_classes_and_override():
 @pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_0", "Q4_1", "Q6_K"])
 def test_lm_head_top_logits_are_recomputed_exactly(ggml_type):
     """The default policy's lm_head: all logits at level 4, then each row's top 16 recomputed in float from the
-    same blocks (GatherBlockQuantized for Q8_0 / Q4_0; codes + scales + mins for Q4_1 and Q6_K, whose zero
-    point is not MatMulNBits' default): exact where it matters."""
+    same blocks (GatherBlockQuantized on the MatMulNBits' own initializer for Q8_0, Q4_0 and Q6_K, whose zero
+    point 32 goes in as zero_points; codes + scales + mins for Q4_1): exact where it matters, one copy of the head."""
     n, k = 512, 256
     raw = random_rows(ggml_type, n, k, seed=8)
     ref_w = dequantize(raw, GGMLQuantizationType[ggml_type]).astype(np.float64)
@@ -224,6 +224,11 @@ def test_lm_head_top_logits_are_recomputed_exactly(ggml_type):
     assert {"TopK", "ScatterElements"} <= set(ops)
     assert [a.i for node in model.graph.node if node.op_type == "MatMulNBits"
             for a in node.attribute if a.name == "accuracy_level"] == [4]
+    matmul = next(node for node in model.graph.node if node.op_type == "MatMulNBits")
+    gathers = [node for node in model.graph.node if node.op_type == "GatherBlockQuantized"]
+    if ggml_type != "Q4_1":  # the rows are read from the head's own blocks: no second copy of them
+        assert len(gathers) == 1 and gathers[0].input[0] == matmul.input[1]
+        assert not any(t.name.startswith("embed.codes") for t in model.graph.initializer)
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
     scale = np.abs(x).astype(np.float64) @ np.abs(ref_w).T

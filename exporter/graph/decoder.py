@@ -510,16 +510,20 @@ def _embed(b: GraphBuilder, cfg: DecoderConfig, table: Weight) -> str:
 def gather_rows(b: GraphBuilder, table: BlockWeight, ids: str, *, index_rank: int) -> str:
     """Rows `ids` (int64, `index_rank` dims) of a block table as float32 [*ids.shape, K], dequantized exactly.
 
-    A table without per-block mins and with the default zero point is read by GatherBlockQuantized;
-    the initializers are made once per table (kept with the table, which pins its id), so a tied embedding
-    and lm_head share them."""
+    A table without per-block mins is read by GatherBlockQuantized, from the very initializer MatMulNBits
+    reads (one layout): with the default zero point, or an 8-bit one's own (Q5_0's 16, Q6_K's 32) as a
+    zero_points input. The initializers are made once per table (kept with the table, which pins its id), so
+    a tied embedding and lm_head share them, and the lm_head's exact top-k rows are its own blocks (a Q6_K
+    head gathered as codes + scales + offsets instead held a second, 1.2x copy of it: 151 MB on TinyLlama)."""
     hidden, key = table.shape[1], id(table)
     keep = b.ints(*[0] * index_rank, hidden)
-    if table.offsets is None and table.zero_points() is None:
+    zero_points = table.zero_points() if table.offsets is None else None
+    if table.offsets is None and (zero_points is None or table.bits == 8):
         if key not in b._row_tables:
-            b._row_tables[key] = (table, b.const(table.scales[..., None], "embed.scales"))
-        data, scales = b.packed(table, "embed.qweight"), b._row_tables[key][1]  # [vocab, blocks, block bytes]
-        x = b.op("GatherBlockQuantized", data, ids, scales, domain=MS_DOMAIN,
+            b._row_tables[key] = (table, b.const(table.scales[..., None], "embed.scales"),
+                                  *([] if zero_points is None else [b.const(zero_points[..., None], "embed.zero_points")]))
+        data = b.packed(table, "embed.qweight")  # [vocab, blocks, block bytes]
+        x = b.op("GatherBlockQuantized", data, ids, *b._row_tables[key][1:], domain=MS_DOMAIN,
                  bits=table.bits, block_size=table.block_size, gather_axis=0, quantize_axis=2)
         return b.op("Reshape", x, keep)
     # GatherBlockQuantized has no per-block min: gather codes, scales and offsets, dequantize the rows

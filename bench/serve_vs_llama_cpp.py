@@ -519,6 +519,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="environment variable for the agent process, e.g. EDGESHIP_AGENT_API__QUEUE_SIZE=32 (repeatable)")
     p.add_argument("--edgeship-arg", action="append", default=[], help="extra `edgeship serve` argument (repeatable)")
     p.add_argument("--export-arg", action="append", default=[], help="extra `edgeship export` argument (repeatable)")
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="seconds both servers stay idle before the RSS after requests is read (edgeship frees its "
+                        "KV pool and trims its heap 0.5 s after the last answer)")
     p.add_argument("--bench-reps", type=int, default=3, help="llama-bench -r; 0 skips llama-bench")
     p.add_argument("--label", default="shared", help="recorded in the JSON: 'quiet' only when nothing else ran")
     p.add_argument("--json", type=Path, default=None, help="write the results here (e.g. bench/results/...json)")
@@ -556,6 +559,7 @@ def main(argv: list[str] | None = None) -> None:
         single, load, rounds_log = run_rounds(servers, args)
         slot = re.search(r"n_ctx_slot = (\d+)", servers["llama_server"].log_path.read_text())
         servers["llama_server"].info["n_ctx_slot"] = int(slot.group(1)) if slot else None
+        time.sleep(args.settle)  # both idle: what each holds between requests, not mid-clean-up
         after = {k: {"rss_after_mb": tree_rss_mb(srv.proc.pid), "hwm_mb": status_kb(srv.proc.pid, "VmHWM") / 1024,
                      "processes": len(tree_pids(srv.proc.pid))} for k, srv in servers.items()}
     finally:

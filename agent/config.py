@@ -169,6 +169,9 @@ class RuntimeSettings(_Section):
     # the KV cache of the generations batched together stays within this; a request that does not fit
     # waits for room, and one answer alone is capped to what fits (docs/AGENT.md "Concurrent requests")
     kv_cache_mb: int = Field(default=512, ge=16, le=1 << 20)
+    # the KV of recent prompts and answers kept for a next request that starts the same way (its time to first
+    # token); 0 keeps none
+    prefix_cache_mb: int = Field(default=256, ge=0, le=1 << 20)
 
 
 class WatchSettings(_Section):

@@ -26,8 +26,10 @@ from agent.serve import DEFAULT_PORT
               help="Generations decoded together (1: one request at a time).")
 @click.option("--kv-cache-mb", type=click.IntRange(16, 1 << 20), default=512, show_default=True,
               help="KV memory of the batched generations; a request that does not fit waits.")
+@click.option("--prefix-cache-mb", type=click.IntRange(0, 1 << 20), default=256, show_default=True,
+              help="KV of recent prompts kept for the next request that starts the same way (0: none).")
 def cli(path: str, host: str, port: int, keys: tuple[Path, ...], threads: int | None, token_file: Path | None,
-        max_batch: int, kv_cache_mb: int) -> None:
+        max_batch: int, kv_cache_mb: int, prefix_cache_mb: int) -> None:
     """Serve a bundle directory or .tar (or, with the export extra, a hub id or .gguf) until Ctrl-C."""
     from agent.api import ApiServer
     from agent.bundle import TrustedKeys
@@ -55,7 +57,7 @@ def cli(path: str, host: str, port: int, keys: tuple[Path, ...], threads: int | 
                 source, key = export_cached(path, announce=lambda line: click.echo(line, err=True))
                 trusted = TrustedKeys.from_paths([key, *keys])
             opened = open_for_serving(source, trusted, workdir=Path(tmp))
-            batching = BatchPolicy(max_batch=max_batch, kv_cache_mb=kv_cache_mb)
+            batching = BatchPolicy(max_batch=max_batch, kv_cache_mb=kv_cache_mb, prefix_cache_mb=prefix_cache_mb)
             model = load_model(opened.bundle, threads=threads, batching=batching)
         except ServeError as exc:
             click.echo(f"error: {exc}", err=True)

@@ -145,12 +145,18 @@ def _staging(out: Path) -> Path:
 
 
 def _publish(stage: Path, out: Path) -> None:
-    """Move the sealed bundle into `out`; an old `out` is removed only after the move succeeded."""
+    """Move the sealed bundle into `out`; an old `out` is removed only after the move succeeded. Every file
+    is on disk before the rename and the rename is on disk before the old bundle goes (agent/bundle/durable.py):
+    a power cut leaves the old bundle or the whole new one, never a published bundle of empty files."""
+    from agent.bundle.durable import fsync_dir, fsync_tree
+
+    fsync_tree(stage)
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
     os.replace(stage, out)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -83,7 +83,9 @@ def lm(tmp_path_factory, keypair, trusted):
 
 @pytest.fixture(scope="session")
 def smollm2_agent(tmp_path_factory):
-    """A real agent process (`edgeship serve`) serving the real SmolLM2-135M-Instruct Q4_1 GGUF.
+    """A real agent process (`edgeship serve`) serving the real SmolLM2-135M-Instruct Q4_1 GGUF, exported at
+    `--accuracy-level exact` (its answers do not depend on batching or the prefix cache; see
+    tests.support.models.smollm2_exact_bundle).
 
     The first run exports the GGUF into the test cache (minutes on 2 cores); later runs reuse the bundle.
     Yields the API's base URL (…/v1).
@@ -93,13 +95,14 @@ def smollm2_agent(tmp_path_factory):
     import subprocess
     import sys
 
-    from tests.support.models import cache_dir, smollm2_gguf_path
+    from tests.support.models import cache_dir, smollm2_exact_bundle
 
     env = {**os.environ, "EDGESHIP_CACHE": str(cache_dir()), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     log = tmp_path_factory.mktemp("smollm2-agent") / "stderr.log"
+    bundle, key = smollm2_exact_bundle()
     with open(log, "w") as err:  # a file, not a pipe: nobody reads the log while the tests run
-        proc = subprocess.Popen([sys.executable, "-m", "edgeship.cli", "serve", str(smollm2_gguf_path()),
+        proc = subprocess.Popen([sys.executable, "-m", "edgeship.cli", "serve", str(bundle), "--trusted-key", str(key),
                                  "--port", "0"], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     try:
         ready = proc.stdout.readline()

@@ -112,6 +112,21 @@ def test_api_body_limit_is_a_setting(tmp_path):
         load_settings(write(tmp_path, '[api]\nmax_body_bytes = 12\n'), {"device_id": "d"})
 
 
+def test_prefix_cache_budget_is_a_setting_that_reaches_the_update_manager(tmp_path):
+    from types import SimpleNamespace
+
+    from agent.service import update_config
+
+    facts = SimpleNamespace(arch="x86_64", execution_providers=["CPUExecutionProvider"])
+    s = load_settings(write(tmp_path, ""), {"device_id": "d"})
+    assert s.runtime.prefix_cache_mb == 256
+    assert update_config(s, session="s", facts=facts).batching.prefix_cache_mb == 256
+    s = load_settings(write(tmp_path, '[runtime]\nprefix_cache_mb = 0\n'), {"device_id": "d"})
+    assert update_config(s, session="s", facts=facts).batching.prefix_cache_mb == 0
+    with pytest.raises(ConfigError, match="runtime.prefix_cache_mb"):
+        load_settings(write(tmp_path, '[runtime]\nprefix_cache_mb = -1\n'), {"device_id": "d"})
+
+
 def test_every_bad_field_is_one_line(tmp_path):
     cfg = write(tmp_path, """
 device_id = "bad/id"

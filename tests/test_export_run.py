@@ -74,6 +74,25 @@ def _leftovers(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
 
 
+def test_the_bundle_is_on_disk_before_it_is_published(tmp_path, keypair, stub, monkeypatch):
+    """fsync spy: every file of the sealed stage is synced before the rename makes it the bundle, and the
+    directory holding the rename after it (a power cut never leaves a published bundle of empty files)."""
+    import os
+
+    from agent.bundle import durable
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(durable.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                           real_fsync(fd))[1])
+    monkeypatch.setattr("exporter.run.os.replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
+    result = run_export(_request(tmp_path, keypair))
+    renamed = events.index(("replace", str(result.bundle)))
+    synced = {Path(path).name for kind, path in events[:renamed] if kind == "fsync"}
+    assert {p.name for p in result.bundle.rglob("*") if p.is_file()} <= synced
+    assert ("fsync", str(tmp_path)) in events[renamed:]
+
+
 def test_a_failing_gate_keeps_the_older_bundle_and_leaves_no_trace(tmp_path, keypair, trusted, stub):
     first = run_export(_request(tmp_path, keypair, version="1.0.0"))
     assert first.report.status is QualityStatus.PASSED

@@ -119,15 +119,20 @@ def test_cancel_and_deadline_end_only_their_own_answer(vb):
         model.close()
 
 
-def test_a_full_kv_pool_preempts_and_resumes_with_the_same_answers(vb, alone):
-    # 300 positions for all rows together: three answers of 10 + 110 tokens cannot all be held at once
+@pytest.mark.parametrize("prefix_cache_mb", [256, 0], ids=["kv-kept", "no-prefix-cache"])
+def test_a_full_kv_pool_preempts_and_resumes_with_the_same_answers(vb, alone, prefix_cache_mb):
+    """300 positions for all rows together: three answers of 10 + 110 tokens cannot all be held at once. A
+    preempted answer resumes from its KV in the prefix cache, or, with runtime.prefix_cache_mb = 0, recomputes it."""
     prompts = [PROMPTS[0][:10], PROMPTS[3][:10], PROMPTS[5][:10]]
     expected = [_ids(alone.generate(p, max_tokens=110, ignore_eos=True, use_prefix_cache=False)) for p in prompts]
-    model = _batched(vb, max_batch=3, kv_cache_mb=300 * PER_POSITION / 2**20)
+    model = _batched(vb, max_batch=3, kv_cache_mb=300 * PER_POSITION / 2**20, prefix_cache_mb=prefix_cache_mb)
     try:
         got = _together(model, prompts, max_tokens=110, ignore_eos=True, use_prefix_cache=False)
         assert got == expected
         assert model.batcher.preempted >= 1
+        assert model.prefix_cache.max_bytes == prefix_cache_mb << 20
+        if not prefix_cache_mb:
+            assert not model.prefix_cache._entries  # nothing kept, not even the preempted answer's KV
         assert model.batcher.pool.rows * model.batcher.pool.length <= 300 or model.batcher.pool.rows == 0
     finally:
         model.close()
@@ -207,20 +212,19 @@ def test_the_model_swaps_under_batched_load_with_no_failed_request(vb, alone):
 
 
 def test_policy_values_are_checked():
-    for bad in (dict(max_batch=0), dict(kv_cache_mb=0), dict(prefill_chunk=0)):
-        with pytest.raises(ValueError, match="max_batch|kv_cache_mb|prefill_chunk"):
+    for bad in (dict(max_batch=0), dict(kv_cache_mb=0), dict(prefill_chunk=0), dict(prefix_cache_mb=-1)):
+        with pytest.raises(ValueError, match="max_batch|kv_cache_mb|prefill_chunk|prefix_cache_mb"):
             BatchPolicy(**bad)
 
 
 def test_the_real_smollm2_answers_the_same_batched_as_alone(monkeypatch):
-    """The real SmolLM2-135M-Instruct Q4_1 bundle (exported once into the test cache, as the agent
-    fixture does): four chats decoded together give each its greedy answer from running alone."""
-    from agent import serve
-    from tests.support.models import cache_dir, smollm2_gguf_path
+    """The real SmolLM2-135M-Instruct Q4_1 bundle at the exact accuracy level (exported once into the test
+    cache, as the agent fixture does): four chats decoded together give each its greedy answer from running
+    alone. (The default, searched bundle's int8 activations do not promise that: docs/AGENT.md.)"""
+    from tests.support.models import smollm2_exact_bundle
 
-    monkeypatch.setenv("EDGESHIP_CACHE", str(cache_dir()))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    path, key = serve.export_cached(str(smollm2_gguf_path()))
+    path, key = smollm2_exact_bundle()
     vb = open_bundle(path, TrustedKeys.from_paths([key]))
     chats = [[{"role": "user", "content": q}] for q in (
         "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",

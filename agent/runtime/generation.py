@@ -82,7 +82,7 @@ class Generation:
 class TextGenerationModel(LoadedModel):
     REQUIRED_INPUTS: tuple[str, ...] = ("input_ids", "attention_mask")  # besides past_key_values.*
 
-    def __init__(self, bundle, choice, *, prefix_cache_bytes: int = 256 << 20,
+    def __init__(self, bundle, choice, *, prefix_cache_bytes: int | None = None,
                  batching: BatchPolicy = SEQUENTIAL) -> None:
         super().__init__(bundle, choice)
         cfg = self.manifest.model.config
@@ -112,7 +112,8 @@ class TextGenerationModel(LoadedModel):
         # prompt token but the last
         self.has_logits_to_keep = "logits_to_keep" in inputs
         self._keep_last = np.ones(1, np.int64) if self.has_logits_to_keep else None
-        self.prefix_cache = PrefixCache(max_bytes=prefix_cache_bytes)
+        self.prefix_cache = PrefixCache(max_bytes=int(batching.prefix_cache_mb * 2**20) if prefix_cache_bytes is None
+                                        else prefix_cache_bytes)
         self._mask = np.ones((1, self.max_context), np.int64)
         self._empty_kv = np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.kv_dtype)
         self._lock = threading.Lock()  # one generation at a time per session (2 cores: no gain in more)

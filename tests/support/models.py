@@ -101,6 +101,31 @@ def cache_lock(out: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def smollm2_exact_bundle() -> tuple[Path, Path]:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF exported with `--accuracy-level exact` (the GGUF's float math),
+    once per test cache, and the public key that verifies it.
+
+    Tests that compare answers token for token across computation paths (batched vs alone, a prefix-cache hit
+    vs a full prefill) serve this bundle: the default (searched) bundle runs most linears on int8
+    activations, like llama.cpp, where a path's ~1e-6 float differences can flip an int8 rounding and, after a
+    near tie, the answer (docs/AGENT.md "Concurrent requests")."""
+    from agent.bundle import generate_keypair
+    from exporter import export
+
+    root = cache_dir()
+    out, keys = root / "smollm2-exact-bundle", root / "smollm2-exact-keys"
+    with cache_lock(out):
+        if not (keys / "test.pub").exists():
+            generate_keypair(keys, "test")
+        if not (out / "manifest.json").exists():
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            export(smollm2_gguf_path(), out=tmp, key=keys / "test.key", accuracy_level="exact", benchmark=False)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+    return out, keys / "test.pub"
+
+
 def _tiny_tokenizer(out: Path, vocab_size: int) -> None:
     """A real (trained) byte-level BPE tokenizer of `vocab_size`, with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

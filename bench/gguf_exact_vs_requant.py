@@ -57,7 +57,7 @@ from exporter.gguf.arch import decoder_config, decoder_weights
 from exporter.gguf.export import export_gguf
 from exporter.graph.decoder import DecoderWeights, ExternalData, build_decoder
 from exporter.gguf.levels import EXACT_POLICY, TWO_PASS_POLICY, AccuracyPolicy
-from exporter.gguf.quality import OnnxDecoder, _nll, eval_text, gguf_quality, gguf_reference
+from exporter.gguf.quality import OnnxDecoder, eval_text, gguf_quality, gguf_reference, nll
 from exporter.gguf.reader import GgufFile
 from exporter.gguf.repack import BlockWeight
 
@@ -180,7 +180,7 @@ def main() -> None:
         ppl = {}
         for name, dec in models.items():
             logits = dec.run(ids[None, :1024], dec.empty_past())[0][0]
-            ppl[name] = float(np.exp(_nll(logits, ids[:1024]).mean()))
+            ppl[name] = float(np.exp(nll(logits, ids[:1024]).mean()))
             measure_both(dec, single[name], prompt[:16], 4)  # warm-up
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
         for _ in range(args.rounds):

@@ -25,6 +25,7 @@ class SessionChoice:
     threads: int
     tried: tuple[str, ...]  # "EP: why it was skipped", in order
     model_file: str = ""  # the bundle file the session runs (the entry, or QNN's compiled EP context)
+    spin: bool = True  # idle intra-op threads spin (runtime.spin_wait): a bundle's second graph opens alike
 
 
 def session_options(threads: int, *, spin: bool = True):
@@ -104,26 +105,9 @@ def create_session(bundle: VerifiedBundle, *, threads: int | None = None,
         if name not in ort.get_available_providers() and not _plugin_has(name):
             tried.append(f"{name}: not available in this onnxruntime ({', '.join(ort.get_available_providers())})")
             continue
-        chain = [(name, options)] + ([] if name == CPU else [(CPU, {})])
-        so = session_options(n, spin=spin)
-        path = model_path
         before = anonymous_regions() if huge_pages else set()
         try:
-            if name == CPU or not _plugin_has(name):
-                session = ort.InferenceSession(model_path, sess_options=so, providers=[c[0] for c in chain],
-                                               provider_options=[c[1] for c in chain])
-            else:  # a plugin EP (onnxruntime >= 1.22), attached by device
-                # All or nothing: a graph the NPU takes only in part would report the NPU while the CPU
-                # does the work, so any node it cannot run makes this EP fail and the next one is tried.
-                so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-                if name == QNN:
-                    from agent.runtime.qnn import plugin_options
-
-                    options = plugin_options(options)
-                so.add_provider_for_devices([d for d in ort.get_ep_devices() if d.ep_name == name][:1], options)
-                if name == QNN and context_path:
-                    path = context_path
-                session = ort.InferenceSession(path, sess_options=so)
+            session, path = _open(name, options, model_path, session_options(n, spin=spin), context_path=context_path)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             tried.append(f"{name}: session creation failed: {str(exc).splitlines()[0][:300]}")
             log.warning("execution provider %s failed for %s: %s", name, manifest.ref, exc)
@@ -138,35 +122,47 @@ def create_session(bundle: VerifiedBundle, *, threads: int | None = None,
             tried.append(f"{name}: onnxruntime fell back to {got}")
         if tried:  # the bundle asked for something better first: say what it got and why
             log.warning("%s runs on %s; skipped: %s", manifest.ref, got, "; ".join(tried))
-        return SessionChoice(session, got, n, tuple(tried), model_file=path)
+        return SessionChoice(session, got, n, tuple(tried), model_file=path, spin=spin)
     raise ProviderUnavailable(f"no execution provider could run {manifest.ref}: " + "; ".join(tried))
 
 
-def graph_session(bundle: VerifiedBundle, choice: SessionChoice, entry: str, *, context: str | None = None,
-                  spin: bool = True):
-    """A session for a second graph of the bundle (an NPU LM's decode graph) on the EP `choice` got, with the
-    bundle's options for it; on QNN its compiled EP `context` when the main session also runs compiled."""
+def _open(name: str, options: dict[str, str], path: str, so, *, context_path: str | None = None):
+    """One session of the graph at `path` on EP `name` -> (session, the file it runs). CPU and the built-in EPs
+    fall back to CPU node by node; a plugin EP (QNN, onnxruntime >= 1.22, attached by device) must take the
+    whole graph, and QNN runs `context_path` (its compiled EP context) instead when given."""
     import onnxruntime as ort
 
+    if name == CPU or not _plugin_has(name):
+        chain = [(name, options)] + ([] if name == CPU else [(CPU, {})])
+        return ort.InferenceSession(path, sess_options=so, providers=[c[0] for c in chain],
+                                    provider_options=[c[1] for c in chain]), path
+    # All or nothing: a graph the NPU takes only in part would report the NPU while the CPU
+    # does the work, so any node it cannot run makes this EP fail and the next one is tried.
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if name == QNN:
+        from agent.runtime.qnn import plugin_options
+
+        options = plugin_options(options)
+        path = context_path or path
+    so.add_provider_for_devices([d for d in ort.get_ep_devices() if d.ep_name == name][:1], options)
+    return ort.InferenceSession(path, sess_options=so), path
+
+
+def graph_session(bundle: VerifiedBundle, choice: SessionChoice, entry: str, *, context: str | None = None):
+    """A session for a second graph of the bundle (an NPU LM's decode graph) on the EP `choice` got, with the
+    bundle's options for it and the main session's threads and spinning; on QNN its compiled EP `context` when
+    the main session also runs compiled."""
     manifest = bundle.manifest
     path = bundle.file_path(entry)
     if not path.is_file():
         raise LoadError(f"{manifest.ref}: model.config names the graph {entry!r}, which the bundle does not hold; "
                         "re-export the bundle")
-    so = session_options(choice.threads, spin=spin)
     name = choice.execution_provider
     options = {ep.name: dict(ep.options) for ep in manifest.runtime.execution_providers}.get(name, {})
+    compiled = context and Path(choice.model_file).name != Path(manifest.model.entry).name
     try:
-        if name == QNN:
-            from agent.runtime.qnn import plugin_options
-
-            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-            so.add_provider_for_devices([d for d in ort.get_ep_devices() if d.ep_name == name][:1], plugin_options(options))
-            if context and Path(choice.model_file).name != Path(manifest.model.entry).name:
-                path = bundle.file_path(context)  # the main graph runs compiled: so does this one
-            return ort.InferenceSession(str(path), sess_options=so)
-        return ort.InferenceSession(str(path), sess_options=so, providers=[name],
-                                    provider_options=[options] if name != CPU else None)
+        return _open(name, options, str(path), session_options(choice.threads, spin=choice.spin),
+                     context_path=str(bundle.file_path(context)) if compiled else None)[0]
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise LoadError(f"{manifest.ref}: graph {entry!r} does not load on {name}: "
                         f"{str(exc).splitlines()[0][:300]}") from None

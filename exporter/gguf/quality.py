@@ -75,7 +75,8 @@ class OnnxDecoder:
         return tokens
 
 
-def _nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """-log p(ids[t+1] | ..t) for each t, from logits [tokens, vocab]."""
     logits = logits.astype(np.float64)
     top = logits.max(-1, keepdims=True)
     logz = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
@@ -140,7 +141,7 @@ def judge(ref: Reference, logits: np.ndarray, answer: list[int], tokenizer_dir: 
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids, ref_logits, ref_answer = ref.ids, ref.logits, ref.answer
-    ppl_ref, ppl = float(np.exp(_nll(ref_logits, ids).mean())), float(np.exp(_nll(logits, ids).mean()))
+    ppl_ref, ppl = float(np.exp(nll(ref_logits, ids).mean())), float(np.exp(nll(logits, ids).mean()))
     top1 = float((ref_logits[:-1].argmax(-1) == logits[:-1].argmax(-1)).mean())
     same = 0
     for a, b in zip(ref_answer, answer):

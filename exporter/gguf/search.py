@@ -31,6 +31,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from exporter.gate import failures, metric_of
+from exporter.gguf.quality import nll as token_nll
 from exporter.gguf.levels import (
     EXACT_POLICY,
     EXACT_TOP_K,
@@ -67,13 +68,7 @@ class Searched:
     linears: int  # body linears in the graph
     trials: list[Trial] = field(default_factory=list)
     errors: dict[str, float] = field(default_factory=dict)  # stem -> relative level-4 output error
-
-    @property
-    def chosen(self) -> Trial | None:
-        """The trial of the chosen policy (None: the exact policy, which was not run)."""
-        kept = len(self.policy.exact_stems)
-        return next((t for t in reversed(self.trials) if t.passed and t.kept == kept), None) \
-            if self.policy is not EXACT_POLICY else None
+    chosen: Trial | None = None  # the trial of the chosen policy (None: the exact policy, which was not run)
 
     def line(self) -> str:
         """The summary's one line: what runs at which level, and the quality it was chosen on."""
@@ -92,7 +87,7 @@ class Searched:
         worst = sorted(self.errors.items(), key=lambda kv: -kv[1])[:8]
         return {
             "bar": dict(self.bar), "body_linears": self.linears,
-                 "trials": [{"kept_at_0": t.kept, **{k: round(v, 6) for k, v in t.metrics.items()}, "passed": t.passed}
+            "trials": [{"kept_at_0": t.kept, **{k: round(v, 6) for k, v in t.metrics.items()}, "passed": t.passed}
                        for t in self.trials],
             "largest_level4_errors": {k: round(v, 6) for k, v in worst},
         }
@@ -144,24 +139,22 @@ def search_policy(exact_onnx: Path, evaluate: Evaluate, *, bar: Mapping[str, flo
                 f"top-1 {metrics['top1_agreement']:.2%}: {'meets the bar' if t.passed else 'misses it'}")
             return t
 
-        best = len(units)  # all kept at level 0: the exact policy
-        if trial(0).passed:
-            best = 0
-        else:
-            low = 0  # fails
+        best: Trial | None = trial(0)  # None: only the exact policy (all kept at level 0) is known to pass
+        if not best.passed:
+            low, high, best = 0, len(units), None  # trial(low) fails
             for _ in range(MAX_EVALUATIONS):
-                if best - low <= 1:
+                if high - low <= 1:
                     break
-                mid = (low + best) // 2
-                if trial(mid).passed:
-                    best = mid
+                mid = (low + high) // 2
+                if (t := trial(mid)).passed:
+                    high, best = mid, t
                 else:
                     low = mid
     finally:
         scratch.unlink(missing_ok=True)
-    if best == len(units):
+    if best is None:
         return Searched(EXACT_POLICY, dict(bar), len(units), trials, errors)
-    return Searched(searched_policy(order[:best], errors), dict(bar), len(units), trials, errors)
+    return Searched(searched_policy(order[:best.kept], errors), dict(bar), len(units), trials, errors, chosen=best)
 
 
 def run_probe(path: Path, sequences: np.ndarray) -> dict[str, float]:
@@ -202,7 +195,7 @@ class Windows:
             for seq in seqs:
                 logits = model(torch.from_numpy(seq[None, :])).logits[0].float().numpy()
                 argmax.append(logits.argmax(-1))
-                nll.append(_nll(logits, seq))
+                nll.append(token_nll(logits, seq))
         return cls(seqs, np.stack(argmax), np.stack(nll))
 
     def metrics(self, logits_of: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
@@ -211,18 +204,10 @@ class Windows:
         for seq, want in zip(self.sequences, self.argmax):
             logits = logits_of(seq)
             agree.append(logits.argmax(-1) == want)
-            nll.append(_nll(logits, seq))
+            nll.append(token_nll(logits, seq))
         ppl_ref, ppl = float(np.exp(self.nll.mean())), float(np.exp(np.mean(nll)))
         return {"ppl_delta": ppl / ppl_ref - 1.0, "top1_agreement": float(np.mean(agree)),
                 "eval_tokens": float(self.sequences.size)}
-
-
-def _nll(logits: np.ndarray, seq: np.ndarray) -> np.ndarray:
-    """-log p(seq[t+1] | ..t) for each t, from logits [length, vocab]."""
-    x = logits[:-1].astype(np.float64)
-    top = x.max(-1, keepdims=True)
-    logz = np.log(np.exp(x - top).sum(-1)) + top[:, 0]
-    return logz - x[np.arange(len(seq) - 1), seq[1:]]
 
 
 def run_candidate(path: Path, windows: Windows, ref: Any = None) -> dict[str, float]:

@@ -7,7 +7,12 @@ For a text-generation bundle (default: the real SmolLM2-135M-Instruct Q4_1 GGUF,
   - 1, 2, 4 and 8 concurrent clients on the scheduler, each asking for --new tokens after its own
     ~--prompt-token chat prompt: aggregate completion tok/s, p50 / p95 time to first token, tokens
     per batched step;
-  - one model step at 1, 2, 4 and 8 rows (the cost of a batched decode step against one row's).
+  - one model step at 1, 2, 4 and 8 rows (the cost of a batched decode step against one row's);
+  - what c clients can get from those costs (a cost model, not a measurement): each of the c prompts is
+    prefilled once (the single stream's time to first token) and the other new - 1 tokens come in steps of c
+    rows, so aggregate ~ c * new / (c * ttft + (new - 1) * step(c)) however the scheduler interleaves them
+    (issue #21: with 130-token prompts on 2 cores the 4 prefills take about as long as one stream's whole
+    decode, so 4 clients cannot reach 2x the single stream's decode rate even if a 4-row step cost one row's).
 Variants run in turn each round (`--rounds`), so drift lands on all of them alike; medians reported.
 
     python bench/batch_decode.py [--bundle DIR --key PUB] [--rounds 3] [--threads 2] [--json OUT]
@@ -147,12 +152,21 @@ def main() -> None:
     print("one decode step, ms (x one row): " + ", ".join(
         f"{rows} rows {medians[f'step/{rows}']['step_ms']:.1f} ({medians[f'step/{rows}']['step_ms'] / one:.2f})"
         for rows in (1, 2, 4, 8)))
+    ttft = medians["single/scheduler"]["ttft_s"]
+    bounds = {}
+    for k in clients:
+        if f"step/{k}" in medians:
+            bounds[k] = k * args.new / (k * ttft + (args.new - 1) * medians[f"step/{k}"]["step_ms"] / 1000)
+            print(f"clients {k}: cost model {bounds[k]:.1f} tok/s ({bounds[k] / single:.2f}x single) from a {ttft * 1000:.0f} ms "
+                  f"prefill each and {k}-row steps; measured {medians[f'clients/{k}']['aggregate_tok_s']:.1f} "
+                  f"({medians[f'clients/{k}']['aggregate_tok_s'] / bounds[k]:.0%} of it)")
     if args.json:
         args.json.write_text(json.dumps({
             "bench": "batch_decode", "label": args.label, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "bundle": vb.manifest.ref, "threads": batched.threads, "cpus": os.cpu_count(),
             "load_average": os.getloadavg(), "prompt_tokens": len(prompts[0]), "new_tokens": args.new,
-            "rounds": args.rounds, "medians": medians, "runs": runs}, indent=1))
+            "rounds": args.rounds, "medians": medians, "runs": runs,
+            "cost_model_aggregate_tok_s": bounds}, indent=1))
     sequential.close()
     batched.close()
 

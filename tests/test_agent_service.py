@@ -373,7 +373,9 @@ def test_sighup_reloads_labels_heartbeat_and_log_level(tmp_path, broker, topic_p
         a.config.write_text(a.config.read_text().replace('site = "a"', 'site = "b", line = "7"')
                             .replace("heartbeat_interval_s = 600", "heartbeat_interval_s = 1\nlog_level = \"DEBUG\""))
         a.signal(signal.SIGHUP)
-        assert state_of(w, type="state")["labels"] == {"site": "b", "line": "7"}
+        # the agent may still publish a state of its start (e.g. once its facts child answers) before the reload's:
+        # wait for the reloaded labels, which never come if SIGHUP did not reload them
+        assert state_of(w, type="state", labels={"site": "b", "line": "7"})["labels"] == {"site": "b", "line": "7"}
         t0 = time.monotonic()
         w.next(Channel.HEALTH, timeout=30)
         w.next(Channel.HEALTH, timeout=30)

@@ -59,34 +59,32 @@ def edited_graph(model, variant: str):
     """A copy of the bundle's graph (loaded without its weights) edited for `variant`."""
     import onnx
 
-    from exporter.gguf.search import body_units, stem_of
+    from exporter.gguf.search import body_units, with_levels
 
+    units = body_units(model)
+    if variant == "body level 4":  # the search's own candidates: the body at level 4 but for the kept stems
+        return with_levels(model, units, frozenset())
+    if variant == "exact":
+        return with_levels(model, units, frozenset(units))
+    if variant != "no offsets":
+        raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS[1:])}")
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    body = set(body_units(out))
-    if variant in ("body level 4", "exact"):
-        level = 4 if variant == "body level 4" else 0
-        for node in out.graph.node:
-            if node.op_type == "MatMulNBits" and stem_of(node) in body:
-                for attr in node.attribute:
-                    if attr.name == "accuracy_level":
-                        attr.i = level
-    elif variant == "no offsets":
-        producer = {o: n for n in out.graph.node for o in n.output}
-        rename, drop = {}, set()
-        for node in out.graph.node:
-            if node.op_type == "Add" and (mm := producer.get(node.input[1])) is not None and mm.op_type == "MatMul" \
-                    and ".offsets" in mm.input[1]:
-                rename[node.output[0]] = node.input[0]
-                drop |= {id(node), id(mm)}
-        keep = [n for n in out.graph.node if id(n) not in drop]
-        for node in keep:
-            for i, name in enumerate(node.input):
-                while name in rename:
-                    name = rename[name]
-                node.input[i] = name
-        del out.graph.node[:]
-        out.graph.node.extend(keep)
+    producer = {o: n for n in out.graph.node for o in n.output}
+    rename, drop = {}, set()
+    for node in out.graph.node:  # Add(y, MatMul(blocksums, offsets)) -> y
+        if node.op_type == "Add" and (mm := producer.get(node.input[1])) is not None and mm.op_type == "MatMul" \
+                and ".offsets" in mm.input[1]:
+            rename[node.output[0]] = node.input[0]
+            drop |= {id(node), id(mm)}
+    keep = [n for n in out.graph.node if id(n) not in drop]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[i] = name
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
     return out
 
 
@@ -164,6 +162,7 @@ def op_profile(path: Path, *, threads: int, steps: int = 32) -> dict[str, dict[s
             "kernels_ms": {k: round(v / n / 1000, 3) for k, v in by_op.most_common()}}
 
 
+# Its own /proc reader (not bench.agent_memory.status_kb): importing that module would add paho-mqtt to the stages.
 MEMORY_CHILD = r"""
 import json, re, sys, time
 def rss():

@@ -1,5 +1,6 @@
 """The API in front of a batching model: concurrent requests share decode steps, answer as they would
-alone, and a full KV pool makes requests wait or get 503, never a crash."""
+alone, a client that leaves frees its row at once, and a full KV pool makes requests wait or get 503,
+never a crash."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from agent.bundle import TrustedKeys, open_bundle
 from agent.runtime import ModelHost, load_model
 from agent.runtime.batch_policy import BatchPolicy
 from tests.support.lm_bundle import make_gqa_lm_bundle
-from tests.support.threads import run_together, slow_scheduler
+from tests.support.threads import run_together, slow_scheduler, wait_until
 
 MODEL = "tiny-gqa"
 PER_POSITION = 2 * 2 * 16 * 4  # the tiny model's KV bytes per position
@@ -90,3 +91,47 @@ def test_a_full_kv_pool_makes_requests_wait_or_get_503_never_a_crash(vb):
     finally:
         server.stop(1)
         model.close()
+
+
+def _stream_text(r: httpx.Response) -> str:
+    import json
+
+    text = ""
+    for line in r.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            text += json.loads(line[6:])["choices"][0]["text"]
+    return text
+
+
+def test_a_client_leaving_mid_batch_frees_its_row_for_the_next_request(vb):
+    alone = load_model(vb)
+    model = load_model(vb, batching=BatchPolicy(max_batch=2))
+    slow_scheduler(model, 0.03)  # 100 tokens take >= 3 s: the leaver is surely mid-answer when it goes
+    server = _serve(model, slots=2, queue_size=4, request_timeout_s=60)
+    body = {"model": MODEL, "prompt": "One two three", "ignore_eos": True, "temperature": 0, "stream": True}
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as c, httpx.Client(base_url=server.url, timeout=60) as d:
+            cancelled = _metric(c, "edgeship_requests_cancelled_total")
+            with d.stream("POST", "/v1/completions", json={**body, "max_tokens": 100}) as stay, \
+                    c.stream("POST", "/v1/completions", json={**body, "prompt": "Hello there", "max_tokens": 100}) as leave:
+                assert stay.status_code == leave.status_code == 200
+                next(leave.iter_lines())
+                wait_until(lambda: _metric(c, "edgeship_batch_sequences") == 2)
+                leave.close()  # mid-answer; `stay` stays open, unread for now
+                wait_until(lambda: _metric(c, "edgeship_requests_cancelled_total") == cancelled + 1)
+                wait_until(lambda: _metric(c, "edgeship_batch_sequences") == 1)
+                # both slots were taken: the next request gets the leaver's row and answers while `stay` runs
+                nxt = c.post("/v1/completions", json={**body, "stream": False, "max_tokens": 20})
+                assert nxt.status_code == 200
+                assert _metric(c, "edgeship_batch_sequences") == 1  # `stay` has not finished meanwhile
+                ref = alone.generate("One two three", max_tokens=20, ignore_eos=True, use_prefix_cache=False)
+                ref.run()
+                assert nxt.json()["choices"][0]["text"] == ref.text
+                got = _stream_text(stay)
+            ref = alone.generate("One two three", max_tokens=100, ignore_eos=True, use_prefix_cache=False)
+            ref.run()
+            assert got == ref.text
+    finally:
+        server.stop(1)
+        model.close()
+        alone.close()

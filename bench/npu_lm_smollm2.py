@@ -1,7 +1,7 @@
 """Export the packaged SmolLM2-135M (its GGUF, dequantized) for npu-qnn-htp and print what the gate
 measured on onnxruntime-qnn's HTP simulator, the HTP compile time and seconds per call.
 
-    .venv/bin/python bench/npu_lm_smollm2.py [--keep DIR] [--out bench/results/FILE.json]
+    .venv/bin/python bench/npu_lm_smollm2.py [--quant fp16] [--keep DIR] [--out bench/results/FILE.json]
 
 Most of the time is the simulator running the gate's 20 static calls (S = 32: 4 windows of 64
 tokens, 4 teacher-forced greedy runs of 64 tokens); its seconds per call are the simulator's on
@@ -29,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=Path, help="write the bundle here instead of a temporary directory")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--quant", choices=["fp16"], help="the float graph in fp16 on the HTP instead of the profile's QDQ")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -42,13 +43,16 @@ def main() -> None:
     try:
         key = generate_keypair(tmp / "keys", "bench").private_path
         t0 = time.perf_counter()
-        r = export(smollm2_gguf_path(), out=out, key=key, profile="npu-qnn-htp", force=True, overwrite=True)
+        r = export(smollm2_gguf_path(), out=out, key=key, profile="npu-qnn-htp", force=True, overwrite=True,
+                   quant=args.quant)
         qnn = r.manifest.quantization.details["qnn"]
         details = r.manifest.quantization.details
         result = {
             "status": r.report.status.value,
-            "recipe": {k: details.get(k) for k in ("activation_type", "weight_type", "per_channel", "calibration_texts",
-                                                    "calibration_windows", "calibration_samples", "float_regions")},
+            "recipe": {"name": r.manifest.quantization.recipe,
+                       **{k: details.get(k) for k in ("precision", "activation_type", "weight_type", "per_channel",
+                                                      "calibration_texts", "calibration_windows", "calibration_samples",
+                                                      "float_regions")}},
             "metrics": r.report.metrics,
             "greedy_prefix_matches": r.report.details.get("greedy_prefix_matches"),
             "qnn": {k: qnn.get(k) for k in ("ok", "rejected_nodes", "compile_seconds", "calls", "seconds_per_call",

@@ -26,11 +26,11 @@ from exporter.profiles import QuantRecipe
 QUANT_CHOICES = {"int4": "int4", "int8": "int8-dynamic", "fp16": "fp16", "none": "none"}
 
 # What each device class can run. int8-dynamic uses CPU integer kernels; MatMulNBits has CPU and
-# CUDA kernels; the HTP NPU runs only static QDQ graphs.
+# CUDA kernels; the HTP NPU runs static QDQ graphs, and language models' static float graph in fp16.
 ALLOWED_METHODS = {
     "cpu": {"none", "fp16", "int8-dynamic", "int4", "qdq-static"},
     "gpu": {"none", "fp16", "int4"},
-    "npu": {"qdq-static"},
+    "npu": {"qdq-static", "fp16"},
 }
 
 
@@ -40,6 +40,11 @@ def check_target(recipe: QuantRecipe, *, device_class: str, profile: str, task: 
         raise IncompatibleTarget(
             f"precision {recipe.method!r} does not run on target {profile!r} ({device_class}); "
             f"it takes: {', '.join(sorted(allowed))}"
+        )
+    if device_class == "npu" and recipe.method == "fp16" and task != "text-generation":
+        raise IncompatibleTarget(
+            f"fp16 on target {profile!r} is built for language models (their static float graph, run in fp16 on the "
+            f"HTP); {task} takes qdq-static there: drop --quant fp16"
         )
     if task == "text-generation" and recipe.method == "qdq-static" and device_class != "npu":
         # the static-shape LM graph (exporter/npu_lm.py) is built for NPU profiles only

@@ -410,3 +410,39 @@ def test_the_decode_graph_needs_the_step_constants_the_quantizer_kept():
     wide.graph.initializer.extend(kept)
     with pytest.raises(ConversionError, match="lost the step-dependent constants"):
         npu_lm.decode_graph(wide, plan)
+
+
+def test_fp16_is_for_npu_language_models_only():
+    from exporter.quantize import check_target
+
+    fp16 = load_profile(PROFILE).task("text-generation").quantization.model_copy(update={"method": "fp16"})
+    check_target(fp16, device_class="npu", profile=PROFILE, task="text-generation")
+    with pytest.raises(IncompatibleTarget, match="built for language models.*drop --quant fp16"):
+        check_target(fp16, device_class="npu", profile=PROFILE, task="feature-extraction")
+
+
+def test_fp16_recipe_runs_the_float_graph_on_htp_at_float_quality(tmp_path, keypair):
+    """--quant fp16: no Q/DQ at all, every node on the HTP in fp16, the decode graph beside it, gated as usual."""
+    out = tmp_path / "bundle"
+    r = export(tiny_model("llama"), out=out, key=keypair[0], profile=PROFILE, quant="fp16")
+    assert r.report.status is QualityStatus.PASSED, r.report.failures
+    q = r.manifest.quantization
+    assert (q.recipe, q.precision, q.details["precision"]) == ("fp16-static-lm", "fp16", "fp16")
+    qnn = q.details["qnn"]
+    assert qnn["ok"] and qnn["rejected_nodes"] == [] and qnn["calls"] == 4 * 2 + 4 * 3
+    m = r.report.metrics
+    assert m["top1_agreement"] >= 0.99 and m["logits_cosine_min"] >= 0.9999 and abs(m["ppl_delta"]) < 1e-3
+    assert r.report.details["greedy_prefix_matches"] == [1.0] * 4
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert not {"QuantizeLinear", "DequantizeLinear"} & set(ops) and not DYNAMIC_OPS & set(ops)
+    check = qnn["decode"]
+    assert check["top1_agree"] and check["max_abs_diff"] <= npu_lm.DECODE_TOLERANCE * check["logits_max_abs"]
+    decode = onnx.load(str(out / npu_lm.DECODE_NAME), load_external_data=False)
+    shared = [t for t in decode.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert {e.value for t in shared for e in t.external_data if e.key == "location"} == {"model.onnx.data"}
+    golden = r.manifest.golden
+    feeds = dict(np.load(out / golden.inputs))
+    want = np.load(out / golden.outputs)["logits"]
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    np.testing.assert_allclose(got, want, atol=golden.atol, rtol=golden.rtol)

@@ -413,16 +413,22 @@ def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, wor
     del model
     plan = decode_plan(cfg, weights, step=step, decode_step=DECODE_STEP, cache=cache)
     provider_options = {**npu.DEFAULT_PROVIDER_OPTIONS, **provider_options}
-    npu_recipe.check_fp16_options(recipe.float_regions, provider_options, profile="the NPU profile")
     windows = npu_recipe.calibration_windows(calibration_prompts, length=CALIBRATION_TOKENS)
-    feeds = calibration_feeds(fp32, cfg, windows, step=step, cache=cache)
-    note(f"calibrated on {len(feeds)} static calls over {len(calibration_prompts)} texts ({len(windows)} windows)")
-    overrides = per_channel_weights(fp32, recipe)
-    regions = npu_recipe.float_regions(onnx.load(str(fp32), load_external_data=False), recipe.float_regions)
-    details = npu.quantize_qdq(fp32, out, recipe=recipe, feeds=feeds, init_overrides=overrides,
-                               float_nodes=regions.nodes)
-    details.update(calibration_texts=len(calibration_prompts), calibration_windows=len(windows),
-                   per_channel_matmul_weights=len(overrides or {}), float_regions=regions.counts())
+    if recipe.method == "fp16":  # the float graph as it is; the HTP runs every node in fp16
+        npu_recipe.check_fp16_options(["all"], provider_options, profile="the NPU profile")
+        feeds = calibration_feeds(fp32, cfg, windows[:1], step=step, cache=cache)[:1]  # the QNN probe's input
+        onnx.save(onnx.load(str(fp32)), str(out), save_as_external_data=True, location=DATA_NAME)
+        details: dict[str, Any] = {"precision": "fp16", "float_nodes": "all"}
+    else:
+        npu_recipe.check_fp16_options(recipe.float_regions, provider_options, profile="the NPU profile")
+        feeds = calibration_feeds(fp32, cfg, windows, step=step, cache=cache)
+        note(f"calibrated on {len(feeds)} static calls over {len(calibration_prompts)} texts ({len(windows)} windows)")
+        overrides = per_channel_weights(fp32, recipe)
+        regions = npu_recipe.float_regions(onnx.load(str(fp32), load_external_data=False), recipe.float_regions)
+        details = npu.quantize_qdq(fp32, out, recipe=recipe, feeds=feeds, init_overrides=overrides,
+                                   float_nodes=regions.nodes)
+        details.update(calibration_texts=len(calibration_prompts), calibration_windows=len(windows),
+                       per_channel_matmul_weights=len(overrides or {}), float_regions=regions.counts())
     # the decode graph: the quantized graph with the step-1 shapes, so the same encodings and weights
     decode = write_graphs(out, plan)
     details["decode_graph"] = {"step_length": plan.step, "step_constants": len(plan.constants)}
@@ -560,6 +566,16 @@ def disk_bytes(job: Any) -> int:
     return job.parameters * 4 * 2
 
 
+def recipe_name(recipe: QuantRecipe) -> str:
+    if recipe.method == "fp16":
+        return "fp16-static-lm"
+    return f"qdq-a{recipe.activation_type}-w{recipe.weight_type}-static-lm"
+
+
+def precision(recipe: QuantRecipe) -> str:
+    return "fp16" if recipe.method == "fp16" else f"{recipe.activation_type}/{recipe.weight_type}"
+
+
 def build(job: Any, stage: Path, work: Path) -> Any:
     """Decoder LM for the NPU: the static-shape graph above, QDQ, judged on QNN HTP itself."""
     import gc
@@ -590,7 +606,8 @@ def build(job: Any, stage: Path, work: Path) -> Any:
     write_tokenizer(job.src, tokenizer, stage)
     prompts = [np.array(tokenizer(t, add_special_tokens=False)["input_ids"], np.int64) for t in calib]
     entry = stage / "model.onnx"
-    with progress.step("quantize", f"static graph, step {DEFAULT_STEP}, cache {cache}, QDQ, QNN HTP"):
+    how = "float, fp16 on the HTP" if recipe.method == "fp16" else "QDQ"
+    with progress.step("quantize", f"static graph, step {DEFAULT_STEP}, cache {cache}, {how}, QNN HTP"):
         result = export_static_lm(cfg, weights, entry, work, recipe=recipe, cache=cache, ref=ref,
                                   provider_options=dict(profile.execution_providers[0].options),
                                   calibration_prompts=prompts, progress=progress.note)
@@ -607,9 +624,7 @@ def build(job: Any, stage: Path, work: Path) -> Any:
         entry=entry,
         model_spec=ModelSpec(entry="model.onnx", inputs=inputs, outputs=outputs,
                              architecture=job.config.model_type, config=spec_config),
-        quantization=Quantization(recipe=f"qdq-a{recipe.activation_type}-w{recipe.weight_type}-static-lm",
-                                  precision=f"{recipe.activation_type}/{recipe.weight_type}",
-                                  details=result.quantization),
+        quantization=Quantization(recipe=recipe_name(recipe), precision=precision(recipe), details=result.quantization),
         evidence=result.evidence(job.thresholds, reference=job.reference),
         golden=golden_case(entry, cfg, ref.sequences[0], step=result.step, cache=cache),
         fp32_bytes=model_size(work / "model.fp32.onnx"),

@@ -102,3 +102,37 @@ def forced_greedy(lm, prompts: np.ndarray, reference: np.ndarray) -> list[np.nda
         logits = lm.forward([*prompt.tolist(), *ref[:-1].tolist()])
         picks.append(logits[len(prompt) - 1 :].argmax(-1).astype(np.int64))
     return picks
+
+
+FP16_MAX = 65504.0
+FP16_MIN_ELEMENTS = 1024  # weights and tables; the norms' small vectors stay float32
+
+
+def store_fp16(model: onnx.ModelProto) -> int:
+    """`--quant fp16` bundles: every float32 initializer of at least FP16_MIN_ELEMENTS stored as float16 and
+    read through a Cast back to float32, in place; returns how many. The graph computes what it did with the
+    weights rounded to fp16, which the HTP's fp16 mode does anyway; onnxruntime folds each Cast of a constant
+    when it loads the graph, so both the QNN EP and the CPU fallback see float32 weights, and the file is half
+    the size. A tensor beyond fp16's range stays float32."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    casts, kept = [], []
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < FP16_MIN_ELEMENTS:
+            kept.append(init)
+            continue
+        value = numpy_helper.to_array(init)
+        if not np.isfinite(value).all() or np.abs(value).max() > FP16_MAX:
+            kept.append(init)
+            continue
+        half = numpy_helper.from_array(value.astype(np.float16), init.name + "_fp16")
+        kept.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [init.name], name=init.name + "_to_fp32",
+                                      to=onnx.TensorProto.FLOAT))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    return len(casts)

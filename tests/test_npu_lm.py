@@ -421,8 +421,12 @@ def test_fp16_is_for_npu_language_models_only():
         check_target(fp16, device_class="npu", profile=PROFILE, task="feature-extraction")
 
 
-def test_fp16_recipe_runs_the_float_graph_on_htp_at_float_quality(tmp_path, keypair):
-    """--quant fp16: no Q/DQ at all, every node on the HTP in fp16, the decode graph beside it, gated as usual."""
+def test_fp16_recipe_runs_the_float_graph_on_htp_at_float_quality(tmp_path, keypair, trusted):
+    """--quant fp16: no Q/DQ at all, every node on the HTP in fp16, the decode graph beside it, gated as usual,
+    weights stored as float16; the agent serves it on HTP and on its CPU fallback."""
+    from agent.bundle import open_bundle
+    from agent.runtime import load_model
+
     out = tmp_path / "bundle"
     r = export(tiny_model("llama"), out=out, key=keypair[0], profile=PROFILE, quant="fp16")
     assert r.report.status is QualityStatus.PASSED, r.report.failures
@@ -436,6 +440,11 @@ def test_fp16_recipe_runs_the_float_graph_on_htp_at_float_quality(tmp_path, keyp
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     ops = Counter(n.op_type for n in model.graph.node)
     assert not {"QuantizeLinear", "DequantizeLinear"} & set(ops) and not DYNAMIC_OPS & set(ops)
+    # weights and tables stored as float16 behind a Cast each, the norms' vectors as float32
+    halves = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert len(halves) == ops["Cast"] == q.details["fp16_initializers"] >= 9 + 1
+    assert all(int(np.prod(i.dims)) >= 1024 for i in halves)
+    assert all(int(np.prod(i.dims)) < 1024 for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
     check = qnn["decode"]
     assert check["top1_agree"] and check["max_abs_diff"] <= npu_lm.DECODE_TOLERANCE * check["logits_max_abs"]
     decode = onnx.load(str(out / npu_lm.DECODE_NAME), load_external_data=False)
@@ -446,3 +455,32 @@ def test_fp16_recipe_runs_the_float_graph_on_htp_at_float_quality(tmp_path, keyp
     want = np.load(out / golden.outputs)["logits"]
     got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
     np.testing.assert_allclose(got, want, atol=golden.atol, rtol=golden.rtol)
+    prompt = list(range(40, 80))
+    want = _static(ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]),
+                   r.manifest.model.config).greedy(prompt, 6).tolist()
+    for provider in ("QNNExecutionProvider", "CPUExecutionProvider"):
+        served = load_model(open_bundle(out, trusted), providers=[provider])
+        try:
+            assert served.execution_provider == provider and served.run_golden().ok
+            gen = served.generate(prompt, max_tokens=6, ignore_eos=True)
+            assert [c.token_id for c in gen if c.token_id is not None] == want, provider
+        finally:
+            served.close()
+
+
+def test_store_fp16_keeps_what_fp16_cannot_hold():
+    from onnx import helper, numpy_helper
+
+    from exporter import npu_recipe
+
+    big, wide, small = np.full((4, 512), 0.5, np.float32), np.full((4, 512), 7e4, np.float32), np.ones(8, np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((big, "big"), (wide, "wide"), (small, "small"))]
+    node = helper.make_node("Sum", ["big", "wide"], ["y"])
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 512])], inits)
+    model = helper.make_model(graph)
+    assert npu_recipe.store_fp16(model) == 1
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    assert types == {"big_fp16": onnx.TensorProto.FLOAT16, "wide": onnx.TensorProto.FLOAT, "small": onnx.TensorProto.FLOAT}
+    assert [n.op_type for n in model.graph.node] == ["Cast", "Sum"]
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    np.testing.assert_array_equal(y, big + wide)

@@ -417,8 +417,11 @@ def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, wor
     if recipe.method == "fp16":  # the float graph as it is; the HTP runs every node in fp16
         npu_recipe.check_fp16_options(["all"], provider_options, profile="the NPU profile")
         feeds = calibration_feeds(fp32, cfg, windows[:1], step=step, cache=cache)[:1]  # the QNN probe's input
-        onnx.save(onnx.load(str(fp32)), str(out), save_as_external_data=True, location=DATA_NAME)
-        details: dict[str, Any] = {"precision": "fp16", "float_nodes": "all"}
+        model = onnx.load(str(fp32))
+        stored = npu_recipe.store_fp16(model)
+        onnx.save(model, str(out), save_as_external_data=True, location=DATA_NAME)
+        del model
+        details: dict[str, Any] = {"precision": "fp16", "float_nodes": "all", "fp16_initializers": stored}
     else:
         npu_recipe.check_fp16_options(recipe.float_regions, provider_options, profile="the NPU profile")
         feeds = calibration_feeds(fp32, cfg, windows, step=step, cache=cache)

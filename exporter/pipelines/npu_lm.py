@@ -262,10 +262,11 @@ def decode_graph(prefill: onnx.ModelProto, plan: DecodePlan) -> onnx.ModelProto:
     return model
 
 
-def write_graphs(qdq: Path, plan: DecodePlan) -> Path:
-    """Rewrite the quantized `qdq` with its weights in DATA_NAME beside it, and write the decode graph
-    (DECODE_NAME) reading the same file at the same offsets."""
-    model = onnx.load(str(qdq))
+def write_graphs(qdq: Path, plan: DecodePlan, *, model: onnx.ModelProto | None = None) -> Path:
+    """Write the prefill graph to `qdq` with its weights in DATA_NAME beside it, and the decode graph
+    (DECODE_NAME) reading the same file at the same offsets; `model` is the prefill graph in memory, else `qdq`
+    as the quantizer wrote it."""
+    model = onnx.load(str(qdq)) if model is None else model
     qdq.with_name(DATA_NAME).unlink(missing_ok=True)  # onnx writes into an existing data file at its offsets
     onnx.save(model, str(qdq), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_NAME,
               size_threshold=1024)
@@ -414,13 +415,12 @@ def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, wor
     plan = decode_plan(cfg, weights, step=step, decode_step=DECODE_STEP, cache=cache)
     provider_options = {**npu.DEFAULT_PROVIDER_OPTIONS, **provider_options}
     windows = npu_recipe.calibration_windows(calibration_prompts, length=CALIBRATION_TOKENS)
+    staged = None  # the prefill graph in memory, when it is not the quantizer's file
     if recipe.method == "fp16":  # the float graph as it is; the HTP runs every node in fp16
         npu_recipe.check_fp16_options(["all"], provider_options, profile="the NPU profile")
-        feeds = calibration_feeds(fp32, cfg, windows[:1], step=step, cache=cache)[:1]  # the QNN probe's input
-        model = onnx.load(str(fp32))
-        stored = npu_recipe.store_fp16(model)
-        onnx.save(model, str(out), save_as_external_data=True, location=DATA_NAME)
-        del model
+        feeds = [decoder(None, cfg, step=step, cache=cache).feed(windows[0][:step].tolist(), step=step)]  # QNN probe
+        staged = onnx.load(str(fp32))
+        stored = npu_recipe.store_fp16(staged)
         details: dict[str, Any] = {"precision": "fp16", "float_nodes": "all", "fp16_initializers": stored}
     else:
         npu_recipe.check_fp16_options(recipe.float_regions, provider_options, profile="the NPU profile")
@@ -433,7 +433,8 @@ def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, wor
         details.update(calibration_texts=len(calibration_prompts), calibration_windows=len(windows),
                        per_channel_matmul_weights=len(overrides or {}), float_regions=regions.counts())
     # the decode graph: the quantized graph with the step-1 shapes, so the same encodings and weights
-    decode = write_graphs(out, plan)
+    decode = write_graphs(out, plan, model=staged)
+    del staged
     details["decode_graph"] = {"step_length": plan.step, "step_constants": len(plan.constants)}
     probe = npu.verify_on_qnn(out, feeds[:1], provider_options=provider_options)
     if probe.ok:

@@ -39,10 +39,13 @@ class Shapes(_M):
     max_context: int | None = None  # static LMs: KV-cache length
 
 
+Method = Literal["none", "fp16", "int8-dynamic", "int4", "qdq-static"]
+
+
 class QuantRecipe(_M):
     """One quantization choice. `method` picks the recipe; the rest are its knobs."""
 
-    method: Literal["none", "fp16", "int8-dynamic", "int4", "qdq-static"] = "none"
+    method: Method = "none"
     per_channel: bool = True
     block_size: int = 32  # int4 MatMulNBits
     accuracy_level: int = 4  # MatMulNBits: 0 = exact math, 4 = int8 activations (fast on CPU)
@@ -102,6 +105,13 @@ class Thresholds(_M):
 class TaskSettings(_M):
     quantization: QuantRecipe = QuantRecipe()
     thresholds: Thresholds = Thresholds()
+    # the gate for a recipe method `--quant` picks instead of quantization.method, in place of `thresholds`
+    # (e.g. the NPU's fp16 LMs answer as the model does, so a looser QDQ bar would let a worse one through)
+    quant_thresholds: dict[Method, Thresholds] = {}
+
+    def thresholds_for(self, method: str) -> Thresholds:
+        """The gate for a recipe of `method`: its own thresholds where the profile names them, else the task's."""
+        return self.quant_thresholds.get(method, self.thresholds)  # type: ignore[call-overload]
 
 
 class TargetProfile(_M):

@@ -77,6 +77,28 @@ def test_the_recipe_is_the_profiles_with_the_requests_overrides_on_top():
     assert ExportRequest(**GOOD).recipe(base, gguf_requantize=True).algorithm == "hqq"
 
 
+def test_a_quant_the_profile_names_brings_its_own_gate_and_the_request_still_overrides_it(tmp_path):
+    """npu-qnn-htp gates --quant fp16 LMs by what fp16 reaches, not by the QDQ recipe's looser bar."""
+    from exporter.profiles import ProfileError, load_profile
+
+    lm = load_profile("npu-qnn-htp").task("text-generation")
+    qdq, fp16 = lm.thresholds_for("qdq-static").as_dict(), lm.thresholds_for("fp16").as_dict()
+    assert qdq == lm.thresholds.as_dict() and fp16 != qdq
+    assert fp16["min_top1_agreement"] > qdq["min_top1_agreement"] and fp16["max_ppl_delta"] < qdq["max_ppl_delta"]
+    assert fp16["min_greedy_match"] >= 0.7 and "min_greedy_match" not in qdq
+    assert lm.thresholds_for("int4") == lm.thresholds  # a method the profile says nothing about: the task's gate
+    req = ExportRequest(**GOOD, profile="npu-qnn-htp", quant="fp16", thresholds={"min_greedy_match": 0.5})
+    got = req.thresholds_over(lm.thresholds_for(req.recipe(lm.quantization).method)).as_dict()
+    assert got == {**fp16, "min_greedy_match": 0.5}
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[tasks.text-generation.quant_thresholds.int3]\nmin_top1_agreement = 0.9\n')
+    with pytest.raises(ProfileError, match=r"^profile .*bad.toml: tasks.text-generation.quant_thresholds.int3"):
+        load_profile(bad)
+    bad.write_text('[tasks.text-generation.quant_thresholds.fp16]\nmin_vibes = 0.9\n')
+    with pytest.raises(ProfileError, match="quant_thresholds.fp16.min_vibes: Extra inputs are not permitted"):
+        load_profile(bad)
+
+
 def test_cli_prints_one_error_line_per_bad_option_and_exits_2(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     p = subprocess.run([sys.executable, "-m", "edgeship.cli", "export", "org/name", "--out", str(tmp_path / "b"),

@@ -430,6 +430,9 @@ def test_fp16_recipe_runs_the_float_graph_on_htp_at_float_quality(tmp_path, keyp
     out = tmp_path / "bundle"
     r = export(tiny_model("llama"), out=out, key=keypair[0], profile=PROFILE, quant="fp16")
     assert r.report.status is QualityStatus.PASSED, r.report.failures
+    # gated by the profile's fp16 bar (greedy included), not the QDQ recipe's looser one
+    lm = load_profile(PROFILE).task("text-generation")
+    assert r.report.thresholds == lm.thresholds_for("fp16").as_dict() != lm.thresholds.as_dict()
     q = r.manifest.quantization
     assert (q.recipe, q.precision, q.details["precision"]) == ("fp16-static-lm", "fp16", "fp16")
     qnn = q.details["qnn"]

@@ -110,7 +110,8 @@ def plan(request: ExportRequest, src: ResolvedSource, config: Any, progress: Pro
         raise IncompatibleTarget(f"--ep-context writes the compiled NPU binary of the model; {task} on target "
                                  f"{profile.name} ({profile.device_class}) has none: drop --ep-context")
     job = Job(request=request, src=src, config=config, task=task, recipe=recipe,
-              thresholds=request.thresholds_over(settings.thresholds), progress=progress)
+              thresholds=request.thresholds_over(settings.thresholds_for(recipe.method)),
+              progress=progress)
 
     if task != "text-generation":
         if request.adapter is not None:

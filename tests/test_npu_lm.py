@@ -421,14 +421,36 @@ def test_fp16_is_for_npu_language_models_only():
         check_target(fp16, device_class="npu", profile=PROFILE, task="feature-extraction")
 
 
-def test_fp16_recipe_runs_the_float_graph_on_htp_at_float_quality(tmp_path, keypair, trusted):
+def test_fp16_recipe_runs_the_float_graph_on_htp_at_float_quality(tmp_path, keypair, trusted, monkeypatch):
     """--quant fp16: no Q/DQ at all, every node on the HTP in fp16, the decode graph beside it, gated as usual,
-    weights stored as float16; the agent serves it on HTP and on its CPU fallback."""
+    weights stored as float16; the agent serves it on HTP and on its CPU fallback. The PyTorch model is gone
+    before the HTP runs (a 1B model's float32 copy is not held through the gate)."""
+    import gc
+    import weakref
+
     from agent.bundle import open_bundle
     from agent.runtime import load_model
+    from exporter import source
 
+    loaded, seen = [], []
+    real_load, real_session = source.load_causal_lm, npu_lm.htp_session
+
+    def load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def session(*args, **kwargs):
+        gc.collect()
+        seen.append([ref() is None for ref in loaded])
+        return real_session(*args, **kwargs)
+
+    monkeypatch.setattr(source, "load_causal_lm", load)
+    monkeypatch.setattr(npu_lm, "htp_session", session)
     out = tmp_path / "bundle"
     r = export(tiny_model("llama"), out=out, key=keypair[0], profile=PROFILE, quant="fp16")
+    assert seen and all(s == [True] for s in seen), seen
+    monkeypatch.undo()
     assert r.report.status is QualityStatus.PASSED, r.report.failures
     # gated by the profile's fp16 bar (greedy included), not the QDQ recipe's looser one
     lm = load_profile(PROFILE).task("text-generation")

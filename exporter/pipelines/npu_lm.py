@@ -392,17 +392,22 @@ def static_metrics(lm: StaticDecoder, ref: LMReference) -> tuple[dict[str, float
     return quality.compare_lm(got_a, ref.logits[:, :n], ref.sequences[:, :n], greedy, ref)
 
 
-def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, work: Path, *, recipe: QuantRecipe,
-                     provider_options: dict[str, str], ref: LMReference, calibration_prompts: Sequence[np.ndarray],
-                     step: int = DEFAULT_STEP, cache: int, progress: Callable[[str], None] | None = None) -> StaticLM:
-    """Write the QDQ static graph to `out` and its decode graph (DECODE_NAME) beside it, both reading one
-    weights file (DATA_NAME), float graph in `work`; measure them on QNN HTP, CPU fallback off.
+@dataclass(frozen=True)
+class FloatGraph:
+    """The float32 static graph on disk (weights in `path`.data) and what the quantized graphs are made with."""
 
-    The metrics come from HTP itself; when HTP refuses the graph, `qnn` says why and the metrics
-    are empty (`StaticLM.judge` then fails). Eleven parameters: the graph, where it goes, and what
-    quantizing and measuring it on HTP take (recipe, EP options, reference, calibration, shapes).
-    """
-    note = progress or (lambda _msg: None)
+    path: Path
+    cfg: DecoderConfig
+    plan: DecodePlan  # the step-1 decode graph's constants and shapes
+    step: int
+    cache: int
+
+
+def float_graph(cfg: DecoderConfig, weights: DecoderWeights, work: Path, *, cache: int,
+                step: int = DEFAULT_STEP) -> FloatGraph:
+    """Write the float static graph at `step` to `work` and plan its decode graph. After this the source
+    weights are no longer needed: the caller drops them (and the PyTorch model they view) before quantizing,
+    so a 1B model's float32 copy is not held through calibration and the HTP gate."""
     work.mkdir(parents=True, exist_ok=True)
     fp32 = work / "model.fp32.onnx"
     external = ExternalData(work / "model.fp32.onnx.data")
@@ -413,6 +418,20 @@ def export_static_lm(cfg: DecoderConfig, weights: DecoderWeights, out: Path, wor
     onnx.save(model, str(fp32))
     del model
     plan = decode_plan(cfg, weights, step=step, decode_step=DECODE_STEP, cache=cache)
+    return FloatGraph(fp32, cfg, plan, step, cache)
+
+
+def export_static_lm(graph: FloatGraph, out: Path, *, recipe: QuantRecipe, provider_options: dict[str, str],
+                     ref: LMReference, calibration_prompts: Sequence[np.ndarray],
+                     progress: Callable[[str], None] | None = None) -> StaticLM:
+    """Write the QDQ static graph to `out` and its decode graph (DECODE_NAME) beside it, both reading one
+    weights file (DATA_NAME), from the float `graph`; measure them on QNN HTP, CPU fallback off.
+
+    The metrics come from HTP itself; when HTP refuses the graph, `qnn` says why and the metrics
+    are empty (`StaticLM.judge` then fails).
+    """
+    note = progress or (lambda _msg: None)
+    fp32, cfg, plan, step, cache = graph.path, graph.cfg, graph.plan, graph.step, graph.cache
     provider_options = {**npu.DEFAULT_PROVIDER_OPTIONS, **provider_options}
     windows = npu_recipe.calibration_windows(calibration_prompts, length=CALIBRATION_TOKENS)
     staged = None  # the prefill graph in memory, when it is not the quantizer's file
@@ -612,11 +631,12 @@ def build(job: Any, stage: Path, work: Path) -> Any:
     entry = stage / "model.onnx"
     how = "float, fp16 on the HTP" if recipe.method == "fp16" else "QDQ"
     with progress.step("quantize", f"static graph, step {DEFAULT_STEP}, cache {cache}, {how}, QNN HTP"):
-        result = export_static_lm(cfg, weights, entry, work, recipe=recipe, cache=cache, ref=ref,
+        staged = float_graph(cfg, weights, work, cache=cache)
+        del model, weights  # the float graph holds them now: a 1B model's 4.4 GB not kept through calibration
+        gc.collect()
+        result = export_static_lm(staged, entry, recipe=recipe, ref=ref,
                                   provider_options=dict(profile.execution_providers[0].options),
                                   calibration_prompts=prompts, progress=progress.note)
-    del model, weights
-    gc.collect()
     spec_config.update(layout(cfg, step=result.step, cache=cache))
     spec_config.update(decode_entry=DECODE_NAME, decode_step_length=DECODE_STEP)
     if job.request.ep_context and result.qnn.ok:

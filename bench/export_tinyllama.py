@@ -1,6 +1,9 @@
-"""Export a TinyLlama-1.1B-shaped random model to int4 and report export time, peak RSS, bundle size.
+"""Export a TinyLlama-1.1B-shaped random model and report export time, peak RSS, bundle size.
 
-    /work/venv/bin/python bench/export_tinyllama.py [--quant int4] [--keep DIR]
+    .venv/bin/python bench/export_tinyllama.py [--quant int4] [--profile cpu-x86-avx2] [--keep DIR]
+    .venv/bin/python bench/export_tinyllama.py --profile npu-qnn-htp [--quant profile|fp16]
+
+`--quant profile` takes the profile's own recipe (on npu-qnn-htp: static QDQ, w8a16, judged on the HTP simulator).
 
 The model has TinyLlama-1.1B's config (hidden 2048, 22 layers, 32 heads, 4 KV heads, intermediate
 5632, vocab 32000) and random weights, so quality numbers mean nothing here; time and memory do.
@@ -54,7 +57,7 @@ def checkpoint() -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quant", default="int4", choices=["int4", "int8", "fp16", "none"])
+    ap.add_argument("--quant", default="int4", choices=["int4", "int8", "fp16", "none", "profile"])
     ap.add_argument("--profile", default="cpu-x86-avx2")
     ap.add_argument("--keep", type=Path, help="Write the bundle here instead of a temporary directory.")
     args = ap.parse_args()
@@ -68,13 +71,16 @@ def main() -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, "-m", "edgeship.cli", "export", str(model), "--out", str(out),
-                            "--key", str(key), "--quant", args.quant, "--profile", args.profile, "--json",
+                            "--key", str(key), *(["--quant", args.quant] if args.quant != "profile" else []),
+                            "--profile", args.profile, "--json",
                             "--overwrite", "--threshold", "min_top1_agreement=0", "--force"],
                            capture_output=True, text=True, env=env, cwd=ROOT)
         wall = time.perf_counter() - t0
         if p.returncode != 0:
             sys.exit(f"export failed ({p.returncode}):\n{p.stderr[-3000:]}\n{p.stdout[-2000:]}")
-        result = json.loads(p.stdout)
+        # the JSON document is the last line: a library may print to stdout before it
+        result = json.loads(next(line for line in reversed(p.stdout.splitlines()) if line.startswith("{")))
+        noise = [line for line in p.stdout.splitlines() if not line.startswith("{")]
     stats = result["stats"]
     report = {
         "model": "TinyLlama-1.1B-shaped random",
@@ -90,7 +96,15 @@ def main() -> None:
         "bundle_gb": round(stats["bundle_bytes"] / 1e9, 3),
         "prefill_tok_s": stats.get("prefill_tok_s"),
         "decode_tok_s": stats.get("decode_tok_s"),
+        "htp_compile_seconds": stats.get("htp_compile_seconds"),  # the simulator's seconds, not a device's
+        "htp_seconds_per_call": stats.get("htp_seconds_per_call"),
+        "recipe": result["manifest"]["quantization"]["recipe"],
+        # random weights: the metrics say nothing about a real model's quality; qnn says what the HTP took
+        "quality_metrics": result["manifest"]["quality"]["metrics"],
+        "qnn": {k: v for k, v in result["manifest"]["quantization"].get("details", {}).get("qnn", {}).items()
+                if k != "reasons"},
         "cpus": os.cpu_count(),
+        "stdout_noise": noise[:5],
     }
     print(json.dumps(report, indent=2))
 

@@ -247,7 +247,8 @@ def test_tiny_llama_export_runs_on_htp_with_cpu_fallback_off(npu_bundle):
     # and on the CPU EP (the agent's fallback), over a longer prompt: the same numbers to float rounding
     cpu = [ort.InferenceSession(str(out / f), providers=["CPUExecutionProvider"]) for f in ("model.onnx", npu_lm.DECODE_NAME)]
     native_cfg = SimpleNamespace(num_layers=cfg["num_layers"], num_kv_heads=cfg["num_kv_heads"], head_dim=cfg["head_dim"])
-    on_cpu = npu_lm.decode_agreement(*cpu, native_cfg, np.arange(40, 80), step=32, decode_step=1, cache=cfg["cache_length"])
+    wide = npu_lm.wide_decode(cpu[0], native_cfg, np.arange(40, 80), step=32, cache=cfg["cache_length"])
+    on_cpu = npu_lm.decode_agreement(wide, cpu[1], native_cfg, step=32, decode_step=1, cache=cfg["cache_length"])
     assert on_cpu["top1_agree"] and on_cpu["max_abs_diff"] <= 1e-3 * on_cpu["logits_max_abs"] + 1e-5
     assert cfg["ep_context"] == "model_ctx.onnx" and cfg["decode_ep_context"] == "model_decode_ctx.onnx"
 

@@ -484,8 +484,10 @@ def export_static_lm(graph: FloatGraph, out: Path, *, recipe: QuantRecipe, provi
     qnn.update(run_seconds=round(seconds, 2), calls=calls, seconds_per_call=round(seconds / max(calls, 1), 4))
     quality_details["measured_on"] = "QNN HTP (onnxruntime-qnn, CPU fallback disabled)"
     note("decoding through the step-1 graph and through the prefill graph on HTP, to compare them")
-    qnn["decode"] = decode_agreement(sess, htp_session(decode, provider_options), cfg, ref.prompts[0],
-                                     step=step, decode_step=plan.step, cache=cache)
+    wide = wide_decode(sess, cfg, ref.prompts[0], step=step, cache=cache)
+    del lm, run, sess  # one compiled HTP graph in memory at a time (a 1B model's holds gigabytes)
+    qnn["decode"] = decode_agreement(wide, htp_session(decode, provider_options), cfg, step=step,
+                                     decode_step=plan.step, cache=cache)
     return StaticLM(out, step, cache, decode, {**details, "qnn": qnn}, metrics, quality_details, probe)
 
 
@@ -508,43 +510,67 @@ def decode_refusal(check: dict[str, Any] | None) -> list[str]:
             f"{check['max_abs_diff']:.3g} (limit {limit:.3g}), top-1 {'agrees' if check['top1_agree'] else 'differs'}"]
 
 
-def decode_agreement(prefill: Any, decode: Any, cfg: DecoderConfig, prompt: np.ndarray, *, step: int,
-                     decode_step: int, cache: int) -> dict[str, Any]:
-    """Greedy tokens after `prompt` decoded once through the prefill graph and once through the decode graph,
-    from one prefill: the largest logit difference, whether the picks agree, and the seconds per call of each.
+@dataclass(frozen=True)
+class WideDecode:
+    """The prefill graph's half of decode_agreement: greedy tokens after a prompt through the step-S graph."""
+
+    cache: list[np.ndarray]  # the KV cache after the prompt (past_key_values.{i}.key/value in order)
+    logits: list[np.ndarray]  # after the prompt, then after each of DECODE_CHECK_TOKENS greedy tokens
+    seconds_per_call: float
+
+
+def wide_decode(prefill: Any, cfg: DecoderConfig, prompt: np.ndarray, *, step: int, cache: int) -> WideDecode:
+    """Greedy tokens after `prompt` through the prefill graph, and the cache the prompt left."""
+    names = [o.name for o in prefill.get_outputs()]
+    seconds = 0.0
+
+    def run(out_names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        nonlocal seconds
+        t0 = time.perf_counter()
+        try:
+            return prefill.run(out_names, feed)
+        finally:
+            seconds += time.perf_counter() - t0
+
+    wide = decoder(run, cfg, step=step, cache=cache, output_names=names)
+    logits = [wide.forward(prompt.tolist())[-1]]
+    kv = [wide.cached(f"past_key_values.{i}.{kv}").copy() for i in range(cfg.num_layers) for kv in ("key", "value")]
+    for _ in range(DECODE_CHECK_TOKENS):
+        logits.append(wide.forward([int(np.argmax(logits[-1]))])[0])
+    return WideDecode(kv, logits, seconds / max(wide.calls[step], 1))
+
+
+def decode_agreement(wide: WideDecode, decode: Any, cfg: DecoderConfig, *, step: int, decode_step: int,
+                     cache: int) -> dict[str, Any]:
+    """The same greedy tokens as `wide` decoded through the decode graph from the same prefill: the largest
+    logit difference, whether the picks agree, and the seconds per call of each. The two graphs need not be
+    in memory together (a 1B model's compiled fp16 graph is gigabytes).
 
     Both graphs compute the same model with the same encodings, so the difference is rounding."""
-    names = [o.name for o in prefill.get_outputs()]
-    seconds = {step: 0.0, decode_step: 0.0}
+    seconds = 0.0
 
-    def timed(sess: Any, width: int) -> Runner:
-        def run(out_names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-            t0 = time.perf_counter()
-            try:
-                return sess.run(out_names, feed)
-            finally:
-                seconds[width] += time.perf_counter() - t0
-        return run
+    def prefill_unused(out_names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise ConversionError("the decode check ran a prefill call: single tokens must take the decode graph")
 
-    wide = decoder(timed(prefill, step), cfg, step=step, cache=cache, output_names=names)
-    both = StaticDecoder(timed(prefill, step), step=step, cache=cache, num_layers=cfg.num_layers,
-                         kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, output_names=names,
-                         decode=StaticGraph(timed(decode, decode_step), decode_step,
-                                            [o.name for o in decode.get_outputs()]))
-    got_wide = [wide.forward(prompt.tolist())[-1]]
-    # one prefill serves both (a call of the simulator is seconds): the decode steps are what differ
-    both.load([wide.cached(f"past_key_values.{i}.{kv}") for i in range(cfg.num_layers) for kv in ("key", "value")])
-    got_both = [got_wide[0]]
-    for _ in range(DECODE_CHECK_TOKENS):
-        token = int(np.argmax(got_wide[-1]))
-        got_wide.append(wide.forward([token])[0])
-        got_both.append(both.forward([token])[0])
-    a, b = np.stack(got_wide[1:]), np.stack(got_both[1:])
-    wide_calls = wide.calls[step]
+    def run(out_names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        nonlocal seconds
+        t0 = time.perf_counter()
+        try:
+            return decode.run(out_names, feed)
+        finally:
+            seconds += time.perf_counter() - t0
+
+    names = [o.name for o in decode.get_outputs()]
+    narrow = StaticDecoder(prefill_unused, step=step, cache=cache, num_layers=cfg.num_layers,
+                           kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, output_names=names,
+                           decode=StaticGraph(run, decode_step, names))
+    narrow.load(wide.cache)
+    got = [narrow.forward([int(np.argmax(logits))])[0] for logits in wide.logits[:-1]]
+    a, b = np.stack(wide.logits[1:]), np.stack(got)
     return {"tokens": DECODE_CHECK_TOKENS, "max_abs_diff": float(np.abs(a - b).max()),
             "logits_max_abs": float(np.abs(a).max()), "top1_agree": bool((a.argmax(-1) == b.argmax(-1)).all()),
-            "seconds_per_call": {str(step): round(seconds[step] / max(wide_calls, 1), 4),
-                                 str(decode_step): round(seconds[decode_step] / max(both.calls[decode_step], 1), 4)}}
+            "seconds_per_call": {str(step): round(wide.seconds_per_call, 4),
+                                 str(decode_step): round(seconds / max(narrow.calls[decode_step], 1), 4)}}
 
 
 CONTEXT_NAMES = {"ep_context": "model_ctx.onnx", "decode_ep_context": "model_decode_ctx.onnx"}

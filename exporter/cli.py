@@ -6,8 +6,11 @@ failed-quality), 1 quality gate failed (no bundle), 2 bad input (one line saying
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -16,6 +19,24 @@ from exporter.profiles import available_profiles
 
 EXIT_GATE = 1
 EXIT_INPUT = 2
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """--json: while the export runs, file descriptor 1 points at stderr, so that native libraries writing to
+    it (QNN's HTP backend prints a "# LIBNATIVE: ..." line) cannot put text before the JSON document."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _threshold(values: tuple[str, ...]) -> dict[str, float]:
@@ -101,7 +122,8 @@ def cli(model: str, profile: str, out: Path, key: Path, task: str | None, quant:
             calibration_text=calibration_text, requantize=requantize, graph=graph, ep_context=ep_context,
             benchmark=not no_benchmark,
         )
-        result = run_export(request, progress=progress)
+        with _stdout_to_stderr(as_json):
+            result = run_export(request, progress=progress)
     except QualityGateFailed as exc:
         if as_json:
             click.echo(json.dumps({"ok": False, "error": str(exc), "quality": exc.report.model_dump(mode="json")}))

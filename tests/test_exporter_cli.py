@@ -76,6 +76,27 @@ def test_force_exits_0_and_marks_the_bundle_failed_quality(tmp_path, keypair):
         QualityStatus.FAILED
 
 
+def test_json_stdout_is_only_the_document_when_a_native_library_writes_to_it(tmp_path):
+    """QNN's HTP backend prints a line on file descriptor 1 while it loads: --json still prints one JSON line."""
+    code = (
+        "import os, sys\n"
+        "import exporter.run\n"
+        "from exporter.errors import ExportError\n"
+        "def noisy(request, progress=None):\n"
+        "    os.write(1, b' # LIBNATIVE: a native library on fd 1\\n')\n"
+        "    print('a print from Python')\n"
+        "    raise ExportError('the export failed')\n"
+        "exporter.run.run_export = noisy\n"
+        "from exporter.cli import cli\n"
+        "cli(sys.argv[1:])\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, "org/name", "--out", str(tmp_path / "b"), "--key",
+                        str(tmp_path / "k.key"), "--json"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stdout.splitlines() == [json.dumps({"ok": False, "error": "the export failed"})]
+    assert "LIBNATIVE" in p.stderr and "a print from Python" in p.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -1,9 +1,10 @@
 """Export a TinyLlama-1.1B-shaped random model and report export time, peak RSS, bundle size.
 
     .venv/bin/python bench/export_tinyllama.py [--quant int4] [--profile cpu-x86-avx2] [--keep DIR]
-    .venv/bin/python bench/export_tinyllama.py --profile npu-qnn-htp [--quant profile|fp16]
+    .venv/bin/python bench/export_tinyllama.py --profile npu-qnn-htp [--quant profile|int8|fp16]
 
-`--quant profile` takes the profile's own recipe (on npu-qnn-htp: static QDQ, w8a16, judged on the HTP simulator).
+`--quant profile` takes the profile's own recipe (on npu-qnn-htp: the float graph in fp16 for LMs; `--quant int8` there
+is the w8a16 static QDQ recipe; both judged on the HTP simulator).
 
 The model has TinyLlama-1.1B's config (hidden 2048, 22 layers, 32 heads, 4 KV heads, intermediate
 5632, vocab 32000) and random weights, so quality numbers mean nothing here; time and memory do.

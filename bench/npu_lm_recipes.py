@@ -228,7 +228,8 @@ def main() -> None:
 
     profile = load_profile("npu-qnn-htp")
     options = {**npu.DEFAULT_PROVIDER_OPTIONS, **profile.execution_providers[0].options}
-    recipe = profile.task("text-generation").quantization
+    # the w8a16 QDQ recipe (`--quant int8` on this profile; its LM default is fp16)
+    recipe = profile.task("text-generation").quantization.model_copy(update={"method": "qdq-static"})
     work = Path(tempfile.mkdtemp(prefix="edgeship-npu-recipes-"))
     src = resolve_source(str(smollm2_gguf_path()))
     model, tok = load_causal_lm(src), load_tokenizer(src)

@@ -61,7 +61,9 @@ def _threshold(values: tuple[str, ...]) -> dict[str, float]:
               help="Ed25519 signing key (edgeship keys generate).")
 @click.option("--task", type=click.Choice(["text-generation", "embedding", "text-classification"]),
               help="Default: what the checkpoint was trained for.")
-@click.option("--quant", type=click.Choice(["int4", "int8", "fp16", "none"]), help="Override the profile's precision.")
+@click.option("--quant", type=click.Choice(["int4", "int8", "fp16", "none"]),
+              help="Override the profile's precision (on an NPU profile, int8 is the static QDQ graph: int8 weights, "
+                   "uint16 activations).")
 @click.option("--block-size", type=int, help="int4: weights per quantization block (power of two, >= 16).")
 @click.option("--accuracy-level", type=click.Choice(["0", "1", "2", "3", "4", "4x2", "exact", "auto"]),
               help="int4: MatMulNBits kernel, 0 exact math .. 4 int8 activations. GGUF only: auto (default) = the "

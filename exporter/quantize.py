@@ -24,6 +24,14 @@ from exporter.profiles import QuantRecipe
 
 # CLI --quant names -> recipe methods
 QUANT_CHOICES = {"int4": "int4", "int8": "int8-dynamic", "fp16": "fp16", "none": "none"}
+# where a device class runs a --quant name through another recipe: on the NPU, int8 is the static QDQ
+# graph (int8 weights, uint16 activations), since the HTP has no dynamic quantization
+QUANT_ON_CLASS = {"npu": {"int8": "qdq-static"}}
+
+
+def quant_method(quant: str, device_class: str) -> str:
+    """The recipe method a --quant name means on a device class."""
+    return QUANT_ON_CLASS.get(device_class, {}).get(quant, QUANT_CHOICES[quant])
 
 # What each device class can run. int8-dynamic uses CPU integer kernels; MatMulNBits has CPU and
 # CUDA kernels; the HTP NPU runs static QDQ graphs, and language models' static float graph in fp16.

@@ -21,7 +21,7 @@ from agent.bundle.manifest import NAME_RE, SEMVER_RE
 from exporter.errors import ExportError
 from exporter.gguf.levels import EXACT, SEARCH, TWO_PASS
 from exporter.profiles import ProfileError, QuantRecipe, TargetProfile, Thresholds, load_profile
-from exporter.quantize import QUANT_CHOICES
+from exporter.quantize import QUANT_CHOICES, quant_method
 
 TASKS = ("text-generation", "embedding", "text-classification")
 GRAPHS = ("auto", "native", "optimum")
@@ -222,12 +222,12 @@ class ExportRequest:
     def _check_calibration_text(self, value: Any) -> Path | None:
         return self._path_or_none("calibration_text", value)
 
-    def recipe(self, base: QuantRecipe, *, gguf_requantize: bool = False) -> QuantRecipe:
+    def recipe(self, base: QuantRecipe, *, gguf_requantize: bool = False, device_class: str = "cpu") -> QuantRecipe:
         """The profile's recipe `base` with this request's overrides on top (GGUF weights requantized:
-        HQQ by default, which refits their affine grid almost exactly)."""
+        HQQ by default, which refits their affine grid almost exactly; `--quant` read for `device_class`)."""
         update: dict[str, Any] = {}
         if self.quant is not None:
-            update["method"] = QUANT_CHOICES[self.quant]
+            update["method"] = quant_method(self.quant, device_class)
             if update["method"] != base.method and self.exclude is None and update["method"] in ("int4", "int8-dynamic"):
                 update["exclude"] = base.exclude or ["lm_head"]
         if self.block_size is not None:

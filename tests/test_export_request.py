@@ -78,18 +78,23 @@ def test_the_recipe_is_the_profiles_with_the_requests_overrides_on_top():
 
 
 def test_a_quant_the_profile_names_brings_its_own_gate_and_the_request_still_overrides_it(tmp_path):
-    """npu-qnn-htp gates --quant fp16 LMs by what fp16 reaches, not by the QDQ recipe's looser bar."""
+    """npu-qnn-htp exports LMs in fp16 by default, gated by what fp16 reaches; --quant int8 there is the w8a16
+    QDQ recipe, gated by that recipe's looser bar, not fp16's (nor refused as CPU dynamic int8)."""
     from exporter.profiles import ProfileError, load_profile
 
     lm = load_profile("npu-qnn-htp").task("text-generation")
+    assert lm.quantization.method == "fp16"
     qdq, fp16 = lm.thresholds_for("qdq-static").as_dict(), lm.thresholds_for("fp16").as_dict()
-    assert qdq == lm.thresholds.as_dict() and fp16 != qdq
+    assert fp16 == lm.thresholds.as_dict() and fp16 != qdq
     assert fp16["min_top1_agreement"] > qdq["min_top1_agreement"] and fp16["max_ppl_delta"] < qdq["max_ppl_delta"]
     assert fp16["min_greedy_match"] >= 0.7 and "min_greedy_match" not in qdq
     assert lm.thresholds_for("int4") == lm.thresholds  # a method the profile says nothing about: the task's gate
-    req = ExportRequest(**GOOD, profile="npu-qnn-htp", quant="fp16", thresholds={"min_greedy_match": 0.5})
-    got = req.thresholds_over(lm.thresholds_for(req.recipe(lm.quantization).method)).as_dict()
-    assert got == {**fp16, "min_greedy_match": 0.5}
+    req = ExportRequest(**GOOD, profile="npu-qnn-htp", quant="int8", thresholds={"max_ppl_delta": 0.02})
+    recipe = req.recipe(lm.quantization, device_class="npu")
+    assert recipe.method == "qdq-static" and recipe.weight_type == "int8" and recipe.activation_type == "uint16"
+    assert recipe.float_regions == ["residual", "norm"] and recipe.exclude == []
+    assert req.thresholds_over(lm.thresholds_for(recipe.method)).as_dict() == {**qdq, "max_ppl_delta": 0.02}
+    assert req.recipe(lm.quantization).method == "int8-dynamic"  # on a CPU profile int8 stays dynamic int8
     bad = tmp_path / "bad.toml"
     bad.write_text('[tasks.text-generation.quant_thresholds.int3]\nmin_top1_agreement = 0.9\n')
     with pytest.raises(ProfileError, match=r"^profile .*bad.toml: tasks.text-generation.quant_thresholds.int3"):

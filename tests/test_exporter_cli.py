@@ -102,7 +102,7 @@ def test_json_stdout_is_only_the_document_when_a_native_library_writes_to_it(tmp
     [
         (["--profile", "cpu-riscv"], "unknown target profile 'cpu-riscv'"),
         (["--key", "/nonexistent/x.key"], "create one with: edgeship keys generate"),
-        (["--profile", "npu-qnn-htp", "--quant", "int8"], "does not run on target 'npu-qnn-htp'"),
+        (["--profile", "npu-qnn-htp", "--quant", "int4"], "does not run on target 'npu-qnn-htp'"),
         (["--threshold", "min_vibes=0.5"], "unknown threshold 'min_vibes'"),
         (["--block-size", "48"], "--block-size 48 must be a power of two"),
     ],

@@ -153,7 +153,7 @@ def test_recipe_windows_and_fp16_options():
 def test_text_generation_qdq_needs_an_npu_profile():
     from exporter.quantize import check_target
 
-    recipe = load_profile(PROFILE).task("text-generation").quantization
+    recipe = load_profile(PROFILE).task("text-generation").quantization.model_copy(update={"method": "qdq-static"})
     check_target(recipe, device_class="npu", profile=PROFILE, task="text-generation")
     with pytest.raises(IncompatibleTarget, match="needs an NPU profile"):
         check_target(recipe, device_class="cpu", profile="cpu-x86-avx2", task="text-generation")
@@ -171,7 +171,8 @@ def test_native_families_the_static_graph_lacks_are_refused_in_one_line(arch, tm
 @pytest.fixture(scope="module")
 def npu_bundle(tmp_path_factory, keypair):
     out = tmp_path_factory.mktemp("npu-lm") / "bundle"
-    return export(tiny_model("llama"), out=out, key=keypair[0], profile=PROFILE, ep_context=True), out
+    # --quant int8: the w8a16 QDQ recipe (the profile's default for LMs is fp16, tested below)
+    return export(tiny_model("llama"), out=out, key=keypair[0], profile=PROFILE, quant="int8", ep_context=True), out
 
 
 def _strict(path: Path) -> ort.InferenceSession:
@@ -423,7 +424,7 @@ def test_fp16_is_for_npu_language_models_only():
 
 
 def test_fp16_recipe_runs_the_float_graph_on_htp_at_float_quality(tmp_path, keypair, trusted, monkeypatch):
-    """--quant fp16: no Q/DQ at all, every node on the HTP in fp16, the decode graph beside it, gated as usual,
+    """The profile's default for LMs (fp16): no Q/DQ at all, every node on the HTP in fp16, the decode graph beside it, gated as usual,
     weights stored as float16; the agent serves it on HTP and on its CPU fallback. The PyTorch model is gone
     before the HTP runs (a 1B model's float32 copy is not held through the gate)."""
     import gc
@@ -449,13 +450,13 @@ def test_fp16_recipe_runs_the_float_graph_on_htp_at_float_quality(tmp_path, keyp
     monkeypatch.setattr(source, "load_causal_lm", load)
     monkeypatch.setattr(npu_lm, "htp_session", session)
     out = tmp_path / "bundle"
-    r = export(tiny_model("llama"), out=out, key=keypair[0], profile=PROFILE, quant="fp16")
+    r = export(tiny_model("llama"), out=out, key=keypair[0], profile=PROFILE)  # no --quant: the profile's fp16
     assert seen and all(s == [True] for s in seen), seen
     monkeypatch.undo()
     assert r.report.status is QualityStatus.PASSED, r.report.failures
     # gated by the profile's fp16 bar (greedy included), not the QDQ recipe's looser one
     lm = load_profile(PROFILE).task("text-generation")
-    assert r.report.thresholds == lm.thresholds_for("fp16").as_dict() != lm.thresholds.as_dict()
+    assert r.report.thresholds == lm.thresholds_for("fp16").as_dict() != lm.thresholds_for("qdq-static").as_dict()
     q = r.manifest.quantization
     assert (q.recipe, q.precision, q.details["precision"]) == ("fp16-static-lm", "fp16", "fp16")
     qnn = q.details["qnn"]

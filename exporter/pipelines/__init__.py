@@ -104,7 +104,8 @@ def plan(request: ExportRequest, src: ResolvedSource, config: Any, progress: Pro
         what = {"4x2": "two-pass int8 decode", "exact": "the GGUF's float math", "auto": "searched levels"}
         raise ExportError(f"--accuracy-level {request.accuracy_level} ({what[request.accuracy_level]}) is for exact GGUF "
                           "imports of text-generation models; use 0-4 here")
-    recipe = request.recipe(settings.quantization, gguf_requantize=bool(src.gguf_file) and request.requantize)
+    recipe = request.recipe(settings.quantization, gguf_requantize=bool(src.gguf_file) and request.requantize,
+                            device_class=profile.device_class)
     check_target(recipe, device_class=profile.device_class, profile=profile.name, task=task)
     if request.ep_context and profile.device_class != "npu":
         raise IncompatibleTarget(f"--ep-context writes the compiled NPU binary of the model; {task} on target "

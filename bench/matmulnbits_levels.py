@@ -11,7 +11,7 @@ splitting x into hi = round(x / s) * s (s = block max / 127: exactly representab
 and lo = x - hi, and running both as one M=2 call (y = y_hi + y_lo; relative error ~1.5e-5).
 Printed as "split M=2": its time excludes the ops that would compute hi and lo in the graph.
 
-    python bench/matmulnbits_levels.py [--json OUT]
+    python bench/matmulnbits_levels.py [--rows 1,4,128] [--only TinyLlama] [--json OUT]
 
 Medians of many calls; numbers, never pass/fail.
 """
@@ -76,17 +76,21 @@ def hi_lo(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--rows", default="1,128", help="M values, comma-separated (1: decode; 4: four clients' decode)")
+    ap.add_argument("--only", default="", help="shapes whose label contains this")
     args = ap.parse_args()
     rows = {}
     print(f"{'shape':28} {'M':>4} {'thr':>3} {'level 0 us':>10} {'level 4 us':>10} {'0 / 4':>6} "
           f"{'split M=2 us':>12} {'err 4':>8} {'err split':>9}")
     for label, (k, n) in SHAPES.items():
+        if args.only not in label:
+            continue
         rng = np.random.default_rng(1)
-        for m in (1, 128):
+        for m in (int(r) for r in args.rows.split(",")):
             x = rng.standard_normal((m, k)).astype(np.float32)
             for threads in (1, 2):
                 s0, s4 = session(k, n, 0, threads), session(k, n, 4, threads)
-                calls = 200 if m == 1 else 20
+                calls = 200 if m <= 4 else 20
                 t0, t4 = micros(s0, x, calls), micros(s4, x, calls)
                 row = {"M": m, "threads": threads, "level0_us": t0, "level4_us": t4}
                 split = err4 = err_split = None

@@ -1,7 +1,7 @@
 """Export the packaged SmolLM2-135M (its GGUF, dequantized) for npu-qnn-htp and print what the gate
 measured on onnxruntime-qnn's HTP simulator, the HTP compile time and seconds per call.
 
-    .venv/bin/python bench/npu_lm_smollm2.py [--quant int8] [--keep DIR] [--out bench/results/FILE.json]
+    .venv/bin/python bench/npu_lm_smollm2.py [--quant int8 [--threshold min_top1_agreement=0.97]] [--keep DIR] [--out bench/results/FILE.json]
 
 Most of the time is the simulator running the gate's 20 static calls (S = 32: 4 windows of 64
 tokens, 4 teacher-forced greedy runs of 64 tokens); its seconds per call are the simulator's on
@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--quant", choices=["int8", "fp16"],
                         help="int8: the w8a16 QDQ recipe instead of the profile's fp16 default (fp16: the default, named)")
+    parser.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                        help="a gate threshold on top of the profile's (repeatable), e.g. min_top1_agreement=0.97")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -45,7 +47,7 @@ def main() -> None:
         key = generate_keypair(tmp / "keys", "bench").private_path
         t0 = time.perf_counter()
         r = export(smollm2_gguf_path(), out=out, key=key, profile="npu-qnn-htp", force=True, overwrite=True,
-                   quant=args.quant)
+                   quant=args.quant, thresholds={k: float(v) for k, v in (t.split("=", 1) for t in args.threshold)})
         qnn = r.manifest.quantization.details["qnn"]
         details = r.manifest.quantization.details
         result = {
@@ -59,6 +61,8 @@ def main() -> None:
             "qnn": {k: qnn.get(k) for k in ("ok", "rejected_nodes", "compile_seconds", "calls", "seconds_per_call",
                                                   "decode")},
             "decode_graph": details.get("decode_graph"),
+            "thresholds": r.report.thresholds,
+            "float_fallback": details.get("float_fallback"),
             "export_seconds": round(time.perf_counter() - t0, 1),
             "steps_seconds": r.stats["steps_seconds"],
             "peak_rss_mb": r.stats["peak_rss_mb"],

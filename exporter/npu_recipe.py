@@ -18,6 +18,7 @@ bench/npu_lm_recipes.py measures each part (docs/EXPORT.md, "Language models on 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -136,3 +137,124 @@ def store_fp16(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(casts + nodes)
     return len(casts)
+
+
+# --- float fallback: the recipe measures itself ---------------------------------------------------------------
+# With `mixed_precision` on, a w8a16 model that misses its gate keeps whole classes of linears float (the HTP runs
+# them in fp16), most helpful class first, until the gate's metrics pass. Classes, not single MatMuls: SmolLM2's
+# sensitivities are per class (docs/EXPORT.md: every class but q_proj flips a greedy run on its own) and a class is
+# one candidate per layer kind (5) where single MatMuls would be 5 per layer (150 measurements for SmolLM2).
+
+LINEAR_CLASS = re.compile(r"(?:^|/)((?:[a-z]+_)*proj|lm_head)(?:/|$)")
+
+
+def linear_classes(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Weight MatMuls of the static graph by the module they come from ("down_proj", "lm_head", ...), in graph
+    order; MatMuls of two activations (attention scores) are no candidates."""
+    inits = {i.name for i in model.graph.initializer}
+    classes: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits:
+            m = LINEAR_CLASS.search(n.name)
+            if m:
+                classes.setdefault(m.group(1), []).append(n.name)
+    return classes
+
+
+def shortfall(metrics: Mapping[str, float], limits: Mapping[str, float]) -> tuple[float, float]:
+    """(how far `metrics` are from passing `limits`, how far past them they are): the first sums each failing
+    metric's distance past its bound, the second each metric's signed distance, both relative to the bound. A
+    candidate ranks by the first (smaller is better), then by the second (larger is better), so candidates are
+    ordered even when every one passes, or none does."""
+    from exporter.gate import metric_of
+
+    short = margin = 0.0
+    for key, bound in limits.items():
+        value = metrics.get(metric_of(key))
+        if value is None:
+            continue
+        if not np.isfinite(value):
+            return float("inf"), float("-inf")
+        past = (value - bound if key.startswith("min_") else bound - value) / max(abs(bound), 1e-6)
+        short += max(0.0, -past)
+        margin += past
+    return short, margin
+
+
+class FloatFallback:
+    """Classes of linears a w8a16 model keeps float (the HTP runs them in fp16) until it meets the gate.
+
+    `start()` measures the all-quantized model (through `measure(float_nodes) -> metrics`, the CPU EP in the
+    exporter) and, if it misses `limits`, each class float on its own; then keeps classes float, the one that
+    recovers most first, until the measured metrics pass. `widen()` keeps one more class float, for when the
+    target itself (the HTP) still refuses what the CPU EP passed; it ranks the classes first if `start()` did
+    not need to. Classes, not single MatMuls: one candidate per layer kind (5 for a llama) where single MatMuls
+    would be 5 per layer (150 measurements for SmolLM2), and SmolLM2's sensitivities are per class
+    (docs/EXPORT.md: every class but q_proj flips a greedy run on its own).
+    """
+
+    def __init__(self, classes: Mapping[str, Sequence[str]], measure, limits: Mapping[str, float], *, progress=None):
+        self.classes = {c: list(nodes) for c, nodes in classes.items()}
+        self.measure, self.limits = measure, dict(limits)
+        self.note = progress or (lambda _msg: None)
+        self.trials: list[dict] = []  # every CPU EP measurement: the float classes and the metrics
+        self.on_target: list[dict] = []  # the gate's own measurements of the chosen models (the HTP)
+        self.ranking: list[str] | None = None
+        self.chosen: list[str] = []
+        self.passed = False
+
+    @property
+    def float_nodes(self) -> list[str]:
+        return [n for c in self.chosen for n in self.classes[c]]
+
+    def _run(self, chosen: Sequence[str]) -> dict[str, float]:
+        metrics = self.measure([n for c in chosen for n in self.classes[c]])
+        self.trials.append({"float_classes": list(chosen),
+                            "metrics": {k: round(float(v), 6) for k, v in metrics.items()}})
+        return metrics
+
+    def _rank(self) -> list[str]:
+        if self.ranking is None:
+            each = {c: shortfall(self._run([c]), self.limits) for c in self.classes}
+            self.ranking = sorted(self.classes, key=lambda c: (each[c][0], -each[c][1]))
+            self.note(f"linear classes ranked by what keeping them float recovers: {', '.join(self.ranking)}")
+        return self.ranking
+
+    def start(self) -> list[str]:
+        """The classes to keep float, as the measurements say (none when the quantized model passes)."""
+        from exporter.gate import failures
+
+        base = self._run([])
+        missed = failures(base, self.limits)
+        if not missed:
+            self.passed = True
+            return self.chosen
+        self.note(f"w8a16 misses the gate on the CPU EP: {'; '.join(missed)}")
+        for c in self._rank():
+            self.chosen.append(c)
+            if not failures(self._single(c), self.limits):
+                self.passed = True
+                break
+        return self.chosen
+
+    def _single(self, c: str) -> dict[str, float]:
+        """The metrics of class `c` float alone, as ranked (measured once), or of the chosen classes."""
+        if self.chosen == [c]:
+            return next(t["metrics"] for t in self.trials if t["float_classes"] == [c])
+        return self._run(self.chosen)
+
+    def widen(self, target_metrics: Mapping[str, float]) -> list[str] | None:
+        """One class more float after the target measured `target_metrics` for the current choice; None when
+        every class is float already."""
+        self.on_target.append({"float_classes": list(self.chosen),
+                               "metrics": {k: round(float(v), 6) for k, v in target_metrics.items()}})
+        rest = [c for c in self._rank() if c not in self.chosen]
+        if not rest:
+            return None
+        self.chosen.append(rest[0])
+        return self.chosen
+
+    def details(self) -> dict:
+        return {"float_classes": list(self.chosen), "float_matmuls": len(self.float_nodes),
+                "passed_on_cpu": self.passed, "ranking": self.ranking, "cpu_trials": self.trials,
+                "refused_on_target": self.on_target}

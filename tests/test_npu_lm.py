@@ -223,6 +223,10 @@ def test_tiny_llama_export_runs_on_htp_with_cpu_fallback_off(npu_bundle):
     assert details["per_channel_matmul_weights"] == 9
     # the recipe's fp16 regions: the residual Adds and the RMSNorms stay float (HTP runs them in fp16)
     assert details["float_regions"] == {"residual": 4, "norm": 5} and details["calibration_windows"] >= 4
+    # the float fallback measured the model once on the CPU EP, found it passing, and kept nothing float
+    fallback = details["float_fallback"]
+    assert fallback["float_classes"] == [] and fallback["passed_on_cpu"] and len(fallback["cpu_trials"]) == 1
+    assert fallback["refused_on_target"] == []
     producer = {o: n.op_type for n in model.graph.node for o in n.output}
     float_input = Counter(n.op_type for n in model.graph.node if producer.get(n.input[0]) not in (None, "DequantizeLinear"))
     assert float_input["SimplifiedLayerNormalization"] == 4 and float_input["Add"] >= 3  # the first reads the embedding
@@ -511,3 +515,79 @@ def test_store_fp16_keeps_what_fp16_cannot_hold():
     assert [n.op_type for n in model.graph.node] == ["Cast", "Sum"]
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
     np.testing.assert_array_equal(y, big + wide)
+
+
+def test_float_fallback_keeps_the_most_helpful_classes_float_until_the_gate_passes():
+    """npu_recipe.FloatFallback on made-up measurements: ranking, the CPU choice, widening on the target's word."""
+    from exporter import npu_recipe
+
+    classes = {"qkv_proj": ["q0", "q1"], "o_proj": ["o0", "o1"], "down_proj": ["d0", "d1"]}
+    top1 = {(): 0.90, ("qkv_proj",): 0.93, ("o_proj",): 0.91, ("down_proj",): 0.95,
+            ("down_proj", "qkv_proj"): 0.97, ("down_proj", "o_proj", "qkv_proj"): 0.99}
+    seen = []
+
+    def measure(nodes):
+        seen.append(sorted(nodes))
+        kept = tuple(sorted({c for c, ns in classes.items() if set(ns) <= set(nodes)}))
+        return {"top1_agreement": top1[kept], "ppl_delta": 0.001}
+
+    fb = npu_recipe.FloatFallback(classes, measure, {"min_top1_agreement": 0.96, "max_ppl_delta": 0.01})
+    assert fb.start() == ["down_proj", "qkv_proj"] and fb.passed
+    assert fb.ranking == ["down_proj", "qkv_proj", "o_proj"]
+    assert fb.float_nodes == ["d0", "d1", "q0", "q1"]
+    assert len(seen) == 1 + 3 + 1  # the model, each class alone, the first pair (the single was measured already)
+    # the target refuses what the CPU passed: one class more, until none is left
+    assert fb.widen({"top1_agreement": 0.95}) == ["down_proj", "qkv_proj", "o_proj"]
+    assert fb.widen({"top1_agreement": 0.955}) is None
+    d = fb.details()
+    assert d["float_matmuls"] == 6 and [t["float_classes"] for t in d["refused_on_target"]] == \
+        [["down_proj", "qkv_proj"], ["down_proj", "qkv_proj", "o_proj"]]
+
+    # a model that passes is measured once and keeps nothing float; widening ranks the classes then
+    fb = npu_recipe.FloatFallback(classes, measure, {"min_top1_agreement": 0.5})
+    assert fb.start() == [] and fb.passed and fb.ranking is None and len(fb.trials) == 1
+    assert fb.widen({"top1_agreement": 0.4}) == ["down_proj"]  # all pass on the CPU: ranked by margin
+    # none passes even all float: every class ends float and the gate will refuse it
+    fb = npu_recipe.FloatFallback(classes, measure, {"min_top1_agreement": 0.999})
+    assert fb.start() == ["down_proj", "qkv_proj", "o_proj"] and not fb.passed
+
+
+def test_linear_classes_of_the_static_graph():
+    from exporter import npu_recipe
+    from exporter.pipelines import native_lm
+
+    cfg, weights = native_lm.decoder_from_hf(_hf("llama"), max_context=64)
+    model = npu_lm.build_static_decoder(cfg, weights, step=4, cache=64)
+    classes = npu_recipe.linear_classes(model)
+    assert sorted(classes) == ["down_proj", "gate_up_proj", "lm_head", "o_proj", "qkv_proj"]
+    assert all(len(v) == cfg.num_layers for k, v in classes.items() if k != "lm_head") and len(classes["lm_head"]) == 1
+    assert classes["down_proj"][0] == "/model/layers.0/mlp/down_proj/MatMul"
+
+
+def test_int8_that_misses_the_gate_keeps_linears_float_until_the_htp_passes_it(tmp_path, keypair):
+    """--quant int8 with a bar the all-int8 tiny model misses on the HTP (greedy >= 0.75; it reaches 0.44): the
+    fallback keeps classes of linears float (float32 weights, fp16 on the HTP), chosen on the CPU EP and widened
+    while the HTP still refuses, and the bundle passes with every node on the HTP."""
+    out = tmp_path / "bundle"
+    r = export(tiny_model("llama"), out=out, key=keypair[0], profile=PROFILE, quant="int8",
+               thresholds={"min_greedy_match": 0.75})
+    assert r.report.status is QualityStatus.PASSED, r.report.failures
+    assert r.report.metrics["greedy_match"] >= 0.75
+    q = r.manifest.quantization.details
+    assert q["qnn"]["ok"] and q["qnn"]["rejected_nodes"] == []
+    fallback = q["float_fallback"]
+    base = fallback["cpu_trials"][0]
+    assert base["float_classes"] == [] and base["metrics"]["greedy_match"] < 0.75
+    chosen = fallback["float_classes"]
+    assert chosen and set(chosen) <= {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
+    assert sorted(fallback["ranking"]) == ["down_proj", "gate_up_proj", "lm_head", "o_proj", "qkv_proj"]
+    assert chosen == fallback["ranking"][: len(chosen)]  # most helpful first
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    weight_of = {n.name: n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
+    for name, weight in weight_of.items():
+        cls = next((c for c in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head") if c in name), None)
+        if cls is None:
+            continue
+        # the chosen classes read float32 weights directly, the others int8 through a DequantizeLinear
+        assert (inits.get(weight) == onnx.TensorProto.FLOAT) == (cls in chosen), (name, cls, chosen)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -392,6 +392,35 @@ def static_metrics(lm: StaticDecoder, ref: LMReference) -> tuple[dict[str, float
     return quality.compare_lm(got_a, ref.logits[:, :n], ref.sequences[:, :n], greedy, ref)
 
 
+def cpu_measure(graph: FloatGraph, qdq: Path, ref: LMReference) -> Callable[[Sequence[str]], dict[str, float]]:
+    """measure(float_nodes) -> the gate's metrics of the QDQ model at `qdq` with those MatMuls put back in float
+    (mixed_precision.restore_float: what excluding them from the quantizer gives), on the CPU EP's host loop."""
+    import onnxruntime as ort
+
+    from exporter import mixed_precision
+
+    models: dict[str, onnx.ModelProto] = {}
+    scratch = graph.path.parent / "fallback"
+
+    def measure(nodes: Sequence[str]) -> dict[str, float]:
+        path = qdq
+        if nodes:
+            if not models:  # loaded once, with their weights, only when a candidate needs them
+                models.update(q=onnx.load(str(qdq)), fp32=onnx.load(str(graph.path)))
+            scratch.mkdir(exist_ok=True)
+            path = scratch / "candidate.onnx"
+            onnx.save(mixed_precision.restore_float(models["q"], models["fp32"], nodes), str(path),
+                      save_as_external_data=True, location="candidate.onnx.data")
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        lm = decoder(sess.run, graph.cfg, step=graph.step, cache=graph.cache,
+                     output_names=[o.name for o in sess.get_outputs()])
+        return static_metrics(lm, ref)[0]
+
+    return measure
+
+
 @dataclass(frozen=True)
 class FloatGraph:
     """The float32 static graph on disk (weights in `path`.data) and what the quantized graphs are made with."""
@@ -423,18 +452,26 @@ def float_graph(cfg: DecoderConfig, weights: DecoderWeights, work: Path, *, cach
 
 def export_static_lm(graph: FloatGraph, out: Path, *, recipe: QuantRecipe, provider_options: dict[str, str],
                      ref: LMReference, calibration_prompts: Sequence[np.ndarray],
-                     progress: Callable[[str], None] | None = None) -> StaticLM:
+                     progress: Callable[[str], None] | None = None,
+                     limits: Mapping[str, float] | None = None) -> StaticLM:
     """Write the QDQ static graph to `out` and its decode graph (DECODE_NAME) beside it, both reading one
     weights file (DATA_NAME), from the float `graph`; measure them on QNN HTP, CPU fallback off.
+
+    With `recipe.mixed_precision` and the gate's `limits`, a QDQ model that misses them keeps classes of linears
+    float (npu_recipe.FloatFallback): chosen on the CPU EP, quantized again with them excluded, and widened one
+    class at a time while the HTP itself still refuses it.
 
     The metrics come from HTP itself; when HTP refuses the graph, `qnn` says why and the metrics
     are empty (`StaticLM.judge` then fails).
     """
+    from exporter.gate import failures
+
     note = progress or (lambda _msg: None)
     fp32, cfg, plan, step, cache = graph.path, graph.cfg, graph.plan, graph.step, graph.cache
     provider_options = {**npu.DEFAULT_PROVIDER_OPTIONS, **provider_options}
     windows = npu_recipe.calibration_windows(calibration_prompts, length=CALIBRATION_TOKENS)
     staged = None  # the prefill graph in memory, when it is not the quantizer's file
+    fallback = None
     if recipe.method == "fp16":  # the float graph as it is; the HTP runs every node in fp16
         npu_recipe.check_fp16_options(["all"], provider_options, profile="the NPU profile")
         feeds = [decoder(None, cfg, step=step, cache=cache).feed(windows[0][:step].tolist(), step=step)]  # QNN probe
@@ -446,26 +483,76 @@ def export_static_lm(graph: FloatGraph, out: Path, *, recipe: QuantRecipe, provi
         feeds = calibration_feeds(fp32, cfg, windows, step=step, cache=cache)
         note(f"calibrated on {len(feeds)} static calls over {len(calibration_prompts)} texts ({len(windows)} windows)")
         overrides = per_channel_weights(fp32, recipe)
-        regions = npu_recipe.float_regions(onnx.load(str(fp32), load_external_data=False), recipe.float_regions)
-        details = npu.quantize_qdq(fp32, out, recipe=recipe, feeds=feeds, init_overrides=overrides,
-                                   float_nodes=regions.nodes)
-        details.update(calibration_texts=len(calibration_prompts), calibration_windows=len(windows),
+        float_model = onnx.load(str(fp32), load_external_data=False)
+        regions = npu_recipe.float_regions(float_model, recipe.float_regions)
+
+        def quantize(float_nodes: Sequence[str]) -> dict[str, Any]:
+            got = npu.quantize_qdq(fp32, out, recipe=recipe, feeds=feeds, init_overrides=overrides,
+                                   float_nodes=regions.nodes + list(float_nodes))
+            got.update(calibration_texts=len(calibration_prompts), calibration_windows=len(windows),
                        per_channel_matmul_weights=len(overrides or {}), float_regions=regions.counts())
+            return got
+
+        details = quantize([])
+        if recipe.mixed_precision and limits:
+            note("measuring the w8a16 model on the CPU EP against the gate, to keep float what it cannot hold")
+            fallback = npu_recipe.FloatFallback(npu_recipe.linear_classes(float_model), cpu_measure(graph, out, ref),
+                                                limits, progress=note)
+            if fallback.start():
+                note(f"keeping {', '.join(fallback.chosen)} float (fp16 on the HTP); quantizing again")
+                details = quantize(fallback.float_nodes)
     # the decode graph: the quantized graph with the step-1 shapes, so the same encodings and weights
     decode = write_graphs(out, plan, model=staged)
     del staged
+    htp = _gate_on_htp(out, decode, feeds, graph, ref, provider_options=provider_options, note=note)
+    while fallback is not None and htp.session is not None and failures(htp.metrics, limits or {}):
+        if fallback.widen(htp.metrics) is None:
+            break
+        del htp  # one compiled HTP graph in memory at a time
+        note(f"the HTP gate still fails; keeping {', '.join(fallback.chosen)} float; quantizing again")
+        details = quantize(fallback.float_nodes)
+        decode = write_graphs(out, plan)
+        htp = _gate_on_htp(out, decode, feeds, graph, ref, provider_options=provider_options, note=note)
+    if fallback is not None:
+        details["float_fallback"] = fallback.details()
     details["decode_graph"] = {"step_length": plan.step, "step_constants": len(plan.constants)}
+    if htp.session is None:
+        return StaticLM(out, step, cache, decode, {**details, "qnn": htp.qnn}, {}, {}, htp.probe)
+    note("decoding through the step-1 graph and through the prefill graph on HTP, to compare them")
+    wide = wide_decode(htp.session, cfg, ref.prompts[0], step=step, cache=cache)
+    metrics, quality_details, probe, qnn = htp.metrics, htp.details, htp.probe, htp.qnn
+    del htp  # one compiled HTP graph in memory at a time (a 1B model's holds gigabytes)
+    qnn["decode"] = decode_agreement(wide, htp_session(decode, provider_options), cfg, step=step,
+                                     decode_step=plan.step, cache=cache)
+    return StaticLM(out, step, cache, decode, {**details, "qnn": qnn}, metrics, quality_details, probe)
+
+
+@dataclass
+class HtpGate:
+    """The gate's measurement of one quantized graph on the HTP; `session` is None when the HTP refused it."""
+
+    probe: Any
+    qnn: dict[str, Any]
+    metrics: dict[str, float]
+    details: dict[str, Any]
+    session: Any
+
+
+def _gate_on_htp(out: Path, decode: Path, feeds: Sequence[dict[str, np.ndarray]], graph: FloatGraph,
+                 ref: LMReference, *, provider_options: dict[str, str], note: Callable[[str], None]) -> HtpGate:
+    """Probe both graphs on QNN (every node on the HTP?), then run the gate's evaluation on the prefill graph."""
+    cfg, step, cache = graph.cfg, graph.step, graph.cache
     probe = npu.verify_on_qnn(out, feeds[:1], provider_options=provider_options)
     if probe.ok:
         lm = decoder(None, cfg, step=step, cache=cache)
-        probe_decode = npu.verify_on_qnn(decode, [lm.feed(feeds[0]["input_ids"][0, :1].tolist(), step=plan.step)],
+        probe_decode = npu.verify_on_qnn(decode, [lm.feed(feeds[0]["input_ids"][0, :1].tolist(), step=graph.plan.step)],
                                          provider_options=provider_options)
         if not probe_decode.ok:
             probe = probe_decode
     qnn: dict[str, Any] = {"ok": probe.ok, "rejected_nodes": probe.rejected, "reasons": probe.reasons,
                            "error": probe.error}
     if not probe.ok:
-        return StaticLM(out, step, cache, decode, {**details, "qnn": qnn}, {}, {}, probe)
+        return HtpGate(probe, qnn, {}, {}, None)
     t0 = time.perf_counter()
     sess = htp_session(out, provider_options)
     qnn["compile_seconds"] = round(time.perf_counter() - t0, 2)
@@ -483,12 +570,7 @@ def export_static_lm(graph: FloatGraph, out: Path, *, recipe: QuantRecipe, provi
     seconds = time.perf_counter() - t0
     qnn.update(run_seconds=round(seconds, 2), calls=calls, seconds_per_call=round(seconds / max(calls, 1), 4))
     quality_details["measured_on"] = "QNN HTP (onnxruntime-qnn, CPU fallback disabled)"
-    note("decoding through the step-1 graph and through the prefill graph on HTP, to compare them")
-    wide = wide_decode(sess, cfg, ref.prompts[0], step=step, cache=cache)
-    del lm, run, sess  # one compiled HTP graph in memory at a time (a 1B model's holds gigabytes)
-    qnn["decode"] = decode_agreement(wide, htp_session(decode, provider_options), cfg, step=step,
-                                     decode_step=plan.step, cache=cache)
-    return StaticLM(out, step, cache, decode, {**details, "qnn": qnn}, metrics, quality_details, probe)
+    return HtpGate(probe, qnn, metrics, quality_details, sess)
 
 
 DECODE_CHECK_TOKENS = 4  # greedy tokens decoded both ways by decode_agreement
@@ -662,7 +744,7 @@ def build(job: Any, stage: Path, work: Path) -> Any:
         gc.collect()
         result = export_static_lm(staged, entry, recipe=recipe, ref=ref,
                                   provider_options=dict(profile.execution_providers[0].options),
-                                  calibration_prompts=prompts, progress=progress.note)
+                                  calibration_prompts=prompts, progress=progress.note, limits=job.thresholds.as_dict())
     spec_config.update(layout(cfg, step=result.step, cache=cache))
     spec_config.update(decode_entry=DECODE_NAME, decode_step_length=DECODE_STEP)
     if job.request.ep_context and result.qnn.ok:

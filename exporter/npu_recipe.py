@@ -19,7 +19,7 @@ bench/npu_lm_recipes.py measures each part (docs/EXPORT.md, "Language models on 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,8 +109,9 @@ FP16_MAX = 65504.0
 FP16_MIN_ELEMENTS = 1024  # weights and tables; the norms' small vectors stay float32
 
 
-def store_fp16(model: onnx.ModelProto) -> int:
-    """`--quant fp16` bundles: every float32 initializer of at least FP16_MIN_ELEMENTS stored as float16 and
+def store_fp16(model: onnx.ModelProto, *, names: Collection[str] | None = None) -> int:
+    """fp16 bundles (and `names`, the float-kept weights of a QDQ one, when given: only those): every float32
+    initializer of at least FP16_MIN_ELEMENTS stored as float16 and
     read through a Cast back to float32, in place; returns how many. The graph computes what it did with the
     weights rounded to fp16, which the HTP's fp16 mode does anyway; onnxruntime folds each Cast of a constant
     when it loads the graph, so both the QNN EP and the CPU fallback see float32 weights, and the file is half
@@ -120,7 +121,8 @@ def store_fp16(model: onnx.ModelProto) -> int:
     graph = model.graph
     casts, kept = [], []
     for init in graph.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < FP16_MIN_ELEMENTS:
+        if (init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < FP16_MIN_ELEMENTS
+                or (names is not None and init.name not in names)):
             kept.append(init)
             continue
         value = numpy_helper.to_array(init)

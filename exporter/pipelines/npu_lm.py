@@ -493,6 +493,14 @@ def export_static_lm(graph: FloatGraph, out: Path, *, recipe: QuantRecipe, provi
                        per_channel_matmul_weights=len(overrides or {}), float_regions=regions.counts())
             return got
 
+        def kept_float_as_fp16() -> onnx.ModelProto:
+            """The quantized graph with the fallback's float weights stored as float16 (the HTP runs them in fp16):
+            float32 would make the bundle larger than an all-fp16 one."""
+            model = onnx.load(str(out))
+            weights = {n.input[1] for n in model.graph.node if n.name in set(fallback.float_nodes)}
+            details["fp16_initializers"] = npu_recipe.store_fp16(model, names=weights)
+            return model
+
         details = quantize([])
         if recipe.mixed_precision and limits:
             note("measuring the w8a16 model on the CPU EP against the gate, to keep float what it cannot hold")
@@ -501,6 +509,7 @@ def export_static_lm(graph: FloatGraph, out: Path, *, recipe: QuantRecipe, provi
             if fallback.start():
                 note(f"keeping {', '.join(fallback.chosen)} float (fp16 on the HTP); quantizing again")
                 details = quantize(fallback.float_nodes)
+                staged = kept_float_as_fp16()
     # the decode graph: the quantized graph with the step-1 shapes, so the same encodings and weights
     decode = write_graphs(out, plan, model=staged)
     del staged
@@ -511,7 +520,7 @@ def export_static_lm(graph: FloatGraph, out: Path, *, recipe: QuantRecipe, provi
         del htp  # one compiled HTP graph in memory at a time
         note(f"the HTP gate still fails; keeping {', '.join(fallback.chosen)} float; quantizing again")
         details = quantize(fallback.float_nodes)
-        decode = write_graphs(out, plan)
+        decode = write_graphs(out, plan, model=kept_float_as_fp16())
         htp = _gate_on_htp(out, decode, feeds, graph, ref, provider_options=provider_options, note=note)
     if fallback is not None:
         details["float_fallback"] = fallback.details()

@@ -12,7 +12,7 @@ Speed: 128-token prompt, 64 greedy new tokens, the same thread count for both, r
 through llama-cpp-python (its own build of llama.cpp, compiled on install for this CPU):
 
     pip install llama-cpp-python==0.3.36        # builds llama.cpp (~10 min on 2 cores); bench only, not a product dependency
-    python -m bench.gguf_vs_llama_cpp [--gguf PATH] [--threads 2] [--rounds 3] [--json OUT]
+    python -m bench.gguf_vs_llama_cpp [--gguf PATH] [--threads 2] [--rounds 3] [--policy-from BUNDLE] [--json OUT]
 
 Numbers, never pass/fail.
 """
@@ -85,18 +85,27 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--policy-from", type=Path, default=None, metavar="BUNDLE",
+                    help="also judge `searched`: the accuracy policy in this bundle's manifest (edgeship export's default)")
     args = ap.parse_args()
     gguf = args.gguf or smollm2_gguf_path()
 
     with tempfile.TemporaryDirectory() as tmp:
         exact = export_gguf(gguf, Path(tmp) / "exact")
         acc4 = export_gguf(gguf, Path(tmp) / "acc4", accuracy_level=4)
+        judged = [("exact", exact), ("exact-acc4", acc4)]
+        if args.policy_from:
+            from exporter.gguf.levels import AccuracyPolicy
+
+            manifest = json.loads((args.policy_from / "manifest.json").read_text())
+            policy = AccuracyPolicy.from_details(manifest["quantization"]["details"]["accuracy_levels"])
+            judged.append(("searched", export_gguf(gguf, Path(tmp) / "searched", accuracy_level=policy)))
         tokenizer_dir = exact.onnx_path.parent
         eos = exact.model_spec.config["eos_token_ids"]
         ref = gguf_reference(gguf, tokenizer_dir, eos_token_ids=eos)
 
         outputs: dict[str, tuple[np.ndarray, list[int]]] = {}
-        for name, result in (("exact", exact), ("exact-acc4", acc4)):
+        for name, result in judged:
             dec = OnnxDecoder(result.onnx_path, threads=args.threads)
             outputs[name] = dec.run(ref.ids[None], dec.empty_past())[0][0], dec.greedy(ref.prompt, 64, set(eos))
         cpp = LlamaCpp(gguf, threads=args.threads, all_logits=True)

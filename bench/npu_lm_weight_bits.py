@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import emit  # noqa: E402
+
 # name: (bits, block or None for one scale per output channel, which linears, MSE-clipped scales)
 VARIANTS = {
     "int8 per-channel, every linear": (8, None, "all", False),
@@ -136,10 +138,7 @@ def main() -> None:
         print(json.dumps({name: rows[name]}), file=sys.stderr, flush=True)
     result = {"model": str(src), "eval": {"gate": size, "long": {"count": 16, "length": 128}},
               "threads": torch.get_num_threads(), "variants": rows}
-    text_out = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text_out + "\n")
-    print(text_out)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

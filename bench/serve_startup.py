@@ -28,6 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import emit  # noqa: E402
 from bench.serve_vs_llama_cpp import (  # noqa: E402
     edgeship_command, exported_bundle, file_digest, free_port, host_profile, tree_env,
 )
@@ -138,10 +139,7 @@ def main() -> None:
     result = {"bundle": str(bundle), "threads": args.threads, "label": args.label,
               "start_to_ready_s": {"median": round(statistics.median(ready), 3), "all": [round(x, 3) for x in ready]},
               "stages_ms_median": median, "stages_ms": runs}
-    text = json.dumps(result, indent=2)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from exporter.errors import ConversionError
+from exporter.gate import failures, metric_of
 
 REGIONS = ("residual", "norm")
 NORM_OPS = {"SimplifiedLayerNormalization", "LayerNormalization", "RMSNormalization"}
@@ -168,8 +169,6 @@ def shortfall(metrics: Mapping[str, float], limits: Mapping[str, float]) -> tupl
     metric's distance past its bound, the second each metric's signed distance, both relative to the bound. A
     candidate ranks by the first (smaller is better), then by the second (larger is better), so candidates are
     ordered even when every one passes, or none does."""
-    from exporter.gate import metric_of
-
     short = margin = 0.0
     for key, bound in limits.items():
         value = metrics.get(metric_of(key))
@@ -202,30 +201,33 @@ class FloatFallback:
         self.trials: list[dict] = []  # every CPU EP measurement: the float classes and the metrics
         self.on_target: list[dict] = []  # the gate's own measurements of the chosen models (the HTP)
         self.ranking: list[str] | None = None
+        self.alone: dict[str, dict[str, float]] = {}  # each class float on its own: its metrics, once ranked
         self.chosen: list[str] = []
         self.passed = False
 
+    def nodes(self, classes: Sequence[str]) -> list[str]:
+        return [n for c in classes for n in self.classes[c]]
+
     @property
     def float_nodes(self) -> list[str]:
-        return [n for c in self.chosen for n in self.classes[c]]
+        return self.nodes(self.chosen)
 
     def _run(self, chosen: Sequence[str]) -> dict[str, float]:
-        metrics = self.measure([n for c in chosen for n in self.classes[c]])
+        metrics = self.measure(self.nodes(chosen))
         self.trials.append({"float_classes": list(chosen),
                             "metrics": {k: round(float(v), 6) for k, v in metrics.items()}})
         return metrics
 
     def _rank(self) -> list[str]:
         if self.ranking is None:
-            each = {c: shortfall(self._run([c]), self.limits) for c in self.classes}
+            self.alone = {c: self._run([c]) for c in self.classes}
+            each = {c: shortfall(m, self.limits) for c, m in self.alone.items()}
             self.ranking = sorted(self.classes, key=lambda c: (each[c][0], -each[c][1]))
             self.note(f"linear classes ranked by what keeping them float recovers: {', '.join(self.ranking)}")
         return self.ranking
 
     def start(self) -> list[str]:
         """The classes to keep float, as the measurements say (none when the quantized model passes)."""
-        from exporter.gate import failures
-
         base = self._run([])
         missed = failures(base, self.limits)
         if not missed:
@@ -234,16 +236,11 @@ class FloatFallback:
         self.note(f"w8a16 misses the gate on the CPU EP: {'; '.join(missed)}")
         for c in self._rank():
             self.chosen.append(c)
-            if not failures(self._single(c), self.limits):
+            metrics = self.alone[c] if len(self.chosen) == 1 else self._run(self.chosen)
+            if not failures(metrics, self.limits):
                 self.passed = True
                 break
         return self.chosen
-
-    def _single(self, c: str) -> dict[str, float]:
-        """The metrics of class `c` float alone, as ranked (measured once), or of the chosen classes."""
-        if self.chosen == [c]:
-            return next(t["metrics"] for t in self.trials if t["float_classes"] == [c])
-        return self._run(self.chosen)
 
     def widen(self, target_metrics: Mapping[str, float]) -> list[str] | None:
         """One class more float after the target measured `target_metrics` for the current choice; None when

@@ -33,6 +33,7 @@ def quant_method(quant: str, device_class: str) -> str:
     """The recipe method a --quant name means on a device class."""
     return QUANT_ON_CLASS.get(device_class, {}).get(quant, QUANT_CHOICES[quant])
 
+
 # What each device class can run. int8-dynamic uses CPU integer kernels; MatMulNBits has CPU and
 # CUDA kernels; the HTP NPU runs static QDQ graphs, and language models' static float graph in fp16.
 ALLOWED_METHODS = {

@@ -52,7 +52,7 @@ from exporter.graph.decoder import (
     project_qkv,
 )
 from exporter.errors import ConversionError
-from exporter.gate import Evidence
+from exporter.gate import Evidence, failures
 from exporter.golden import GoldenCase
 from exporter.profiles import QuantRecipe, Thresholds
 from exporter.quality import LMReference
@@ -464,8 +464,6 @@ def export_static_lm(graph: FloatGraph, out: Path, *, recipe: QuantRecipe, provi
     The metrics come from HTP itself; when HTP refuses the graph, `qnn` says why and the metrics
     are empty (`StaticLM.judge` then fails).
     """
-    from exporter.gate import failures
-
     note = progress or (lambda _msg: None)
     fp32, cfg, plan, step, cache = graph.path, graph.cfg, graph.plan, graph.step, graph.cache
     provider_options = {**npu.DEFAULT_PROVIDER_OPTIONS, **provider_options}
@@ -486,30 +484,30 @@ def export_static_lm(graph: FloatGraph, out: Path, *, recipe: QuantRecipe, provi
         float_model = onnx.load(str(fp32), load_external_data=False)
         regions = npu_recipe.float_regions(float_model, recipe.float_regions)
 
-        def quantize(float_nodes: Sequence[str]) -> dict[str, Any]:
+        def quantize(float_nodes: Sequence[str]) -> tuple[dict[str, Any], onnx.ModelProto | None]:
+            """The QDQ graph with `float_nodes` (the fallback's MatMuls) kept float besides the regions: its details,
+            and, when some are, the graph in memory with their weights stored as float16 (the HTP runs them in fp16;
+            float32 would make the bundle larger than an all-fp16 one)."""
             got = npu.quantize_qdq(fp32, out, recipe=recipe, feeds=feeds, init_overrides=overrides,
                                    float_nodes=regions.nodes + list(float_nodes))
             got.update(calibration_texts=len(calibration_prompts), calibration_windows=len(windows),
                        per_channel_matmul_weights=len(overrides or {}), float_regions=regions.counts())
-            return got
-
-        def kept_float_as_fp16() -> onnx.ModelProto:
-            """The quantized graph with the fallback's float weights stored as float16 (the HTP runs them in fp16):
-            float32 would make the bundle larger than an all-fp16 one."""
+            if not float_nodes:
+                return got, None
             model = onnx.load(str(out))
-            weights = {n.input[1] for n in model.graph.node if n.name in set(fallback.float_nodes)}
-            details["fp16_initializers"] = npu_recipe.store_fp16(model, names=weights)
-            return model
+            keep = set(float_nodes)
+            got["fp16_initializers"] = npu_recipe.store_fp16(
+                model, names={n.input[1] for n in model.graph.node if n.name in keep})
+            return got, model
 
-        details = quantize([])
+        details, _ = quantize([])
         if recipe.mixed_precision and limits:
             note("measuring the w8a16 model on the CPU EP against the gate, to keep float what it cannot hold")
             fallback = npu_recipe.FloatFallback(npu_recipe.linear_classes(float_model), cpu_measure(graph, out, ref),
                                                 limits, progress=note)
             if fallback.start():
                 note(f"keeping {', '.join(fallback.chosen)} float (fp16 on the HTP); quantizing again")
-                details = quantize(fallback.float_nodes)
-                staged = kept_float_as_fp16()
+                details, staged = quantize(fallback.float_nodes)
     # the decode graph: the quantized graph with the step-1 shapes, so the same encodings and weights
     decode = write_graphs(out, plan, model=staged)
     del staged
@@ -519,8 +517,9 @@ def export_static_lm(graph: FloatGraph, out: Path, *, recipe: QuantRecipe, provi
             break
         del htp  # one compiled HTP graph in memory at a time
         note(f"the HTP gate still fails; keeping {', '.join(fallback.chosen)} float; quantizing again")
-        details = quantize(fallback.float_nodes)
-        decode = write_graphs(out, plan, model=kept_float_as_fp16())
+        details, staged = quantize(fallback.float_nodes)
+        decode = write_graphs(out, plan, model=staged)
+        del staged
         htp = _gate_on_htp(out, decode, feeds, graph, ref, provider_options=provider_options, note=note)
     if fallback is not None:
         details["float_fallback"] = fallback.details()

@@ -56,6 +56,7 @@ def _together(model, prompts, *, stagger_s: float = 0.0, **kw) -> list[list[int]
 def test_batched_greedy_answers_equal_sequential_ones(vb, alone):
     expected = [_ids(alone.generate(p, max_tokens=40, ignore_eos=True, use_prefix_cache=False)) for p in PROMPTS]
     model = _batched(vb, max_batch=4)
+    slow_scheduler(model)  # 40 tokens take >= 0.4 s: the six requests surely overlap, so steps are shared
     try:
         got = _together(model, PROMPTS, max_tokens=40, ignore_eos=True, use_prefix_cache=False)
         assert got == expected
@@ -101,7 +102,7 @@ def test_a_closed_answer_frees_its_row_for_the_next_request(vb, alone):
 
 def test_cancel_and_deadline_end_only_their_own_answer(vb):
     model = _batched(vb, max_batch=4)
-    slow_scheduler(model)  # 120 tokens then take over a second: the deadline surely falls inside
+    slow_scheduler(model, 0.02)  # 120 tokens then take over 2 s: the cancel and the deadline surely fall inside
     try:
         cancel = threading.Event()
         doomed = model.generate(PROMPTS[0], max_tokens=120, ignore_eos=True, cancel=cancel)
@@ -126,6 +127,7 @@ def test_a_full_kv_pool_preempts_and_resumes_with_the_same_answers(vb, alone, pr
     prompts = [PROMPTS[0][:10], PROMPTS[3][:10], PROMPTS[5][:10]]
     expected = [_ids(alone.generate(p, max_tokens=110, ignore_eos=True, use_prefix_cache=False)) for p in prompts]
     model = _batched(vb, max_batch=3, kv_cache_mb=300 * PER_POSITION / 2**20, prefix_cache_mb=prefix_cache_mb)
+    slow_scheduler(model)  # 110 tokens take >= 1.1 s: the three answers surely overlap and fill the pool
     try:
         got = _together(model, prompts, max_tokens=110, ignore_eos=True, use_prefix_cache=False)
         assert got == expected
@@ -170,6 +172,7 @@ def test_n_choices_and_the_prefix_cache_through_the_scheduler(vb, alone):
 
 def test_closing_the_model_ends_running_and_waiting_answers_and_refuses_new_ones(vb):
     model = _batched(vb, max_batch=1 + 1)
+    slow_scheduler(model, 0.05)  # 120 tokens take >= 6 s: close surely falls mid-answer, even on a loaded CI
     running = [model.generate(p, max_tokens=120, ignore_eos=True) for p in PROMPTS[:3]]
     first = iter(running[0])
     next(first)

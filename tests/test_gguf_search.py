@@ -19,12 +19,15 @@ from exporter.gguf.export import export_gguf
 from exporter.gguf.levels import EXACT_POLICY, LLAMA_CPP_CLASS, AccuracyPolicy
 from exporter.gguf.search import (
     MAX_EVALUATIONS,
+    Searched,
+    Trial,
     body_units,
     probe_graph,
     run_probe,
     search_bar,
     search_policy,
     stem_of,
+    worst_first,
 )
 from tests.test_gguf_export import write_tiny_gguf
 
@@ -152,6 +155,63 @@ def test_default_import_searches_and_the_manifest_says_so(tmp_path, keypair):
     details = open_bundle(res.bundle, TrustedKeys.from_paths([keypair[1]])).manifest.quantization.details
     assert details["accuracy_levels"]["policy"] == "exact" and "accuracy_search" not in details
     assert "accuracy_policy" not in res.stats
+
+
+def test_a_mix_the_gate_refuses_steps_to_the_next_passing_trial_then_to_exact():
+    """The search's windows and the gate's text differ, so a mix that met the bar by a hair can miss it at the
+    gate: the next trial that passed with more linears at level 0 follows, then the exact policy."""
+    errors = {"a": 0.1, "b": 0.5, "c": 0.3, "d": 0.2}
+    assert worst_first(errors) == ["b", "c", "d", "a"]
+    ok = {"ppl_delta": 0.001, "top1_agreement": 0.971}
+    trials = [Trial(0, {"ppl_delta": 0.01, "top1_agreement": 0.9}, ["ppl"]), Trial(2, ok, []), Trial(1, ok, []),
+              Trial(3, ok, [])]
+    first = Searched(AccuracyPolicy.uniform(4), dict(LLAMA_CPP_CLASS), 4, trials, errors, chosen=trials[2])
+    second = first.after_refusal(["top1_agreement 0.9690 < 0.97 (min_top1_agreement)"])
+    assert second.chosen.kept == 2 and second.policy.exact_stems == {"b", "c"}
+    assert second.refused == ({"kept_at_0": 1, "failures": ["top1_agreement 0.9690 < 0.97 (min_top1_agreement)"]},)
+    third = second.after_refusal(["x"]).after_refusal(["y"])
+    assert third.policy is EXACT_POLICY and third.chosen is None
+    assert [r["kept_at_0"] for r in third.refused] == [1, 2, 3]
+    assert third.details()["gate_refused"][-1] == {"kept_at_0": 3, "failures": ["y"]}
+    assert "the gate refused 3 on its own text: y)" in third.line() and "\n" not in third.line()
+    assert second.line().endswith("the gate refused a mix with fewer at level 0: top1_agreement 0.9690 < 0.97 "
+                                  "(min_top1_agreement)")
+    assert "gate_refused" not in first.details()
+    with pytest.raises(ValueError, match="exact"):
+        third.after_refusal(["z"])
+
+
+def test_an_import_whose_searched_mix_the_gate_refuses_ships_the_exact_policy(tmp_path, keypair, monkeypatch):
+    """Every candidate passes the search (faked), every graph with a level-4 body linear fails the gate (its top-1
+    faked low): the export does not fail, it ships the exact policy and the manifest says why."""
+    from agent.bundle import TrustedKeys, open_bundle
+    from exporter import export, quality
+    from exporter.gguf import search
+
+    monkeypatch.setattr(search, "run_candidate", lambda path, windows, ref=None: {
+        "ppl_delta": 0.0, "top1_agreement": 1.0, "eval_tokens": 128.0})
+    real = quality.lm_metrics
+    gated: list[bool] = []
+
+    def lm_metrics(onnx_path, ref, **kw):
+        metrics, details = real(onnx_path, ref, **kw)
+        level4 = any(4 in lv for s, lv in _levels(onnx_path).items() if s != "lm_head")
+        gated.append(level4)
+        return {**metrics, "top1_agreement": 0.5 if level4 else metrics["top1_agreement"]}, details
+
+    monkeypatch.setattr(quality, "lm_metrics", lm_metrics)
+    (tmp_path / "src").mkdir()
+    path, _ = write_tiny_gguf("llama", tmp_path / "src")
+    res = export(path, out=tmp_path / "out", key=keypair[0], benchmark=False,
+                 thresholds={"min_top1_agreement": 0.9})
+    assert gated == [True, False]  # the whole body at level 4 refused, then the exact graph passed
+    assert res.report.status.value == "passed"
+    details = open_bundle(res.bundle, TrustedKeys.from_paths([keypair[1]])).manifest.quantization.details
+    assert details["accuracy_levels"]["policy"] == "exact"
+    assert details["accuracy_search"]["gate_refused"] == [
+        {"kept_at_0": 0, "failures": ["top1_agreement 0.5000 < 0.9 (min_top1_agreement)"]}]
+    assert all(lv == {0} for s, lv in _levels(res.bundle / "model.onnx").items() if s != "lm_head")
+    assert res.stats["accuracy_policy"].startswith("exact:") and "gate refused" in res.stats["accuracy_policy"]
 
 
 def test_gguf_only_levels_are_refused_for_a_transformers_model(tmp_path, keypair):

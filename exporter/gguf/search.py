@@ -11,7 +11,11 @@ sequences and against its PyTorch float32 reference:
    the same metric), that is the policy;
 3. else the k linears with the largest error stay at level 0, k the smallest that meets the bar, found by
    bisection over the probe's order in at most MAX_EVALUATIONS runs; k = all is the exact policy, which
-   needs no run.
+   needs no run;
+4. the caller builds the chosen policy and its gate measures it on the gate's own text. Should the gate refuse
+   a mix the search passed (the two texts differ, so a bar the search met by a hair can be missed there),
+   `Searched.after_refusal` steps to the next passing trial that kept more linears at level 0, then to the exact
+   policy, and the manifest records each refusal.
 
 Candidates are the exact graph with its MatMulNBits accuracy_level attributes changed (the weights are
 the same blocks), so a step costs one session and one pass over the sequences, not a rebuild; the
@@ -22,7 +26,7 @@ both halves at level 4 compute what the one 8-bit node at level 4 does (the same
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +73,16 @@ class Searched:
     trials: list[Trial] = field(default_factory=list)
     errors: dict[str, float] = field(default_factory=dict)  # stem -> relative level-4 output error
     chosen: Trial | None = None  # the trial of the chosen policy (None: the exact policy, which was not run)
+    refused: tuple[dict[str, Any], ...] = ()  # mixes the gate then refused on its own text: kept_at_0, failures
 
     def line(self) -> str:
         """The summary's one line: what runs at which level, and the quality it was chosen on."""
         bar = ", ".join(_bar_text(k, v) for k, v in self.bar.items())
+        why = "; ".join(self.refused[-1]["failures"]) if self.refused else ""
+        refused = f"; the gate refused a mix with fewer at level 0: {why}" if self.refused else ""
+        if self.chosen is None and self.refused:
+            return (f"exact: every linear at level 0 (the search's level-4 mixes met {bar} on its windows, the gate "
+                    f"refused {len(self.refused)} on its own text: {why})")
         if self.chosen is None:
             return (f"exact: every linear at level 0 (no level-4 mix of the {self.linears} body linears met "
                     f"{bar} in {len(self.trials)} tries)")
@@ -80,7 +90,21 @@ class Searched:
         kept = len(self.policy.exact_stems)
         where = "the whole body" if not kept else f"{self.linears - kept} of {self.linears} body linears"
         return (f"{where} at level 4 (int8 activations, llama.cpp's class), lm_head top-{EXACT_TOP_K} exact; "
-                f"ppl {m['ppl_delta']:+.2%}, top-1 {m['top1_agreement']:.2%} (bar: {bar})")
+                f"ppl {m['ppl_delta']:+.2%}, top-1 {m['top1_agreement']:.2%} (bar: {bar}){refused}")
+
+    def after_refusal(self, failures: Sequence[str]) -> Searched:
+        """The next more exact policy once the gate refused this one on its own text, which can differ from the
+        search's windows by a few tenths of a percent at a bar's edge: of the trials that passed, the one that
+        kept the fewest linears beyond this one; if none did, the exact policy."""
+        if self.chosen is None:
+            raise ValueError("the exact policy has no more exact policy after it")
+        refused = (*self.refused, {"kept_at_0": self.chosen.kept, "failures": list(failures)})
+        later = [t for t in self.trials if t.passed and t.kept > self.chosen.kept]
+        if not later:
+            return replace(self, policy=EXACT_POLICY, chosen=None, refused=refused)
+        step = min(later, key=lambda t: t.kept)
+        return replace(self, policy=searched_policy(worst_first(self.errors)[:step.kept], self.errors), chosen=step,
+                       refused=refused)
 
     def details(self) -> dict[str, Any]:
         """What the manifest records beside the policy: the bar, the trials, the worst linears."""
@@ -90,6 +114,7 @@ class Searched:
             "trials": [{"kept_at_0": t.kept, **{k: round(v, 6) for k, v in t.metrics.items()}, "passed": t.passed}
                        for t in self.trials],
             "largest_level4_errors": {k: round(v, 6) for k, v in worst},
+            **({"gate_refused": [dict(r) for r in self.refused]} if self.refused else {}),
         }
 
 
@@ -123,7 +148,7 @@ def search_policy(exact_onnx: Path, evaluate: Evaluate, *, bar: Mapping[str, flo
         onnx.save_model(probe_graph(model, units), scratch)
         sums = probe(scratch)
         errors = {u: float(np.sqrt(sums[f"{u}|err"] / max(sums[f"{u}|out"], 1e-30))) for u in units}
-        order = sorted(units, key=lambda u: -errors[u])  # the worst first: kept at level 0 first
+        order = worst_first(errors)  # kept at level 0 first
         say(f"level-4 error per linear: largest {errors[order[0]]:.3g} ({order[0]}), median "
             f"{float(np.median(list(errors.values()))):.3g}")
 
@@ -155,6 +180,11 @@ def search_policy(exact_onnx: Path, evaluate: Evaluate, *, bar: Mapping[str, flo
     if best is None:
         return Searched(EXACT_POLICY, dict(bar), len(units), trials, errors)
     return Searched(searched_policy(order[:best.kept], errors), dict(bar), len(units), trials, errors, chosen=best)
+
+
+def worst_first(errors: Mapping[str, float]) -> list[str]:
+    """The linears by level-4 error, largest first (ties in graph order): the order they stay at level 0 in."""
+    return sorted(errors, key=lambda u: -errors[u])
 
 
 def run_probe(path: Path, sequences: np.ndarray) -> dict[str, float]:

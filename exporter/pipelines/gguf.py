@@ -33,7 +33,7 @@ def build(job: Job, stage: Path, work: Path) -> Built:
     from exporter.gguf.export import export_gguf
     from exporter.gguf.levels import EXACT, EXACT_POLICY, SEARCH, TWO_PASS, TWO_PASS_POLICY
 
-    progress, profile, level = job.progress, job.profile, job.request.accuracy_level
+    progress, level = job.progress, job.request.accuracy_level
     text = quality.read_texts(job.request.eval_text)
     searching = level in (None, SEARCH)
     ref, windows = _reference(job, text, searching=searching)
@@ -42,23 +42,37 @@ def build(job: Job, stage: Path, work: Path) -> Built:
     with progress.step("export", f"GGUF blocks kept exactly, accuracy level: {shown}"):
         result = export_gguf(_gguf_path(job), stage, accuracy_level=EXACT_POLICY if searching else policy,
                              progress=progress.note)
-    stats: dict = {}
-    if searching:
-        searched = _search(job, result.onnx_path, ref, windows)
-        stats["accuracy_policy"] = searched.line()
+    if not searching:
+        return _built(job, result, ref)
+    searched = _search(job, result.onnx_path, ref, windows)
+    while True:
         if searched.policy is not EXACT_POLICY:
             with progress.step("rebuild", f"GGUF blocks kept exactly, {searched.policy}"):
                 _clear(stage)
                 result = export_gguf(_gguf_path(job), stage, accuracy_level=searched.policy, progress=progress.note)
         details = {**result.quantization.details, "accuracy_search": searched.details()}
-        result = replace(result, quantization=result.quantization.model_copy(update={"details": details}))
+        built = _built(job, replace(result, quantization=result.quantization.model_copy(update={"details": details})),
+                       ref)
+        missed = built.evidence.judge().failures
+        if not missed or searched.chosen is None:  # passed, or the exact policy: the gate's verdict stands
+            return replace(built, stats={**built.stats, "accuracy_policy": searched.line()})
+        searched = searched.after_refusal(missed)
+        progress.note(f"the gate refused the searched mix on its own text ({'; '.join(missed)}); "
+                      f"next: {searched.policy}")
+        if searched.policy is EXACT_POLICY:  # the search started from the exact graph: build it again
+            with progress.step("rebuild", "GGUF blocks kept exactly, exact"):
+                _clear(stage)
+                result = export_gguf(_gguf_path(job), stage, accuracy_level=EXACT_POLICY, progress=progress.note)
+
+
+def _built(job: Job, result: Any, ref: Any) -> Built:
+    """The graph export_gguf wrote, measured by the gate against the PyTorch reference."""
     spec_config = {**result.model_spec.config}
-    if profile.shapes.max_context:
-        spec_config["max_context"] = min(spec_config["max_context"], profile.shapes.max_context)
-    built = hf_lm.lm_built(job, result.onnx_path, ref,
-                           model_spec=result.model_spec.model_copy(update={"config": spec_config}),
-                           quantization=result.quantization, quantized=True, fp32_bytes=job.parameters * 4)
-    return replace(built, stats={**built.stats, **stats})
+    if job.profile.shapes.max_context:
+        spec_config["max_context"] = min(spec_config["max_context"], job.profile.shapes.max_context)
+    return hf_lm.lm_built(job, result.onnx_path, ref,
+                          model_spec=result.model_spec.model_copy(update={"config": spec_config}),
+                          quantization=result.quantization, quantized=True, fp32_bytes=job.parameters * 4)
 
 
 def _reference(job: Job, text: str, *, searching: bool) -> tuple[Any, Any]:

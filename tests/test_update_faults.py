@@ -289,8 +289,9 @@ def test_bundle_whose_model_cannot_load(env, keypair):
 
 
 def test_cancel_during_a_slow_download(env):
-    _, tar, sha = env.bundles.make("big", version="1.1.0", extra_files={"pad.bin": os.urandom(400_000)})
-    env.srv.fault = Fault("slow", limit_bps=200_000)
+    # the payload after the head fetch at 200 kB/s: 6 s, so the cancel surely lands mid-download on a loaded CI
+    _, tar, sha = env.bundles.make("big", version="1.1.0", extra_files={"pad.bin": os.urandom(1_200_000)})
+    env.srv.fault = Fault("slow", limit_bps=200_000, skip=1)
     cid = env.deploy("big", tar=tar, sha=sha)
     env.ctl.wait(lambda m: m.type == "event" and m.command_id == cid and m.bytes_done, 20, "progress")
     env.ctl.send(CancelCommand(id="cancel1", device_id="dev1"))
@@ -401,10 +402,13 @@ def test_an_unreadable_or_future_state_file_is_set_aside_and_the_old_model_serve
 def test_a_deadline_that_passes_mid_update_stops_it(env):
     from datetime import datetime, timedelta, timezone
 
-    env.srv.fault = Fault("slow", limit_bps=100_000)
-    _, tar, sha = env.bundles.make("big", version="1.1.0", extra_files={"pad.bin": os.urandom(300_000)})
+    # the payload (after the head fetch) takes 12 s: the deadline passes mid-download and stops it there, rather
+    # than after the last byte (a 2 GB bundle on a slow link would otherwise run hours past its deadline)
+    env.srv.fault = Fault("slow", limit_bps=100_000, skip=1)
+    _, tar, sha = env.bundles.make("big", version="1.1.0", extra_files={"pad.bin": os.urandom(1_200_000)})
     cid = env.deploy("big", tar=tar, sha=sha, deadline=datetime.now(timezone.utc) + timedelta(seconds=1.5))
-    env.failed_with(cid, "deadline_passed")
+    ev = env.failed_with(cid, "deadline_passed")
+    assert "passed while downloading" in ev.reason, ev.reason
     env.assert_old_serving()
 
 
@@ -474,9 +478,11 @@ def test_a_smoke_test_over_the_device_latency_budget_fails(env):
 
 
 def test_a_clean_stop_mid_download_resumes_after_restart(env, broker, topic_prefix, keypair):
-    # 1.2 MB at 300 kB/s: still downloading seconds after the first progress event, even on a loaded machine
-    _, tar, sha = env.bundles.make("big", version="1.1.0", extra_files={"pad.bin": os.urandom(1_200_000)})
-    env.srv.fault = Fault("slow", limit_bps=300_000, times=1)
+    # the payload, not the manifest's head fetch before it (which reads up to 4 MB of the archive), at 300 kB/s: 8 s
+    # for 2.4 MB, still downloading long after the first progress event even on a loaded CI worker. (Slowing the
+    # first request slowed the head fetch instead, and the payload then raced the close: one CI run lost.)
+    _, tar, sha = env.bundles.make("big", version="1.1.0", extra_files={"pad.bin": os.urandom(2_400_000)})
+    env.srv.fault = Fault("slow", limit_bps=300_000, times=1, skip=1)
     cid = env.deploy("big", tar=tar, sha=sha)
     env.ctl.wait(lambda m: m.type == "event" and m.command_id == cid and m.bytes_done, 20, "progress")
     env.dev.close()  # SIGTERM-like: not a cancel

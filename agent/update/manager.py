@@ -101,6 +101,11 @@ class _Outcome:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def _deadline_outcome(rec: UpdateRecord) -> _Outcome:
+    return _Outcome(Event.FAIL, "deadline_passed",
+                    f"the deploy deadline {rec.deadline.isoformat()} passed while {rec.state.value}")
+
+
 def _ref(vb: VerifiedBundle | None) -> BundleRef | None:
     if vb is None:
         return None
@@ -392,8 +397,7 @@ class UpdateManager:
             if state in BEFORE_SWITCH and self._cancel.is_set():
                 outcome = _Outcome(Event.CANCEL, "cancelled", "cancelled by a cancel command; old model kept")
             elif state in BEFORE_SWITCH and self._deadline_passed(rec):
-                outcome = _Outcome(Event.FAIL, "deadline_passed",
-                                   f"the deploy deadline {rec.deadline.isoformat()} passed while {state.value}")
+                outcome = _deadline_outcome(rec)
             else:
                 outcome = self._action(rec)
                 if outcome is None:
@@ -425,6 +429,8 @@ class UpdateManager:
         except Cancelled as exc:
             if self._closed and not self._cancel.is_set():
                 return None  # stopping, not cancelled: the download resumes after the restart
+            if not self._cancel.is_set() and self._deadline_passed(rec):
+                return _deadline_outcome(rec)  # the deadline stopped the download mid-way
             return _Outcome(Event.CANCEL, exc.code, str(exc))
         except (UpdateError, BundleError) as exc:
             return _Outcome(Event.FAIL, exc.code, str(exc))
@@ -451,7 +457,7 @@ class UpdateManager:
         try:
             download(rec.urls, part, expected_size=rec.size, max_size=ceiling, opts=self.config.download,
                      progress=progress,
-                     cancelled=lambda: self._cancel.is_set() or self._closed)
+                     cancelled=lambda: self._cancel.is_set() or self._closed or self._deadline_passed(rec))
         except DiskFull:
             part.unlink(missing_ok=True)  # give the space back before persisting the failure
             raise

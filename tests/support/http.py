@@ -25,6 +25,7 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 class Fault:
     kind: str  # "404" | "500" | "hang" | "truncate" | "slow" | "unsized"
     times: int | None = None  # apply to this many requests, then stop; None = always
+    skip: int = 0  # let this many requests through untouched first (e.g. an update's manifest head fetch)
     at: int = 0  # truncate: bytes sent before closing; unsized: bytes sent in all
     chunked: bool = False  # unsized: Transfer-Encoding: chunked instead of close-delimited
     limit_bps: int = 0  # slow: bytes per second
@@ -74,6 +75,9 @@ class FileServer:
         with self._lock:
             f = self.fault
             if f is None:
+                return None
+            if f.skip > 0:
+                f.skip -= 1
                 return None
             if f.times is not None:
                 if f.times <= 0:

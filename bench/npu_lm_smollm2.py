@@ -40,6 +40,7 @@ def main() -> None:
     from agent.bundle import generate_keypair
     from edgeship.models import smollm2_gguf_path
     from exporter import export
+    from exporter.cli import _threshold
 
     tmp = Path(tempfile.mkdtemp(prefix="edgeship-npu-lm-"))
     out = args.keep or tmp / "bundle"
@@ -47,7 +48,7 @@ def main() -> None:
         key = generate_keypair(tmp / "keys", "bench").private_path
         t0 = time.perf_counter()
         r = export(smollm2_gguf_path(), out=out, key=key, profile="npu-qnn-htp", force=True, overwrite=True,
-                   quant=args.quant, thresholds={k: float(v) for k, v in (t.split("=", 1) for t in args.threshold)})
+                   quant=args.quant, thresholds=_threshold(tuple(args.threshold)))
         qnn = r.manifest.quantization.details["qnn"]
         details = r.manifest.quantization.details
         result = {

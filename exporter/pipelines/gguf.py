@@ -45,11 +45,13 @@ def build(job: Job, stage: Path, work: Path) -> Built:
     if not searching:
         return _built(job, result, ref)
     searched = _search(job, result.onnx_path, ref, windows)
+    staged = EXACT_POLICY  # the policy of the graph in the stage
     while True:
-        if searched.policy is not EXACT_POLICY:
+        if searched.policy is not staged:
             with progress.step("rebuild", f"GGUF blocks kept exactly, {searched.policy}"):
                 _clear(stage)
                 result = export_gguf(_gguf_path(job), stage, accuracy_level=searched.policy, progress=progress.note)
+            staged = searched.policy
         details = {**result.quantization.details, "accuracy_search": searched.details()}
         built = _built(job, replace(result, quantization=result.quantization.model_copy(update={"details": details})),
                        ref)
@@ -59,10 +61,6 @@ def build(job: Job, stage: Path, work: Path) -> Built:
         searched = searched.after_refusal(missed)
         progress.note(f"the gate refused the searched mix on its own text ({'; '.join(missed)}); "
                       f"next: {searched.policy}")
-        if searched.policy is EXACT_POLICY:  # the search started from the exact graph: build it again
-            with progress.step("rebuild", "GGUF blocks kept exactly, exact"):
-                _clear(stage)
-                result = export_gguf(_gguf_path(job), stage, accuracy_level=EXACT_POLICY, progress=progress.note)
 
 
 def _built(job: Job, result: Any, ref: Any) -> Built:

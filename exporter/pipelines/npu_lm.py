@@ -508,19 +508,17 @@ def export_static_lm(graph: FloatGraph, out: Path, *, recipe: QuantRecipe, provi
             if fallback.start():
                 note(f"keeping {', '.join(fallback.chosen)} float (fp16 on the HTP); quantizing again")
                 details, staged = quantize(fallback.float_nodes)
-    # the decode graph: the quantized graph with the step-1 shapes, so the same encodings and weights
-    decode = write_graphs(out, plan, model=staged)
-    del staged
-    htp = _gate_on_htp(out, decode, feeds, graph, ref, provider_options=provider_options, note=note)
-    while fallback is not None and htp.session is not None and failures(htp.metrics, limits or {}):
-        if fallback.widen(htp.metrics) is None:
+    while True:
+        # the decode graph: the quantized graph with the step-1 shapes, so the same encodings and weights
+        decode = write_graphs(out, plan, model=staged)
+        del staged
+        htp = _gate_on_htp(out, decode, feeds, graph, ref, provider_options=provider_options, note=note)
+        if (fallback is None or htp.session is None or not failures(htp.metrics, limits or {})
+                or fallback.widen(htp.metrics) is None):
             break
         del htp  # one compiled HTP graph in memory at a time
         note(f"the HTP gate still fails; keeping {', '.join(fallback.chosen)} float; quantizing again")
         details, staged = quantize(fallback.float_nodes)
-        decode = write_graphs(out, plan, model=staged)
-        del staged
-        htp = _gate_on_htp(out, decode, feeds, graph, ref, provider_options=provider_options, note=note)
     if fallback is not None:
         details["float_fallback"] = fallback.details()
     details["decode_graph"] = {"step_length": plan.step, "step_constants": len(plan.constants)}
